@@ -1,0 +1,18 @@
+//! kv-core: the vocabulary every kvstore component shares.
+//!
+//! A node, the control plane and the CLI must agree on a handful of things
+//! without talking to each other: how a write is versioned ([`version`]), what a
+//! record is and how a set of records is summarised for comparison
+//! ([`record`]), what the cluster looks like ([`topology`]), and which nodes own
+//! which key ([`placement`]). All of it is pure data and pure functions, so it
+//! is tested exhaustively here and never drifts between components.
+
+pub mod placement;
+pub mod record;
+pub mod topology;
+pub mod version;
+
+pub use placement::{Layout, Placement};
+pub use record::{BUCKETS, Digest, Record, bucket_of};
+pub use topology::{Consistency, NodeInfo, NodeState, PlacementSpec, Strategy, Topology, TopologyError};
+pub use version::{Hlc, Version};
