@@ -1,0 +1,1 @@
+//! The KvCluster custom resource and its controller (see docs/design.md).

@@ -1,0 +1,1 @@
+//! The planner: every decision the control plane makes, as a pure function.
