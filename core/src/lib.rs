@@ -14,5 +14,7 @@ pub mod version;
 
 pub use placement::{Layout, Placement};
 pub use record::{BUCKETS, Digest, Record, bucket_of};
-pub use topology::{Consistency, NodeInfo, NodeState, PlacementSpec, Strategy, Topology, TopologyError};
+pub use topology::{
+    Consistency, NodeInfo, NodeState, PlacementSpec, Strategy, Topology, TopologyError,
+};
 pub use version::{Hlc, Version};

@@ -65,7 +65,10 @@ pub fn validate_key(key: &[u8]) -> Result<(), InvalidInput> {
 
 pub fn validate_value(value: &[u8], limit: usize) -> Result<(), InvalidInput> {
     if value.len() > limit {
-        return Err(InvalidInput::ValueTooLarge { size: value.len(), limit });
+        return Err(InvalidInput::ValueTooLarge {
+            size: value.len(),
+            limit,
+        });
     }
     Ok(())
 }
@@ -112,7 +115,10 @@ pub fn entry_digest(key: &[u8], version: Version) -> Digest {
     buf.extend_from_slice(key);
     buf.extend_from_slice(&version.ts.to_le_bytes());
     buf.extend_from_slice(&version.node.to_le_bytes());
-    Digest { sum: xxh3_128(&buf), count: 1 }
+    Digest {
+        sum: xxh3_128(&buf),
+        count: 1,
+    }
 }
 
 /// Last-writer-wins: does `incoming` replace what is stored (if anything)?
@@ -130,7 +136,10 @@ mod tests {
         assert_eq!(validate_key(b""), Err(InvalidInput::EmptyKey));
         assert!(validate_key(b"a").is_ok());
         assert!(validate_key(&[0xff; 1024]).is_ok());
-        assert_eq!(validate_key(&[b'a'; 1025]), Err(InvalidInput::KeyTooLong(1025)));
+        assert_eq!(
+            validate_key(&[b'a'; 1025]),
+            Err(InvalidInput::KeyTooLong(1025))
+        );
     }
 
     #[test]
@@ -139,7 +148,10 @@ mod tests {
         assert!(validate_value(&[0; 10], 10).is_ok());
         assert_eq!(
             validate_value(&[0; 11], 10),
-            Err(InvalidInput::ValueTooLarge { size: 11, limit: 10 })
+            Err(InvalidInput::ValueTooLarge {
+                size: 11,
+                limit: 10
+            })
         );
     }
 
@@ -163,12 +175,22 @@ mod tests {
         }
         // A uniform hash gives Poisson-like counts: spread ~ sqrt(mean).
         let mean = n as f64 / f64::from(BUCKETS);
-        let var = counts.iter().map(|c| (f64::from(*c) - mean).powi(2)).sum::<f64>() / f64::from(BUCKETS);
+        let var = counts
+            .iter()
+            .map(|c| (f64::from(*c) - mean).powi(2))
+            .sum::<f64>()
+            / f64::from(BUCKETS);
         let ratio = var.sqrt() / mean.sqrt();
         let max = f64::from(*counts.iter().max().unwrap_or(&0));
         let min = f64::from(*counts.iter().min().unwrap_or(&0));
-        assert!((0.85..1.15).contains(&ratio), "stddev/sqrt(mean) = {ratio:.3}");
-        assert!(max < mean * 1.6 && min > mean * 0.4, "min {min} max {max} mean {mean}");
+        assert!(
+            (0.85..1.15).contains(&ratio),
+            "stddev/sqrt(mean) = {ratio:.3}"
+        );
+        assert!(
+            max < mean * 1.6 && min > mean * 0.4,
+            "min {min} max {max} mean {mean}"
+        );
     }
 
     #[test]
@@ -177,7 +199,10 @@ mod tests {
         let b = entry_digest(b"k", Version::new(2, 1));
         assert_ne!(a, b);
         // Length prefix: ("ab", v) and ("a", v') never collide by concatenation.
-        assert_ne!(entry_digest(b"ab", Version::new(1, 1)), entry_digest(b"a", Version::new(1, 1)));
+        assert_ne!(
+            entry_digest(b"ab", Version::new(1, 1)),
+            entry_digest(b"a", Version::new(1, 1))
+        );
     }
 
     proptest! {

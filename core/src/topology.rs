@@ -83,7 +83,9 @@ impl FromStr for Consistency {
             "one" => Ok(Consistency::One),
             "quorum" => Ok(Consistency::Quorum),
             "all" => Ok(Consistency::All),
-            _ => Err(TopologyError::UnknownConsistency(s.chars().take(64).collect())),
+            _ => Err(TopologyError::UnknownConsistency(
+                s.chars().take(64).collect(),
+            )),
         }
     }
 }
@@ -160,7 +162,10 @@ impl PlacementSpec {
         if self.strategy == Strategy::ConsistentHashing
             && (self.factor == 0 || self.factor as usize > self.members.len())
         {
-            return Err(TopologyError::BadFactor { factor: self.factor, members: self.members.len() });
+            return Err(TopologyError::BadFactor {
+                factor: self.factor,
+                members: self.members.len(),
+            });
         }
         Ok(())
     }
@@ -215,7 +220,9 @@ pub enum TopologyError {
     MembersNotSorted,
     #[error("placement names node {0}, which the topology does not have")]
     UnknownMember(u32),
-    #[error("replication factor {factor} is impossible with {members} member(s): it must be 1..={members}")]
+    #[error(
+        "replication factor {factor} is impossible with {members} member(s): it must be 1..={members}"
+    )]
     BadFactor { factor: u32, members: usize },
     #[error("epoch {incoming} is not newer than the current epoch {current}")]
     StaleEpoch { current: u64, incoming: u64 },
@@ -238,7 +245,11 @@ impl Topology {
             epoch: 0,
             read_consistency: Consistency::Quorum,
             write_consistency: Consistency::Quorum,
-            placement: PlacementSpec { strategy: Strategy::Full, factor: 1, members: vec![ordinal] },
+            placement: PlacementSpec {
+                strategy: Strategy::Full,
+                factor: 1,
+                members: vec![ordinal],
+            },
             pending: None,
             nodes: vec![NodeInfo {
                 ordinal,
@@ -251,7 +262,8 @@ impl Topology {
 
     /// Parse and validate a topology from JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Topology, TopologyError> {
-        let t: Topology = serde_json::from_slice(bytes).map_err(|e| TopologyError::Malformed(e.to_string()))?;
+        let t: Topology =
+            serde_json::from_slice(bytes).map_err(|e| TopologyError::Malformed(e.to_string()))?;
         t.validate()?;
         Ok(t)
     }
@@ -278,7 +290,10 @@ impl Topology {
         for n in &self.nodes {
             for addr in [&n.address, &n.peer_address] {
                 if !is_host_port(addr) {
-                    return Err(TopologyError::BadAddress(n.ordinal, addr.chars().take(128).collect()));
+                    return Err(TopologyError::BadAddress(
+                        n.ordinal,
+                        addr.chars().take(128).collect(),
+                    ));
                 }
             }
         }
@@ -302,7 +317,10 @@ impl Topology {
             });
         }
         if next.epoch <= self.epoch {
-            return Err(TopologyError::StaleEpoch { current: self.epoch, incoming: next.epoch });
+            return Err(TopologyError::StaleEpoch {
+                current: self.epoch,
+                incoming: next.epoch,
+            });
         }
         Ok(())
     }
@@ -310,7 +328,9 @@ impl Topology {
 
 fn is_host_port(addr: &str) -> bool {
     match addr.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok(),
+        Some((host, port)) => {
+            !host.is_empty() && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+        }
         None => false,
     }
 }
@@ -325,7 +345,11 @@ mod tests {
             epoch: 3,
             read_consistency: Consistency::Quorum,
             write_consistency: Consistency::Quorum,
-            placement: PlacementSpec { strategy: Strategy::ConsistentHashing, factor: 2, members: vec![0, 1, 2] },
+            placement: PlacementSpec {
+                strategy: Strategy::ConsistentHashing,
+                factor: 2,
+                members: vec![0, 1, 2],
+            },
             pending: None,
             nodes: (0..3)
                 .map(|i| NodeInfo {
@@ -358,7 +382,13 @@ mod tests {
     #[test]
     fn node_states_follow_the_spec_table() {
         use NodeState::*;
-        let row = |s: NodeState| (s.serves_client_reads(), s.takes_replica_writes(), s.counts_in_quorum());
+        let row = |s: NodeState| {
+            (
+                s.serves_client_reads(),
+                s.takes_replica_writes(),
+                s.counts_in_quorum(),
+            )
+        };
         assert_eq!(row(Joining), (false, true, false));
         assert_eq!(row(Up), (true, true, true));
         assert_eq!(row(Failed), (false, false, false));
@@ -370,7 +400,10 @@ mod tests {
     fn topology_round_trips_through_camel_case_json() {
         let t = three();
         let json = serde_json::to_string(&t).unwrap();
-        assert!(json.contains("\"clusterId\":\"demo\"") && json.contains("\"peerAddress\""), "{json}");
+        assert!(
+            json.contains("\"clusterId\":\"demo\"") && json.contains("\"peerAddress\""),
+            "{json}"
+        );
         assert_eq!(Topology::from_json(json.as_bytes()), Ok(t));
     }
 
@@ -378,7 +411,13 @@ mod tests {
     fn bad_topologies_are_refused_with_a_reason() {
         let mut t = three();
         t.placement.factor = 4;
-        assert_eq!(t.validate(), Err(TopologyError::BadFactor { factor: 4, members: 3 }));
+        assert_eq!(
+            t.validate(),
+            Err(TopologyError::BadFactor {
+                factor: 4,
+                members: 3
+            })
+        );
 
         let mut t = three();
         t.placement.members = vec![0, 1, 7];
@@ -386,29 +425,51 @@ mod tests {
 
         let mut t = three();
         t.nodes.swap(0, 1);
-        assert!(matches!(t.validate(), Err(TopologyError::NodesNotSorted(_))));
+        assert!(matches!(
+            t.validate(),
+            Err(TopologyError::NodesNotSorted(_))
+        ));
 
         let mut t = three();
         t.nodes[1].address = "nohost".into();
         assert!(matches!(t.validate(), Err(TopologyError::BadAddress(1, _))));
 
         let mut t = three();
-        t.pending = Some(PlacementSpec { strategy: Strategy::Full, factor: 0, members: vec![] });
+        t.pending = Some(PlacementSpec {
+            strategy: Strategy::Full,
+            factor: 0,
+            members: vec![],
+        });
         assert_eq!(t.validate(), Err(TopologyError::NoMembers));
 
-        assert!(matches!(Topology::from_json(b"{not json"), Err(TopologyError::Malformed(_))));
-        assert!(matches!(Topology::from_json(b"{}"), Err(TopologyError::Malformed(_))));
+        assert!(matches!(
+            Topology::from_json(b"{not json"),
+            Err(TopologyError::Malformed(_))
+        ));
+        assert!(matches!(
+            Topology::from_json(b"{}"),
+            Err(TopologyError::Malformed(_))
+        ));
     }
 
     #[test]
     fn only_a_newer_epoch_of_the_same_cluster_replaces_a_topology() {
         let cur = three();
         let mut next = three();
-        assert_eq!(cur.check_successor(&next), Err(TopologyError::StaleEpoch { current: 3, incoming: 3 }));
+        assert_eq!(
+            cur.check_successor(&next),
+            Err(TopologyError::StaleEpoch {
+                current: 3,
+                incoming: 3
+            })
+        );
         next.epoch = 4;
         assert_eq!(cur.check_successor(&next), Ok(()));
         next.cluster_id = "other".into();
-        assert!(matches!(cur.check_successor(&next), Err(TopologyError::WrongCluster { .. })));
+        assert!(matches!(
+            cur.check_successor(&next),
+            Err(TopologyError::WrongCluster { .. })
+        ));
     }
 
     #[test]
@@ -416,7 +477,12 @@ mod tests {
         for s in ["full", "Full", "FULL"] {
             assert_eq!(s.parse::<Strategy>(), Ok(Strategy::Full));
         }
-        for s in ["consistent", "ConsistentHashing", "consistent-hashing", "consistent_hashing"] {
+        for s in [
+            "consistent",
+            "ConsistentHashing",
+            "consistent-hashing",
+            "consistent_hashing",
+        ] {
             assert_eq!(s.parse::<Strategy>(), Ok(Strategy::ConsistentHashing));
         }
         assert!("ring".parse::<Strategy>().is_err());

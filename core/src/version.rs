@@ -18,7 +18,9 @@ use serde::{Deserialize, Serialize};
 const LOGICAL_BITS: u32 = 16;
 
 /// The version of one write. Orders by `ts`, then by `node`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Version {
     /// Hybrid logical clock: `physical_ms << 16 | logical`.
     pub ts: u64,
@@ -74,7 +76,10 @@ pub struct Hlc {
 
 impl Hlc {
     pub fn new(node: u32) -> Self {
-        Hlc { node, last: Mutex::new(0) }
+        Hlc {
+            node,
+            last: Mutex::new(0),
+        }
     }
 
     pub fn node(&self) -> u32 {
@@ -92,7 +97,10 @@ impl Hlc {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let ts = physical.max(last.saturating_add(1));
         *last = ts;
-        Version { ts, node: self.node }
+        Version {
+            ts,
+            node: self.node,
+        }
     }
 
     /// Move the clock past a version seen from another node, so that a later
@@ -120,7 +128,10 @@ mod tests {
     fn versions_order_by_timestamp_then_node() {
         assert!(Version::new(1, 9) < Version::new(2, 0));
         assert!(Version::new(2, 0) < Version::new(2, 1));
-        assert_eq!(Version::new(5, 3).max(Version::new(5, 2)), Version::new(5, 3));
+        assert_eq!(
+            Version::new(5, 3).max(Version::new(5, 2)),
+            Version::new(5, 3)
+        );
     }
 
     #[test]
