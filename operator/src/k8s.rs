@@ -1,1 +1,0 @@
-//! The KvCluster custom resource and its controller (see docs/design.md).

@@ -1,0 +1,512 @@
+//! The `KvCluster` custom resource (group `kvstore.dev`, version `v1alpha1`).
+//!
+//! The Rust types are the source of truth: `kv-operator crd` prints the CRD
+//! generated from them, which is checked in as `deploy/crd.yaml`. Whatever the
+//! API server can check on its own is in the schema (enums, ranges, defaults,
+//! CEL rules such as `factor <= replicas`), so a bad spec is refused at
+//! `kubectl apply` time. The few rules a schema cannot express are checked by
+//! [`KvClusterSpec::validate`] and reported as a condition.
+//!
+//! The strategy and consistency fields use kv-core's own types, so that the
+//! words a user writes in the spec are exactly those of the topology and the
+//! node API.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use kube::{CustomResource, KubeSchema};
+use kv_core::{Consistency, Strategy};
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::{Deserialize, Serialize};
+
+/// Largest cluster the schema accepts. Bounds the cost of the CEL rules over
+/// `failedNodes`, and is far beyond what one StatefulSet of kvstore nodes needs.
+pub const MAX_REPLICAS: u32 = 128;
+
+/// A kvstore cluster: N nodes of a StatefulSet, replicated by the given
+/// strategy and factor, reconciled by kv-operator.
+// Every `printcolumn(...)` repeats `type_ = ...`, which clippy mistakes for a duplicated attribute.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "kvstore.dev",
+    version = "v1alpha1",
+    kind = "KvCluster",
+    namespaced,
+    shortname = "kvc",
+    category = "kvstore",
+    status = "KvClusterStatus",
+    derive = "PartialEq",
+    doc = "A replicated key-value store cluster managed by kv-operator.",
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(
+        name = "Factor",
+        type_ = "integer",
+        json_path = ".spec.replication.factor"
+    ),
+    printcolumn(
+        name = "Strategy",
+        type_ = "string",
+        json_path = ".spec.replication.strategy"
+    ),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[x_kube(validation = Rule::new(
+    "self.replication.strategy == 'Full' || self.replication.factor <= self.replicas"
+).message("replication.factor must not exceed replicas").field_path(".replication.factor"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.faultInjection) || !has(self.faultInjection.failedNodes) || self.faultInjection.failedNodes.all(o, o < self.replicas)"
+).message("every ordinal in faultInjection.failedNodes must be below replicas").field_path(".faultInjection.failedNodes"))]
+#[serde(rename_all = "camelCase")]
+pub struct KvClusterSpec {
+    /// Number of kvstore nodes (pods of the StatefulSet, ordinals 0..replicas).
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 128))]
+    pub replicas: u32,
+
+    /// How keys are spread over the nodes and how many must answer.
+    #[serde(default)]
+    pub replication: Replication,
+
+    /// The persistent volume of each node (mounted at /data). Immutable: a
+    /// StatefulSet cannot change its volume claim templates.
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("storage is immutable: a StatefulSet cannot change its volume claims"))]
+    pub storage: Storage,
+
+    /// Nodes held down on purpose (failure drills).
+    #[serde(default, skip_serializing_if = "FaultInjection::is_empty")]
+    pub fault_injection: FaultInjection,
+
+    /// kv-node container image.
+    #[serde(default = "default_image")]
+    #[schemars(length(min = 1))]
+    pub image: String,
+
+    /// Pull policy of the kv-node image (Kubernetes' default when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "pull_policy_schema")]
+    pub image_pull_policy: Option<ImagePullPolicy>,
+
+    /// CPU and memory of each kv-node container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "open_object")]
+    pub resources: Option<ResourceRequirements>,
+
+    /// A Secret (keys `token` and `cluster-token`) that the user manages. When
+    /// absent, the operator generates `<name>-auth` once and never rewrites it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub auth_secret_name: Option<String>,
+
+    /// Pod affinity; when absent, nodes prefer to run on distinct Kubernetes nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "open_object")]
+    pub affinity: Option<Affinity>,
+
+    /// Pod tolerations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "open_object_list")]
+    pub tolerations: Option<Vec<Toleration>>,
+
+    /// Pod node selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// How long a node may be unreachable before the operator declares it
+    /// Failed. Short enough to route around a dead pod quickly, long enough to
+    /// ride out a restart.
+    #[serde(default = "default_failure_detection_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub failure_detection_seconds: u32,
+}
+
+/// Replication settings; the defaults are SPEC §2's.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Replication {
+    /// `Full` (every node holds every key) or `ConsistentHashing` (each key on `factor` nodes).
+    #[serde(default = "default_strategy")]
+    #[schemars(schema_with = "strategy_schema")]
+    pub strategy: Strategy,
+    /// Owners of every key with `ConsistentHashing`; ignored by `Full`.
+    #[serde(default = "default_factor")]
+    #[schemars(range(min = 1, max = 128))]
+    pub factor: u32,
+    /// Default write consistency (W).
+    #[serde(default = "default_consistency")]
+    #[schemars(schema_with = "consistency_schema")]
+    pub write_consistency: Consistency,
+    /// Default read consistency (R).
+    #[serde(default = "default_consistency")]
+    #[schemars(schema_with = "consistency_schema")]
+    pub read_consistency: Consistency,
+}
+
+impl Default for Replication {
+    fn default() -> Self {
+        Replication {
+            strategy: default_strategy(),
+            factor: default_factor(),
+            write_consistency: default_consistency(),
+            read_consistency: default_consistency(),
+        }
+    }
+}
+
+/// The persistent volume claim of each node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Storage {
+    /// Requested size of each node's volume (a Kubernetes quantity, e.g. `1Gi`).
+    #[serde(default = "default_storage_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub size: String,
+    /// Storage class of the claims; the cluster's default class when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            size: default_storage_size(),
+            storage_class_name: None,
+        }
+    }
+}
+
+/// Failure drills: ordinals listed here are deleted and held down (Failed,
+/// fenced) until removed from the list, then catch up and become Up again.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultInjection {
+    /// Ordinals of the nodes to hold down.
+    #[serde(default)]
+    #[schemars(schema_with = "ordinal_set_schema")]
+    pub failed_nodes: Vec<u32>,
+}
+
+impl FaultInjection {
+    pub fn is_empty(&self) -> bool {
+        self.failed_nodes.is_empty()
+    }
+}
+
+/// The image pull policy of the kv-node container.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ImagePullPolicy {
+    Always,
+    IfNotPresent,
+    Never,
+}
+
+impl ImagePullPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImagePullPolicy::Always => "Always",
+            ImagePullPolicy::IfNotPresent => "IfNotPresent",
+            ImagePullPolicy::Never => "Never",
+        }
+    }
+}
+
+/// What the operator last saw and decided. Always written with the
+/// generation it was computed from (`observedGeneration`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KvClusterStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Nodes whose pod is Ready, i.e. Up with a current topology.
+    #[serde(default)]
+    pub ready_replicas: u32,
+    /// Epoch of the topology in the ConfigMap.
+    #[serde(default)]
+    pub topology_epoch: u64,
+    #[serde(default)]
+    pub nodes: Vec<NodeStatus>,
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// The cluster as a whole, in one word.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    /// Objects exist but no topology has every node Up yet.
+    Creating,
+    /// Every node Up.
+    Running,
+    /// At least one node not Up (Failed, Recovering, Joining).
+    Degraded,
+    /// A placement change is pending (scale, factor or strategy change).
+    Rebalancing,
+    /// The spec cannot be carried out (see the conditions).
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Creating,
+        Phase::Running,
+        Phase::Degraded,
+        Phase::Rebalancing,
+        Phase::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Creating => "Creating",
+            Phase::Running => "Running",
+            Phase::Degraded => "Degraded",
+            Phase::Rebalancing => "Rebalancing",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// One node as the operator sees it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub ordinal: u32,
+    pub pod: String,
+    #[schemars(schema_with = "node_state_schema")]
+    pub state: kv_core::NodeState,
+    /// Catch-up progress (0..1) while Joining or Recovering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_progress: Option<f64>,
+}
+
+/// A standard Kubernetes condition (`Available`, `Progressing`, `Degraded`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// RFC 3339 time of the last change of `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+}
+
+fn default_replicas() -> u32 {
+    3
+}
+fn default_strategy() -> Strategy {
+    Strategy::ConsistentHashing
+}
+fn default_factor() -> u32 {
+    3
+}
+fn default_consistency() -> Consistency {
+    Consistency::Quorum
+}
+fn default_storage_size() -> String {
+    "1Gi".to_string()
+}
+fn default_failure_detection_seconds() -> u32 {
+    10
+}
+
+/// The kv-node image of the same release as this operator.
+pub fn default_image() -> String {
+    format!("kvstore/kv-node:{}", env!("CARGO_PKG_VERSION"))
+}
+
+fn strategy_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["Full", "ConsistentHashing"]})
+}
+
+fn consistency_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["One", "Quorum", "All"]})
+}
+
+/// `Option<enum>` would list `null` among the values, which the API server refuses.
+fn pull_policy_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["Always", "IfNotPresent", "Never"]})
+}
+
+/// A set of ordinals: Kubernetes refuses duplicates itself (`listType: set`).
+fn ordinal_set_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "maxItems": MAX_REPLICAS,
+        "items": {"type": "integer", "minimum": 0, "maximum": MAX_REPLICAS - 1},
+        "x-kubernetes-list-type": "set"
+    })
+}
+
+fn node_state_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "string", "enum": ["Joining", "Up", "Failed", "Recovering", "Leaving"]})
+}
+
+/// Core Kubernetes types (resources, affinity) are passed through to the pod
+/// template as they are; the API server validates them there. Keeping their
+/// full schemas out of the CRD keeps it small and independent of the
+/// Kubernetes minor version.
+fn open_object(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true})
+}
+
+fn open_object_list(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}
+    })
+}
+
+impl KvClusterSpec {
+    /// Rules the schema cannot express (or that a CRD installed without the
+    /// schema would not enforce). A violation becomes a condition; nothing is applied.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.replicas == 0 || self.replicas > MAX_REPLICAS {
+            return Err(format!(
+                "replicas must be 1..={MAX_REPLICAS}, got {}",
+                self.replicas
+            ));
+        }
+        let r = &self.replication;
+        if r.factor == 0 {
+            return Err("replication.factor must be at least 1".into());
+        }
+        if r.strategy == Strategy::ConsistentHashing && r.factor > self.replicas {
+            return Err(format!(
+                "replication.factor {} exceeds replicas {}",
+                r.factor, self.replicas
+            ));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for &o in &self.fault_injection.failed_nodes {
+            if o >= self.replicas {
+                return Err(format!(
+                    "faultInjection.failedNodes names ordinal {o}, but replicas is {}",
+                    self.replicas
+                ));
+            }
+            if !seen.insert(o) {
+                return Err(format!("faultInjection.failedNodes repeats ordinal {o}"));
+            }
+        }
+        if self.image.trim().is_empty() {
+            return Err("image must not be empty".into());
+        }
+        if !is_quantity(&self.storage.size) {
+            return Err(format!(
+                "storage.size {:?} is not a Kubernetes quantity",
+                self.storage.size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Nodes that serve every key: all of them with `Full`, else the factor.
+    pub fn effective_factor(&self) -> u32 {
+        match self.replication.strategy {
+            Strategy::Full => self.replicas,
+            Strategy::ConsistentHashing => self.replication.factor.min(self.replicas),
+        }
+    }
+}
+
+fn is_quantity(s: &str) -> bool {
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, suffix) = s.split_at(digits_end);
+    num.parse::<f64>().is_ok()
+        && !num.starts_with('.')
+        && matches!(
+            suffix,
+            "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "k" | "M" | "G" | "T" | "P" | "E"
+        )
+}
+
+/// The CRD as YAML, exactly as checked in at `deploy/crd.yaml`.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&KvCluster::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> KvClusterSpec {
+        serde_yaml::from_str(yaml).expect("test spec parses")
+    }
+
+    #[test]
+    fn an_empty_spec_gets_the_spec_defaults() {
+        let s = spec("{}");
+        assert_eq!(s.replicas, 3);
+        assert_eq!(s.replication, Replication::default());
+        assert_eq!(s.replication.strategy, Strategy::ConsistentHashing);
+        assert_eq!(s.replication.factor, 3);
+        assert_eq!(s.replication.write_consistency, Consistency::Quorum);
+        assert_eq!(s.replication.read_consistency, Consistency::Quorum);
+        assert_eq!(s.storage.size, "1Gi");
+        assert!(s.fault_injection.is_empty());
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn a_factor_above_replicas_is_refused_unless_the_strategy_is_full() {
+        let s = spec("{replicas: 2, replication: {factor: 3}}");
+        assert!(s.validate().unwrap_err().contains("exceeds replicas"));
+        let s = spec("{replicas: 2, replication: {strategy: Full, factor: 3}}");
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn failed_nodes_must_be_distinct_ordinals_in_range() {
+        let s = spec("{replicas: 3, faultInjection: {failedNodes: [3]}}");
+        assert!(s.validate().unwrap_err().contains("ordinal 3"));
+        let s = spec("{replicas: 3, faultInjection: {failedNodes: [1, 1]}}");
+        assert!(s.validate().unwrap_err().contains("repeats"));
+        let s = spec("{replicas: 3, faultInjection: {failedNodes: [0, 2]}}");
+        assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn storage_sizes_must_be_quantities() {
+        for ok in ["1Gi", "500Mi", "10G", "1.5Gi", "1000"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "Gi", "1 Gi", "1gb", "-1Gi", ".5Gi"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_schema_carries_enums_defaults_and_cel_rules() {
+        let yaml = crd_yaml().expect("crd serializes");
+        for needle in [
+            "- ConsistentHashing",
+            "- Quorum",
+            "default: 1Gi",
+            "self.replication.factor <= self.replicas",
+            "failedNodes.all(o, o < self.replicas)",
+            "x-kubernetes-validations",
+            "shortNames:\n    - kvc",
+            "jsonPath: .status.phase",
+            "status: {}",
+        ] {
+            assert!(yaml.contains(needle), "CRD lacks {needle:?}:\n{yaml}");
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The checked-in CRD (`deploy/crd.yaml`) is exactly what the Rust types generate.
+
+use std::path::Path;
+
+#[test]
+fn the_checked_in_crd_matches_the_rust_types() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crd.yaml");
+    let checked_in = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let generated = kv_operator::k8s::crd::crd_yaml().expect("the CRD serializes");
+    assert!(
+        checked_in == generated,
+        "deploy/crd.yaml is stale; regenerate it with\n  \
+         cargo run -p kv-operator -- crd > deploy/crd.yaml\n\
+         --- generated ---\n{generated}"
+    );
+}
+
+fn example(rel: &str) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/examples")
+        .join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+#[test]
+fn the_valid_examples_parse_and_pass_the_operators_checks() {
+    for name in ["minimal.yaml", "full.yaml", "fault-injection.yaml"] {
+        let kvc: kv_operator::k8s::KvCluster = serde_yaml::from_str(&example(name))
+            .unwrap_or_else(|e| panic!("{name} does not parse: {e}"));
+        assert_eq!(kvc.spec.validate(), Ok(()), "{name}");
+    }
+}
+
+/// The API server refuses these through the schema; the operator's own checks
+/// (for a CRD installed without the schema) refuse the same ones, with the
+/// reason given here. `unknown-field.yaml` is left to strict field validation.
+#[test]
+fn the_invalid_examples_are_refused_for_the_reason_in_their_name() {
+    let cases = [
+        ("factor-above-replicas.yaml", "exceeds replicas"),
+        ("failed-node-out-of-range.yaml", "ordinal 3"),
+        ("unknown-strategy.yaml", "unknown variant `Ring`"),
+        ("zero-replicas.yaml", "replicas must be 1..="),
+        ("bad-consistency.yaml", "unknown variant `Most`"),
+        ("bad-storage-size.yaml", "not a Kubernetes quantity"),
+        ("duplicate-failed-node.yaml", "repeats ordinal 1"),
+    ];
+    for (name, reason) in cases {
+        let text = example(&format!("invalid/{name}"));
+        let err = match serde_yaml::from_str::<kv_operator::k8s::KvCluster>(&text) {
+            Err(e) => e.to_string(),
+            Ok(kvc) => kvc
+                .spec
+                .validate()
+                .expect_err(&format!("{name} passed the operator's checks")),
+        };
+        assert!(
+            err.contains(reason),
+            "{name}: expected {reason:?}, got {err:?}"
+        );
+    }
+    let listed =
+        std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/invalid"))
+            .expect("deploy/examples/invalid exists")
+            .count();
+    assert_eq!(
+        listed,
+        cases.len() + 1,
+        "every invalid example is covered here (plus unknown-field.yaml)"
+    );
+}
