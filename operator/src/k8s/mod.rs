@@ -6,5 +6,6 @@
 //! planner what to do and applies the result with server-side apply.
 
 pub mod crd;
+pub mod objects;
 
 pub use crd::{KvCluster, KvClusterSpec, KvClusterStatus};

@@ -1,0 +1,488 @@
+//! Every object a `KvCluster` owns, computed from the spec as pure functions.
+//!
+//! Nothing here talks to the API server: each builder takes the cluster (and,
+//! for the topology, what the planner decided) and returns the object the
+//! controller applies with server-side apply. That keeps the shape of the
+//! cluster reviewable field by field in unit tests and renderable offline
+//! (`kv-operator render`).
+//!
+//! Names: the StatefulSet is `<name>` (pods `<name>-<ordinal>`, so that
+//! `--node-id-from-hostname` finds the ordinal), the headless peer Service
+//! `<name>-peers`, the client Service `<name>`, the topology ConfigMap
+//! `<name>-topology`, the generated token Secret `<name>-auth` and the
+//! PodDisruptionBudget `<name>`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use kv_core::{NodeInfo, Topology};
+
+use super::crd::KvCluster;
+
+/// Client API port of every node (`--listen`), also `/healthz`, `/readyz`, `/metrics`.
+pub const CLIENT_PORT: i32 = 7400;
+/// Node-to-node API port (`--peer-listen`).
+pub const PEER_PORT: i32 = 7401;
+/// UID and GID of the kv-node image (`FROM scratch`, user 65532).
+pub const NODE_UID: i64 = 65532;
+/// Where each node's volume is mounted (`--data-dir`).
+pub const DATA_DIR: &str = "/data";
+/// Where the topology ConfigMap is mounted; the file is `topology.json`.
+pub const TOPOLOGY_DIR: &str = "/etc/kvstore/topology";
+/// Where the token Secret is mounted; files `token` and `cluster-token`.
+pub const SECRET_DIR: &str = "/etc/kvstore/secret";
+/// ConfigMap key of the topology.
+pub const TOPOLOGY_KEY: &str = "topology.json";
+/// Secret key of the client bearer token.
+pub const TOKEN_KEY: &str = "token";
+/// Secret key of the node-to-node bearer token.
+pub const CLUSTER_TOKEN_KEY: &str = "cluster-token";
+/// `app.kubernetes.io/name` of everything kvstore runs.
+pub const APP_NAME: &str = "kvstore";
+/// `app.kubernetes.io/managed-by`, and the server-side apply field manager.
+pub const MANAGER: &str = "kv-operator";
+
+/// Object names derived from the cluster name.
+pub fn statefulset_name(kvc: &KvCluster) -> String {
+    kvc.name_any()
+}
+pub fn peer_service_name(kvc: &KvCluster) -> String {
+    format!("{}-peers", kvc.name_any())
+}
+pub fn client_service_name(kvc: &KvCluster) -> String {
+    kvc.name_any()
+}
+pub fn topology_configmap_name(kvc: &KvCluster) -> String {
+    format!("{}-topology", kvc.name_any())
+}
+/// The Secret the nodes read their tokens from: the user's, or the generated one.
+pub fn auth_secret_name(kvc: &KvCluster) -> String {
+    kvc.spec
+        .auth_secret_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-auth", kvc.name_any()))
+}
+pub fn pdb_name(kvc: &KvCluster) -> String {
+    kvc.name_any()
+}
+pub fn pod_name(kvc: &KvCluster, ordinal: u32) -> String {
+    format!("{}-{ordinal}", kvc.name_any())
+}
+
+/// The stable DNS name of a node's pod through the headless Service. It does
+/// not depend on the pod's IP, so a restarted pod keeps its address.
+pub fn pod_host(kvc: &KvCluster, ordinal: u32) -> String {
+    format!(
+        "{}.{}.{}.svc",
+        pod_name(kvc, ordinal),
+        peer_service_name(kvc),
+        namespace(kvc)
+    )
+}
+
+/// The topology's view of a node: client and peer addresses by DNS name.
+pub fn node_info(kvc: &KvCluster, ordinal: u32, state: kv_core::NodeState) -> NodeInfo {
+    let host = pod_host(kvc, ordinal);
+    NodeInfo {
+        ordinal,
+        address: format!("{host}:{CLIENT_PORT}"),
+        peer_address: format!("{host}:{PEER_PORT}"),
+        state,
+    }
+}
+
+fn namespace(kvc: &KvCluster) -> String {
+    kvc.namespace().unwrap_or_else(|| "default".to_string())
+}
+
+/// Labels that select the node pods of one cluster (immutable in a StatefulSet).
+pub fn selector_labels(kvc: &KvCluster) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_string(), APP_NAME.to_string()),
+        ("app.kubernetes.io/instance".to_string(), kvc.name_any()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "node".to_string(),
+        ),
+    ])
+}
+
+/// Labels of every owned object: the selector labels plus who manages it.
+pub fn labels(kvc: &KvCluster, component: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(kvc);
+    l.insert(
+        "app.kubernetes.io/component".to_string(),
+        component.to_string(),
+    );
+    l.insert(
+        "app.kubernetes.io/managed-by".to_string(),
+        MANAGER.to_string(),
+    );
+    l
+}
+
+/// Metadata with the owner reference that makes Kubernetes garbage-collect the
+/// object with its KvCluster.
+fn meta(kvc: &KvCluster, name: String, component: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: kvc.namespace(),
+        labels: Some(labels(kvc, component)),
+        owner_references: kvc.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The StatefulSet: one pod per node, each with its own volume.
+///
+/// `replicas` is the number of pods the topology needs (its highest ordinal
+/// plus one), not `spec.replicas`: during a scale-down the leaving nodes keep
+/// their pods until they have streamed their data out.
+pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
+    let spec = &kvc.spec;
+    let args = vec![
+        format!("--listen=0.0.0.0:{CLIENT_PORT}"),
+        format!("--peer-listen=0.0.0.0:{PEER_PORT}"),
+        format!(
+            "--advertise=$(POD_NAME).{}.{}.svc:{CLIENT_PORT}",
+            peer_service_name(kvc),
+            namespace(kvc)
+        ),
+        format!("--data-dir={DATA_DIR}"),
+        "--node-id-from-hostname".to_string(),
+        format!("--token-file={SECRET_DIR}/{TOKEN_KEY}"),
+        format!("--cluster-token-file={SECRET_DIR}/{CLUSTER_TOKEN_KEY}"),
+        format!("--topology-file={TOPOLOGY_DIR}/{TOPOLOGY_KEY}"),
+    ];
+    let http_probe = |path: &str, period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_string()),
+            port: IntOrString::String("client".to_string()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: "kv-node".to_string(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+        args: Some(args),
+        env: Some(vec![EnvVar {
+            name: "POD_NAME".to_string(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.name".to_string(),
+                    ..ObjectFieldSelector::default()
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("client".to_string()),
+                container_port: CLIENT_PORT,
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("peer".to_string()),
+                container_port: PEER_PORT,
+                protocol: Some("TCP".to_string()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // Ready means Up with a current topology: the client Service routes
+        // only to such pods. The operator itself never waits on readiness.
+        readiness_probe: Some(http_probe("/readyz", 5, 1)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        // Opening a large database may take a while; liveness starts after it.
+        startup_probe: Some(http_probe("/healthz", 2, 60)),
+        resources: spec.resources.clone(),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(NODE_UID),
+            run_as_group: Some(NODE_UID),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_string()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "data".to_string(),
+                mount_path: DATA_DIR.to_string(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "topology".to_string(),
+                mount_path: TOPOLOGY_DIR.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "secret".to_string(),
+                mount_path: SECRET_DIR.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".to_string(),
+                mount_path: "/tmp".to_string(),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    let volumes = vec![
+        Volume {
+            name: "topology".to_string(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: topology_configmap_name(kvc),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "secret".to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(auth_secret_name(kvc)),
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        // SQLite's temporary files, since the root filesystem is read-only.
+        Volume {
+            name: "tmp".to_string(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ];
+    let affinity = spec
+        .affinity
+        .clone()
+        .unwrap_or_else(|| default_affinity(kvc));
+    let pod = PodSpec {
+        containers: vec![container],
+        volumes: Some(volumes),
+        affinity: Some(affinity),
+        tolerations: spec.tolerations.clone(),
+        node_selector: spec.node_selector.clone(),
+        enable_service_links: Some(false),
+        automount_service_account_token: Some(false),
+        termination_grace_period_seconds: Some(30),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(NODE_UID),
+            run_as_group: Some(NODE_UID),
+            fs_group: Some(NODE_UID),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_string(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        ..PodSpec::default()
+    };
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("data".to_string()),
+            labels: Some(selector_labels(kvc)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_string()]),
+            storage_class_name: spec.storage.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([(
+                    "storage".to_string(),
+                    Quantity(spec.storage.size.clone()),
+                )])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+    StatefulSet {
+        metadata: meta(kvc, statefulset_name(kvc), "node"),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(i32::try_from(pods).unwrap_or(i32::MAX)),
+            service_name: Some(peer_service_name(kvc)),
+            // Nodes find each other through the topology, not through start
+            // order; parallel start lets a whole cluster come back at once.
+            pod_management_policy: Some("Parallel".to_string()),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(kvc)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(kvc, "node")),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// Spread nodes over Kubernetes nodes when possible, so that one machine
+/// failing takes down at most one replica of each key.
+fn default_affinity(kvc: &KvCluster) -> Affinity {
+    Affinity {
+        pod_anti_affinity: Some(PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        topology_key: "kubernetes.io/hostname".to_string(),
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(selector_labels(kvc)),
+                            ..LabelSelector::default()
+                        }),
+                        ..PodAffinityTerm::default()
+                    },
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        }),
+        ..Affinity::default()
+    }
+}
+
+fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_string()),
+        port,
+        target_port: Some(IntOrString::String(name.to_string())),
+        protocol: Some("TCP".to_string()),
+        ..ServicePort::default()
+    }
+}
+
+/// The headless Service behind the pods' stable DNS names. It publishes pods
+/// that are not Ready too: a Recovering node must be reachable by its peers to
+/// catch up, and peers must find a Joining node to stream data to it.
+pub fn peer_service(kvc: &KvCluster) -> Service {
+    Service {
+        metadata: meta(kvc, peer_service_name(kvc), "peers"),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_string()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector_labels(kvc)),
+            ports: Some(vec![
+                service_port("client", CLIENT_PORT),
+                service_port("peer", PEER_PORT),
+            ]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The Service clients use. Its endpoints are the Ready pods only, and a pod
+/// is Ready only when its node is Up, so clients never reach a node that is
+/// catching up or fenced.
+pub fn client_service(kvc: &KvCluster) -> Service {
+    Service {
+        metadata: meta(kvc, client_service_name(kvc), "client"),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_string()),
+            selector: Some(selector_labels(kvc)),
+            ports: Some(vec![service_port("client", CLIENT_PORT)]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The topology ConfigMap the nodes watch (`topology.json`).
+pub fn topology_configmap(
+    kvc: &KvCluster,
+    topology: &Topology,
+) -> Result<ConfigMap, serde_json::Error> {
+    let json = serde_json::to_string_pretty(topology)?;
+    Ok(ConfigMap {
+        metadata: meta(kvc, topology_configmap_name(kvc), "topology"),
+        data: Some(BTreeMap::from([(TOPOLOGY_KEY.to_string(), json)])),
+        ..ConfigMap::default()
+    })
+}
+
+/// The generated token Secret. Created once when absent and never applied
+/// again: rotating tokens under running nodes would lock clients out.
+pub fn auth_secret(kvc: &KvCluster, token: &str, cluster_token: &str) -> Secret {
+    Secret {
+        metadata: meta(kvc, format!("{}-auth", kvc.name_any()), "auth"),
+        type_: Some("Opaque".to_string()),
+        data: Some(BTreeMap::from([
+            (TOKEN_KEY.to_string(), ByteString(token.as_bytes().to_vec())),
+            (
+                CLUSTER_TOKEN_KEY.to_string(),
+                ByteString(cluster_token.as_bytes().to_vec()),
+            ),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// A fresh random token: 32 bytes from the OS-seeded CSPRNG, hex encoded.
+pub fn random_token() -> String {
+    use rand::Rng;
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How many nodes a voluntary disruption (a drain) may take down at once
+/// without losing write availability: `factor − W`. `None` when that is 0
+/// (factor 1, or W = All): no budget would let any drain through.
+pub fn max_unavailable(kvc: &KvCluster) -> Option<u32> {
+    let factor = kvc.spec.effective_factor() as usize;
+    let w = kvc.spec.replication.write_consistency.required(factor);
+    let slack = factor.saturating_sub(w);
+    (slack >= 1).then(|| u32::try_from(slack).unwrap_or(u32::MAX))
+}
+
+/// The PodDisruptionBudget, when the replication leaves room for one (see
+/// [`max_unavailable`]); otherwise the controller warns with a condition.
+pub fn pdb(kvc: &KvCluster) -> Option<PodDisruptionBudget> {
+    let slack = max_unavailable(kvc)?;
+    Some(PodDisruptionBudget {
+        metadata: meta(kvc, pdb_name(kvc), "node"),
+        spec: Some(PodDisruptionBudgetSpec {
+            max_unavailable: Some(IntOrString::Int(i32::try_from(slack).unwrap_or(1))),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(kvc)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        status: None,
+    })
+}
