@@ -6,6 +6,7 @@
 //! planner what to do and applies the result with server-side apply.
 
 pub mod crd;
+pub mod decide;
 pub mod objects;
 
 pub use crd::{KvCluster, KvClusterSpec, KvClusterStatus};
