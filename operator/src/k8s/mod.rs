@@ -2,11 +2,16 @@
 //!
 //! [`crd`] defines the resource (the CRD is generated from it). The controller
 //! is split the way it thinks: [`objects`] computes every owned object from the
-//! spec as pure functions, [`controller`] observes the cluster, asks the
-//! planner what to do and applies the result with server-side apply.
+//! spec as pure functions, [`decide`] turns observations into the next topology
+//! and node states, [`controller`] observes the cluster and applies the result
+//! with server-side apply, [`metrics`] counts what it did, and [`run`] wires it
+//! to the API server behind leader election.
 
+pub mod controller;
 pub mod crd;
 pub mod decide;
+pub mod metrics;
 pub mod objects;
 
+pub use controller::{Context, Error, error_policy, reconcile};
 pub use crd::{KvCluster, KvClusterSpec, KvClusterStatus};

@@ -1,0 +1,789 @@
+//! The reconcile loop: observe, decide, apply, write the status, requeue.
+//!
+//! One reconcile of a KvCluster reads, in this order: the topology ConfigMap,
+//! the StatefulSet, the node pods, the token Secret, and (in a real cluster)
+//! each live node's `/v1/cluster`. It hands that to [`decide`](super::decide)
+//! and then applies, in this order: the generated Secret (created once, never
+//! overwritten), the topology ConfigMap, the peer and client Services, the
+//! StatefulSet, the PodDisruptionBudget (or its removal), the deletion of pods
+//! held down by fault injection, Events for what changed, and the status with
+//! `observedGeneration`. The ConfigMap goes before the StatefulSet so that a
+//! scale-down removes pods only after the topology without them is written.
+//!
+//! Everything is server-side apply with the field manager `kv-operator`. A
+//! spec the schema could not refuse becomes a condition: nothing is applied and
+//! the controller waits for the next edit instead of retrying in a loop.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use kv_core::{NodeState, Topology};
+use serde::Serialize;
+use tracing::{info, warn};
+
+use super::crd::{Condition, KvCluster, KvClusterStatus, Phase};
+use super::decide::{self, Decision, NodeObservation, NodeReport, Observed};
+use super::metrics::Metrics;
+use super::objects;
+
+/// Why a reconcile failed. Variant names are the `result` label of
+/// `kv_operator_reconciles_total` (see [`Error::metric_label`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serializing {0}: {1}")]
+    Serialization(&'static str, serde_json::Error),
+    #[error("KvCluster has no namespace")]
+    MissingNamespace,
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Serialization(..) => "serialization",
+            Error::MissingNamespace => "missing_namespace",
+        }
+    }
+}
+
+/// How long a rollout may stay incomplete before Progressing turns False
+/// with reason `RolloutStuck`.
+pub const ROLLOUT_DEADLINE_SECONDS: i64 = 600;
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: kube::Client,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    /// Ask live nodes for their report on `/v1/cluster`. Off where nodes are
+    /// unreachable (tests against a mocked API server).
+    pub node_reports: Option<reqwest::Client>,
+}
+
+impl Context {
+    pub fn new(client: kube::Client, metrics: Metrics, node_reports: bool) -> Context {
+        let reporter = kube::runtime::events::Reporter {
+            controller: objects::MANAGER.to_string(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            node_reports: node_reports
+                .then(|| {
+                    reqwest::Client::builder()
+                        .timeout(Duration::from_secs(2))
+                        .build()
+                        .ok()
+                })
+                .flatten(),
+        }
+    }
+}
+
+fn apply_params() -> PatchParams {
+    PatchParams::apply(objects::MANAGER).force()
+}
+
+fn is_not_found(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 404)
+}
+
+async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>, Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.get(name).await {
+        Ok(o) => Ok(Some(o)),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<(), Error>
+where
+    K: Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(name, &apply_params(), &Patch::Apply(obj)).await?;
+    Ok(())
+}
+
+/// Reconcile one KvCluster. Called by the kube-runtime `Controller`.
+pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&kvc, &ctx).await;
+    let label = match &result {
+        Ok(_) => "ok",
+        Err(e) => e.metric_label(),
+    };
+    ctx.metrics.record(started, label);
+    result
+}
+
+/// Back off on errors: a failing API server is not hammered, and the next
+/// watch event still triggers a reconcile at once.
+pub fn error_policy(kvc: Arc<KvCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(kvcluster = %kvc.name_any(), error = %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error> {
+    let ns = kvc.namespace().ok_or(Error::MissingNamespace)?;
+    let name = kvc.name_any();
+    let key = format!("{ns}/{name}");
+    if kvc.meta().deletion_timestamp.is_some() {
+        // Owner references let Kubernetes delete what the cluster owns.
+        ctx.metrics.forget_cluster(&key);
+        return Ok(Action::await_change());
+    }
+    let generation = kvc.meta().generation;
+    let now = Timestamp::now();
+    let kvcs: Api<KvCluster> = Api::namespaced(ctx.client.clone(), &ns);
+    let previous = kvc.status.clone().unwrap_or_default();
+
+    if let Err(reason) = kvc.spec.validate() {
+        warn!(kvcluster = %name, %reason, "invalid spec");
+        let already =
+            previous.observed_generation == generation && previous.phase == Some(Phase::Failed);
+        if !already {
+            publish(
+                ctx,
+                kvc,
+                EventType::Warning,
+                "InvalidSpec",
+                "Validate",
+                &reason,
+            )
+            .await;
+        }
+        let status = KvClusterStatus {
+            phase: Some(Phase::Failed),
+            observed_generation: generation,
+            conditions: merge_conditions(
+                &previous.conditions,
+                vec![cond(
+                    "Progressing",
+                    false,
+                    "InvalidSpec",
+                    &reason,
+                    generation,
+                )],
+                generation,
+                now,
+            ),
+            ..previous.clone()
+        };
+        write_status(&kvcs, &name, &status).await?;
+        ctx.metrics.observe_cluster(&key, Phase::Failed, vec![]);
+        return Ok(Action::await_change());
+    }
+
+    // Observe.
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let stss: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let cm_name = objects::topology_configmap_name(kvc);
+    let topology = get_opt(&cms, &cm_name).await?.and_then(|cm| {
+        let json = cm.data?.remove(objects::TOPOLOGY_KEY)?;
+        match Topology::from_json(json.as_bytes()) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!(kvcluster = %name, error = %e, "topology ConfigMap is invalid; rewriting it");
+                None
+            }
+        }
+    });
+    let sts = get_opt(&stss, &objects::statefulset_name(kvc)).await?;
+    let selector = objects::selector_labels(kvc)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pod_list = pods.list(&ListParams::default().labels(&selector)).await?;
+    let secret_name = objects::auth_secret_name(kvc);
+    let secret = get_opt(&secrets, &secret_name).await?;
+
+    let mut observed = Observed {
+        cluster_id: key.clone(),
+        topology,
+        epoch_floor: previous.topology_epoch,
+        now: now.as_second(),
+        ..Observed::default()
+    };
+    let mut ready = BTreeMap::new();
+    for pod in &pod_list.items {
+        let Some(ordinal) = ordinal_of(&name, &pod.name_any()) else {
+            continue;
+        };
+        observed.pod_names.insert(ordinal, pod.name_any());
+        ready.insert(ordinal, pod_ready(pod));
+        observed.nodes.insert(ordinal, observe_pod(pod));
+    }
+    if let (Some(http), Some(token)) = (&ctx.node_reports, secret_token(secret.as_ref())) {
+        for (ordinal, obs) in observed.nodes.iter_mut() {
+            if obs.alive {
+                obs.report = fetch_report(http, &objects::pod_host(kvc, *ordinal), &token).await;
+            }
+        }
+    }
+
+    // Decide.
+    let decision = decide::decide(&kvc.spec, &observed, |o| {
+        let n = objects::node_info(kvc, o, NodeState::Up);
+        (n.address, n.peer_address)
+    });
+
+    // Apply.
+    let mut problems = Vec::new();
+    if kvc.spec.auth_secret_name.is_none() && secret.is_none() {
+        let s = objects::auth_secret(kvc, &objects::random_token(), &objects::random_token());
+        secrets.create(&PostParams::default(), &s).await?;
+        info!(kvcluster = %name, secret = %secret_name, "generated the token Secret");
+    } else if kvc.spec.auth_secret_name.is_some() && secret_token(secret.as_ref()).is_none() {
+        problems.push(format!(
+            "Secret {secret_name} is missing or lacks the keys token and cluster-token"
+        ));
+    }
+    let cm = objects::topology_configmap(kvc, &decision.topology)
+        .map_err(|e| Error::Serialization("topology", e))?;
+    apply(&cms, &cm_name, &cm).await?;
+    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    apply(
+        &svcs,
+        &objects::peer_service_name(kvc),
+        &objects::peer_service(kvc),
+    )
+    .await?;
+    apply(
+        &svcs,
+        &objects::client_service_name(kvc),
+        &objects::client_service(kvc),
+    )
+    .await?;
+    apply(
+        &stss,
+        &objects::statefulset_name(kvc),
+        &objects::statefulset(kvc, decision.pods),
+    )
+    .await?;
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
+    match objects::pdb(kvc) {
+        Some(pdb) => apply(&pdbs, &objects::pdb_name(kvc), &pdb).await?,
+        None => match pdbs
+            .delete(&objects::pdb_name(kvc), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        },
+    }
+    for &ordinal in &decision.delete_pods {
+        let pod = objects::pod_name(kvc, ordinal);
+        match pods.delete(&pod, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        info!(kvcluster = %name, %pod, "fault injection: pod deleted and held down");
+        let note = format!(
+            "node {ordinal} ({pod}) deleted and held Failed until removed from faultInjection.failedNodes"
+        );
+        publish(
+            ctx,
+            kvc,
+            EventType::Normal,
+            "FaultInjected",
+            "DeletePod",
+            &note,
+        )
+        .await;
+    }
+    publish_transitions(ctx, kvc, &decision).await;
+
+    // Status.
+    let status = status_of(
+        kvc,
+        &decision,
+        &ready,
+        sts.as_ref(),
+        &previous,
+        problems,
+        now,
+    );
+    write_status(&kvcs, &name, &status).await?;
+    ctx.metrics.observe_cluster(
+        &key,
+        decision.phase,
+        decision.topology.nodes.iter().map(|n| n.state).collect(),
+    );
+    info!(kvcluster = %name, phase = ?decision.phase, epoch = decision.topology.epoch, "reconciled");
+
+    // Look again soon while anything is moving; node reports are polled, not watched.
+    let settled = decision.phase == Phase::Running;
+    Ok(Action::requeue(Duration::from_secs(if settled {
+        60
+    } else {
+        5
+    })))
+}
+
+async fn write_status(
+    api: &Api<KvCluster>,
+    name: &str,
+    status: &KvClusterStatus,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "apiVersion": "kvstore.dev/v1alpha1",
+        "kind": "KvCluster",
+        "status": status,
+    });
+    api.patch_status(name, &apply_params(), &Patch::Apply(&patch))
+        .await?;
+    Ok(())
+}
+
+/// `demo-2` of cluster `demo` → 2.
+pub fn ordinal_of(cluster: &str, pod: &str) -> Option<u32> {
+    pod.strip_prefix(cluster)?.strip_prefix('-')?.parse().ok()
+}
+
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// A pod is alive when its kv-node container is running and has passed its
+/// startup probe — independent of readiness, which only an Up node has.
+pub fn observe_pod(pod: &Pod) -> NodeObservation {
+    let terminating = pod.metadata.deletion_timestamp.is_some();
+    let status = pod.status.as_ref();
+    let alive = !terminating
+        && status
+            .and_then(|s| s.container_statuses.as_ref())
+            .is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    c.name == "kv-node"
+                        && c.started == Some(true)
+                        && c.state.as_ref().is_some_and(|s| s.running.is_some())
+                })
+            });
+    let created = pod
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0.as_second());
+    let ready_changed = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+        .and_then(|c| c.last_transition_time.as_ref())
+        .map(|t| t.0.as_second());
+    NodeObservation {
+        alive,
+        down_since: if alive {
+            None
+        } else {
+            created.max(ready_changed).or(Some(0))
+        },
+        report: None,
+    }
+}
+
+fn secret_token(secret: Option<&Secret>) -> Option<String> {
+    let data = secret?.data.as_ref()?;
+    data.get(objects::CLUSTER_TOKEN_KEY)?;
+    let token = data.get(objects::TOKEN_KEY)?;
+    String::from_utf8(token.0.clone()).ok()
+}
+
+/// Ask a node for its own view (`GET /v1/cluster`). Expected shape:
+/// `{"topology": {"epoch": N, ...}, "resyncProgress": 0..1}`; an unreachable
+/// node or an unexpected body gives no report (never a guess).
+async fn fetch_report(http: &reqwest::Client, host: &str, token: &str) -> Option<NodeReport> {
+    let url = format!("http://{host}:{}/v1/cluster", objects::CLIENT_PORT);
+    let body: serde_json::Value = http
+        .get(&url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .ok()?
+        .error_for_status()
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    parse_report(&body)
+}
+
+/// Read a node report from a `/v1/cluster` body.
+pub fn parse_report(body: &serde_json::Value) -> Option<NodeReport> {
+    let epoch = body
+        .pointer("/topology/epoch")
+        .or_else(|| body.get("epoch"))?
+        .as_u64()?;
+    let progress = body
+        .get("resyncProgress")
+        .or_else(|| body.pointer("/node/resyncProgress"))
+        .or_else(|| body.pointer("/resync/progress"))
+        .and_then(|p| p.as_f64())
+        .unwrap_or(0.0);
+    Some(NodeReport {
+        epoch,
+        resync_progress: progress,
+    })
+}
+
+async fn publish(
+    ctx: &Context,
+    kvc: &KvCluster,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    let event = Event {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note.chars().take(1000).collect()),
+        action: action.to_string(),
+        secondary: None,
+    };
+    // An Event that cannot be written is logged, never a reason to fail a reconcile.
+    if let Err(e) = ctx.recorder.publish(&event, &kvc.object_ref(&())).await {
+        warn!(kvcluster = %kvc.name_any(), error = %e, reason, "could not publish event");
+    }
+}
+
+async fn publish_transitions(ctx: &Context, kvc: &KvCluster, d: &Decision) {
+    for t in &d.transitions {
+        let pod = objects::pod_name(kvc, t.ordinal);
+        let (type_, reason) = match (t.from, t.to) {
+            (Some(_), NodeState::Failed) => (EventType::Warning, "NodeFailed"),
+            (Some(NodeState::Failed), NodeState::Recovering) => {
+                (EventType::Normal, "NodeRecovering")
+            }
+            (Some(NodeState::Recovering), NodeState::Up) => (EventType::Normal, "NodeRecovered"),
+            _ => continue,
+        };
+        let note = format!("node {} ({pod}) is now {}", t.ordinal, t.to);
+        publish(ctx, kvc, type_, reason, "UpdateTopology", &note).await;
+    }
+    match d.rebalance {
+        Some(true) => {
+            let note = format!(
+                "moving to placement {:?} (epoch {})",
+                d.topology.pending.as_ref().map(|p| &p.members),
+                d.topology.epoch
+            );
+            publish(
+                ctx,
+                kvc,
+                EventType::Normal,
+                "RebalanceStarted",
+                "UpdateTopology",
+                &note,
+            )
+            .await;
+        }
+        Some(false) => {
+            let note = format!(
+                "placement {:?} committed (epoch {})",
+                d.topology.placement.members, d.topology.epoch
+            );
+            publish(
+                ctx,
+                kvc,
+                EventType::Normal,
+                "RebalanceCommitted",
+                "UpdateTopology",
+                &note,
+            )
+            .await;
+        }
+        None => {}
+    }
+}
+
+fn cond(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if status { "True" } else { "False" }.to_string(),
+        observed_generation: generation,
+        last_transition_time: None,
+        reason: reason.to_string(),
+        message: message.to_string(),
+    }
+}
+
+/// Replace conditions by type, keeping `lastTransitionTime` when the status did not change.
+fn merge_conditions(
+    previous: &[Condition],
+    new: Vec<Condition>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let mut out: Vec<Condition> = previous
+        .iter()
+        .filter(|p| !new.iter().any(|n| n.type_ == p.type_))
+        .cloned()
+        .collect();
+    for mut c in new {
+        let old = previous.iter().find(|p| p.type_ == c.type_);
+        c.last_transition_time = match old {
+            Some(o) if o.status == c.status => o.last_transition_time.clone(),
+            _ => Some(now.to_string()),
+        };
+        c.observed_generation = generation;
+        out.push(c);
+    }
+    out.sort_by(|a, b| a.type_.cmp(&b.type_));
+    out
+}
+
+fn status_of(
+    kvc: &KvCluster,
+    d: &Decision,
+    ready: &BTreeMap<u32, bool>,
+    sts: Option<&StatefulSet>,
+    previous: &KvClusterStatus,
+    problems: Vec<String>,
+    now: Timestamp,
+) -> KvClusterStatus {
+    let generation = kvc.meta().generation;
+    let t = &d.topology;
+    let is_ready = |o: u32| ready.get(&o).copied().unwrap_or(false);
+    let ready_replicas = t.nodes.iter().filter(|n| is_ready(n.ordinal)).count();
+
+    // Available: every key keeps W live owners, i.e. at most factor − W members are down.
+    let members = &t.placement.members;
+    let factor = t.placement.effective_factor();
+    let slack = factor.saturating_sub(t.write_consistency.required(factor));
+    let down = members
+        .iter()
+        .filter(|&&o| !(t.state_of(o).is_some_and(|s| s.counts_in_quorum()) && is_ready(o)))
+        .count();
+    let available = if members.is_empty() || down > slack {
+        cond(
+            "Available",
+            false,
+            "QuorumLost",
+            &format!(
+                "{down} of {} nodes not Up and Ready; writes at {} tolerate {slack}",
+                members.len(),
+                t.write_consistency
+            ),
+            generation,
+        )
+    } else {
+        cond(
+            "Available",
+            true,
+            "QuorumAvailable",
+            &format!("{ready_replicas} of {} nodes Ready", t.nodes.len()),
+            generation,
+        )
+    };
+
+    let catching_up: Vec<u32> = t
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.state, NodeState::Joining | NodeState::Recovering))
+        .map(|n| n.ordinal)
+        .collect();
+    let rollout_incomplete = sts.and_then(|s| s.status.as_ref()).is_some_and(|s| {
+        s.updated_replicas.unwrap_or(0) < s.replicas
+            || s.current_revision.is_some() && s.current_revision != s.update_revision
+    });
+    let progressing = if let Some(p) = &problems.first() {
+        cond("Progressing", false, "AuthSecretMissing", p, generation)
+    } else if t.pending.is_some() {
+        cond(
+            "Progressing",
+            true,
+            "Rebalancing",
+            "new owners are streaming their buckets in",
+            generation,
+        )
+    } else if d.phase == Phase::Creating {
+        cond(
+            "Progressing",
+            true,
+            "Creating",
+            "the nodes are starting",
+            generation,
+        )
+    } else if !catching_up.is_empty() {
+        cond(
+            "Progressing",
+            true,
+            "CatchingUp",
+            &format!("nodes {catching_up:?} are catching up"),
+            generation,
+        )
+    } else if rollout_incomplete {
+        let prev = previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Progressing");
+        let since = prev
+            .filter(|c| {
+                c.status == "True"
+                    && c.reason == "RollingOut"
+                    && c.observed_generation == generation
+            })
+            .and_then(|c| c.last_transition_time.as_ref())
+            .and_then(|s| s.parse::<Timestamp>().ok());
+        match since {
+            Some(s) if now.as_second() - s.as_second() > ROLLOUT_DEADLINE_SECONDS => cond(
+                "Progressing",
+                false,
+                "RolloutStuck",
+                "the StatefulSet rollout has not completed; edit the spec to fix it",
+                generation,
+            ),
+            _ => cond(
+                "Progressing",
+                true,
+                "RollingOut",
+                "the StatefulSet is rolling out",
+                generation,
+            ),
+        }
+    } else {
+        cond(
+            "Progressing",
+            false,
+            "Reconciled",
+            "nothing is changing",
+            generation,
+        )
+    };
+
+    let not_up: Vec<String> = t
+        .nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Up)
+        .map(|n| format!("{}={}", n.ordinal, n.state))
+        .collect();
+    let degraded = if !not_up.is_empty() {
+        cond(
+            "Degraded",
+            true,
+            "NodesNotUp",
+            &format!("nodes not Up: {}", not_up.join(", ")),
+            generation,
+        )
+    } else if objects::max_unavailable(kvc).is_none() {
+        cond(
+            "Degraded",
+            true,
+            "NoDisruptionBudget",
+            "factor − W is 0: no PodDisruptionBudget protects the nodes, so a drain can make keys unwritable",
+            generation,
+        )
+    } else {
+        cond(
+            "Degraded",
+            false,
+            "AllNodesUp",
+            "every node is Up",
+            generation,
+        )
+    };
+
+    KvClusterStatus {
+        phase: Some(d.phase),
+        observed_generation: generation,
+        ready_replicas: u32::try_from(ready_replicas).unwrap_or(u32::MAX),
+        topology_epoch: t.epoch,
+        nodes: d.nodes.clone(),
+        conditions: merge_conditions(
+            &previous.conditions,
+            vec![available, progressing, degraded],
+            generation,
+            now,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_names_give_ordinals_only_for_their_own_cluster() {
+        assert_eq!(ordinal_of("demo", "demo-2"), Some(2));
+        assert_eq!(ordinal_of("demo", "demo-x"), None);
+        assert_eq!(ordinal_of("demo", "demo2-1"), None);
+        assert_eq!(ordinal_of("demo", "other-1"), None);
+    }
+
+    #[test]
+    fn node_reports_need_an_epoch_and_default_to_no_progress() {
+        let r = parse_report(&serde_json::json!({"topology": {"epoch": 7}, "resyncProgress": 0.5}));
+        assert_eq!(
+            r,
+            Some(NodeReport {
+                epoch: 7,
+                resync_progress: 0.5
+            })
+        );
+        let r = parse_report(&serde_json::json!({"epoch": 3}));
+        assert_eq!(
+            r,
+            Some(NodeReport {
+                epoch: 3,
+                resync_progress: 0.0
+            })
+        );
+        assert_eq!(parse_report(&serde_json::json!({"nodes": []})), None);
+    }
+
+    #[test]
+    fn a_condition_keeps_its_transition_time_while_its_status_holds() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().expect("time");
+        let t1: Timestamp = "2026-01-01T00:05:00Z".parse().expect("time");
+        let first = merge_conditions(
+            &[],
+            vec![cond("Degraded", true, "A", "", Some(1))],
+            Some(1),
+            t0,
+        );
+        let same = merge_conditions(
+            &first,
+            vec![cond("Degraded", true, "B", "", Some(2))],
+            Some(2),
+            t1,
+        );
+        assert_eq!(same[0].last_transition_time, first[0].last_transition_time);
+        assert_eq!(same[0].observed_generation, Some(2));
+        let flipped = merge_conditions(
+            &same,
+            vec![cond("Degraded", false, "C", "", Some(2))],
+            Some(2),
+            t1,
+        );
+        assert_eq!(flipped[0].last_transition_time, Some(t1.to_string()));
+    }
+}

@@ -1,0 +1,542 @@
+//! Reconcile scenarios against a mocked API server.
+//!
+//! Each scenario lists the exact API calls the controller must make, in order,
+//! with the answer the API server gives; the mock fails the test on any other
+//! call, on a call out of order, and on a call left unmade.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kv_core::{NodeState, Topology};
+use kv_operator::k8s::decide::desired_placement;
+use kv_operator::k8s::metrics::Metrics;
+use kv_operator::k8s::{Context, KvCluster, objects, reconcile};
+use serde_json::{Value, json};
+
+type Responder = Box<dyn FnOnce(&Value) -> (StatusCode, Value) + Send>;
+
+struct Call {
+    method: Method,
+    path: String,
+    respond: Responder,
+}
+
+fn call(
+    method: Method,
+    path: &str,
+    respond: impl FnOnce(&Value) -> (StatusCode, Value) + Send + 'static,
+) -> Call {
+    Call {
+        method,
+        path: path.to_string(),
+        respond: Box::new(respond),
+    }
+}
+
+fn not_found() -> (StatusCode, Value) {
+    (
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": "not found", "reason": "NotFound", "code": 404}),
+    )
+}
+
+fn echo(body: &Value) -> (StatusCode, Value) {
+    (StatusCode::OK, body.clone())
+}
+
+/// A request the controller made: method, path, query and JSON body.
+#[derive(Clone, Debug)]
+struct Seen {
+    path: String,
+    query: String,
+    body: Value,
+}
+
+/// Run `reconcile` against a mock that expects exactly `calls`; return the
+/// action and every request seen.
+async fn run(kvc: KvCluster, calls: Vec<Call>) -> (Action, Vec<Seen>) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let registry = prometheus::Registry::new();
+    let ctx = Arc::new(Context::new(
+        client,
+        Metrics::new(&registry).expect("metrics"),
+        false,
+    ));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen_by_server = seen.clone();
+    let server = tokio::spawn(async move {
+        let expected: Vec<String> = calls
+            .iter()
+            .map(|c| format!("{} {}", c.method, c.path))
+            .collect();
+        for (i, c) in calls.into_iter().enumerate() {
+            let (request, send) = handle.next_request().await.unwrap_or_else(|| {
+                panic!(
+                    "call {i} never made; expected calls:\n{}",
+                    expected.join("\n")
+                )
+            });
+            let (parts, body) = request.into_parts();
+            assert_eq!(
+                (parts.method.clone(), parts.uri.path().to_string()),
+                (c.method.clone(), c.path.clone()),
+                "call {i} differs; expected calls:\n{}",
+                expected.join("\n")
+            );
+            let bytes = body.collect_bytes().await.expect("request body");
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).expect("JSON body")
+            };
+            let (status, answer) = (c.respond)(&body);
+            seen_by_server.lock().expect("lock").push(Seen {
+                path: parts.uri.path().to_string(),
+                query: parts.uri.query().unwrap_or_default().to_string(),
+                body,
+            });
+            send.send_response(
+                Response::builder()
+                    .status(status)
+                    .body(Body::from(serde_json::to_vec(&answer).expect("answer")))
+                    .expect("response"),
+            );
+        }
+        if let Some((request, _)) = handle.next_request().await {
+            panic!("unexpected call {} {}", request.method(), request.uri());
+        }
+    });
+    let action = tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(kvc), ctx))
+        .await
+        .expect("reconcile finished in time")
+        .expect("reconcile succeeded");
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("mock server finished")
+        .expect("every expected call was made and nothing else");
+    let seen = seen.lock().expect("lock").clone();
+    (action, seen)
+}
+
+fn cluster(spec_yaml: &str) -> KvCluster {
+    let mut kvc = KvCluster::new("demo", serde_yaml::from_str(spec_yaml).expect("spec"));
+    kvc.metadata.namespace = Some("ns".into());
+    kvc.metadata.uid = Some("uid-1".into());
+    kvc.metadata.generation = Some(2);
+    kvc
+}
+
+fn topology(kvc: &KvCluster, epoch: u64, states: &[NodeState]) -> Topology {
+    Topology {
+        cluster_id: "ns/demo".into(),
+        epoch,
+        read_consistency: kv_core::Consistency::Quorum,
+        write_consistency: kv_core::Consistency::Quorum,
+        placement: desired_placement(&kvc.spec),
+        pending: None,
+        nodes: states
+            .iter()
+            .enumerate()
+            .map(|(i, s)| objects::node_info(kvc, i as u32, *s))
+            .collect(),
+    }
+}
+
+fn running_pod(ordinal: u32) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": format!("demo-{ordinal}"), "namespace": "ns",
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "status": {
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:10Z"}],
+            "containerStatuses": [{"name": "kv-node", "ready": true, "started": true, "restartCount": 0,
+                                   "image": "kvstore/kv-node", "imageID": "", "state": {"running": {}}}]
+        }
+    })
+}
+
+fn pod_list(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items})
+}
+
+fn secret() -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-auth", "namespace": "ns"},
+           "data": {"token": "dG9rZW4=", "cluster-token": "Y2x1c3Rlcg=="}})
+}
+
+fn configmap(kvc: &KvCluster, t: &Topology) -> Value {
+    serde_json::to_value(objects::topology_configmap(kvc, t).expect("configmap")).expect("json")
+}
+
+fn status_answer(kvc: KvCluster) -> impl FnOnce(&Value) -> (StatusCode, Value) {
+    move |body: &Value| {
+        let mut answer = serde_json::to_value(&kvc).expect("kvc");
+        answer["status"] = body["status"].clone();
+        (StatusCode::OK, answer)
+    }
+}
+
+const NS: &str = "/api/v1/namespaces/ns";
+const APPS: &str = "/apis/apps/v1/namespaces/ns";
+const POLICY: &str = "/apis/policy/v1/namespaces/ns";
+const KVC: &str = "/apis/kvstore.dev/v1alpha1/namespaces/ns/kvclusters";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
+
+fn topology_in(seen: &Seen) -> Topology {
+    let json = seen.body["data"]["topology.json"]
+        .as_str()
+        .expect("topology.json in the ConfigMap");
+    Topology::from_json(json.as_bytes()).expect("valid topology")
+}
+
+#[tokio::test]
+async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_status() {
+    let kvc = cluster("{}");
+    let (action, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                |_| not_found(),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list(vec![]))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                not_found()
+            }),
+            call(Method::POST, &format!("{NS}/secrets"), echo),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+
+    let secret = &seen[4].body;
+    let token = secret["data"]["token"].as_str().expect("token");
+    let cluster_token = secret["data"]["cluster-token"]
+        .as_str()
+        .expect("cluster-token");
+    assert!(
+        token.len() >= 64 && token != cluster_token,
+        "two distinct random tokens"
+    );
+
+    for applied in &seen[5..=10] {
+        assert!(
+            applied.query.contains("fieldManager=kv-operator")
+                && applied.query.contains("force=true"),
+            "server-side apply as kv-operator: {}?{}",
+            applied.path,
+            applied.query
+        );
+    }
+    let t = topology_in(&seen[5]);
+    assert_eq!(t.epoch, 1);
+    assert_eq!(t.cluster_id, "ns/demo");
+    assert_eq!(t.placement.members, [0, 1, 2]);
+    assert!(t.nodes.iter().all(|n| n.state == NodeState::Up));
+    assert_eq!(seen[8].body["spec"]["replicas"], 3);
+    assert_eq!(seen[9].body["spec"]["maxUnavailable"], 1);
+
+    let status = &seen[10].body["status"];
+    assert_eq!(status["phase"], "Creating");
+    assert_eq!(status["observedGeneration"], 2);
+    assert_eq!(status["topologyEpoch"], 1);
+    let conditions = status["conditions"].as_array().expect("conditions");
+    let types: Vec<&str> = conditions
+        .iter()
+        .filter_map(|c| c["type"].as_str())
+        .collect();
+    assert_eq!(types, ["Available", "Degraded", "Progressing"]);
+    assert!(conditions.iter().all(|c| c["observedGeneration"] == 2));
+    assert_eq!(conditions[0]["status"], "False", "no pod is Ready yet");
+}
+
+#[tokio::test]
+async fn an_ordinal_added_to_failed_nodes_deletes_that_pod_and_raises_the_topology_epoch() {
+    let kvc = cluster("{faultInjection: {failedNodes: [1]}}");
+    let current = topology(&kvc, 3, &[NodeState::Up, NodeState::Up, NodeState::Up]);
+    let cm = configmap(&kvc, &current);
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(Method::DELETE, &format!("{NS}/pods/demo-1"), |_| {
+                (StatusCode::OK, running_pod(1))
+            }),
+            call(Method::POST, EVENTS, echo),
+            call(Method::POST, EVENTS, echo),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!(t.epoch, 4, "the epoch is raised");
+    assert_eq!(t.state_of(1), Some(NodeState::Failed));
+    assert_eq!(t.state_of(0), Some(NodeState::Up));
+    assert_eq!(seen[10].body["reason"], "FaultInjected");
+    assert_eq!(seen[11].body["reason"], "NodeFailed");
+    assert_eq!(seen[11].body["type"], "Warning");
+    let status = &seen[12].body["status"];
+    assert_eq!(status["phase"], "Degraded");
+    assert_eq!(status["topologyEpoch"], 4);
+    assert_eq!(status["nodes"][1]["state"], "Failed");
+    assert_eq!(status["nodes"][1]["pod"], "demo-1");
+}
+
+#[tokio::test]
+async fn a_node_already_held_down_is_not_deleted_again() {
+    let kvc = cluster("{faultInjection: {failedNodes: [1]}}");
+    let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Failed, NodeState::Up]);
+    let cm = configmap(&kvc, &current);
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(
+        topology_in(&seen[4]).epoch,
+        4,
+        "nothing changed, the epoch stays"
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_spec_gets_a_condition_and_an_event_and_nothing_is_applied() {
+    // replicas 2 with factor 3: the schema refuses this, but a CRD installed
+    // without the schema would let it through.
+    let kvc = cluster("{replicas: 2, replication: {factor: 3}}");
+    let (action, seen) = run(
+        kvc.clone(),
+        vec![
+            call(Method::POST, EVENTS, echo),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(action, Action::await_change(), "no hot-loop retry");
+    assert_eq!(seen[0].body["reason"], "InvalidSpec");
+    let status = &seen[1].body["status"];
+    assert_eq!(status["phase"], "Failed");
+    assert_eq!(status["observedGeneration"], 2);
+    let progressing = &status["conditions"][0];
+    assert_eq!(progressing["type"], "Progressing");
+    assert_eq!(progressing["status"], "False");
+    assert_eq!(progressing["reason"], "InvalidSpec");
+    assert!(
+        progressing["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exceeds replicas"))
+    );
+}
+
+#[tokio::test]
+async fn scaling_up_starts_a_rebalance_with_joining_nodes_and_more_pods() {
+    let kvc = cluster("{replicas: 5}");
+    let three = cluster("{replicas: 3}");
+    let current = topology(&three, 7, &[NodeState::Up, NodeState::Up, NodeState::Up]);
+    let cm = configmap(&kvc, &current);
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(Method::POST, EVENTS, echo),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!(t.epoch, 8);
+    assert_eq!(
+        t.placement.members,
+        [0, 1, 2],
+        "reads stay on the old owners"
+    );
+    assert_eq!(t.pending.map(|p| p.members), Some(vec![0, 1, 2, 3, 4]));
+    assert_eq!(t.nodes[3].state, NodeState::Joining);
+    assert_eq!(seen[7].body["spec"]["replicas"], 5);
+    assert_eq!(seen[9].body["reason"], "RebalanceStarted");
+    assert_eq!(seen[10].body["status"]["phase"], "Rebalancing");
+}
+
+#[tokio::test]
+async fn factor_one_removes_the_disruption_budget_and_warns_with_a_degraded_condition() {
+    let kvc = cluster("{replicas: 1, replication: {factor: 1}}");
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                |_| not_found(),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list(vec![running_pod(0)]))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::DELETE,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                |_| not_found(),
+            ),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    let conditions = seen[9].body["status"]["conditions"]
+        .as_array()
+        .expect("conditions")
+        .clone();
+    let degraded = conditions
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .expect("Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "NoDisruptionBudget");
+    let available = conditions
+        .iter()
+        .find(|c| c["type"] == "Available")
+        .expect("Available");
+    assert_eq!(available["status"], "True", "its only node is Up and Ready");
+}
