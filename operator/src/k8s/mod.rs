@@ -5,13 +5,16 @@
 //! spec as pure functions, [`decide`] turns observations into the next topology
 //! and node states, [`controller`] observes the cluster and applies the result
 //! with server-side apply, [`metrics`] counts what it did, and [`run`] wires it
-//! to the API server behind leader election.
+//! to the API server behind leader election. [`render`] prints the owned
+//! objects offline for review and schema validation.
 
 pub mod controller;
 pub mod crd;
 pub mod decide;
 pub mod metrics;
 pub mod objects;
+pub mod render;
+pub mod run;
 
 pub use controller::{Context, Error, error_policy, reconcile};
 pub use crd::{KvCluster, KvClusterSpec, KvClusterStatus};

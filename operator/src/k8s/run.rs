@@ -1,0 +1,181 @@
+//! Running the controller: leader election, watches, and the HTTP endpoints.
+//!
+//! Several operator replicas may run; only the holder of the coordination
+//! Lease (`kv-operator` in the operator's namespace, via kube-lease-manager)
+//! reconciles. A replica that loses the lease exits, so that a restarted
+//! process starts from a clean cache rather than racing the new leader.
+//! `/healthz` answers as long as the process runs, `/readyz` once the
+//! KvCluster API answered, `/metrics` at all times (standbys included).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, ListParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Client, ResourceExt};
+use prometheus::Registry;
+use tracing::{error, info, warn};
+use warp::Filter;
+
+use super::controller::{Context, error_policy, reconcile};
+use super::crd::KvCluster;
+use super::metrics::Metrics;
+use super::objects;
+
+/// How `kv-operator run` is configured (flags and environment, see main.rs).
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    pub metrics_listen: SocketAddr,
+    /// Watch only this namespace; all namespaces when `None`.
+    pub watch_namespace: Option<String>,
+    /// Lease name and namespace for leader election; `None` disables it.
+    pub lease: Option<(String, String)>,
+    /// This replica's identity in the Lease (the pod name).
+    pub identity: String,
+    /// Ask nodes for their reports on `/v1/cluster`.
+    pub node_reports: bool,
+}
+
+/// Serve the HTTP endpoints until the process ends.
+fn serve_http(addr: SocketAddr, registry: Registry, ready: Arc<AtomicBool>) {
+    let metrics = warp::path("metrics").and(warp::path::end()).map(move || {
+        let body = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap_or_else(|e| format!("# encoding failed: {e}\n"));
+        warp::reply::with_header(body, "content-type", "text/plain; version=0.0.4")
+    });
+    let healthz = warp::path("healthz")
+        .and(warp::path::end())
+        .map(|| warp::reply::with_status("ok", warp::http::StatusCode::OK));
+    let readyz = warp::path("readyz").and(warp::path::end()).map(move || {
+        if ready.load(Ordering::Relaxed) {
+            warp::reply::with_status("ok", warp::http::StatusCode::OK)
+        } else {
+            warp::reply::with_status("not ready", warp::http::StatusCode::SERVICE_UNAVAILABLE)
+        }
+    });
+    let routes = warp::get().and(metrics.or(healthz).or(readyz));
+    tokio::spawn(warp::serve(routes).run(addr));
+}
+
+/// An API over one namespace, or over all of them.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Run the controller until a shutdown signal (or the loss of the lease).
+pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
+    let client = Client::try_default().await?;
+    let registry = Registry::new();
+    let metrics = Metrics::new(&registry)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    serve_http(cfg.metrics_listen, registry, ready.clone());
+    info!(listen = %cfg.metrics_listen, "serving /metrics, /healthz, /readyz");
+
+    let kvcs: Api<KvCluster> = match &cfg.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    if let Err(e) = kvcs.list(&ListParams::default().limit(1)).await {
+        anyhow::bail!(
+            "the KvCluster API is not available ({e}); install the CRD first: kubectl apply -f deploy/crd.yaml"
+        );
+    }
+    ready.store(true, Ordering::Relaxed);
+
+    let mut leadership = None;
+    if let Some((name, namespace)) = &cfg.lease {
+        let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), name)
+            .with_namespace(namespace)
+            .with_identity(&cfg.identity)
+            .with_field_manager(objects::MANAGER)
+            .with_duration(15)
+            .with_grace(5)
+            .build()
+            .await?;
+        let (mut rx, task) = manager.watch().await;
+        info!(lease = %name, %namespace, identity = %cfg.identity, "waiting for leadership");
+        while !*rx.borrow_and_update() {
+            rx.changed().await?;
+        }
+        info!("acquired leadership");
+        leadership = Some((rx, task));
+    }
+
+    let ns = cfg.watch_namespace.as_deref();
+    let stss: Api<StatefulSet> = scoped(&client, ns);
+    let cms: Api<ConfigMap> = scoped(&client, ns);
+    let svcs: Api<Service> = scoped(&client, ns);
+    let pdbs: Api<PodDisruptionBudget> = scoped(&client, ns);
+    let pods: Api<Pod> = scoped(&client, ns);
+    let managed = format!("app.kubernetes.io/managed-by={}", objects::MANAGER);
+    let owned = || watcher::Config::default().labels(&managed);
+    let ctx = Arc::new(Context::new(client.clone(), metrics, cfg.node_reports));
+    let controller = Controller::new(kvcs, watcher::Config::default())
+        .owns(stss, owned())
+        .owns(cms, owned())
+        .owns(svcs, owned())
+        .owns(pdbs, owned())
+        // Pods belong to the StatefulSet, not to the KvCluster: map them back by label.
+        .watches(
+            pods,
+            watcher::Config::default()
+                .labels(&format!("app.kubernetes.io/name={}", objects::APP_NAME)),
+            |pod: Pod| {
+                let ns = pod.namespace();
+                pod.labels().get("app.kubernetes.io/instance").map(|name| {
+                    let r = ObjectRef::<KvCluster>::new(name);
+                    match ns {
+                        Some(ns) => r.within(&ns),
+                        None => r,
+                    }
+                })
+            },
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(kvcluster = %obj.name, "reconciled"),
+                Err(e) => warn!(error = %e, "reconcile error"),
+            }
+        });
+
+    match leadership {
+        None => controller.await,
+        Some((mut rx, _task)) => {
+            let lost = async move {
+                loop {
+                    if rx.changed().await.is_err() || !*rx.borrow() {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                () = controller => {}
+                () = lost => {
+                    error!("lost leadership; exiting so that a fresh process can stand by");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    anyhow::bail!("lost the leader lease");
+                }
+            }
+        }
+    }
+    info!("controller stopped");
+    Ok(())
+}
