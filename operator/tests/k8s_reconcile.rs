@@ -540,3 +540,64 @@ async fn factor_one_removes_the_disruption_budget_and_warns_with_a_degraded_cond
         .expect("Available");
     assert_eq!(available["status"], "True", "its only node is Up and Ready");
 }
+
+#[tokio::test]
+async fn an_ordinal_removed_from_failed_nodes_whose_pod_is_back_starts_recovering() {
+    let kvc = cluster("{}");
+    let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Failed, NodeState::Up]);
+    let cm = configmap(&kvc, &current);
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(Method::POST, EVENTS, echo),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!(t.epoch, 5);
+    assert_eq!(
+        t.state_of(1),
+        Some(NodeState::Recovering),
+        "not Up before its catch-up is reported done"
+    );
+    assert_eq!(seen[9].body["reason"], "NodeRecovering");
+    let status = &seen[10].body["status"];
+    assert_eq!(status["nodes"][1]["state"], "Recovering");
+    let progressing = status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Progressing"))
+        .expect("Progressing");
+    assert_eq!(progressing["reason"], "CatchingUp");
+}

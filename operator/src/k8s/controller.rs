@@ -325,15 +325,16 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         now,
     );
     write_status(&kvcs, &name, &status).await?;
+    let phase = status.phase.unwrap_or(decision.phase);
     ctx.metrics.observe_cluster(
         &key,
-        decision.phase,
+        phase,
         decision.topology.nodes.iter().map(|n| n.state).collect(),
     );
-    info!(kvcluster = %name, phase = ?decision.phase, epoch = decision.topology.epoch, "reconciled");
+    info!(kvcluster = %name, phase = ?phase, epoch = decision.topology.epoch, "reconciled");
 
     // Look again soon while anything is moving; node reports are polled, not watched.
-    let settled = decision.phase == Phase::Running;
+    let settled = phase == Phase::Running;
     Ok(Action::requeue(Duration::from_secs(if settled {
         60
     } else {
@@ -575,6 +576,21 @@ fn status_of(
     let is_ready = |o: u32| ready.get(&o).copied().unwrap_or(false);
     let ready_replicas = t.nodes.iter().filter(|n| is_ready(n.ordinal)).count();
 
+    // A new cluster stays Creating until every node meant to run is Ready
+    // once; after that, readiness no longer decides the phase.
+    let expected_ready = t
+        .nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Failed)
+        .count();
+    let was_creating = matches!(previous.phase, None | Some(Phase::Creating));
+    let phase = if was_creating && d.phase != Phase::Rebalancing && ready_replicas < expected_ready
+    {
+        Phase::Creating
+    } else {
+        d.phase
+    };
+
     // Available: every key keeps W live owners, i.e. at most factor − W members are down.
     let members = &t.placement.members;
     let factor = t.placement.effective_factor();
@@ -625,7 +641,7 @@ fn status_of(
             "new owners are streaming their buckets in",
             generation,
         )
-    } else if d.phase == Phase::Creating {
+    } else if phase == Phase::Creating {
         cond(
             "Progressing",
             true,
@@ -713,7 +729,7 @@ fn status_of(
     };
 
     KvClusterStatus {
-        phase: Some(d.phase),
+        phase: Some(phase),
         observed_generation: generation,
         ready_replicas: u32::try_from(ready_replicas).unwrap_or(u32::MAX),
         topology_epoch: t.epoch,
