@@ -11,6 +11,7 @@ use http::{Method, Request, Response, StatusCode};
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kv_core::{NodeState, Topology};
+use kv_operator::k8s::controller::NodeReports;
 use kv_operator::k8s::decide::desired_placement;
 use kv_operator::k8s::metrics::Metrics;
 use kv_operator::k8s::{Context, KvCluster, objects, reconcile};
@@ -59,13 +60,48 @@ struct Seen {
 /// Run `reconcile` against a mock that expects exactly `calls`; return the
 /// action and every request seen.
 async fn run(kvc: KvCluster, calls: Vec<Call>) -> (Action, Vec<Seen>) {
+    run_with(kvc, calls, None).await
+}
+
+/// Serve node reports on loopback: `GET /<ordinal>/v1/cluster` answers
+/// `{"topology": {"epoch": E}, "resyncProgress": P}` from `reports`, but only
+/// with the client token of `secret()` ("token").
+async fn report_server(reports: Vec<(u64, f64)>) -> NodeReports {
+    use warp::Filter;
+    let routes = warp::path!(u32 / "v1" / "cluster")
+        .and(warp::header::<String>("authorization"))
+        .map(move |ordinal: u32, auth: String| {
+            let body = match reports.get(ordinal as usize) {
+                Some((epoch, progress)) if auth == "Bearer token" => {
+                    json!({"topology": {"epoch": epoch}, "resyncProgress": progress})
+                }
+                _ => json!({"error": "forbidden"}),
+            };
+            warp::reply::json(&body)
+        });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(warp::serve(routes).incoming(listener).run());
+    NodeReports {
+        http: reqwest::Client::new(),
+        url: Box::new(move |_, ordinal| format!("http://{addr}/{ordinal}/v1/cluster")),
+    }
+}
+
+async fn run_with(
+    kvc: KvCluster,
+    calls: Vec<Call>,
+    reports: Option<NodeReports>,
+) -> (Action, Vec<Seen>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let registry = prometheus::Registry::new();
     let ctx = Arc::new(Context::new(
         client,
         Metrics::new(&registry).expect("metrics"),
-        false,
+        reports,
     ));
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen_by_server = seen.clone();
@@ -600,4 +636,190 @@ async fn an_ordinal_removed_from_failed_nodes_whose_pod_is_back_starts_recoverin
         .and_then(|cs| cs.iter().find(|c| c["type"] == "Progressing"))
         .expect("Progressing");
     assert_eq!(progressing["reason"], "CatchingUp");
+}
+
+#[tokio::test]
+async fn a_recovering_node_whose_report_shows_its_catch_up_done_becomes_up() {
+    let kvc = cluster("{}");
+    let current = topology(
+        &kvc,
+        5,
+        &[NodeState::Up, NodeState::Recovering, NodeState::Up],
+    );
+    let cm = configmap(&kvc, &current);
+    let reports = report_server(vec![(5, 1.0), (5, 1.0), (5, 1.0)]).await;
+    let (action, seen) = run_with(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(Method::POST, EVENTS, echo),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+        Some(reports),
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!(t.epoch, 6);
+    assert_eq!(t.state_of(1), Some(NodeState::Up));
+    assert_eq!(seen[9].body["reason"], "NodeRecovered");
+    assert_eq!(seen[10].body["status"]["phase"], "Running");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(60)),
+        "a settled cluster is looked at less often"
+    );
+}
+
+#[tokio::test]
+async fn a_node_still_catching_up_stays_recovering_with_its_progress_in_the_status() {
+    let kvc = cluster("{}");
+    let current = topology(
+        &kvc,
+        5,
+        &[NodeState::Up, NodeState::Recovering, NodeState::Up],
+    );
+    let cm = configmap(&kvc, &current);
+    let reports = report_server(vec![(5, 1.0), (5, 0.25), (5, 1.0)]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+        Some(reports),
+    )
+    .await;
+    assert_eq!(topology_in(&seen[4]).epoch, 5, "nothing changed");
+    let node = &seen[9].body["status"]["nodes"][1];
+    assert_eq!(node["state"], "Recovering");
+    assert_eq!(node["resyncProgress"], 0.25);
+}
+
+#[tokio::test]
+async fn scaling_down_commits_the_topology_before_the_statefulset_drops_the_leaving_pods() {
+    let kvc = cluster("{replicas: 3}");
+    let five = cluster("{replicas: 5}");
+    let mut current = topology(
+        &five,
+        9,
+        &[
+            NodeState::Up,
+            NodeState::Up,
+            NodeState::Up,
+            NodeState::Leaving,
+            NodeState::Leaving,
+        ],
+    );
+    current.pending = Some(desired_placement(&kvc.spec));
+    let cm = configmap(&kvc, &current);
+    let reports = report_server(vec![(9, 1.0); 5]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..5).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(Method::POST, EVENTS, echo),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+        Some(reports),
+    )
+    .await;
+    // Call 4 (the ConfigMap) comes before call 7 (the StatefulSet): the nodes
+    // learn the placement without 3 and 4 before those pods go away.
+    let t = topology_in(&seen[4]);
+    assert_eq!(t.epoch, 10);
+    assert_eq!(t.pending, None);
+    assert_eq!(t.placement.members, [0, 1, 2]);
+    assert_eq!(t.nodes.len(), 3);
+    assert_eq!(seen[7].body["spec"]["replicas"], 3);
+    assert_eq!(seen[9].body["reason"], "RebalanceCommitted");
 }

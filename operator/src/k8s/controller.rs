@@ -66,13 +66,44 @@ pub struct Context {
     pub client: kube::Client,
     pub recorder: Recorder,
     pub metrics: Metrics,
-    /// Ask live nodes for their report on `/v1/cluster`. Off where nodes are
-    /// unreachable (tests against a mocked API server).
-    pub node_reports: Option<reqwest::Client>,
+    /// Ask live nodes for their report on `/v1/cluster`; `None` turns it off.
+    pub node_reports: Option<NodeReports>,
+}
+
+/// Where and how node reports are fetched.
+pub struct NodeReports {
+    pub http: reqwest::Client,
+    /// The report URL of a node: `http://<pod>.<name>-peers.<ns>.svc:7400/v1/cluster`
+    /// in a cluster; tests point it at a local server.
+    pub url: Box<dyn Fn(&KvCluster, u32) -> String + Send + Sync>,
+}
+
+impl NodeReports {
+    /// Reports from the nodes' stable DNS names, with a short timeout so that
+    /// one dead node does not stall a reconcile.
+    pub fn in_cluster() -> Option<NodeReports> {
+        Some(NodeReports {
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .ok()?,
+            url: Box::new(|kvc, ordinal| {
+                format!(
+                    "http://{}:{}/v1/cluster",
+                    objects::pod_host(kvc, ordinal),
+                    objects::CLIENT_PORT
+                )
+            }),
+        })
+    }
 }
 
 impl Context {
-    pub fn new(client: kube::Client, metrics: Metrics, node_reports: bool) -> Context {
+    pub fn new(
+        client: kube::Client,
+        metrics: Metrics,
+        node_reports: Option<NodeReports>,
+    ) -> Context {
         let reporter = kube::runtime::events::Reporter {
             controller: objects::MANAGER.to_string(),
             instance: std::env::var("POD_NAME").ok(),
@@ -81,14 +112,7 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             metrics,
-            node_reports: node_reports
-                .then(|| {
-                    reqwest::Client::builder()
-                        .timeout(Duration::from_secs(2))
-                        .build()
-                        .ok()
-                })
-                .flatten(),
+            node_reports,
         }
     }
 }
@@ -232,10 +256,11 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         ready.insert(ordinal, pod_ready(pod));
         observed.nodes.insert(ordinal, observe_pod(pod));
     }
-    if let (Some(http), Some(token)) = (&ctx.node_reports, secret_token(secret.as_ref())) {
+    if let (Some(reports), Some(token)) = (&ctx.node_reports, secret_token(secret.as_ref())) {
         for (ordinal, obs) in observed.nodes.iter_mut() {
             if obs.alive {
-                obs.report = fetch_report(http, &objects::pod_host(kvc, *ordinal), &token).await;
+                obs.report =
+                    fetch_report(&reports.http, &(reports.url)(kvc, *ordinal), &token).await;
             }
         }
     }
@@ -415,10 +440,9 @@ fn secret_token(secret: Option<&Secret>) -> Option<String> {
 /// Ask a node for its own view (`GET /v1/cluster`). Expected shape:
 /// `{"topology": {"epoch": N, ...}, "resyncProgress": 0..1}`; an unreachable
 /// node or an unexpected body gives no report (never a guess).
-async fn fetch_report(http: &reqwest::Client, host: &str, token: &str) -> Option<NodeReport> {
-    let url = format!("http://{host}:{}/v1/cluster", objects::CLIENT_PORT);
+async fn fetch_report(http: &reqwest::Client, url: &str, token: &str) -> Option<NodeReport> {
     let body: serde_json::Value = http
-        .get(&url)
+        .get(url)
         .bearer_auth(token)
         .send()
         .await

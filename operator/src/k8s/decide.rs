@@ -23,9 +23,9 @@
 //! Rebalancing: when the spec's placement (members, strategy, factor) differs
 //! from the committed one, the new placement becomes `pending`, new ordinals
 //! join as `Joining` and removed ordinals become `Leaving`; the pending placement
-//! is committed when every node that must stream (Joining, Recovering) reports
-//! done. Only then are the leaving nodes dropped from the topology and their
-//! pods removed, so a scale-down never loses the only copy of a key.
+//! is committed when every owner of the new placement that is not Failed
+//! reports its catch-up done at the current epoch. Only then are the leaving
+//! nodes dropped from the topology and their pods removed, so a scale-down never loses the only copy of a key.
 
 use std::collections::BTreeMap;
 
@@ -211,18 +211,21 @@ pub fn decide(
 
             // 2. Placement: start a rebalance, or commit one that is done.
             let target_differs = |p: &PlacementSpec| p != &desired;
-            match &t.pending {
-                Some(pending) if target_differs(pending) => {
+            match t.pending.clone() {
+                Some(pending) if target_differs(&pending) => {
                     // The spec changed again mid-rebalance: aim at the new target.
                     t.pending = Some(desired.clone());
                 }
-                Some(_) => {
-                    let streaming_done = t.nodes.iter().all(|n| match n.state {
-                        NodeState::Joining => {
-                            report_done(observed.nodes.get(&n.ordinal), current.epoch)
-                        }
-                        _ => true,
-                    });
+                Some(pending) => {
+                    // Every owner of the new placement that is not down has
+                    // streamed in what it will own (a Failed one catches up later
+                    // through hints and anti-entropy, as after any failure).
+                    let streaming_done = t
+                        .nodes
+                        .iter()
+                        .filter(|n| n.state != NodeState::Failed)
+                        .filter(|n| pending.members.contains(&n.ordinal))
+                        .all(|n| report_done(observed.nodes.get(&n.ordinal), current.epoch));
                     if streaming_done {
                         rebalance = Some(false);
                         t.placement = desired.clone();
@@ -569,6 +572,11 @@ mod tests {
         assert_eq!(d.topology.state_of(3), Some(NodeState::Leaving));
         assert_eq!(d.topology.state_of(4), Some(NodeState::Leaving));
         assert_eq!(d.pods, 5, "leaving nodes keep their pods until the commit");
+        let wait = decide_(&s3, &observed(Some(d.topology.clone()), &five_alive));
+        assert!(
+            !wait.topology_changed,
+            "the remaining owners must report their catch-up before the leavers go"
+        );
         let (t, steps) = settle(&s3, Some(d.topology), 5);
         assert_eq!(steps[0].rebalance, Some(false));
         assert_eq!(t.placement.members, [0, 1, 2]);

@@ -24,7 +24,7 @@ use prometheus::Registry;
 use tracing::{error, info, warn};
 use warp::Filter;
 
-use super::controller::{Context, error_policy, reconcile};
+use super::controller::{Context, NodeReports, error_policy, reconcile};
 use super::crd::KvCluster;
 use super::metrics::Metrics;
 use super::objects;
@@ -125,7 +125,11 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let pods: Api<Pod> = scoped(&client, ns);
     let managed = format!("app.kubernetes.io/managed-by={}", objects::MANAGER);
     let owned = || watcher::Config::default().labels(&managed);
-    let ctx = Arc::new(Context::new(client.clone(), metrics, cfg.node_reports));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics,
+        cfg.node_reports.then(NodeReports::in_cluster).flatten(),
+    ));
     let controller = Controller::new(kvcs, watcher::Config::default())
         .owns(stss, owned())
         .owns(cms, owned())
