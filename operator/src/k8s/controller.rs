@@ -70,12 +70,15 @@ pub struct Context {
     pub node_reports: Option<NodeReports>,
 }
 
+/// The report URL of one node of a cluster.
+pub type ReportUrl = Box<dyn Fn(&KvCluster, u32) -> String + Send + Sync>;
+
 /// Where and how node reports are fetched.
 pub struct NodeReports {
     pub http: reqwest::Client,
     /// The report URL of a node: `http://<pod>.<name>-peers.<ns>.svc:7400/v1/cluster`
     /// in a cluster; tests point it at a local server.
-    pub url: Box<dyn Fn(&KvCluster, u32) -> String + Send + Sync>,
+    pub url: ReportUrl,
 }
 
 impl NodeReports {
