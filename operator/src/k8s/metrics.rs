@@ -100,6 +100,17 @@ impl Metrics {
         self.publish(&seen);
     }
 
+    /// Keep only the clusters that still exist. Deleted clusters are never
+    /// reconciled again (their objects go with them), so the runner calls this
+    /// with the keys in the controller's cache.
+    pub fn retain_clusters(&self, existing: &[String]) {
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        seen.retain(|k, _| existing.contains(k));
+        self.publish(&seen);
+    }
+
     fn publish(&self, seen: &Seen) {
         for p in Phase::ALL {
             let n = seen.values().filter(|(phase, _)| *phase == p).count();
@@ -140,6 +151,10 @@ mod tests {
         assert_eq!(m.nodes.with_label_values(&["Up"]).get(), 3);
         assert_eq!(m.nodes.with_label_values(&["Failed"]).get(), 0);
         m.forget_cluster("ns/b");
+        assert_eq!(m.clusters.with_label_values(&["Running"]).get(), 1);
+        m.observe_cluster("ns/c", Phase::Failed, vec![]);
+        m.retain_clusters(&["ns/a".to_string()]);
+        assert_eq!(m.clusters.with_label_values(&["Failed"]).get(), 0);
         assert_eq!(m.clusters.with_label_values(&["Running"]).get(), 1);
         let text = prometheus::TextEncoder::new()
             .encode_to_string(&registry.gather())

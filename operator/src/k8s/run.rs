@@ -130,7 +130,22 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         metrics,
         cfg.node_reports.then(NodeReports::in_cluster).flatten(),
     ));
-    let controller = Controller::new(kvcs, watcher::Config::default())
+    let controller = Controller::new(kvcs, watcher::Config::default());
+    let store = controller.store();
+    let gauges = ctx.metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            let keys: Vec<String> = store
+                .state()
+                .iter()
+                .map(|k| format!("{}/{}", k.namespace().unwrap_or_default(), k.name_any()))
+                .collect();
+            gauges.retain_clusters(&keys);
+        }
+    });
+    let controller = controller
         .owns(stss, owned())
         .owns(cms, owned())
         .owns(svcs, owned())
