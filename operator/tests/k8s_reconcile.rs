@@ -823,3 +823,54 @@ async fn scaling_down_commits_the_topology_before_the_statefulset_drops_the_leav
     assert_eq!(seen[7].body["spec"]["replicas"], 3);
     assert_eq!(seen[9].body["reason"], "RebalanceCommitted");
 }
+
+#[tokio::test]
+async fn an_api_error_is_counted_by_kind_and_retried_with_growing_backoff() {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::new(&registry).expect("metrics");
+    let ctx = Arc::new(Context::new(client, metrics.clone(), None));
+    let server = tokio::spawn(async move {
+        for _ in 0..2 {
+            let (request, send) = handle.next_request().await.expect("a call");
+            assert_eq!(
+                request.uri().path(),
+                format!("{NS}/configmaps/demo-topology")
+            );
+            send.send_response(
+                Response::builder()
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .body(Body::from(
+                        serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                            "status": "Failure", "message": "etcd is down", "reason": "InternalError", "code": 500}))
+                        .expect("json"),
+                    ))
+                    .expect("response"),
+            );
+        }
+    });
+    let kvc = Arc::new(cluster("{}"));
+    let mut delays = Vec::new();
+    for _ in 0..2 {
+        let err = reconcile(kvc.clone(), ctx.clone())
+            .await
+            .expect_err("the API failed");
+        assert_eq!(err.metric_label(), "kube");
+        delays.push(kv_operator::k8s::error_policy(
+            kvc.clone(),
+            &err,
+            ctx.clone(),
+        ));
+    }
+    server.await.expect("mock server");
+    assert_eq!(
+        delays,
+        [
+            Action::requeue(Duration::from_secs(5)),
+            Action::requeue(Duration::from_secs(10))
+        ]
+    );
+    assert_eq!(metrics.reconciles.with_label_values(&["kube"]).get(), 2);
+    assert_eq!(metrics.reconciles.with_label_values(&["ok"]).get(), 0);
+}

@@ -68,6 +68,8 @@ pub struct Context {
     pub metrics: Metrics,
     /// Ask live nodes for their report on `/v1/cluster`; `None` turns it off.
     pub node_reports: Option<NodeReports>,
+    /// Consecutive failed reconciles per cluster (`namespace/name`), for backoff.
+    failures: std::sync::Mutex<BTreeMap<String, u32>>,
 }
 
 /// The report URL of one node of a cluster.
@@ -116,6 +118,7 @@ impl Context {
             client,
             metrics,
             node_reports,
+            failures: Default::default(),
         }
     }
 }
@@ -148,22 +151,47 @@ where
 }
 
 /// Reconcile one KvCluster. Called by the kube-runtime `Controller`.
+#[tracing::instrument(skip_all, fields(kvcluster = %kvc.name_any(), namespace = kvc.namespace().unwrap_or_default()))]
 pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = Instant::now();
     let result = reconcile_inner(&kvc, &ctx).await;
     let label = match &result {
-        Ok(_) => "ok",
+        Ok(_) => {
+            if let Ok(mut f) = ctx.failures.lock() {
+                f.remove(&cluster_key(&kvc));
+            }
+            "ok"
+        }
         Err(e) => e.metric_label(),
     };
     ctx.metrics.record(started, label);
     result
 }
 
-/// Back off on errors: a failing API server is not hammered, and the next
-/// watch event still triggers a reconcile at once.
-pub fn error_policy(kvc: Arc<KvCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(kvcluster = %kvc.name_any(), error = %error, "reconcile failed");
-    Action::requeue(Duration::from_secs(15))
+fn cluster_key(kvc: &KvCluster) -> String {
+    format!("{}/{}", kvc.namespace().unwrap_or_default(), kvc.name_any())
+}
+
+/// Retry delay after `failures` consecutive failed reconciles: 5 s doubling
+/// up to 5 minutes, so that a failing API server is not hammered. A watch
+/// event still triggers a reconcile at once.
+pub fn backoff(failures: u32) -> Duration {
+    let secs = 5u64.saturating_mul(1u64 << failures.saturating_sub(1).min(6));
+    Duration::from_secs(secs.min(300))
+}
+
+pub fn error_policy(kvc: Arc<KvCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = match ctx.failures.lock() {
+        Ok(mut f) => {
+            let n = f.entry(cluster_key(&kvc)).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    let delay = backoff(failures);
+    warn!(kvcluster = %kvc.name_any(), error = %error, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
 }
 
 async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error> {
@@ -782,6 +810,12 @@ fn status_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_from_5_seconds_doubling_to_5_minutes() {
+        let delays: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
 
     #[test]
     fn pod_names_give_ordinals_only_for_their_own_cluster() {
