@@ -811,6 +811,85 @@ fn status_of(
 mod tests {
     use super::*;
 
+    fn rolling_out(generation: i64, sts_updated: i32) -> (KvCluster, Decision, StatefulSet) {
+        let mut kvc = KvCluster::new("demo", serde_yaml::from_str("{}").expect("spec"));
+        kvc.metadata.namespace = Some("ns".into());
+        kvc.metadata.generation = Some(generation);
+        let first = decide::decide(&kvc.spec, &Observed::default(), |o| {
+            (format!("n{o}:7400"), format!("n{o}:7401"))
+        });
+        let all_alive = (0..3)
+            .map(|o| {
+                (
+                    o,
+                    NodeObservation {
+                        alive: true,
+                        down_since: None,
+                        report: None,
+                    },
+                )
+            })
+            .collect();
+        let observed = Observed {
+            topology: Some(first.topology),
+            nodes: all_alive,
+            ..Observed::default()
+        };
+        let d = decide::decide(&kvc.spec, &observed, |o| {
+            (format!("n{o}:7400"), format!("n{o}:7401"))
+        });
+        let sts: StatefulSet = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "demo"},
+            "status": {"replicas": 3, "updatedReplicas": sts_updated}
+        }))
+        .expect("sts");
+        (kvc, d, sts)
+    }
+
+    #[test]
+    fn a_rollout_incomplete_past_the_deadline_is_rollout_stuck_until_the_spec_is_edited() {
+        let ready = (0..3).map(|o| (o, true)).collect();
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().expect("time");
+        let late =
+            Timestamp::from_second(t0.as_second() + ROLLOUT_DEADLINE_SECONDS + 1).expect("time");
+        let progressing = |s: &KvClusterStatus| {
+            s.conditions
+                .iter()
+                .find(|c| c.type_ == "Progressing")
+                .cloned()
+                .expect("Progressing")
+        };
+
+        let (kvc, d, sts) = rolling_out(2, 1);
+        let start = status_of(
+            &kvc,
+            &d,
+            &ready,
+            Some(&sts),
+            &KvClusterStatus::default(),
+            vec![],
+            t0,
+        );
+        assert_eq!(progressing(&start).reason, "RollingOut");
+        let soon = status_of(&kvc, &d, &ready, Some(&sts), &start, vec![], t0);
+        assert_eq!(progressing(&soon).reason, "RollingOut");
+        let stuck = status_of(&kvc, &d, &ready, Some(&sts), &start, vec![], late);
+        assert_eq!(progressing(&stuck).status, "False");
+        assert_eq!(progressing(&stuck).reason, "RolloutStuck");
+
+        // Editing the spec (a new generation) starts a new rollout clock.
+        let (kvc3, d3, sts3) = rolling_out(3, 1);
+        let edited = status_of(&kvc3, &d3, &ready, Some(&sts3), &stuck, vec![], late);
+        assert_eq!(progressing(&edited).reason, "RollingOut");
+        assert_eq!(progressing(&edited).observed_generation, Some(3));
+
+        // A finished rollout is simply reconciled.
+        let (kvc, d, done) = rolling_out(3, 3);
+        let fine = status_of(&kvc, &d, &ready, Some(&done), &edited, vec![], late);
+        assert_eq!(progressing(&fine).reason, "Reconciled");
+        assert_eq!(fine.phase, Some(Phase::Running));
+    }
+
     #[test]
     fn retries_back_off_from_5_seconds_doubling_to_5_minutes() {
         let delays: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
