@@ -44,8 +44,9 @@ pub struct RunConfig {
     pub node_reports: bool,
 }
 
-/// Serve the HTTP endpoints until the process ends.
-fn serve_http(addr: SocketAddr, registry: Registry, ready: Arc<AtomicBool>) {
+/// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until the process
+/// ends. The caller binds, so that a taken port is an error at start-up.
+pub fn serve_http(listener: tokio::net::TcpListener, registry: Registry, ready: Arc<AtomicBool>) {
     let metrics = warp::path("metrics").and(warp::path::end()).map(move || {
         let body = prometheus::TextEncoder::new()
             .encode_to_string(&registry.gather())
@@ -63,7 +64,7 @@ fn serve_http(addr: SocketAddr, registry: Registry, ready: Arc<AtomicBool>) {
         }
     });
     let routes = warp::get().and(metrics.or(healthz).or(readyz));
-    tokio::spawn(warp::serve(routes).run(addr));
+    tokio::spawn(warp::serve(routes).incoming(listener).run());
 }
 
 /// An API over one namespace, or over all of them.
@@ -84,7 +85,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let registry = Registry::new();
     let metrics = Metrics::new(&registry)?;
     let ready = Arc::new(AtomicBool::new(false));
-    serve_http(cfg.metrics_listen, registry, ready.clone());
+    let listener = tokio::net::TcpListener::bind(cfg.metrics_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.metrics_listen))?;
+    serve_http(listener, registry, ready.clone());
     info!(listen = %cfg.metrics_listen, "serving /metrics, /healthz, /readyz");
 
     let kvcs: Api<KvCluster> = match &cfg.watch_namespace {
@@ -197,4 +201,36 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     }
     info!("controller stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_http_endpoints_serve_metrics_health_and_readiness_once_ready() {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry).expect("metrics");
+        metrics.record(std::time::Instant::now(), "ok");
+        let ready = Arc::new(AtomicBool::new(false));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        serve_http(listener, registry, ready.clone());
+        let get = |path: &str| {
+            let url = format!("{base}{path}");
+            async move { reqwest::get(url).await.expect("request") }
+        };
+        assert_eq!(get("/healthz").await.status(), 200);
+        assert_eq!(get("/readyz").await.status(), 503);
+        ready.store(true, Ordering::Relaxed);
+        assert_eq!(get("/readyz").await.status(), 200);
+        let body = get("/metrics").await.text().await.expect("body");
+        assert!(
+            body.contains("kv_operator_reconciles_total{result=\"ok\"} 1"),
+            "{body}"
+        );
+        assert_eq!(get("/nothing").await.status(), 404);
+    }
 }
