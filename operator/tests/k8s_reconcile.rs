@@ -874,3 +874,57 @@ async fn an_api_error_is_counted_by_kind_and_retried_with_growing_backoff() {
     assert_eq!(metrics.reconciles.with_label_values(&["kube"]).get(), 2);
     assert_eq!(metrics.reconciles.with_label_values(&["ok"]).get(), 0);
 }
+
+#[tokio::test]
+async fn a_lost_topology_is_rewritten_above_the_epoch_the_nodes_already_hold() {
+    let kvc = cluster("{}");
+    let reports = report_server(vec![(40, 1.0), (41, 1.0), (40, 1.0)]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                |_| not_found(),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+        Some(reports),
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!(
+        t.epoch, 42,
+        "above every node's epoch, so the nodes accept it"
+    );
+    assert_eq!(
+        t.cluster_id, "ns/demo",
+        "the same cluster: the nodes keep their data"
+    );
+}

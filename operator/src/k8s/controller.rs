@@ -304,6 +304,13 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             }
         }
     }
+    // Nodes refuse a topology older than theirs: if the ConfigMap and the
+    // status were both lost, the nodes' own epochs keep the next one above.
+    observed.epoch_floor = observed
+        .nodes
+        .values()
+        .filter_map(|o| o.report.as_ref().map(|r| r.epoch))
+        .fold(observed.epoch_floor, u64::max);
 
     // Decide.
     let decision = decide::decide(&kvc.spec, &observed, |o| {
