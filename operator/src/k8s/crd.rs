@@ -38,6 +38,11 @@ pub const MAX_REPLICAS: u32 = 128;
     status = "KvClusterStatus",
     derive = "PartialEq",
     doc = "A replicated key-value store cluster managed by kv-operator.",
+    // `kubectl scale kvc/demo --replicas=5` rebalances like an edit of spec.replicas.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.readyReplicas"
+    ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(
         name = "Factor",
