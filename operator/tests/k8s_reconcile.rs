@@ -312,6 +312,17 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
         .collect();
     assert_eq!(types, ["Available", "Degraded", "Progressing"]);
     assert!(conditions.iter().all(|c| c["observedGeneration"] == 2));
+    let pods: Vec<&str> = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["pod"].as_str())
+        .collect();
+    assert_eq!(
+        pods,
+        ["demo-0", "demo-1", "demo-2"],
+        "pod names before the pods exist"
+    );
     assert_eq!(conditions[0]["status"], "False", "no pod is Ready yet");
 }
 

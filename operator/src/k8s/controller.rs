@@ -30,7 +30,7 @@ use kv_core::{NodeState, Topology};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::crd::{Condition, KvCluster, KvClusterStatus, Phase};
+use super::crd::{Condition, KvCluster, KvClusterStatus, NodeStatus, Phase};
 use super::decide::{self, Decision, NodeObservation, NodeReport, Observed};
 use super::metrics::Metrics;
 use super::objects;
@@ -804,7 +804,15 @@ fn status_of(
         observed_generation: generation,
         ready_replicas: u32::try_from(ready_replicas).unwrap_or(u32::MAX),
         topology_epoch: t.epoch,
-        nodes: d.nodes.clone(),
+        // Every node's pod name, also of a node whose pod does not exist now.
+        nodes: d
+            .nodes
+            .iter()
+            .map(|n| NodeStatus {
+                pod: objects::pod_name(kvc, n.ordinal),
+                ..n.clone()
+            })
+            .collect(),
         conditions: merge_conditions(
             &previous.conditions,
             vec![available, progressing, degraded],
