@@ -267,7 +267,9 @@ pub fn decide(
                     }
                 }
                 for n in &mut t.nodes {
-                    if !pending.members.contains(&n.ordinal) && n.state != NodeState::Leaving {
+                    if !pending.members.contains(&n.ordinal)
+                        && !matches!(n.state, NodeState::Leaving | NodeState::Failed)
+                    {
                         transitions.push(Transition {
                             ordinal: n.ordinal,
                             from: Some(n.state),
@@ -585,6 +587,30 @@ mod tests {
             steps[0].pods, 3,
             "pods are dropped with the commit, not before"
         );
+    }
+
+    #[test]
+    fn a_leaving_node_that_dies_is_failed_not_leaving_and_is_dropped_at_the_commit() {
+        let (t5, _) = settle(&spec("{replicas: 5}"), None, 5);
+        let s3 = spec("{replicas: 3}");
+        let five_alive: Vec<(u32, NodeObservation)> = (0..5).map(|o| (o, alive())).collect();
+        let d = decide_(&s3, &observed(Some(t5), &five_alive));
+        assert_eq!(d.topology.state_of(4), Some(NodeState::Leaving));
+        let mut four_dead = five_alive.clone();
+        four_dead[4].1 = NodeObservation {
+            alive: false,
+            down_since: Some(0),
+            report: None,
+        };
+        let d = decide_(&s3, &observed(Some(d.topology), &four_dead));
+        assert_eq!(
+            d.topology.state_of(4),
+            Some(NodeState::Failed),
+            "a dead node serves nothing"
+        );
+        let (t, _) = settle(&s3, Some(d.topology), 3);
+        assert_eq!(t.placement.members, [0, 1, 2]);
+        assert_eq!(t.state_of(4), None);
     }
 
     #[test]
