@@ -4,7 +4,7 @@
 # the deployment-artefact checks.
 #
 #   scripts/test.sh            everything
-#   KV_REQUIRE_DOCKER=1 ...    fail (instead of skipping loudly) when no Docker daemon answers
+#   KV_TOOLS_DIR=DIR ...       cache the installed tools in DIR (default .tools/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +12,9 @@ step() { printf '\n==> %s\n' "$*"; }
 
 step "rust toolchain components"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+step "tools for the artefact checks (scripts/install-tools.sh)"
+scripts/install-tools.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -21,3 +24,6 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (workspace)"
 cargo test --workspace --locked --no-fail-fast
+
+step "deployment artefacts (scripts/test-deploy.sh)"
+scripts/test-deploy.sh

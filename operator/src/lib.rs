@@ -1,12 +1,11 @@
-//! kv-operator: kvstore's control plane.
+//! kv-operator: kvstore's control plane on Kubernetes.
 //!
-//! - [`planner`] decides: a pure function from the desired cluster and what was
-//!   observed to the next topology and the actions to take. No Kubernetes types.
-//! - [`k8s`] carries those decisions out on Kubernetes: the `KvCluster` CRD and
-//!   its controller.
+//! [`k8s`] holds the `KvCluster` custom resource and its controller: it
+//! observes the cluster's objects and the nodes' reports, decides node states,
+//! topology and rebalancing as a pure function (`k8s::decide`), and applies the
+//! result with server-side apply.
 //!
-//! The local platform behind `kvctl up` drives the same planner with processes
-//! on one machine.
+//! The decision function is kept free of Kubernetes types so that it can become
+//! the planner the local platform (`kvctl up`) shares with the operator.
 
 pub mod k8s;
-pub mod planner;

@@ -1,1 +1,0 @@
-//! The planner: every decision the control plane makes, as a pure function.

