@@ -84,8 +84,8 @@ fi
 
 echo "tools in $tools/bin:"
 "$tools/bin/helm" version --short
-"$tools/bin/kubectl" version --client | head -1
+"$tools/bin/kubectl" version --client 2>&1 | sed -n 1p
 "$tools/bin/kubernetes-validate" --version
 "$tools/bin/check-jsonschema" --version
 "$tools/bin/yamllint" --version
-promtool --version 2>&1 | head -1
+promtool --version 2>&1 | sed -n 1p
