@@ -1,64 +1,261 @@
 #!/usr/bin/env bash
-# Checks the deployment artefacts with real tools (installed by install-tools.sh):
-#  - deploy/*.yaml and every object the operator renders for each example
-#    KvCluster, against the Kubernetes schemas of the oldest and newest
-#    supported minor versions (kubernetes-validate --strict);
-#  - KvCluster examples against the schema of the generated CRD
-#    (check-jsonschema): deploy/examples/*.yaml must pass, and each
-#    deploy/examples/invalid/*.yaml must fail, except those whose rule is a CEL
-#    rule (marked "(CEL rule" in their first line), which JSON Schema cannot
-#    express and operator/tests/k8s_cel.rs evaluates instead;
-#  - yamllint on deploy/.
+# Checks kvstore's deployment artefacts (run by scripts/test.sh after the cargo
+# tests; needs scripts/install-tools.sh first):
+#   - the chart's CRD copy equals deploy/crd.yaml;
+#   - helm lint --strict and helm template with every charts/kvstore/ci/*.yaml;
+#   - every built-in object rendered (and deploy/*.yaml) validates with
+#     kubernetes-validate --strict for Kubernetes 1.33 and 1.37;
+#   - KvCluster objects (rendered, deploy/examples/*.yaml) validate against the
+#     schema of deploy/crd.yaml; deploy/examples/invalid/*.yaml are refused
+#     (CEL-only cases: operator/tests/k8s_cel.rs);
+#   - yamllint on the chart's static YAML, deploy/ and observability/;
+#   - promtool check rules / test rules (a unit test for every alert), and every
+#     dashboard query parses and uses only metrics named in docs/design.md;
+#   - scripts/build-images.sh and image smoke tests when a Docker daemon answers
+#     (loud SKIP otherwise; KV_REQUIRE_DOCKER=1 turns the skip into a failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-tools="${KV_TOOLS_DIR:-$PWD/.tools}"
-bin="$tools/venv/bin"
-k8s_versions=(1.33.0 1.37.0)
-work=$(mktemp -d)
+root="$PWD"
+tools="${KV_TOOLS_DIR:-$root/.tools}"
+export PATH="$tools/bin:$PATH"
+chart=charts/kvstore
+kube_versions=(1.33.0 1.37.0)
+work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-failures=0
-fail() { echo "FAIL: $*"; failures=$((failures + 1)); }
 
-echo "==> building kv-operator (render)"
-cargo build -q -p kv-operator --locked
-operator="${CARGO_TARGET_DIR:-target}/debug/kv-operator"
+failures=()
+fail() { printf 'FAIL: %s\n' "$*" >&2; failures+=("$*"); }
+step() { printf '\n--> %s\n' "$*"; }
 
-echo "==> rendering the objects of every example KvCluster"
-for ex in deploy/examples/*.yaml; do
-  "$operator" render -f "$ex" > "$work/rendered-$(basename "$ex")" || fail "kv-operator render -f $ex"
+for t in helm kubernetes-validate check-jsonschema yamllint kv-python promtool; do
+  command -v "$t" >/dev/null || { echo "FAIL: $t not found; run scripts/install-tools.sh" >&2; exit 1; }
 done
 
-echo "==> generated CRD is the checked-in one"
-"$operator" crd | diff -u deploy/crd.yaml - >/dev/null || fail "deploy/crd.yaml differs from 'kv-operator crd'"
+# --- CRD ---------------------------------------------------------------------
+have_crd=0
+if git ls-files --error-unmatch deploy/crd.yaml >/dev/null 2>&1; then
+  have_crd=1
+  step "chart CRD is deploy/crd.yaml"
+  cmp -s deploy/crd.yaml "$chart/files/crd.yaml" \
+    || fail "$chart/files/crd.yaml differs from deploy/crd.yaml (cp deploy/crd.yaml $chart/files/crd.yaml)"
+else
+  fail "deploy/crd.yaml is not in git: the chart and the KvCluster checks need it"
+fi
 
-for v in "${k8s_versions[@]}"; do
-  echo "==> kubernetes-validate --strict -k $v"
-  for f in deploy/namespace.yaml deploy/rbac.yaml deploy/operator.yaml deploy/crd.yaml "$work"/rendered-*.yaml; do
-    out=$("$bin/kubernetes-validate" --strict --quiet -k "$v" "$f" 2>&1) || { echo "$out"; fail "$f is not a valid Kubernetes $v object"; }
+# --- helm lint + template ------------------------------------------------------
+# splits rendered YAML into built-in objects (dir builtin/) and KvClusters
+# (dir kvcluster/); the Prometheus Operator kinds are checked by name only.
+split_objects() { # <file> <outdir>
+  kv-python - "$1" "$2" <<'EOF'
+import os, sys, yaml
+src, out = sys.argv[1], sys.argv[2]
+crd_kinds = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+for d in ("builtin", "kvcluster"):
+    os.makedirs(os.path.join(out, d), exist_ok=True)
+with open(src) as f:
+    docs = [d for d in yaml.safe_load_all(f) if d]
+for i, doc in enumerate(docs):
+    kind = doc.get("kind")
+    if kind in crd_kinds:
+        if doc.get("apiVersion") != "monitoring.coreos.com/v1":
+            sys.exit(f"{kind} with apiVersion {doc.get('apiVersion')}")
+        continue
+    sub = "kvcluster" if kind == "KvCluster" else "builtin"
+    name = f"{i:03d}-{kind}-{doc['metadata']['name']}.yaml"
+    with open(os.path.join(out, sub, name), "w") as f:
+        yaml.safe_dump(doc, f)
+print(f"{len(docs)} objects")
+EOF
+}
+
+for values in "$chart"/ci/*.yaml; do
+  name="$(basename "$values" .yaml)"
+  step "helm lint --strict -f $values"
+  helm lint --strict "$chart" -f "$values" >"$work/lint.log" 2>&1 \
+    || { cat "$work/lint.log"; fail "helm lint --strict $chart -f $values"; }
+  for kv in "${kube_versions[@]}"; do
+    out="$work/render/$name-$kv"
+    mkdir -p "$out"
+    step "helm template -f $values (Kubernetes $kv)"
+    if ! helm template kvstore "$chart" -n kvstore-system --kube-version "$kv" \
+         -f "$values" >"$out/all.yaml"; then
+      fail "helm template $chart -f $values --kube-version $kv"; continue
+    fi
+    split_objects "$out/all.yaml" "$out" || { fail "parsing the output of helm template -f $values"; continue; }
+    for f in "$out"/builtin/*.yaml; do
+      kubernetes-validate --strict --quiet -k "$kv" "$f" >"$out/validate.log" 2>&1 \
+        || { cat "$out/validate.log"; fail "kubernetes-validate $kv: $(basename "$f") from $values"; }
+    done
   done
 done
 
-echo "==> KvCluster examples against the CRD schema (check-jsonschema)"
-"$bin/python" scripts/crd-schema.py deploy/crd.yaml > "$work/kvcluster.schema.json"
-for ex in deploy/examples/*.yaml; do
-  "$bin/check-jsonschema" --schemafile "$work/kvcluster.schema.json" "$ex" >/dev/null || fail "$ex does not match the CRD schema"
+step "the CRD template keeps the CRD on uninstall and can be switched off"
+helm template kvstore "$chart" --show-only templates/crd.yaml >"$work/crd-template.yaml"
+grep -q 'helm.sh/resource-policy: keep' "$work/crd-template.yaml" \
+  || fail "templates/crd.yaml: no helm.sh/resource-policy: keep"
+helm template kvstore "$chart" --set crds.install=false >"$work/no-crd.yaml"
+if grep -q 'kind: CustomResourceDefinition' "$work/no-crd.yaml"; then
+  fail "crds.install=false still renders the CRD"
+fi
+step "values.schema.json refuses bad values"
+if helm template kvstore "$chart" --set operator.replicas=0 >/dev/null 2>&1; then
+  fail "values.schema.json accepts operator.replicas=0"
+fi
+if helm template kvstore "$chart" --set nosuchkey=1 >/dev/null 2>&1; then
+  fail "values.schema.json accepts an unknown top-level key"
+fi
+
+# --- what kv-operator renders -------------------------------------------------------
+step "building kv-operator (crd, render)"
+if cargo build -q -p kv-operator --locked; then
+  operator="${CARGO_TARGET_DIR:-target}/debug/kv-operator"
+  "$operator" crd | diff -u deploy/crd.yaml - >/dev/null \
+    || fail "deploy/crd.yaml differs from 'kv-operator crd'"
+  mkdir -p "$work/operator"
+  for ex in deploy/examples/*.yaml; do
+    "$operator" render -f "$ex" >"$work/operator/rendered-$(basename "$ex")" \
+      || fail "kv-operator render -f $ex"
+  done
+else
+  fail "cargo build -p kv-operator"
+fi
+
+step "deploy/*.yaml and kv-operator render output with kubernetes-validate --strict"
+deploy_builtin=()
+for f in deploy/*.yaml; do
+  [ "$f" = deploy/crd.yaml ] && continue
+  deploy_builtin+=("$f")
 done
-checked=0
-for ex in deploy/examples/invalid/*.yaml; do
-  if head -1 "$ex" | grep -q '(CEL rule'; then continue; fi
-  checked=$((checked + 1))
-  if "$bin/check-jsonschema" --schemafile "$work/kvcluster.schema.json" "$ex" >/dev/null 2>&1; then
-    fail "$ex is invalid but the CRD schema accepts it"
+for kv in "${kube_versions[@]}"; do
+  for f in "${deploy_builtin[@]}" deploy/crd.yaml "$work"/operator/rendered-*.yaml; do
+    [ -e "$f" ] || continue
+    kubernetes-validate --strict --quiet -k "$kv" "$f" >"$work/deploy.log" 2>&1 \
+      || { cat "$work/deploy.log"; fail "kubernetes-validate $kv: ${f#"$work"/}"; }
+  done
+done
+
+# --- KvCluster instances against the CRD schema -------------------------------
+if [ "$have_crd" = 1 ]; then
+  step "KvCluster objects against the schema of deploy/crd.yaml"
+  kv-python scripts/crd-schema.py deploy/crd.yaml >"$work/kvcluster.schema.json"
+  valid=(deploy/examples/*.yaml)
+  rendered=("$work"/render/*/kvcluster/*.yaml)
+  [ -e "${rendered[0]}" ] || fail "no ci values file renders a KvCluster"
+  for f in "${valid[@]}" "${rendered[@]}"; do
+    [ -e "$f" ] || continue
+    check-jsonschema --schemafile "$work/kvcluster.schema.json" "$f" >"$work/cj.log" 2>&1 \
+      || { cat "$work/cj.log"; fail "valid KvCluster refused: ${f#"$work"/}"; }
+  done
+  n_invalid=0
+  for f in deploy/examples/invalid/*.yaml; do
+    [ -e "$f" ] || continue
+    n_invalid=$((n_invalid + 1))
+    if head -1 "$f" | grep -q '(CEL rule'; then
+      # CEL rules are not JSON Schema: operator/tests/k8s_cel.rs refuses these.
+      grep -q "$(basename "$f")" operator/tests/k8s_cel.rs 2>/dev/null \
+        || grep -q 'deploy/examples/invalid/' operator/tests/k8s_cel.rs \
+        || fail "$f needs a CEL rule but operator/tests/k8s_cel.rs does not check the invalid examples"
+      echo "  $f: CEL rule, checked by operator/tests/k8s_cel.rs"
+      continue
+    fi
+    if check-jsonschema --schemafile "$work/kvcluster.schema.json" "$f" >/dev/null 2>&1; then
+      fail "invalid KvCluster accepted by the schema: $f"
+    else
+      echo "  $f: refused, as it must be"
+    fi
+  done
+  [ "$n_invalid" -gt 0 ] || fail "deploy/examples/invalid/ holds no invalid examples"
+fi
+
+# --- yamllint -------------------------------------------------------------------
+step "yamllint"
+yamllint_config='{extends: default, rules: {line-length: {max: 160}, document-start: disable, indentation: {spaces: 2, indent-sequences: whatever}, truthy: {check-keys: false}, comments: {min-spaces-from-content: 1}, braces: {max-spaces-inside: 1}, brackets: {max-spaces-inside: 1}}}'
+yamllint --strict -d "$yamllint_config" \
+  "$chart/Chart.yaml" "$chart/values.yaml" "$chart"/ci/*.yaml "$chart/files/rules.yaml" "$chart/files/crd.yaml" \
+  deploy/ observability/ $( [ -d .github ] && echo .github/ ) \
+  || fail "yamllint"
+
+# --- Prometheus rules and dashboard ---------------------------------------------------
+step "promtool check rules / test rules"
+promtool check rules "$chart/files/rules.yaml" || fail "promtool check rules $chart/files/rules.yaml"
+promtool test rules observability/tests/*.yaml || fail "promtool test rules observability/tests"
+kv-python - "$chart/files/rules.yaml" observability/tests/*.yaml <<'EOF' || fail "an alert has no promtool unit test"
+import sys, yaml
+alerts = {r["alert"] for g in yaml.safe_load(open(sys.argv[1]))["groups"] for r in g["rules"] if "alert" in r}
+tested = set()
+for t in sys.argv[2:]:
+    for case in yaml.safe_load(open(t)).get("tests", []):
+        for a in case.get("alert_rule_test", []):
+            if a.get("exp_alerts"):
+                tested.add(a["alertname"])
+missing = sorted(alerts - tested)
+if missing:
+    sys.exit(f"alerts without a firing unit test: {missing}")
+print(f"{len(alerts)} alerts, each with a firing unit test")
+EOF
+
+step "Grafana dashboard: JSON, queries parse, metric names from docs/design.md"
+kv-python - "$chart/files/dashboard.json" "$chart/files/rules.yaml" docs/design.md "$work/dashboard-rules.yaml" <<'EOF' \
+  && promtool check rules "$work/dashboard-rules.yaml" >/dev/null || fail "dashboard queries"
+import json, re, sys, yaml
+dash, rules, design, out = sys.argv[1:5]
+d = json.load(open(dash))
+known = set(re.findall(r"`(kv_[a-z_]+)", open(design).read()))
+exprs = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
+exprs += [r["expr"] for g in yaml.safe_load(open(rules))["groups"] for r in g["rules"]]
+bad = []
+for e in exprs:
+    for m in re.findall(r"\b(kv_[a-z_]+)", e):
+        base = re.sub(r"_(bucket|sum|count)$", "", m)
+        if m not in known and base not in known:
+            bad.append((m, e))
+if bad:
+    sys.exit(f"metrics not in docs/design.md: {bad}")
+rules_out = {"groups": [{"name": "dashboard", "rules": [
+    {"record": f"dashboard:query{i}", "expr": e.replace("$__rate_interval", "5m")} for i, e in enumerate(exprs)]}]}
+yaml.safe_dump(rules_out, open(out, "w"))
+print(f"{len(exprs)} queries")
+EOF
+
+# --- images ---------------------------------------------------------------------
+step "container images"
+if docker info >/dev/null 2>&1; then
+  if scripts/build-images.sh; then
+    tag="${KV_IMAGE_TAG:-dev}"
+    for img in kv-node kv-operator; do
+      docker run --rm "kvstore/$img:$tag" --help >"$work/help.log" 2>&1 \
+        || { cat "$work/help.log"; fail "docker run kvstore/$img:$tag --help"; }
+      user="$(docker image inspect -f '{{.Config.User}}' "kvstore/$img:$tag")"
+      [ "$user" = 65532:65532 ] || fail "kvstore/$img:$tag runs as '$user', not 65532:65532"
+      layers="$(docker image inspect -f '{{len .RootFS.Layers}}' "kvstore/$img:$tag")"
+      [ "$layers" = 1 ] || fail "kvstore/$img:$tag has $layers layers, FROM scratch + one binary has 1"
+    done
+    # the node serves its API as a non-root user on a read-only root filesystem
+    cid="$(docker run -d --read-only --tmpfs /data:uid=65532,gid=65532 "kvstore/kv-node:$tag" \
+      --data-dir /data --node-id 0 --listen 0.0.0.0:7400 --peer-listen 0.0.0.0:7401)"
+    ok=0
+    for _ in $(seq 1 50); do
+      ip="$(docker inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$cid")"
+      if [ -n "$ip" ] && kv-python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://$ip:7400/healthz', timeout=1).status == 200 else 1)" 2>/dev/null; then
+        ok=1; break
+      fi
+      sleep 0.2
+    done
+    [ "$ok" = 1 ] || { docker logs "$cid" 2>&1 | tail -20; fail "kv-node container: /healthz did not answer 200"; }
+    docker rm -f "$cid" >/dev/null
+  else
+    fail "scripts/build-images.sh"
   fi
-done
-[ "$checked" -gt 0 ] || fail "no invalid example was checked against the schema"
-echo "    $checked invalid examples refused by the schema"
+elif [ "${KV_REQUIRE_DOCKER:-0}" = 1 ]; then
+  fail "no Docker daemon answers and KV_REQUIRE_DOCKER=1"
+else
+  printf '\n!!!!!!!!\nSKIP: no Docker daemon answers: images are NOT built or tested (KV_REQUIRE_DOCKER=1 makes this fail)\n!!!!!!!!\n' >&2
+fi
 
-echo "==> yamllint deploy/"
-"$bin/yamllint" -d '{extends: relaxed, rules: {line-length: disable}}' deploy/ || fail "yamllint deploy/"
-
-if [ "$failures" -gt 0 ]; then
-  echo "deployment checks: $failures failed"
+if [ "${#failures[@]}" -gt 0 ]; then
+  printf '\ndeployment checks FAILED (%d):\n' "${#failures[@]}" >&2
+  printf '  - %s\n' "${failures[@]}" >&2
   exit 1
 fi
-echo "deployment checks: all passed"
+echo
+echo "deployment checks passed"

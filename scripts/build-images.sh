@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Builds kvstore/kv-node:<tag> and kvstore/kv-operator:<tag> (tag: $KV_IMAGE_TAG,
+# default dev) without any registry: each binary is built statically linked
+# (glibc, crt-static) and copied into a build context that holds only that
+# binary; the Dockerfiles in deploy/docker/ are FROM scratch, so nothing is pulled.
+#   scripts/build-images.sh              both images
+#   scripts/build-images.sh kv-node      one of them
+# Cargo target directory: $KV_IMAGE_TARGET_DIR (default target-deploy/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tag="${KV_IMAGE_TAG:-dev}"
+target=x86_64-unknown-linux-gnu
+target_dir="${KV_IMAGE_TARGET_DIR:-$PWD/target-deploy}"
+images=("$@")
+[ "${#images[@]}" -gt 0 ] || images=(kv-node kv-operator)
+
+packages=()
+for img in "${images[@]}"; do
+  case "$img" in
+    kv-node | kv-operator) packages+=(-p "$img") ;;
+    *) echo "unknown image $img (kv-node, kv-operator)" >&2; exit 2 ;;
+  esac
+done
+
+rustup target add "$target" >/dev/null 2>&1 || true
+echo "==> cargo build --release --target $target (static) ${packages[*]}"
+RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$target_dir" \
+  cargo build --release --locked --target "$target" "${packages[@]}"
+
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)"
+revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+created="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+ctx="$(mktemp -d)"
+trap 'rm -rf "$ctx"' EXIT
+for img in "${images[@]}"; do
+  bin="$target_dir/$target/release/$img"
+  # static: no program interpreter, so it runs in an empty filesystem
+  if readelf -l "$bin" | grep -q 'Requesting program interpreter'; then
+    echo "$bin is dynamically linked; it cannot run FROM scratch" >&2
+    exit 1
+  fi
+  rm -rf "${ctx:?}/$img" && mkdir -p "$ctx/$img"
+  install -m 0555 "$bin" "$ctx/$img/$img"
+  echo "==> docker build kvstore/$img:$tag"
+  docker build -q -f "deploy/docker/$img.Dockerfile" \
+    --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-arg "CREATED=$created" \
+    -t "kvstore/$img:$tag" "$ctx/$img"
+done
