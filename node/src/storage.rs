@@ -1,0 +1,625 @@
+//! The node's storage engine: SQLite in WAL mode with one group-committing writer.
+//!
+//! Every write goes through one writer thread. It takes the first waiting
+//! request, drains whatever else is queued behind it (up to a batch limit),
+//! applies all of it in one transaction and commits once: with
+//! `synchronous=FULL` that commit is the fsync, so concurrent writers share its
+//! cost, and no caller hears "done" before its write is on stable storage.
+//! Readers use their own connections and, under WAL, never wait for the writer.
+//!
+//! The same transaction that changes a record keeps its bucket's digest
+//! current (subtract the old (key, version) digest, add the new one), so
+//! replicas compare buckets without scanning. Hints (writes waiting for another
+//! node) live in their own table and are as durable as records.
+//! [`Store::apply`] is last-writer-wins apply-if-newer: the primitive that the
+//! coordinator, hinted handoff, read repair and anti-entropy all call.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kv_core::record::supersedes;
+use kv_core::{BUCKETS, Digest, Record, Version, bucket_of};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+/// Name of the database file inside the data directory.
+pub const DB_FILE: &str = "kv.sqlite3";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("the disk is full: {0}")]
+    DiskFull(String),
+    #[error("storage error: {0}")]
+    Sqlite(String),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the storage writer has stopped")]
+    Closed,
+    #[error("data directory belongs to node {stored}, not node {requested}")]
+    WrongIdentity { stored: String, requested: String },
+}
+
+impl From<rusqlite::Error> for StorageError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => StorageError::DiskFull(e.to_string()),
+            _ => StorageError::Sqlite(e.to_string()),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Most write requests one transaction takes.
+    pub max_batch: usize,
+    /// Read connections kept open.
+    pub readers: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_batch: 512,
+            readers: 4,
+        }
+    }
+}
+
+/// Counts of what the store holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub keys: u64,
+    pub tombstones: u64,
+    pub db_bytes: u64,
+    /// Transactions committed by the writer since open.
+    pub commits: u64,
+    /// Write requests those transactions carried.
+    pub write_requests: u64,
+}
+
+enum WriteOp {
+    Apply(Vec<Record>),
+    AddHints(Vec<(u32, Record)>),
+    DeleteHints(Vec<i64>),
+    DropBuckets(Vec<u32>),
+    PurgeTombstones { bucket: u32, older_than: Version },
+}
+
+enum WriteDone {
+    Applied(Vec<bool>),
+    Count(u64),
+}
+
+struct WriteRequest {
+    op: WriteOp,
+    done: oneshot::Sender<Result<WriteDone, StorageError>>,
+}
+
+struct Shared {
+    readers: Mutex<Vec<Connection>>,
+    path: PathBuf,
+    commits: AtomicU64,
+    write_requests: AtomicU64,
+}
+
+/// A handle on one node's database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    writer: mpsc::UnboundedSender<WriteRequest>,
+    shared: Arc<Shared>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database in `dir` and starts the writer.
+    pub fn open(dir: &Path, opts: StoreOptions) -> Result<Store, StorageError> {
+        std::fs::create_dir_all(dir).map_err(|source| StorageError::DataDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = dir.join(DB_FILE);
+        let writer_conn = Connection::open(&path)?;
+        writer_conn.execute_batch(SCHEMA)?;
+        init_buckets(&writer_conn)?;
+        let mut readers = Vec::with_capacity(opts.readers.max(1));
+        for _ in 0..opts.readers.max(1) {
+            readers.push(open_reader(&path)?);
+        }
+        let shared = Arc::new(Shared {
+            readers: Mutex::new(readers),
+            path,
+            commits: AtomicU64::new(0),
+            write_requests: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer_shared = shared.clone();
+        let max_batch = opts.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("kv-storage-writer".into())
+            .spawn(move || writer_loop(writer_conn, rx, max_batch, &writer_shared))
+            .map_err(|e| StorageError::Sqlite(format!("cannot start the writer thread: {e}")))?;
+        Ok(Store { writer: tx, shared })
+    }
+
+    async fn write(&self, op: WriteOp) -> Result<WriteDone, StorageError> {
+        let (done, rx) = oneshot::channel();
+        self.writer
+            .send(WriteRequest { op, done })
+            .map_err(|_| StorageError::Closed)?;
+        rx.await.map_err(|_| StorageError::Closed)?
+    }
+
+    /// Last-writer-wins apply-if-newer. Returns, per record, whether it
+    /// replaced what was stored. Durable (fsync'd) when it returns.
+    pub async fn apply(&self, records: Vec<Record>) -> Result<Vec<bool>, StorageError> {
+        match self.write(WriteOp::Apply(records)).await? {
+            WriteDone::Applied(v) => Ok(v),
+            WriteDone::Count(_) => Err(StorageError::Sqlite(
+                "writer answered the wrong request".into(),
+            )),
+        }
+    }
+
+    /// Stores hints: writes that node `target` has still to receive.
+    pub async fn add_hints(&self, hints: Vec<(u32, Record)>) -> Result<(), StorageError> {
+        self.write(WriteOp::AddHints(hints)).await.map(|_| ())
+    }
+
+    /// Forgets delivered hints.
+    pub async fn delete_hints(&self, ids: Vec<i64>) -> Result<(), StorageError> {
+        self.write(WriteOp::DeleteHints(ids)).await.map(|_| ())
+    }
+
+    /// Removes every record of `buckets` (after this node stopped owning them).
+    pub async fn drop_buckets(&self, buckets: Vec<u32>) -> Result<u64, StorageError> {
+        self.count_op(WriteOp::DropBuckets(buckets)).await
+    }
+
+    /// Removes tombstones of `bucket` older than `older_than`. The caller makes
+    /// sure every owner holds them first (SPEC §2).
+    pub async fn purge_tombstones(
+        &self,
+        bucket: u32,
+        older_than: Version,
+    ) -> Result<u64, StorageError> {
+        self.count_op(WriteOp::PurgeTombstones { bucket, older_than })
+            .await
+    }
+
+    async fn count_op(&self, op: WriteOp) -> Result<u64, StorageError> {
+        match self.write(op).await? {
+            WriteDone::Count(n) => Ok(n),
+            WriteDone::Applied(_) => Err(StorageError::Sqlite(
+                "writer answered the wrong request".into(),
+            )),
+        }
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let conn = {
+            let mut pool = self
+                .shared
+                .readers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            pool.pop()
+        };
+        let conn = match conn {
+            Some(c) => c,
+            None => open_reader(&self.shared.path)?,
+        };
+        let out = f(&conn);
+        self.shared
+            .readers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(conn);
+        out
+    }
+
+    /// The stored record of `key`, tombstones included.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
+        self.read(|c| {
+            Ok(c.query_row(
+                "SELECT key, value, ts, node FROM records WHERE key = ?1",
+                [key],
+                row_to_record,
+            )
+            .optional()?)
+        })
+    }
+
+    /// Live keys (no tombstones) starting with `prefix`, after `after`, ascending, at most `limit`.
+    pub fn list(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StorageError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT key, value, ts, node FROM records
+                 WHERE value IS NOT NULL AND key >= ?1 AND key > ?2 ORDER BY key LIMIT ?3",
+            )?;
+            let after = after.unwrap_or(&[]);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![prefix, after, limit], row_to_record)?;
+            let mut out = Vec::new();
+            for r in rows {
+                let r = r?;
+                if !r.key.starts_with(prefix) {
+                    break;
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Every bucket's digest, from the digest table (no scan).
+    pub fn bucket_digests(&self) -> Result<Vec<Digest>, StorageError> {
+        self.read(|c| {
+            let mut out = vec![Digest::EMPTY; BUCKETS as usize];
+            let mut stmt = c.prepare_cached("SELECT bucket, sum, count FROM buckets")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            for row in rows {
+                let (b, sum, count) = row?;
+                if let Some(slot) = usize::try_from(b).ok().and_then(|b| out.get_mut(b)) {
+                    *slot = Digest {
+                        sum: sum_from_blob(&sum),
+                        count: count as u64,
+                    };
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Every bucket's digest recomputed from the records themselves: what the
+    /// digest table must always equal.
+    pub fn recompute_digests(&self) -> Result<Vec<Digest>, StorageError> {
+        self.read(|c| {
+            let mut out = vec![Digest::EMPTY; BUCKETS as usize];
+            let mut stmt = c.prepare("SELECT key, value, ts, node FROM records")?;
+            for r in stmt.query_map([], row_to_record)? {
+                let r = r?;
+                if let Some(slot) = out.get_mut(r.bucket() as usize) {
+                    slot.add(r.digest());
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Every record of `bucket`, tombstones included, ascending by key.
+    pub fn bucket_records(&self, bucket: u32) -> Result<Vec<Record>, StorageError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT key, value, ts, node FROM records WHERE bucket = ?1 ORDER BY key",
+            )?;
+            let rows = stmt.query_map([bucket], row_to_record)?;
+            rows.map(|r| r.map_err(StorageError::from)).collect()
+        })
+    }
+
+    /// Up to `limit` hints for `target`, oldest first, with their ids.
+    pub fn hints_for(&self, target: u32, limit: usize) -> Result<Vec<(i64, Record)>, StorageError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, key, value, ts, node FROM hints WHERE target = ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![target, limit], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    Record {
+                        key: r.get(1)?,
+                        value: r.get(2)?,
+                        version: Version::new(r.get::<_, i64>(3)? as u64, r.get(4)?),
+                    },
+                ))
+            })?;
+            rows.map(|r| r.map_err(StorageError::from)).collect()
+        })
+    }
+
+    /// Number of hints waiting, per target node.
+    pub fn pending_hints(&self) -> Result<BTreeMap<u32, u64>, StorageError> {
+        self.read(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT target, COUNT(*) FROM hints GROUP BY target")?;
+            let rows = stmt.query_map([], |r| {
+                Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)? as u64))
+            })?;
+            rows.map(|r| r.map_err(StorageError::from)).collect()
+        })
+    }
+
+    pub fn stats(&self) -> Result<StoreStats, StorageError> {
+        let (keys, tombstones, db_bytes) = self.read(|c| {
+            let (keys, tombstones): (i64, i64) = c.query_row(
+                "SELECT COUNT(*) - COUNT(value), COUNT(value) FROM records",
+                [],
+                |r| Ok((r.get(1)?, r.get(0)?)),
+            )?;
+            let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+            let page_size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+            Ok((keys as u64, tombstones as u64, (pages * page_size) as u64))
+        })?;
+        Ok(StoreStats {
+            keys,
+            tombstones,
+            db_bytes,
+            commits: self.shared.commits.load(Ordering::Relaxed),
+            write_requests: self.shared.write_requests.load(Ordering::Relaxed),
+        })
+    }
+
+    /// `PRAGMA integrity_check`: `Ok(())` when SQLite finds nothing wrong.
+    pub fn integrity_check(&self) -> Result<(), StorageError> {
+        self.read(|c| {
+            let verdict: String = c.query_row("PRAGMA integrity_check", [], |r| r.get(0))?;
+            if verdict == "ok" {
+                Ok(())
+            } else {
+                Err(StorageError::Sqlite(format!("integrity check: {verdict}")))
+            }
+        })
+    }
+
+    /// Records which cluster and ordinal this data directory belongs to, or
+    /// refuses when it already belongs to another ordinal: a node keeps its
+    /// identity on its volume and never takes over another node's data.
+    pub fn claim_identity(&self, cluster_id: &str, ordinal: u32) -> Result<(), StorageError> {
+        let requested = format!("{cluster_id}/{ordinal}");
+        let conn = Connection::open(&self.shared.path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let stored: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE name = 'identity'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        match stored {
+            Some(s) if s == requested => Ok(()),
+            Some(stored) => Err(StorageError::WrongIdentity { stored, requested }),
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (name, value) VALUES ('identity', ?1)",
+                    [&requested],
+                )?;
+                Ok(())
+            }
+        }
+    }
+}
+
+const SCHEMA: &str = "
+PRAGMA journal_mode = WAL;
+PRAGMA synchronous = FULL;
+CREATE TABLE IF NOT EXISTS records (
+    key    BLOB PRIMARY KEY,
+    value  BLOB,
+    ts     INTEGER NOT NULL,
+    node   INTEGER NOT NULL,
+    bucket INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS records_by_bucket ON records (bucket, key);
+CREATE TABLE IF NOT EXISTS buckets (
+    bucket INTEGER PRIMARY KEY,
+    sum    BLOB NOT NULL,
+    count  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS hints (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    target INTEGER NOT NULL,
+    key    BLOB NOT NULL,
+    value  BLOB,
+    ts     INTEGER NOT NULL,
+    node   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS hints_by_target ON hints (target, id);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+fn init_buckets(conn: &Connection) -> Result<(), StorageError> {
+    let have: i64 = conn.query_row("SELECT COUNT(*) FROM buckets", [], |r| r.get(0))?;
+    if have == i64::from(BUCKETS) {
+        return Ok(());
+    }
+    let tx = conn.unchecked_transaction()?;
+    {
+        let mut stmt =
+            tx.prepare("INSERT OR IGNORE INTO buckets (bucket, sum, count) VALUES (?1, ?2, 0)")?;
+        for b in 0..BUCKETS {
+            stmt.execute(params![b, sum_to_blob(0)])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn open_reader(path: &Path) -> Result<Connection, StorageError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+fn row_to_record(r: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        key: r.get(0)?,
+        value: r.get(1)?,
+        version: Version::new(r.get::<_, i64>(2)? as u64, r.get(3)?),
+    })
+}
+
+fn sum_to_blob(sum: u128) -> [u8; 16] {
+    sum.to_be_bytes()
+}
+
+fn sum_from_blob(blob: &[u8]) -> u128 {
+    let mut buf = [0u8; 16];
+    let n = blob.len().min(16);
+    buf[16 - n..].copy_from_slice(&blob[blob.len() - n..]);
+    u128::from_be_bytes(buf)
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::UnboundedReceiver<WriteRequest>,
+    max_batch: usize,
+    shared: &Shared,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(req) => batch.push(req),
+                Err(_) => break,
+            }
+        }
+        let ops: Vec<&WriteOp> = batch.iter().map(|r| &r.op).collect();
+        match commit_batch(&mut conn, &ops) {
+            Ok(results) => {
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .write_requests
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for (req, res) in batch.into_iter().zip(results) {
+                    let _ = req.done.send(Ok(res));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, requests = batch.len(), "write transaction failed; nothing in it was stored");
+                for req in batch {
+                    let err = match &e {
+                        StorageError::DiskFull(m) => StorageError::DiskFull(m.clone()),
+                        other => StorageError::Sqlite(other.to_string()),
+                    };
+                    let _ = req.done.send(Err(err));
+                }
+            }
+        }
+    }
+}
+
+/// Applies every request of a batch in one transaction; all or nothing.
+fn commit_batch(conn: &mut Connection, ops: &[&WriteOp]) -> Result<Vec<WriteDone>, StorageError> {
+    let tx = conn.transaction()?;
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        results.push(match op {
+            WriteOp::Apply(records) => {
+                WriteDone::Applied(records.iter().map(|r| apply_one(&tx, r)).collect::<Result<_, _>>()?)
+            }
+            WriteOp::AddHints(hints) => {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO hints (target, key, value, ts, node) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (target, r) in hints {
+                    stmt.execute(params![target, r.key, r.value, r.version.ts as i64, r.version.node])?;
+                }
+                WriteDone::Count(hints.len() as u64)
+            }
+            WriteOp::DeleteHints(ids) => {
+                let mut stmt = tx.prepare_cached("DELETE FROM hints WHERE id = ?1")?;
+                let mut n = 0;
+                for id in ids {
+                    n += stmt.execute([id])? as u64;
+                }
+                WriteDone::Count(n)
+            }
+            WriteOp::DropBuckets(buckets) => {
+                let mut n = 0;
+                for b in buckets {
+                    n += tx.execute("DELETE FROM records WHERE bucket = ?1", [b])? as u64;
+                    tx.execute("UPDATE buckets SET sum = ?2, count = 0 WHERE bucket = ?1", params![b, sum_to_blob(0)])?;
+                }
+                WriteDone::Count(n)
+            }
+            WriteOp::PurgeTombstones { bucket, older_than } => {
+                let mut doomed = Vec::new();
+                {
+                    let mut stmt = tx.prepare_cached(
+                        "SELECT key, value, ts, node FROM records WHERE bucket = ?1 AND value IS NULL",
+                    )?;
+                    for r in stmt.query_map([bucket], row_to_record)? {
+                        let r = r?;
+                        if r.version < *older_than {
+                            doomed.push(r);
+                        }
+                    }
+                }
+                let mut digest = read_digest(&tx, *bucket)?;
+                for r in &doomed {
+                    tx.execute("DELETE FROM records WHERE key = ?1", [&r.key])?;
+                    digest.remove(r.digest());
+                }
+                write_digest(&tx, *bucket, digest)?;
+                WriteDone::Count(doomed.len() as u64)
+            }
+        });
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn apply_one(tx: &rusqlite::Transaction<'_>, r: &Record) -> Result<bool, StorageError> {
+    let stored: Option<Version> = tx
+        .prepare_cached("SELECT ts, node FROM records WHERE key = ?1")?
+        .query_row([&r.key], |row| {
+            Ok(Version::new(row.get::<_, i64>(0)? as u64, row.get(1)?))
+        })
+        .optional()?;
+    if !supersedes(r.version, stored) {
+        return Ok(false);
+    }
+    let bucket = bucket_of(&r.key);
+    tx.prepare_cached(
+        "INSERT INTO records (key, value, ts, node, bucket) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value, ts = excluded.ts, node = excluded.node",
+    )?
+    .execute(params![r.key, r.value, r.version.ts as i64, r.version.node, bucket])?;
+    let mut digest = read_digest(tx, bucket)?;
+    if let Some(old) = stored {
+        digest.remove(kv_core::record::entry_digest(&r.key, old));
+    }
+    digest.add(r.digest());
+    write_digest(tx, bucket, digest)?;
+    Ok(true)
+}
+
+fn read_digest(tx: &rusqlite::Transaction<'_>, bucket: u32) -> Result<Digest, StorageError> {
+    let (sum, count): (Vec<u8>, i64) = tx
+        .prepare_cached("SELECT sum, count FROM buckets WHERE bucket = ?1")?
+        .query_row([bucket], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(Digest {
+        sum: sum_from_blob(&sum),
+        count: count as u64,
+    })
+}
+
+fn write_digest(
+    tx: &rusqlite::Transaction<'_>,
+    bucket: u32,
+    d: Digest,
+) -> Result<(), StorageError> {
+    tx.prepare_cached("UPDATE buckets SET sum = ?2, count = ?3 WHERE bucket = ?1")?
+        .execute(params![bucket, sum_to_blob(d.sum), d.count as i64])?;
+    Ok(())
+}

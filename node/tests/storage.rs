@@ -1,0 +1,409 @@
+//! Storage engine behaviour, on real SQLite databases in temporary directories.
+
+use kv_core::{BUCKETS, Digest, Record, Version, bucket_of};
+use kv_node::{StorageError, Store, StoreOptions};
+use proptest::prelude::*;
+
+fn rec(key: &str, value: Option<&str>, ts: u64, node: u32) -> Record {
+    Record {
+        key: key.as_bytes().to_vec(),
+        value: value.map(|v| v.as_bytes().to_vec()),
+        version: Version::new(ts, node),
+    }
+}
+
+fn open(dir: &tempfile::TempDir) -> Store {
+    Store::open(dir.path(), StoreOptions::default()).expect("open store")
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+#[test]
+fn newer_versions_win_and_older_or_equal_ones_are_ignored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    rt().block_on(async {
+        assert_eq!(
+            store
+                .apply(vec![rec("k", Some("v2"), 20, 1)])
+                .await
+                .expect("apply"),
+            [true]
+        );
+        assert_eq!(
+            store
+                .apply(vec![rec("k", Some("old"), 10, 9)])
+                .await
+                .expect("apply"),
+            [false]
+        );
+        assert_eq!(
+            store
+                .apply(vec![rec("k", Some("same"), 20, 1)])
+                .await
+                .expect("apply"),
+            [false]
+        );
+        assert_eq!(
+            store
+                .apply(vec![rec("k", Some("tie"), 20, 2)])
+                .await
+                .expect("apply"),
+            [true]
+        );
+    });
+    assert_eq!(
+        store.get(b"k").expect("get"),
+        Some(rec("k", Some("tie"), 20, 2))
+    );
+}
+
+#[test]
+fn a_delete_is_a_tombstone_that_hides_the_key_from_listing_but_keeps_its_version() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    rt().block_on(async {
+        store
+            .apply(vec![rec("a", Some("1"), 1, 1), rec("b", Some("2"), 1, 1)])
+            .await
+            .expect("apply");
+        store
+            .apply(vec![rec("a", None, 2, 1)])
+            .await
+            .expect("delete");
+        // An older write arriving late does not resurrect the key.
+        assert_eq!(
+            store
+                .apply(vec![rec("a", Some("late"), 1, 5)])
+                .await
+                .expect("apply"),
+            [false]
+        );
+    });
+    assert_eq!(store.get(b"a").expect("get"), Some(rec("a", None, 2, 1)));
+    let listed: Vec<Vec<u8>> = store
+        .list(b"", None, 10)
+        .expect("list")
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(listed, [b"b".to_vec()]);
+    let stats = store.stats().expect("stats");
+    assert_eq!((stats.keys, stats.tombstones), (1, 1));
+}
+
+#[test]
+fn listing_pages_through_a_prefix_in_byte_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    rt().block_on(async {
+        let records = ["app/3", "app/1", "other", "app/2", "ap", "app/10"]
+            .iter()
+            .map(|k| rec(k, Some("v"), 1, 1))
+            .collect();
+        store.apply(records).await.expect("apply");
+    });
+    let page1: Vec<_> = store
+        .list(b"app/", None, 2)
+        .expect("list")
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(page1, [b"app/1".to_vec(), b"app/10".to_vec()]);
+    let page2: Vec<_> = store
+        .list(b"app/", Some(b"app/10"), 2)
+        .expect("list")
+        .into_iter()
+        .map(|r| r.key)
+        .collect();
+    assert_eq!(page2, [b"app/2".to_vec(), b"app/3".to_vec()]);
+    assert!(
+        store
+            .list(b"app/", Some(b"app/3"), 2)
+            .expect("list")
+            .is_empty()
+    );
+}
+
+#[test]
+fn bucket_digests_follow_overwrites_and_deletes_and_equal_a_recomputation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let key_bucket = bucket_of(b"k") as usize;
+    rt().block_on(async {
+        store
+            .apply(vec![rec("k", Some("1"), 1, 1)])
+            .await
+            .expect("apply");
+        let after_put = store.bucket_digests().expect("digests")[key_bucket];
+        assert_eq!(after_put.count, 1);
+        store
+            .apply(vec![rec("k", Some("2"), 2, 1)])
+            .await
+            .expect("overwrite");
+        let after_overwrite = store.bucket_digests().expect("digests")[key_bucket];
+        assert_eq!(after_overwrite.count, 1);
+        assert_ne!(after_overwrite, after_put);
+        store
+            .apply(vec![rec("k", None, 3, 1)])
+            .await
+            .expect("delete");
+        let after_delete = store.bucket_digests().expect("digests")[key_bucket];
+        assert_ne!(after_delete, after_overwrite);
+    });
+    let digests = store.bucket_digests().expect("digests");
+    assert_eq!(digests.len(), BUCKETS as usize);
+    assert_eq!(digests, store.recompute_digests().expect("recompute"));
+}
+
+#[test]
+fn concurrent_writes_share_transactions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let requests = 64;
+    rt().block_on(async {
+        let writes = (0..requests).map(|i| {
+            let store = store.clone();
+            async move {
+                store
+                    .apply(vec![rec(&format!("k{i}"), Some("v"), 1, 1)])
+                    .await
+            }
+        });
+        for r in futures_join_all(writes).await {
+            assert_eq!(r.expect("apply"), [true]);
+        }
+    });
+    let stats = store.stats().expect("stats");
+    assert_eq!(stats.write_requests, requests);
+    assert!(
+        stats.commits <= requests / 2,
+        "{} commits for {} requests: no group commit",
+        stats.commits,
+        requests
+    );
+    assert_eq!(stats.keys, requests);
+}
+
+/// Polls every future on one task so that all requests are queued before the
+/// writer can drain them.
+async fn futures_join_all<F: std::future::Future>(
+    futs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all_done = true;
+        for (slot, res) in pending.iter_mut().zip(results.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *res = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all_done = false,
+                }
+            }
+        }
+        if all_done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.extend(results.into_iter().flatten());
+    out
+}
+
+#[test]
+fn data_hints_and_digests_survive_closing_and_reopening() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let store = open(&dir);
+        rt().block_on(async {
+            store
+                .apply(vec![rec("k", Some("v"), 5, 1)])
+                .await
+                .expect("apply");
+            store
+                .add_hints(vec![
+                    (2, rec("k", Some("v"), 5, 1)),
+                    (3, rec("j", None, 6, 1)),
+                ])
+                .await
+                .expect("hints");
+        });
+    }
+    let store = open(&dir);
+    assert_eq!(
+        store.get(b"k").expect("get"),
+        Some(rec("k", Some("v"), 5, 1))
+    );
+    assert_eq!(
+        store
+            .pending_hints()
+            .expect("pending")
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [(2, 1), (3, 1)]
+    );
+    let hints = store.hints_for(3, 10).expect("hints");
+    assert_eq!(hints.len(), 1);
+    assert_eq!(hints[0].1, rec("j", None, 6, 1));
+    rt().block_on(store.delete_hints(vec![hints[0].0]))
+        .expect("delete hints");
+    assert_eq!(store.pending_hints().expect("pending").get(&3), None);
+    assert_eq!(
+        store.bucket_digests().expect("digests"),
+        store.recompute_digests().expect("recompute")
+    );
+    store.integrity_check().expect("integrity");
+}
+
+#[test]
+fn dropping_buckets_removes_their_records_and_empties_their_digests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let records: Vec<Record> = (0..200)
+        .map(|i| rec(&format!("key{i}"), Some("v"), 1, 1))
+        .collect();
+    let victim = records[0].bucket();
+    let in_victim = records.iter().filter(|r| r.bucket() == victim).count() as u64;
+    rt().block_on(async {
+        store.apply(records).await.expect("apply");
+        assert_eq!(
+            store.drop_buckets(vec![victim]).await.expect("drop"),
+            in_victim
+        );
+    });
+    assert!(store.bucket_records(victim).expect("records").is_empty());
+    assert_eq!(
+        store.bucket_digests().expect("digests")[victim as usize],
+        Digest::EMPTY
+    );
+    assert_eq!(store.stats().expect("stats").keys, 200 - in_victim);
+    assert_eq!(
+        store.bucket_digests().expect("digests"),
+        store.recompute_digests().expect("recompute")
+    );
+}
+
+#[test]
+fn purging_removes_only_tombstones_older_than_the_horizon() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let old = rec("a", None, 10, 1);
+    let bucket = old.bucket();
+    // A second key in the same bucket, newer tombstone.
+    let newer = (0..10_000)
+        .map(|i| format!("b{i}"))
+        .find(|k| bucket_of(k.as_bytes()) == bucket)
+        .map(|k| rec(&k, None, 100, 1))
+        .expect("a key in the same bucket");
+    rt().block_on(async {
+        store
+            .apply(vec![
+                old.clone(),
+                newer.clone(),
+                rec("live", Some("v"), 5, 1),
+            ])
+            .await
+            .expect("apply");
+        assert_eq!(
+            store
+                .purge_tombstones(bucket, Version::new(50, 0))
+                .await
+                .expect("purge"),
+            1
+        );
+    });
+    assert_eq!(store.get(b"a").expect("get"), None);
+    assert_eq!(store.get(&newer.key).expect("get"), Some(newer));
+    assert_eq!(
+        store.bucket_digests().expect("digests"),
+        store.recompute_digests().expect("recompute")
+    );
+}
+
+#[test]
+fn a_data_directory_keeps_its_node_identity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    store.claim_identity("demo", 2).expect("first claim");
+    store
+        .claim_identity("demo", 2)
+        .expect("same identity again");
+    assert!(matches!(
+        store.claim_identity("demo", 3),
+        Err(StorageError::WrongIdentity { .. })
+    ));
+    assert!(matches!(
+        store.claim_identity("other", 2),
+        Err(StorageError::WrongIdentity { .. })
+    ));
+}
+
+fn arb_records() -> impl Strategy<Value = Vec<Record>> {
+    proptest::collection::vec(
+        (
+            0u8..6,
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..4)),
+            1u64..20,
+            0u32..3,
+        ),
+        1..40,
+    )
+    .prop_map(|v| {
+        // A version names one write: the clock never issues it twice, so a
+        // generated history carries each version at most once.
+        let mut seen = std::collections::HashSet::new();
+        v.into_iter()
+            .filter(|(_, _, ts, node)| seen.insert((*ts, *node)))
+            .map(|(k, value, ts, node)| Record {
+                key: vec![b'k', k],
+                value,
+                version: Version::new(ts, node),
+            })
+            .collect()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Two replicas that receive the same writes in different orders and
+    /// batchings end with the same rows and the same digests.
+    #[test]
+    fn replicas_converge_whatever_the_order_of_puts_and_deletes(records in arb_records(), split in 1usize..5) {
+        let a_dir = tempfile::tempdir().expect("tempdir");
+        let b_dir = tempfile::tempdir().expect("tempdir");
+        let a = open(&a_dir);
+        let b = open(&b_dir);
+        let rt = rt();
+        rt.block_on(async {
+            for r in &records {
+                a.apply(vec![r.clone()]).await.expect("apply a");
+            }
+            let mut reversed = records.clone();
+            reversed.reverse();
+            for chunk in reversed.chunks(split) {
+                b.apply(chunk.to_vec()).await.expect("apply b");
+            }
+        });
+        let rows = |s: &Store| -> Vec<Record> {
+            (0..BUCKETS).flat_map(|bk| s.bucket_records(bk).expect("records")).collect()
+        };
+        prop_assert_eq!(rows(&a), rows(&b));
+        prop_assert_eq!(a.bucket_digests().expect("digests"), b.bucket_digests().expect("digests"));
+        prop_assert_eq!(a.bucket_digests().expect("digests"), a.recompute_digests().expect("recompute"));
+    }
+}
