@@ -40,7 +40,9 @@ for img in "${images[@]}"; do
     exit 1
   fi
   rm -rf "${ctx:?}/$img" && mkdir -p "$ctx/$img"
-  install -m 0555 "$bin" "$ctx/$img/$img"
+  # debug info stays in the target directory, not in the image
+  strip --strip-debug -o "$ctx/$img/$img" "$bin"
+  chmod 0555 "$ctx/$img/$img"
   echo "==> docker build kvstore/$img:$tag"
   docker build -q -f "deploy/docker/$img.Dockerfile" \
     --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-arg "CREATED=$created" \
