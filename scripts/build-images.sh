@@ -35,7 +35,7 @@ trap 'rm -rf "$ctx"' EXIT
 for img in "${images[@]}"; do
   bin="$target_dir/$target/release/$img"
   # static: no program interpreter, so it runs in an empty filesystem
-  if readelf -l "$bin" | grep -q 'Requesting program interpreter'; then
+  if readelf -l "$bin" | grep 'Requesting program interpreter' >/dev/null; then
     echo "$bin is dynamically linked; it cannot run FROM scratch" >&2
     exit 1
   fi
