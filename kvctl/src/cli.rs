@@ -1,0 +1,180 @@
+//! Command-line arguments (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use kv_core::Consistency;
+
+use crate::bench::BenchArgs;
+
+/// kvctl — the kvstore command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "kvctl", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Node or gateway to talk to.
+    #[arg(
+        long,
+        env = "KV_ENDPOINT",
+        default_value = "http://127.0.0.1:5000",
+        global = true
+    )]
+    pub endpoint: String,
+
+    /// Client bearer token.
+    #[arg(long, env = "KV_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Consistency level of reads and writes (sent as X-Consistency).
+    #[arg(long, value_enum, global = true)]
+    pub consistency: Option<Level>,
+
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Human, global = true)]
+    pub output: Output,
+
+    /// Seconds to wait for an answer.
+    #[arg(long, default_value_t = 10.0, global = true, value_parser = parse_timeout)]
+    pub timeout: f64,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 86400]")),
+    }
+}
+
+/// `-o human|json`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+/// `--consistency one|quorum|all`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Level {
+    One,
+    Quorum,
+    All,
+}
+
+impl From<Level> for Consistency {
+    fn from(l: Level) -> Consistency {
+        match l {
+            Level::One => Consistency::One,
+            Level::Quorum => Consistency::Quorum,
+            Level::All => Consistency::All,
+        }
+    }
+}
+
+/// `kvctl strategy full|consistent-hashing`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum StrategyArg {
+    Full,
+    #[value(alias = "consistent")]
+    ConsistentHashing,
+}
+
+impl StrategyArg {
+    /// The classic API's spelling (`full` | `consistent`).
+    pub fn classic_name(self) -> &'static str {
+        match self {
+            StrategyArg::Full => "full",
+            StrategyArg::ConsistentHashing => "consistent",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Store a value: `put KEY VALUE`, `put KEY -` (stdin) or `put KEY --file F`.
+    Put(PutArgs),
+    /// Print a key's value.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Delete a key.
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// List keys in order (follows pagination).
+    List {
+        /// Only keys that start with this.
+        #[arg(long)]
+        prefix: Option<String>,
+        /// At most this many keys.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Nodes of the cluster: ordinal, address, state, resync progress.
+    Nodes,
+    /// Which nodes own a key.
+    Where {
+        /// The key.
+        key: String,
+    },
+    /// Fail node N (hold it down) through the control plane.
+    Fail {
+        /// Node ordinal.
+        node: u32,
+    },
+    /// Recover node N through the control plane.
+    Recover {
+        /// Node ordinal.
+        node: u32,
+    },
+    /// Change the replication strategy through the control plane.
+    Strategy {
+        #[arg(value_enum)]
+        strategy: StrategyArg,
+        /// Replicas of each key (consistent-hashing).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        replication_factor: Option<u32>,
+    },
+    /// Compare replica digests cluster-wide; exit 1 when co-owners differ.
+    Verify,
+    /// Load generator against kvstore, etcd or Redis.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// The key.
+    pub key: String,
+    /// The value; `-` reads it from stdin.
+    #[arg(required_unless_present = "file", conflicts_with = "file")]
+    pub value: Option<String>,
+    /// Read the value from a file (`-` for stdin).
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// Only create: fail if the key already holds a value (If-None-Match: *).
+    #[arg(long)]
+    pub create: bool,
+}
+
+/// Where `put` takes its value from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueSource {
+    Literal(Vec<u8>),
+    Stdin,
+    File(PathBuf),
+}
+
+impl PutArgs {
+    pub fn source(&self) -> ValueSource {
+        match (&self.value, &self.file) {
+            (_, Some(f)) if f.as_os_str() == "-" => ValueSource::Stdin,
+            (_, Some(f)) => ValueSource::File(f.clone()),
+            (Some(v), None) if v == "-" => ValueSource::Stdin,
+            (Some(v), None) => ValueSource::Literal(v.as_bytes().to_vec()),
+            (None, None) => ValueSource::Literal(Vec::new()),
+        }
+    }
+}

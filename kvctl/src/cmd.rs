@@ -1,0 +1,345 @@
+//! Runs one parsed command against the endpoint.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read, Write};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use kv_core::NodeState;
+use kvctl::cli::{Cli, Command, Output, PutArgs, ValueSource};
+use kvctl::client::{Client, ClusterInfo};
+use kvctl::output::{self, NodeRow};
+use kvctl::verify::{self, NodeDigests};
+use serde_json::{Value, json};
+
+use crate::UsageError;
+
+/// How long `nodes` and `verify` wait for each node they ask directly.
+const PER_NODE_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let timeout = Duration::from_secs_f64(cli.timeout);
+    let client = Client::new(
+        &cli.endpoint,
+        cli.token.clone(),
+        cli.consistency.map(Into::into),
+        timeout,
+    )?;
+    let json_out = cli.output == Output::Json;
+    match cli.command {
+        Command::Put(args) => put(&client, &args, json_out).await,
+        Command::Get { key } => get(&client, &key, json_out).await,
+        Command::Delete { key } => {
+            let (ack, raw) = client.delete(key.as_bytes()).await?;
+            emit(json_out, &raw, || output::render_ack("deleted", &ack))
+        }
+        Command::List { prefix, limit } => list(&client, prefix.as_deref(), limit, json_out).await,
+        Command::Nodes => nodes(&client, json_out).await,
+        Command::Where { key } => {
+            let (p, raw) = client.placement(key.as_bytes()).await?;
+            emit(json_out, &raw, || output::render_placement(&p))
+        }
+        Command::Fail { node } => classic(&client, &format!("/fail/{node}"), None, json_out).await,
+        Command::Recover { node } => {
+            classic(&client, &format!("/recover/{node}"), None, json_out).await
+        }
+        Command::Strategy {
+            strategy,
+            replication_factor,
+        } => {
+            let mut body = json!({ "strategy": strategy.classic_name() });
+            if let Some(f) = replication_factor {
+                body["replication_factor"] = json!(f);
+            }
+            classic(&client, "/set_replication_strategy", Some(&body), json_out).await
+        }
+        Command::Verify => verify_cmd(&client, json_out).await,
+        Command::Bench(args) => {
+            crate::cmd_bench::run(&cli.endpoint, cli.token, cli.consistency, args, json_out).await
+        }
+    }
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let s = serde_json::to_string_pretty(v).context("cannot render JSON")?;
+    write_stdout(format!("{s}\n").as_bytes())
+}
+
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        // `kvctl list | head` closes the pipe early: that is not an error.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(anyhow!("cannot write to stdout: {e}")),
+    }
+}
+
+fn emit(json_out: bool, raw: &Value, human: impl FnOnce() -> String) -> Result<ExitCode> {
+    if json_out {
+        print_json(raw)?;
+    } else {
+        write_stdout(human().as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn put(client: &Client, args: &PutArgs, json_out: bool) -> Result<ExitCode> {
+    let value = match args.source() {
+        ValueSource::Literal(v) => v,
+        ValueSource::Stdin => {
+            let mut buf = Vec::new();
+            std::io::stdin()
+                .lock()
+                .read_to_end(&mut buf)
+                .context("cannot read the value from stdin")?;
+            buf
+        }
+        ValueSource::File(path) => std::fs::read(&path)
+            .with_context(|| format!("cannot read the value from {}", path.display()))?,
+    };
+    let (ack, raw) = client.put(args.key.as_bytes(), value, args.create).await?;
+    emit(json_out, &raw, || output::render_ack("stored", &ack))
+}
+
+async fn get(client: &Client, key: &str, json_out: bool) -> Result<ExitCode> {
+    let read = client.get(key.as_bytes()).await?;
+    if json_out {
+        print_json(&output::value_json(
+            key,
+            &read.value,
+            read.version.as_deref(),
+        ))?;
+    } else {
+        let mut bytes = read.value;
+        if std::io::stdout().is_terminal() && !bytes.ends_with(b"\n") {
+            bytes.push(b'\n');
+        }
+        write_stdout(&bytes)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(
+    client: &Client,
+    prefix: Option<&str>,
+    limit: Option<usize>,
+    json_out: bool,
+) -> Result<ExitCode> {
+    const PAGE: usize = 1000;
+    let mut keys: Vec<String> = Vec::new();
+    let mut after: Option<String> = None;
+    let mut printed = 0usize;
+    let mut next_out: Option<String> = None;
+    loop {
+        let remaining = limit.map(|l| l.saturating_sub(printed));
+        if remaining == Some(0) {
+            break;
+        }
+        let want = remaining.unwrap_or(PAGE).min(PAGE);
+        let page = client.list_page(prefix, after.as_deref(), want).await?;
+        let got = page.keys.len();
+        let mut chunk = page.keys;
+        if let Some(r) = remaining {
+            chunk.truncate(r);
+        }
+        printed += chunk.len();
+        if json_out {
+            keys.extend(chunk);
+        } else if !chunk.is_empty() {
+            let mut text = chunk.join("\n");
+            text.push('\n');
+            write_stdout(text.as_bytes())?;
+        }
+        match page.next {
+            Some(n) if got > 0 && after.as_deref() != Some(n.as_str()) => {
+                next_out = Some(n.clone());
+                after = Some(n);
+            }
+            Some(_) => {
+                return Err(anyhow!(
+                    "the server's pagination does not advance (next = {after:?}); stopped"
+                ));
+            }
+            None => {
+                next_out = None;
+                break;
+            }
+        }
+    }
+    if json_out {
+        print_json(&json!({ "keys": keys, "next": next_out }))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn classic(
+    client: &Client,
+    path: &str,
+    body: Option<&Value>,
+    json_out: bool,
+) -> Result<ExitCode> {
+    let raw = client.classic_post(path, body).await?;
+    emit(json_out, &raw, || {
+        let msg = raw
+            .get("message")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| raw.to_string());
+        format!("{msg}\n")
+    })
+}
+
+/// Asks one node at its own address for its `/v1/cluster`.
+async fn node_cluster(client: &Client, address: &str) -> Result<ClusterInfo, String> {
+    let c = client.at(address).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(PER_NODE_TIMEOUT, c.cluster()).await {
+        Ok(Ok((info, _))) => Ok(info),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+async fn nodes(client: &Client, json_out: bool) -> Result<ExitCode> {
+    let (info, _) = client.cluster().await?;
+    let topology = info.topology.clone();
+    let answers = futures::future::join_all(topology.nodes.iter().map(|n| async {
+        if n.ordinal == info.node_id {
+            Ok(info.clone())
+        } else {
+            node_cluster(client, &n.address).await
+        }
+    }))
+    .await;
+    let rows: Vec<NodeRow> = topology
+        .nodes
+        .iter()
+        .zip(answers)
+        .map(|(n, a)| {
+            let (reachable, progress, synced, hints, error) = match a {
+                Ok(i) => (
+                    true,
+                    i.resync_progress,
+                    i.synced_epoch,
+                    i.hints_pending,
+                    None,
+                ),
+                Err(e) => (false, None, None, None, Some(e)),
+            };
+            NodeRow {
+                ordinal: n.ordinal,
+                address: n.address.clone(),
+                state: n.state,
+                reachable,
+                resync_progress: progress,
+                synced_epoch: synced,
+                hints_pending: hints,
+                error,
+            }
+        })
+        .collect();
+    if json_out {
+        print_json(&json!({
+            "clusterId": topology.cluster_id,
+            "epoch": topology.epoch,
+            "placement": topology.placement,
+            "pending": topology.pending,
+            "readConsistency": topology.read_consistency,
+            "writeConsistency": topology.write_consistency,
+            "nodes": rows,
+        }))?;
+    } else {
+        write_stdout(output::render_nodes(&topology, &rows).as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify_cmd(client: &Client, json_out: bool) -> Result<ExitCode> {
+    let (info, _) = client.cluster().await?;
+    let topology = info.topology;
+    let asked: Vec<_> = topology
+        .nodes
+        .iter()
+        .filter(|n| n.state != NodeState::Failed)
+        .collect();
+    let answers = futures::future::join_all(asked.iter().map(|n| async {
+        let c = client.at(&n.address).map_err(|e| e.to_string())?;
+        match tokio::time::timeout(PER_NODE_TIMEOUT, c.digests()).await {
+            Ok(Ok(d)) if d.node_id != n.ordinal => Err(format!(
+                "{} answered as node {}, not {}",
+                n.address, d.node_id, n.ordinal
+            )),
+            Ok(Ok(d)) => d.parse().map_err(|e| e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".to_string()),
+        }
+    }))
+    .await;
+    let mut digests: BTreeMap<u32, NodeDigests> = BTreeMap::new();
+    let mut skipped: Vec<(u32, String)> = topology
+        .nodes
+        .iter()
+        .filter(|n| n.state == NodeState::Failed)
+        .map(|n| (n.ordinal, "Failed".to_string()))
+        .collect();
+    let mut unreachable = Vec::new();
+    for (n, a) in asked.iter().zip(answers) {
+        match a {
+            Ok(d) => {
+                digests.insert(n.ordinal, d);
+            }
+            Err(e) => {
+                unreachable.push(n.ordinal);
+                skipped.push((n.ordinal, e));
+            }
+        }
+    }
+    skipped.sort();
+    let report = verify::compare(&topology, &digests);
+    if json_out {
+        let divergent: Vec<Value> = report
+            .divergent
+            .iter()
+            .map(|d| {
+                json!({
+                    "bucket": d.bucket,
+                    "owners": d.owners.iter().map(|(o, g)| json!({
+                        "ordinal": o, "count": g.count, "digest": format!("{:032x}", g.sum)
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        print_json(&json!({
+            "epoch": topology.epoch,
+            "consistent": report.consistent() && unreachable.is_empty(),
+            "bucketsCompared": report.buckets_compared,
+            "bucketsSingleOwner": report.buckets_single,
+            "divergent": divergent,
+            "notChecked": skipped.iter().map(|(o, why)| json!({"ordinal": o, "reason": why})).collect::<Vec<_>>(),
+        }))?;
+    } else {
+        write_stdout(output::render_verify(&report, &skipped).as_bytes())?;
+    }
+    if !report.consistent() {
+        eprintln!(
+            "kvctl: {} bucket(s) differ between co-owners",
+            report.divergent.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    if !unreachable.is_empty() {
+        let list: Vec<String> = unreachable.iter().map(u32::to_string).collect();
+        eprintln!(
+            "kvctl: could not check node(s) {}, so replicas are not verified",
+            list.join(",")
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(dead_code)]
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}

@@ -1,0 +1,14 @@
+//! kvctl: kvstore's command-line client.
+//!
+//! The binary (`src/main.rs`) parses [`cli::Cli`] and runs one command; the
+//! pieces that can be tested on their own live here: key encoding and the HTTP
+//! client ([`client`]), human and JSON rendering ([`output`]), `kvctl verify`'s
+//! replica comparison ([`verify`]) and the load generator ([`bench`]).
+
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod output;
+pub mod verify;
+
+pub use client::{Client, ClientError, encode_key};

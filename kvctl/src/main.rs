@@ -1,0 +1,45 @@
+//! kvctl: the kvstore command-line client.
+
+mod cmd;
+mod cmd_bench;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use kvctl::cli::Cli;
+
+/// An error in what the user typed: exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kvctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(cmd::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            let usage = e.downcast_ref::<UsageError>().is_some()
+                || matches!(
+                    e.downcast_ref::<kvctl::ClientError>(),
+                    Some(kvctl::ClientError::Invalid(_))
+                );
+            let msg = format!("{e:#}").replace(['\n', '\r'], " ");
+            eprintln!("kvctl: {msg}");
+            if usage {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
