@@ -2,16 +2,31 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
-use kvctl::bench::BenchArgs;
+use anyhow::{Result, bail};
+use kvctl::bench::{self, BenchArgs, BenchConfig};
 use kvctl::cli::Level;
 
 pub async fn run(
-    _endpoint: &str,
-    _token: Option<String>,
-    _consistency: Option<Level>,
-    _args: BenchArgs,
-    _json_out: bool,
+    endpoint: &str,
+    token: Option<String>,
+    consistency: Option<Level>,
+    args: BenchArgs,
+    json_out: bool,
 ) -> Result<ExitCode> {
-    anyhow::bail!("bench: not yet")
+    let cfg = BenchConfig::from_args(&args, endpoint, token, consistency.map(Into::into))?;
+    let report = bench::run(cfg).await?;
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    if report.ops == 0 && report.errors > 0 {
+        let kinds: Vec<String> = report
+            .errors_by_kind
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        bail!("every operation failed ({})", kinds.join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,338 @@
+//! The drivers: one connection (or pooled client) per worker.
+
+use std::time::Duration;
+
+use kv_core::Consistency;
+
+use super::stats::Outcome;
+use crate::client::{consistency_header, encode_key, error_chain};
+
+/// Which system `kvctl bench` drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    Kvstore,
+    Etcd,
+    Redis,
+}
+
+impl DriverKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::Kvstore => "kvstore",
+            DriverKind::Etcd => "etcd",
+            DriverKind::Redis => "redis",
+        }
+    }
+
+    /// Where the driver connects when no `--endpoints` are given.
+    pub fn default_endpoint(self) -> &'static str {
+        match self {
+            DriverKind::Kvstore => "http://127.0.0.1:5000",
+            DriverKind::Etcd => "http://127.0.0.1:2379",
+            DriverKind::Redis => "redis://127.0.0.1:6379",
+        }
+    }
+}
+
+/// A failed operation or connection, with a short kind for the report.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind}: {detail}")]
+pub struct OpError {
+    /// `timeout`, `connect`, `http_503`, `redis_io`, `etcd_unavailable`, ...
+    pub kind: String,
+    pub detail: String,
+}
+
+impl OpError {
+    pub fn new(kind: impl Into<String>, detail: impl Into<String>) -> OpError {
+        OpError {
+            kind: kind.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Settings every connection shares.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    pub kind: DriverKind,
+    pub endpoints: Vec<String>,
+    pub token: Option<String>,
+    pub consistency: Option<Consistency>,
+    pub etcd_serializable: bool,
+    pub timeout: Duration,
+    pub connections: usize,
+}
+
+/// Something that can make a worker's connection.
+#[derive(Clone)]
+pub struct Connector {
+    cfg: DriverConfig,
+    http: Option<reqwest::Client>,
+}
+
+impl Connector {
+    pub fn new(cfg: DriverConfig) -> Result<Connector, OpError> {
+        if cfg.endpoints.is_empty() {
+            return Err(OpError::new("config", "no endpoints"));
+        }
+        let http = match cfg.kind {
+            DriverKind::Kvstore => Some(
+                reqwest::Client::builder()
+                    .pool_max_idle_per_host(cfg.connections.max(1))
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .tcp_nodelay(true)
+                    .timeout(cfg.timeout)
+                    .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
+                    .build()
+                    .map_err(|e| OpError::new("config", error_chain(&e)))?,
+            ),
+            _ => None,
+        };
+        Ok(Connector { cfg, http })
+    }
+
+    pub fn config(&self) -> &DriverConfig {
+        &self.cfg
+    }
+
+    /// Connection of worker `worker` (workers are spread over the endpoints).
+    pub async fn connect(&self, worker: usize) -> Result<Conn, OpError> {
+        let n = self.cfg.endpoints.len();
+        let ep = &self.cfg.endpoints[worker % n];
+        match self.cfg.kind {
+            DriverKind::Kvstore => {
+                let http = self
+                    .http
+                    .clone()
+                    .ok_or_else(|| OpError::new("config", "no HTTP client"))?;
+                Ok(Conn::Kvstore(KvstoreConn {
+                    http,
+                    bases: self.cfg.endpoints.clone(),
+                    next: worker % n,
+                    token: self.cfg.token.clone(),
+                    consistency: self.cfg.consistency.map(consistency_header),
+                }))
+            }
+            DriverKind::Redis => {
+                let client = redis::Client::open(ep.as_str())
+                    .map_err(|e| OpError::new("config", format!("{ep}: {e}")))?;
+                let cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.cfg.timeout))
+                    .set_response_timeout(Some(self.cfg.timeout));
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+                    .map_err(|e| OpError::new("connect", format!("redis at {ep}: {e}")))?;
+                Ok(Conn::Redis(conn))
+            }
+            #[cfg(feature = "etcd")]
+            DriverKind::Etcd => {
+                let opts = etcd_client::ConnectOptions::new()
+                    .with_timeout(self.cfg.timeout)
+                    .with_connect_timeout(self.cfg.timeout.min(Duration::from_secs(5)));
+                let client = etcd_client::Client::connect([ep.as_str()], Some(opts))
+                    .await
+                    .map_err(|e| OpError::new("connect", format!("etcd at {ep}: {e}")))?;
+                let client = Conn::Etcd(Box::new(EtcdConn {
+                    client,
+                    serializable: self.cfg.etcd_serializable,
+                }));
+                Ok(client)
+            }
+            #[cfg(not(feature = "etcd"))]
+            DriverKind::Etcd => Err(OpError::new(
+                "config",
+                "this kvctl was built without the etcd driver (cargo feature `etcd`)",
+            )),
+        }
+    }
+}
+
+pub struct KvstoreConn {
+    http: reqwest::Client,
+    bases: Vec<String>,
+    next: usize,
+    token: Option<String>,
+    consistency: Option<&'static str>,
+}
+
+impl KvstoreConn {
+    fn request(&mut self, method: reqwest::Method, key: &[u8]) -> reqwest::RequestBuilder {
+        let base = &self.bases[self.next % self.bases.len()];
+        self.next = self.next.wrapping_add(1);
+        let mut rb = self
+            .http
+            .request(method, format!("{base}/v1/kv/{}", encode_key(key)));
+        if let Some(t) = &self.token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(c) = self.consistency {
+            rb = rb.header("X-Consistency", c);
+        }
+        rb
+    }
+}
+
+#[cfg(feature = "etcd")]
+pub struct EtcdConn {
+    client: etcd_client::Client,
+    serializable: bool,
+}
+
+/// One worker's connection.
+pub enum Conn {
+    Kvstore(KvstoreConn),
+    Redis(redis::aio::MultiplexedConnection),
+    #[cfg(feature = "etcd")]
+    Etcd(Box<EtcdConn>),
+}
+
+fn http_error(e: &reqwest::Error) -> OpError {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "http_body"
+    } else {
+        "http_transport"
+    };
+    OpError::new(kind, error_chain(e))
+}
+
+async fn http_status_error(resp: reqwest::Response) -> OpError {
+    let status = resp.status();
+    let body = resp.bytes().await.unwrap_or_default();
+    let code = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
+    let kind = match code {
+        Some(c) => format!("http_{}_{c}", status.as_u16()),
+        None => format!("http_{}", status.as_u16()),
+    };
+    OpError::new(
+        kind,
+        String::from_utf8_lossy(&body)
+            .chars()
+            .take(200)
+            .collect::<String>(),
+    )
+}
+
+fn redis_error(e: &redis::RedisError) -> OpError {
+    let kind = if e.is_timeout() {
+        "timeout".to_string()
+    } else if e.is_connection_refusal() || e.is_connection_dropped() {
+        "connect".to_string()
+    } else if e.is_io_error() {
+        "redis_io".to_string()
+    } else {
+        format!("redis_{:?}", e.kind()).to_lowercase()
+    };
+    OpError::new(kind, e.to_string())
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_error(e: &etcd_client::Error) -> OpError {
+    let kind = match e {
+        // tonic's Code is not re-exported; its Debug names are stable.
+        etcd_client::Error::GRpcStatus(s) => match format!("{:?}", s.code()).as_str() {
+            "DeadlineExceeded" => "timeout".to_string(),
+            c => format!("etcd_{c}").to_lowercase(),
+        },
+        etcd_client::Error::TransportError(_) => "connect".to_string(),
+        etcd_client::Error::IoError(_) => "etcd_io".to_string(),
+        _ => "etcd_other".to_string(),
+    };
+    OpError::new(kind, e.to_string())
+}
+
+impl Conn {
+    /// Writes `value` under `key`.
+    pub async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<Outcome, OpError> {
+        match self {
+            Conn::Kvstore(c) => {
+                let resp = c
+                    .request(reqwest::Method::PUT, key)
+                    .body(value.to_vec())
+                    .send()
+                    .await
+                    .map_err(|e| http_error(&e))?;
+                if !resp.status().is_success() {
+                    return Err(http_status_error(resp).await);
+                }
+                // Drain the body so that the connection goes back to the pool.
+                resp.bytes().await.map_err(|e| http_error(&e))?;
+                Ok(Outcome::Ok)
+            }
+            Conn::Redis(c) => {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .query_async::<()>(c)
+                    .await
+                    .map_err(|e| redis_error(&e))?;
+                Ok(Outcome::Ok)
+            }
+            #[cfg(feature = "etcd")]
+            Conn::Etcd(c) => {
+                c.client
+                    .put(key, value, None)
+                    .await
+                    .map_err(|e| etcd_error(&e))?;
+                Ok(Outcome::Ok)
+            }
+        }
+    }
+
+    /// Reads `key`: [`Outcome::Ok`] when found, [`Outcome::Miss`] when absent.
+    pub async fn get(&mut self, key: &[u8]) -> Result<Outcome, OpError> {
+        match self {
+            Conn::Kvstore(c) => {
+                let resp = c
+                    .request(reqwest::Method::GET, key)
+                    .send()
+                    .await
+                    .map_err(|e| http_error(&e))?;
+                match resp.status() {
+                    s if s.is_success() => {
+                        resp.bytes().await.map_err(|e| http_error(&e))?;
+                        Ok(Outcome::Ok)
+                    }
+                    reqwest::StatusCode::NOT_FOUND => {
+                        resp.bytes().await.map_err(|e| http_error(&e))?;
+                        Ok(Outcome::Miss)
+                    }
+                    _ => Err(http_status_error(resp).await),
+                }
+            }
+            Conn::Redis(c) => {
+                let v: Option<Vec<u8>> = redis::cmd("GET")
+                    .arg(key)
+                    .query_async(c)
+                    .await
+                    .map_err(|e| redis_error(&e))?;
+                Ok(if v.is_some() {
+                    Outcome::Ok
+                } else {
+                    Outcome::Miss
+                })
+            }
+            #[cfg(feature = "etcd")]
+            Conn::Etcd(c) => {
+                let opts = if c.serializable {
+                    Some(etcd_client::GetOptions::new().with_serializable())
+                } else {
+                    None
+                };
+                let resp = c.client.get(key, opts).await.map_err(|e| etcd_error(&e))?;
+                Ok(if resp.kvs().is_empty() {
+                    Outcome::Miss
+                } else {
+                    Outcome::Ok
+                })
+            }
+        }
+    }
+}
