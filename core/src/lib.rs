@@ -11,6 +11,7 @@ pub mod placement;
 pub mod record;
 pub mod topology;
 pub mod version;
+pub mod wire;
 
 pub use placement::{Layout, Placement};
 pub use record::{BUCKETS, Digest, Record, bucket_of};

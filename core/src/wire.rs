@@ -1,0 +1,328 @@
+//! The binary encoding of node-to-node batches.
+//!
+//! Replication moves many small records per request, so the peer routes carry
+//! a compact length-prefixed encoding instead of JSON (keys and values are
+//! arbitrary bytes, which JSON could only carry inflated). Every decoder here
+//! is total: any input either decodes or returns [`WireError`]; lengths are
+//! checked against the remaining input before anything is allocated, so a
+//! hostile length prefix cannot make a node allocate more than the body it
+//! already holds.
+//!
+//! Layouts (all integers little-endian):
+//! - record batch: `u32 count`, then per record `u32 key_len, key, u64 ts,
+//!   u32 node, u8 kind (0 tombstone, 1 value), [u32 value_len, value]`;
+//! - key batch: `u32 count`, then per key `u32 key_len, key`;
+//! - digests: `u32 count`, then per bucket `u32 bucket, u128 sum, u64 count`.
+
+use thiserror::Error;
+
+use crate::record::{BUCKETS, Digest, MAX_KEY_BYTES, Record};
+use crate::version::Version;
+
+/// Why a batch could not be decoded.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum WireError {
+    #[error("batch truncated: needed {needed} more bytes at offset {offset}")]
+    Truncated { offset: usize, needed: usize },
+    #[error("batch has {0} trailing bytes after its last entry")]
+    Trailing(usize),
+    #[error("key of {0} bytes in batch (keys are 1..={MAX_KEY_BYTES} bytes)")]
+    BadKey(usize),
+    #[error("unknown record kind {0} in batch")]
+    BadKind(u8),
+    #[error("bucket {0} out of range in digest batch")]
+    BadBucket(u32),
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let rest = self.buf.len() - self.pos;
+        if n > rest {
+            return Err(WireError::Truncated {
+                offset: self.pos,
+                needed: n - rest,
+            });
+        }
+        let out = &self.buf[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn u128(&mut self) -> Result<u128, WireError> {
+        Ok(u128::from_le_bytes(self.array()?))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], WireError> {
+        let len = self.u32()? as usize;
+        self.take(len)
+    }
+
+    fn key(&mut self) -> Result<Vec<u8>, WireError> {
+        let key = self.bytes()?;
+        if key.is_empty() || key.len() > MAX_KEY_BYTES {
+            return Err(WireError::BadKey(key.len()));
+        }
+        Ok(key.to_vec())
+    }
+
+    /// The entry count, bounded by what the remaining bytes could hold
+    /// (`min_entry` bytes each), so the caller can preallocate safely.
+    fn count(&mut self, min_entry: usize) -> Result<usize, WireError> {
+        let count = self.u32()? as usize;
+        let rest = self.buf.len() - self.pos;
+        if count.saturating_mul(min_entry) > rest {
+            return Err(WireError::Truncated {
+                offset: self.pos,
+                needed: count.saturating_mul(min_entry) - rest,
+            });
+        }
+        Ok(count)
+    }
+
+    fn finish(self) -> Result<(), WireError> {
+        match self.buf.len() - self.pos {
+            0 => Ok(()),
+            n => Err(WireError::Trailing(n)),
+        }
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// Encodes records for `POST /internal/v1/apply` and bucket transfers.
+pub fn encode_records<'a>(records: impl IntoIterator<Item = &'a Record>) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    let mut count = 0u32;
+    for r in records {
+        count += 1;
+        put_bytes(&mut out, &r.key);
+        out.extend_from_slice(&r.version.ts.to_le_bytes());
+        out.extend_from_slice(&r.version.node.to_le_bytes());
+        match &r.value {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                put_bytes(&mut out, v);
+            }
+        }
+    }
+    out[..4].copy_from_slice(&count.to_le_bytes());
+    out
+}
+
+/// Decodes a record batch; see the module docs for the layout.
+pub fn decode_records(buf: &[u8]) -> Result<Vec<Record>, WireError> {
+    let mut r = Reader::new(buf);
+    // key_len + 1-byte key + ts + node + kind
+    let count = r.count(4 + 1 + 8 + 4 + 1)?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let key = r.key()?;
+        let ts = r.u64()?;
+        let node = r.u32()?;
+        let value = match r.u8()? {
+            0 => None,
+            1 => Some(r.bytes()?.to_vec()),
+            k => return Err(WireError::BadKind(k)),
+        };
+        out.push(Record {
+            key,
+            value,
+            version: Version::new(ts, node),
+        });
+    }
+    r.finish()?;
+    Ok(out)
+}
+
+/// Encodes keys for `POST /internal/v1/read`.
+pub fn encode_keys<'a>(keys: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    let mut count = 0u32;
+    for k in keys {
+        count += 1;
+        put_bytes(&mut out, k);
+    }
+    out[..4].copy_from_slice(&count.to_le_bytes());
+    out
+}
+
+/// Decodes a key batch.
+pub fn decode_keys(buf: &[u8]) -> Result<Vec<Vec<u8>>, WireError> {
+    let mut r = Reader::new(buf);
+    let count = r.count(5)?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        out.push(r.key()?);
+    }
+    r.finish()?;
+    Ok(out)
+}
+
+/// Encodes the non-empty buckets of a per-bucket digest table.
+pub fn encode_digests(digests: &[Digest]) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    let mut count = 0u32;
+    for (bucket, d) in digests.iter().enumerate() {
+        if d.count == 0 && d.sum == 0 {
+            continue;
+        }
+        count += 1;
+        out.extend_from_slice(&(bucket as u32).to_le_bytes());
+        out.extend_from_slice(&d.sum.to_le_bytes());
+        out.extend_from_slice(&d.count.to_le_bytes());
+    }
+    out[..4].copy_from_slice(&count.to_le_bytes());
+    out
+}
+
+/// Decodes a digest table into a full `BUCKETS`-long vector (absent = empty).
+pub fn decode_digests(buf: &[u8]) -> Result<Vec<Digest>, WireError> {
+    let mut r = Reader::new(buf);
+    let count = r.count(4 + 16 + 8)?;
+    let mut out = vec![Digest::EMPTY; BUCKETS as usize];
+    for _ in 0..count {
+        let bucket = r.u32()?;
+        if bucket >= BUCKETS {
+            return Err(WireError::BadBucket(bucket));
+        }
+        let sum = r.u128()?;
+        let count = r.u64()?;
+        out[bucket as usize] = Digest { sum, count };
+    }
+    r.finish()?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rec(key: &[u8], value: Option<&[u8]>, ts: u64, node: u32) -> Record {
+        Record {
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+            version: Version::new(ts, node),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_including_tombstones_and_empty_values() {
+        let batch = vec![
+            rec(b"a", Some(b"1"), 7, 1),
+            rec(b"b", None, 8, 2),
+            rec(b"c", Some(b""), 9, 0),
+        ];
+        let bytes = encode_records(&batch);
+        assert_eq!(decode_records(&bytes).unwrap(), batch);
+        assert_eq!(decode_records(&encode_records(&[])).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn hostile_lengths_are_errors_not_allocations() {
+        // count claims 4 billion records in an 8-byte body
+        let mut bytes = u32::MAX.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 4]);
+        assert!(matches!(
+            decode_records(&bytes),
+            Err(WireError::Truncated { .. })
+        ));
+        // one record whose key claims u32::MAX bytes
+        let mut bytes = 1u32.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend_from_slice(&[0; 13]);
+        assert!(matches!(
+            decode_records(&bytes),
+            Err(WireError::Truncated { .. })
+        ));
+    }
+
+    #[test]
+    fn bad_kind_empty_key_and_trailing_bytes_are_rejected() {
+        let mut bytes = encode_records(&[rec(b"k", None, 1, 1)]);
+        let kind_at = bytes.len() - 1;
+        bytes[kind_at] = 9;
+        assert_eq!(decode_records(&bytes), Err(WireError::BadKind(9)));
+        let long = vec![b'k'; MAX_KEY_BYTES + 1];
+        assert_eq!(
+            decode_keys(&encode_keys([&long[..]])),
+            Err(WireError::BadKey(MAX_KEY_BYTES + 1))
+        );
+        assert!(decode_keys(&encode_keys([&b""[..]])).is_err());
+        let mut bytes = encode_keys([&b"k"[..]]);
+        bytes.push(0);
+        assert_eq!(decode_keys(&bytes), Err(WireError::Trailing(1)));
+    }
+
+    #[test]
+    fn digests_round_trip_and_reject_out_of_range_buckets() {
+        let mut table = vec![Digest::EMPTY; BUCKETS as usize];
+        table[3] = Digest { sum: 99, count: 2 };
+        table[4095] = Digest {
+            sum: u128::MAX,
+            count: 1,
+        };
+        let bytes = encode_digests(&table);
+        assert_eq!(bytes.len(), 4 + 2 * 28);
+        assert_eq!(decode_digests(&bytes).unwrap(), table);
+        let mut bad = 1u32.to_le_bytes().to_vec();
+        bad.extend_from_slice(&BUCKETS.to_le_bytes());
+        bad.extend_from_slice(&[0; 24]);
+        assert_eq!(decode_digests(&bad), Err(WireError::BadBucket(BUCKETS)));
+    }
+
+    proptest! {
+        #[test]
+        fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_records(&bytes);
+            let _ = decode_keys(&bytes);
+            let _ = decode_digests(&bytes);
+        }
+
+        #[test]
+        fn any_record_batch_round_trips(
+            batch in proptest::collection::vec(
+                (proptest::collection::vec(any::<u8>(), 1..40),
+                 proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+                 any::<u64>(), any::<u32>()),
+                0..20)
+        ) {
+            let records: Vec<Record> = batch
+                .into_iter()
+                .map(|(key, value, ts, node)| Record { key, value, version: Version::new(ts, node) })
+                .collect();
+            prop_assert_eq!(decode_records(&encode_records(&records)).unwrap(), records);
+        }
+    }
+}
