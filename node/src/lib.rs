@@ -1,12 +1,92 @@
 //! kv-node: one kvstore node.
 //!
-//! So far this crate holds the node's storage engine ([`storage`]): SQLite in
-//! WAL mode behind one group-committing writer, with per-bucket digests and
-//! durable hints kept in the same transactions as the records, and
-//! last-writer-wins apply-if-newer as the one write primitive. The HTTP API,
-//! the quorum coordinator and replication are built on it next
-//! (docs/design.md).
+//! - [`storage`]: SQLite in WAL mode behind one group-committing writer, with
+//!   per-bucket digests and durable hints kept in the same transactions as the
+//!   records; last-writer-wins apply-if-newer is the one write primitive.
+//! - [`api`] (client port) and [`peer_api`] (node-to-node port): the HTTP API
+//!   of docs/design.md, served by warp.
+//! - [`coordinator`]: quorum reads and writes over the key's owners, hints
+//!   for owners that are down, read repair.
+//! - [`peer`]: the batching node-to-node client.
+//! - [`sync`]: hinted handoff, catch-up and rebalance streaming,
+//!   anti-entropy, tombstone GC.
+//! - [`cluster`]: the topology this node holds and its catch-up progress.
 
+pub mod api;
+pub mod cluster;
+pub mod config;
+pub mod coordinator;
+pub mod metrics;
+pub mod node;
+pub mod peer;
+pub mod peer_api;
 pub mod storage;
+pub mod sync;
 
-pub use storage::{StorageError, Store, StoreOptions, StoreStats};
+use std::sync::Arc;
+
+pub use node::{ApiError, Node, NodeError};
+pub use storage::{CommitObserver, StorageError, Store, StoreOptions, StoreStats};
+
+/// Runs a node until `shutdown` resolves, then stops accepting, lets
+/// in-flight requests finish and closes the database.
+pub async fn run(
+    config: config::Config,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), NodeError> {
+    let (node, seen) = Node::open(config)?;
+    if let Err(e) = node
+        .read_topology_file()
+        .map(|t| t.map(|t| node.install_topology(t, cluster::Source::File)))
+    {
+        tracing::error!(error = %e, "topology file rejected at start; keeping the last good topology");
+    }
+    let client = tokio::net::TcpListener::bind(node.config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: node.config.listen,
+            source,
+        })?;
+    let peer = tokio::net::TcpListener::bind(node.config.peer_listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: node.config.peer_listen,
+            source,
+        })?;
+    tracing::info!(
+        node = node.me(),
+        listen = %node.config.listen,
+        peer_listen = %node.config.peer_listen,
+        epoch = node.cluster.epoch(),
+        state = ?node.cluster.my_state(),
+        "kv-node serving"
+    );
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(node::serve(api::routes(node.clone()), client, stop.clone()));
+    tasks.spawn(node::serve(
+        peer_api::routes(node.clone()),
+        peer,
+        stop.clone(),
+    ));
+    tasks.spawn(node.clone().watch_topology_file(stop.clone()));
+    tasks.spawn(node.clone().confirm_with_peers(stop.clone()));
+    tasks.spawn(node.clone().deliver_hints(stop.clone()));
+    tasks.spawn(node.clone().sync_loop(stop.clone()));
+    tasks.spawn(node.clone().refresh_gauges(stop.clone()));
+    let follow = tokio::spawn(node.clone().follow_epochs(seen));
+    shutdown.await;
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(std::time::Duration::from_secs(20), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight requests did not finish in 20 s; stopping anyway");
+    }
+    follow.abort();
+    let _ = Arc::strong_count(&node);
+    tracing::info!("database closed; bye");
+    Ok(())
+}

@@ -59,6 +59,8 @@ pub struct StoreOptions {
     pub max_batch: usize,
     /// Read connections kept open.
     pub readers: usize,
+    /// Told about every committed transaction (for metrics).
+    pub observer: Option<CommitObserver>,
 }
 
 impl Default for StoreOptions {
@@ -66,7 +68,19 @@ impl Default for StoreOptions {
         StoreOptions {
             max_batch: 512,
             readers: 4,
+            observer: None,
         }
+    }
+}
+
+/// A callback run by the writer after each commit with the number of write
+/// requests the transaction carried and how long the commit (the fsync) took.
+#[derive(Clone)]
+pub struct CommitObserver(pub Arc<dyn Fn(usize, std::time::Duration) + Send + Sync>);
+
+impl std::fmt::Debug for CommitObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitObserver")
     }
 }
 
@@ -138,9 +152,10 @@ impl Store {
         let (tx, rx) = mpsc::unbounded_channel();
         let writer_shared = shared.clone();
         let max_batch = opts.max_batch.max(1);
+        let observer = opts.observer.clone();
         std::thread::Builder::new()
             .name("kv-storage-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, max_batch, &writer_shared))
+            .spawn(move || writer_loop(writer_conn, rx, max_batch, &writer_shared, observer))
             .map_err(|e| StorageError::Sqlite(format!("cannot start the writer thread: {e}")))?;
         Ok(Store { writer: tx, shared })
     }
@@ -247,6 +262,35 @@ impl Store {
             let mut stmt = c.prepare_cached(
                 "SELECT key, value, ts, node FROM records
                  WHERE value IS NOT NULL AND key >= ?1 AND key > ?2 ORDER BY key LIMIT ?3",
+            )?;
+            let after = after.unwrap_or(&[]);
+            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+            let rows = stmt.query_map(params![prefix, after, limit], row_to_record)?;
+            let mut out = Vec::new();
+            for r in rows {
+                let r = r?;
+                if !r.key.starts_with(prefix) {
+                    break;
+                }
+                out.push(r);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Records (tombstones included) whose key starts with `prefix`, after
+    /// `after`, ascending, at most `limit`: what a coordinator merges across
+    /// replicas for a listing, so a newer tombstone hides a stale value.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StorageError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT key, value, ts, node FROM records
+                 WHERE key >= ?1 AND key > ?2 ORDER BY key LIMIT ?3",
             )?;
             let after = after.unwrap_or(&[]);
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
@@ -484,6 +528,7 @@ fn writer_loop(
     mut rx: mpsc::UnboundedReceiver<WriteRequest>,
     max_batch: usize,
     shared: &Shared,
+    observer: Option<CommitObserver>,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -494,8 +539,12 @@ fn writer_loop(
             }
         }
         let ops: Vec<&WriteOp> = batch.iter().map(|r| &r.op).collect();
+        let started = std::time::Instant::now();
         match commit_batch(&mut conn, &ops) {
             Ok(results) => {
+                if let Some(o) = &observer {
+                    (o.0)(batch.len(), started.elapsed());
+                }
                 shared.commits.fetch_add(1, Ordering::Relaxed);
                 shared
                     .write_requests

@@ -1,0 +1,226 @@
+//! The node's configuration: flags and environment (clap), tokens from files.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// One kvstore node: SQLite storage, the HTTP API, and replication.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "kv-node", version, about)]
+pub struct Args {
+    /// Client API address (also /healthz, /readyz, /metrics).
+    #[arg(long, env = "KV_LISTEN", default_value = "0.0.0.0:7400")]
+    pub listen: SocketAddr,
+    /// Node-to-node API address.
+    #[arg(long, env = "KV_PEER_LISTEN", default_value = "0.0.0.0:7401")]
+    pub peer_listen: SocketAddr,
+    /// Client address other nodes and tools use to reach this node (host:port);
+    /// defaults to the listen address.
+    #[arg(long, env = "KV_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Peer address others use to reach this node (host:port); defaults to
+    /// the peer listen address.
+    #[arg(long, env = "KV_PEER_ADVERTISE")]
+    pub peer_advertise: Option<String>,
+    /// Directory of the SQLite database and the node's saved topology.
+    #[arg(long, env = "KV_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// This node's ordinal.
+    #[arg(
+        long,
+        env = "KV_NODE_ID",
+        required_unless_present = "node_id_from_hostname"
+    )]
+    pub node_id: Option<u32>,
+    /// Take the ordinal from the host name's last `-N` (StatefulSet pods: `demo-2` is 2).
+    #[arg(long, env = "KV_NODE_ID_FROM_HOSTNAME", conflicts_with = "node_id")]
+    pub node_id_from_hostname: bool,
+    /// Client bearer token.
+    #[arg(long, env = "KV_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the client bearer token (a mounted Secret).
+    #[arg(long, env = "KV_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Node-to-node bearer token.
+    #[arg(long, env = "KV_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+    /// File holding the node-to-node token.
+    #[arg(long, env = "KV_CLUSTER_TOKEN_FILE", conflicts_with = "cluster_token")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// Topology JSON to watch (the mounted ConfigMap); missing = a one-node cluster.
+    #[arg(long, env = "KV_TOPOLOGY_FILE")]
+    pub topology_file: Option<PathBuf>,
+    /// Largest value accepted, in bytes.
+    #[arg(long, env = "KV_MAX_VALUE_BYTES", default_value_t = kv_core::record::DEFAULT_MAX_VALUE_BYTES)]
+    pub max_value_bytes: usize,
+    /// Timeout of one node-to-node request, in milliseconds.
+    #[arg(long, env = "KV_PEER_TIMEOUT_MS", default_value_t = 2000)]
+    pub peer_timeout_ms: u64,
+    /// Seconds between background anti-entropy rounds (0 = off).
+    #[arg(long, env = "KV_ANTI_ENTROPY_SECS", default_value_t = 60)]
+    pub anti_entropy_secs: u64,
+    /// Seconds a tombstone is kept before it may be purged (once every owner has it).
+    #[arg(long, env = "KV_TOMBSTONE_GRACE_SECS", default_value_t = 86_400)]
+    pub tombstone_grace_secs: u64,
+    /// Most concurrent client connections (more wait in the kernel's backlog).
+    #[arg(long, env = "KV_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Log format.
+    #[arg(long, env = "KV_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {what} from {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is empty")]
+    EmptyToken(&'static str),
+    #[error("no {0} given (flag, environment or file)")]
+    MissingToken(&'static str),
+    #[error("cannot take a node ordinal from host name {0:?} (expected a name ending in -N)")]
+    Hostname(String),
+}
+
+/// The settings the node runs with, after files are read.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub peer_listen: SocketAddr,
+    pub advertise: String,
+    pub peer_advertise: String,
+    pub data_dir: PathBuf,
+    pub node_id: u32,
+    pub token: String,
+    pub cluster_token: String,
+    pub topology_file: Option<PathBuf>,
+    pub max_value_bytes: usize,
+    pub peer_timeout: Duration,
+    pub anti_entropy_every: Option<Duration>,
+    pub tombstone_grace: Duration,
+    pub max_connections: usize,
+}
+
+fn token(
+    flag: &Option<String>,
+    file: &Option<PathBuf>,
+    what: &'static str,
+) -> Result<String, ConfigError> {
+    let t = match (flag, file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::File {
+                what,
+                path: path.clone(),
+                source,
+            })?
+            .trim()
+            .to_string(),
+        (None, None) => return Err(ConfigError::MissingToken(what)),
+    };
+    if t.is_empty() {
+        return Err(ConfigError::EmptyToken(what));
+    }
+    Ok(t)
+}
+
+/// `demo-2` → 2.
+pub fn ordinal_from_hostname(host: &str) -> Result<u32, ConfigError> {
+    let host = host.trim();
+    let short = host.split('.').next().unwrap_or(host);
+    short
+        .rsplit_once('-')
+        .and_then(|(_, n)| n.parse().ok())
+        .ok_or_else(|| ConfigError::Hostname(host.to_string()))
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default()
+}
+
+impl Args {
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let node_id = match self.node_id {
+            Some(n) => n,
+            None => ordinal_from_hostname(&hostname())?,
+        };
+        Ok(Config {
+            listen: self.listen,
+            peer_listen: self.peer_listen,
+            advertise: self
+                .advertise
+                .clone()
+                .unwrap_or_else(|| self.listen.to_string()),
+            peer_advertise: self
+                .peer_advertise
+                .clone()
+                .unwrap_or_else(|| self.peer_listen.to_string()),
+            data_dir: self.data_dir.clone(),
+            node_id,
+            token: token(&self.token, &self.token_file, "client token")?,
+            cluster_token: token(
+                &self.cluster_token,
+                &self.cluster_token_file,
+                "cluster token",
+            )?,
+            topology_file: self.topology_file.clone(),
+            max_value_bytes: self.max_value_bytes,
+            peer_timeout: Duration::from_millis(self.peer_timeout_ms.max(1)),
+            anti_entropy_every: (self.anti_entropy_secs > 0)
+                .then(|| Duration::from_secs(self.anti_entropy_secs)),
+            tombstone_grace: Duration::from_secs(self.tombstone_grace_secs),
+            max_connections: self.max_connections.max(1),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ordinals_come_from_statefulset_host_names() {
+        assert_eq!(ordinal_from_hostname("demo-2").unwrap(), 2);
+        assert_eq!(
+            ordinal_from_hostname("my-kv-10.demo-peers.ns.svc").unwrap(),
+            10
+        );
+        assert!(ordinal_from_hostname("demo").is_err());
+        assert!(ordinal_from_hostname("demo-x").is_err());
+    }
+
+    #[test]
+    fn tokens_come_from_flags_or_files_and_are_never_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let args = Args::parse_from([
+            "kv-node",
+            "--node-id",
+            "1",
+            "--token-file",
+            f.to_str().unwrap(),
+            "--cluster-token",
+            "c",
+        ]);
+        let c = args.resolve().unwrap();
+        assert_eq!(
+            (c.token.as_str(), c.cluster_token.as_str()),
+            ("s3cret", "c")
+        );
+        std::fs::write(&f, "  \n").unwrap();
+        assert!(matches!(args.resolve(), Err(ConfigError::EmptyToken(_))));
+        let none = Args::parse_from(["kv-node", "--node-id", "1", "--cluster-token", "c"]);
+        assert!(matches!(none.resolve(), Err(ConfigError::MissingToken(_))));
+    }
+}

@@ -1,0 +1,459 @@
+//! The coordinator: any node takes a client request and runs it on the key's
+//! owners (docs/design.md, "Quorum rules").
+//!
+//! A write gets a new version from this node's clock and goes to every write
+//! owner in parallel (the local store directly, peers through their batchers).
+//! It is acknowledged once `W` owners of the committed placement that count in
+//! quorum have it on stable storage — and, while a placement is pending, `W`
+//! owners of the new one too. Owners that are Failed, or that do not answer,
+//! get a durable hint on this node. When too few owners are live the write is
+//! refused before anything is written (503).
+//!
+//! A read asks the owners that serve reads, waits for `R` answers, returns the
+//! newest version and repairs stale owners in the background.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use kv_core::{Consistency, NodeState, Record, bucket_of};
+use tokio::sync::mpsc;
+
+use crate::cluster::View;
+use crate::node::{ApiError, Node};
+use crate::peer::PeerError;
+use crate::storage::StorageError;
+
+/// What a prefix listing returns.
+#[derive(Debug, PartialEq)]
+pub struct Listing {
+    pub keys: Vec<Vec<u8>>,
+    /// The key to pass as `after` for the next page, if there may be more.
+    pub next: Option<Vec<u8>>,
+}
+
+fn unavailable(msg: String) -> ApiError {
+    ApiError::new(503, "unavailable", msg)
+}
+
+impl Node {
+    fn require_serving(&self) -> Result<Arc<View>, ApiError> {
+        let view = self.cluster.view();
+        if !self.cluster.confirmed() {
+            return Err(unavailable(format!(
+                "node {} has not confirmed its topology since it started; try another node",
+                self.me()
+            )));
+        }
+        match view.state_of(self.me()) {
+            Some(s) if s.serves_client_reads() => Ok(view),
+            Some(s) => Err(unavailable(format!(
+                "node {} is {s} and serves no clients until it is Up; try another node",
+                self.me()
+            ))),
+            None => Err(unavailable(format!(
+                "node {} is not part of the cluster's topology",
+                self.me()
+            ))),
+        }
+    }
+
+    /// Reads `key` at `level` (cluster default when `None`). Tombstones come
+    /// back as records with no value.
+    pub async fn read(
+        self: &Arc<Self>,
+        key: &[u8],
+        level: Option<Consistency>,
+    ) -> Result<Option<Record>, ApiError> {
+        let view = self.require_serving()?;
+        let level = level.unwrap_or(view.topology.read_consistency);
+        let owners = view.layout.read_owners(bucket_of(key)).to_vec();
+        let need = level.required(owners.len()).max(1);
+        let candidates: Vec<u32> = owners
+            .iter()
+            .copied()
+            .filter(|o| {
+                view.state_of(*o)
+                    .is_some_and(NodeState::serves_client_reads)
+            })
+            .collect();
+        if candidates.len() < need {
+            return Err(unavailable(format!(
+                "read at {level} needs {need} of the key's {} owners and only {} are serving",
+                owners.len(),
+                candidates.len()
+            )));
+        }
+        if need == 1 && candidates.contains(&self.me()) {
+            return self.store.get(key).map_err(ApiError::storage);
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for o in &candidates {
+            let (node, tx, key, o, view) =
+                (self.clone(), tx.clone(), key.to_vec(), *o, view.clone());
+            tokio::spawn(async move {
+                let r = node.read_replica(&view, o, key).await;
+                let _ = tx.send((o, r));
+            });
+        }
+        drop(tx);
+        let mut answers: BTreeMap<u32, Option<Record>> = BTreeMap::new();
+        let mut errors = Vec::new();
+        while answers.len() < need {
+            match rx.recv().await {
+                Some((o, Ok(r))) => {
+                    answers.insert(o, r);
+                }
+                Some((o, Err(e))) => errors.push(format!("node {o}: {e}")),
+                None => break,
+            }
+        }
+        if answers.len() < need {
+            return Err(unavailable(format!(
+                "read at {level} needed {need} answers and got {} ({})",
+                answers.len(),
+                errors.join("; ")
+            )));
+        }
+        let newest = newest(answers.values());
+        if let Some(newest) = newest.clone() {
+            let node = self.clone();
+            tokio::spawn(async move { node.repair(view, newest, answers, rx).await });
+        }
+        Ok(newest)
+    }
+
+    async fn read_replica(
+        &self,
+        view: &View,
+        ordinal: u32,
+        key: Vec<u8>,
+    ) -> Result<Option<Record>, String> {
+        if ordinal == self.me() {
+            return self.store.get(&key).map_err(|e| e.to_string());
+        }
+        let addr = peer_address(view, ordinal).map_err(|e| e.to_string())?;
+        self.peers
+            .read_one(ordinal, &addr, key)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Read repair: every owner that answered with something older than
+    /// `newest` (now or later) gets it.
+    async fn repair(
+        self: Arc<Self>,
+        view: Arc<View>,
+        newest: Record,
+        mut answers: BTreeMap<u32, Option<Record>>,
+        mut rest: mpsc::UnboundedReceiver<(u32, Result<Option<Record>, String>)>,
+    ) {
+        let deadline = tokio::time::sleep(self.peers.timeout());
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                next = rest.recv() => match next {
+                    Some((o, Ok(r))) => { answers.insert(o, r); }
+                    Some((_, Err(_))) => {}
+                    None => break,
+                },
+                _ = &mut deadline => break,
+            }
+        }
+        for (o, have) in answers {
+            let stale = have.as_ref().is_none_or(|h| h.version < newest.version);
+            if !stale {
+                continue;
+            }
+            let ok = if o == self.me() {
+                self.store.apply(vec![newest.clone()]).await.is_ok()
+            } else {
+                match peer_address(&view, o) {
+                    Ok(addr) => self.peers.apply_one(o, &addr, newest.clone()).await.is_ok(),
+                    Err(_) => false,
+                }
+            };
+            if ok {
+                self.metrics.read_repairs.inc();
+            }
+        }
+    }
+
+    /// Writes `value` (`None` = delete) at `level`. With `expect_present`,
+    /// 404 unless a live value exists; with `create_only`, 412 if one does.
+    pub async fn write(
+        self: &Arc<Self>,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        level: Option<Consistency>,
+        create_only: bool,
+        expect_present: bool,
+    ) -> Result<Record, ApiError> {
+        let view = self.require_serving()?;
+        let level = level.unwrap_or(view.topology.write_consistency);
+        if create_only || expect_present {
+            let current = self.read(&key, None).await?;
+            let live = current.as_ref().is_some_and(|r| r.value.is_some());
+            if create_only && live {
+                return Err(ApiError::new(
+                    412,
+                    "precondition_failed",
+                    "the key already has a value (If-None-Match: *)".into(),
+                ));
+            }
+            if expect_present && !live {
+                return Err(ApiError::new(404, "not_found", "no such key".into()));
+            }
+        }
+        let bucket = bucket_of(&key);
+        let current: Vec<u32> = view.layout.current.owners(bucket).to_vec();
+        let pending: Option<Vec<u32>> = view
+            .layout
+            .pending
+            .as_ref()
+            .map(|p| p.owners(bucket).to_vec());
+        let state = |o: &u32| view.state_of(*o);
+        let need_cur = level.required(current.len()).max(1);
+        let live_cur = current
+            .iter()
+            .filter(|o| state(o).is_some_and(NodeState::counts_in_quorum))
+            .count();
+        if live_cur < need_cur {
+            return Err(unavailable(format!(
+                "write at {level} needs {need_cur} of the key's {} owners and only {live_cur} are Up",
+                current.len()
+            )));
+        }
+        let need_pend = pending.as_ref().map(|p| level.required(p.len()).max(1));
+        if let (Some(p), Some(need)) = (&pending, need_pend) {
+            let live = p
+                .iter()
+                .filter(|o| state(o).is_some_and(NodeState::takes_replica_writes))
+                .count();
+            if live < need {
+                return Err(unavailable(format!(
+                    "write at {level} needs {need} of the key's {} new owners (rebalancing) and only {live} take writes",
+                    p.len()
+                )));
+            }
+        }
+        let record = Record {
+            key,
+            value,
+            version: self.hlc.now(),
+        };
+        let targets: BTreeSet<u32> = view.layout.write_owners(bucket).into_iter().collect();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Result<(), WriteFailure>)>();
+        let mut hints = Vec::new();
+        for o in targets {
+            if !state(&o).is_some_and(NodeState::takes_replica_writes) {
+                hints.push((o, record.clone()));
+                continue;
+            }
+            let (node, tx, rec, view) = (self.clone(), tx.clone(), record.clone(), view.clone());
+            tokio::spawn(async move {
+                let r = node.write_replica(&view, o, rec.clone()).await;
+                if r.is_err()
+                    && o != node.me()
+                    && let Err(e) = node.store.add_hints(vec![(o, rec)]).await
+                {
+                    tracing::warn!(node = o, error = %e, "cannot store a hint");
+                }
+                let _ = tx.send((o, r));
+            });
+        }
+        drop(tx);
+        if !hints.is_empty() {
+            let n = hints.len();
+            // Hints for owners known to be down are stored before the answer,
+            // so they outlive a crash of this node right after it.
+            if let Err(e) = self.store.add_hints(hints).await {
+                tracing::warn!(error = %e, count = n, "cannot store hints");
+            }
+        }
+        let counts = |o: u32| {
+            let cur = current.contains(&o) && state(&o).is_some_and(NodeState::counts_in_quorum);
+            let pend = pending.as_ref().is_some_and(|p| p.contains(&o));
+            (cur, pend)
+        };
+        let (mut acked_cur, mut acked_pend) = (0usize, 0usize);
+        let mut failures = Vec::new();
+        let mut disk_full = false;
+        let done = |c: usize, p: usize| c >= need_cur && need_pend.is_none_or(|n| p >= n);
+        while !done(acked_cur, acked_pend) {
+            match rx.recv().await {
+                Some((o, Ok(()))) => {
+                    let (c, p) = counts(o);
+                    acked_cur += usize::from(c);
+                    acked_pend += usize::from(p);
+                }
+                Some((o, Err(f))) => {
+                    disk_full |= matches!(f, WriteFailure::DiskFull);
+                    failures.push(format!("node {o}: {}", f.message()));
+                }
+                None => break,
+            }
+        }
+        if done(acked_cur, acked_pend) {
+            return Ok(record);
+        }
+        let msg = format!(
+            "write at {level} was acknowledged by {acked_cur} of the {need_cur} owners it needs ({}); it is not reported as written and may or may not become visible",
+            failures.join("; ")
+        );
+        if disk_full {
+            Err(ApiError::new(507, "insufficient_storage", msg))
+        } else {
+            Err(unavailable(msg))
+        }
+    }
+
+    async fn write_replica(
+        &self,
+        view: &View,
+        ordinal: u32,
+        record: Record,
+    ) -> Result<(), WriteFailure> {
+        if ordinal == self.me() {
+            return match self.store.apply(vec![record]).await {
+                Ok(_) => Ok(()),
+                Err(StorageError::DiskFull(_)) => Err(WriteFailure::DiskFull),
+                Err(e) => Err(WriteFailure::Other(e.to_string())),
+            };
+        }
+        let addr = peer_address(view, ordinal).map_err(|e| WriteFailure::Other(e.to_string()))?;
+        let r = self.peers.apply_one(ordinal, &addr, record).await;
+        let outcome = if r.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .replication
+            .with_label_values(&["write", outcome])
+            .inc();
+        r.map(|_| ())
+            .map_err(|e| WriteFailure::Other(e.to_string()))
+    }
+
+    /// A page of live keys under `prefix`, merged across every serving node so
+    /// that each bucket is covered by at least one owner; the newest version
+    /// of each key decides whether it is live.
+    pub async fn list(
+        self: &Arc<Self>,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Listing, ApiError> {
+        let view = self.require_serving()?;
+        let serving: Vec<u32> = view
+            .topology
+            .nodes
+            .iter()
+            .filter(|n| n.state.serves_client_reads())
+            .map(|n| n.ordinal)
+            .collect();
+        let mut tasks = Vec::new();
+        for o in serving {
+            let (node, view) = (self.clone(), view.clone());
+            let (prefix, after) = (prefix.to_vec(), after.map(<[u8]>::to_vec));
+            tasks.push(tokio::spawn(async move {
+                let r = if o == node.me() {
+                    let store = node.store.clone();
+                    tokio::task::spawn_blocking(move || {
+                        store.scan(&prefix, after.as_deref(), limit)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                } else {
+                    match peer_address(&view, o) {
+                        Ok(addr) => node
+                            .peers
+                            .scan(o, &addr, &prefix, after.as_deref(), limit)
+                            .await
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                };
+                (o, r)
+            }));
+        }
+        let mut answered = BTreeSet::new();
+        let mut merged: BTreeMap<Vec<u8>, Record> = BTreeMap::new();
+        // Keys up to `bound` are complete: every node that answered a full page
+        // may hold more keys after its last one.
+        let mut bound: Option<Vec<u8>> = None;
+        for t in tasks {
+            let Ok((o, r)) = t.await else { continue };
+            let Ok(records) = r else { continue };
+            answered.insert(o);
+            if records.len() >= limit
+                && let Some(last) = records.last()
+                && bound.as_ref().is_none_or(|b| last.key < *b)
+            {
+                bound = Some(last.key.clone());
+            }
+            for r in records {
+                match merged.get(&r.key) {
+                    Some(have) if have.version >= r.version => {}
+                    _ => {
+                        merged.insert(r.key.clone(), r);
+                    }
+                }
+            }
+        }
+        let uncovered = (0..kv_core::BUCKETS)
+            .filter(|b| {
+                !view
+                    .layout
+                    .read_owners(*b)
+                    .iter()
+                    .any(|o| answered.contains(o))
+            })
+            .count();
+        if uncovered > 0 {
+            return Err(unavailable(format!(
+                "cannot list: {uncovered} buckets have no reachable owner"
+            )));
+        }
+        let mut keys = Vec::new();
+        let mut next = None;
+        for (k, r) in merged {
+            if bound.as_ref().is_some_and(|b| k > *b) {
+                break;
+            }
+            if r.value.is_none() {
+                continue;
+            }
+            keys.push(k);
+            if keys.len() == limit {
+                break;
+            }
+        }
+        if keys.len() == limit || bound.is_some() {
+            next = keys.last().cloned().or(bound);
+        }
+        Ok(Listing { keys, next })
+    }
+}
+
+fn newest<'a>(answers: impl Iterator<Item = &'a Option<Record>>) -> Option<Record> {
+    answers.flatten().max_by_key(|r| r.version).cloned()
+}
+
+pub(crate) fn peer_address(view: &View, ordinal: u32) -> Result<String, PeerError> {
+    view.topology
+        .node(ordinal)
+        .map(|n| n.peer_address.clone())
+        .ok_or(PeerError::Unknown(ordinal))
+}
+
+enum WriteFailure {
+    DiskFull,
+    Other(String),
+}
+
+impl WriteFailure {
+    fn message(&self) -> String {
+        match self {
+            WriteFailure::DiskFull => "its disk is full".into(),
+            WriteFailure::Other(m) => m.clone(),
+        }
+    }
+}

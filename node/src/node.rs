@@ -1,0 +1,296 @@
+//! One running node: its store, clock, topology, peers and metrics, and the
+//! servers and background tasks around them.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kv_core::{Hlc, Topology};
+use tokio::sync::{mpsc, watch};
+
+use crate::cluster::{ClusterState, Source};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::peer::{EpochSeen, Peers};
+use crate::storage::{CommitObserver, StorageError, Store, StoreOptions};
+
+/// An error answered to a client: status, code and a sentence.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ApiError {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: u16, code: &'static str, message: String) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(400, "bad_request", message.into())
+    }
+
+    pub fn storage(e: StorageError) -> ApiError {
+        match e {
+            StorageError::DiskFull(m) => ApiError::new(
+                507,
+                "insufficient_storage",
+                format!("the node's disk is full: {m}"),
+            ),
+            other => ApiError::new(500, "internal", other.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("topology file {path}: {message}")]
+    Topology { path: String, message: String },
+}
+
+pub struct Node {
+    pub config: Config,
+    pub store: Store,
+    pub hlc: Hlc,
+    pub cluster: ClusterState,
+    pub peers: Peers,
+    pub metrics: Metrics,
+    pub started: Instant,
+}
+
+impl Node {
+    pub fn me(&self) -> u32 {
+        self.cluster.me()
+    }
+
+    /// Opens the store and builds the node; `seen` receives higher epochs
+    /// that peers report.
+    pub fn open(
+        config: Config,
+    ) -> Result<(Arc<Node>, mpsc::UnboundedReceiver<EpochSeen>), NodeError> {
+        let metrics = Metrics::new();
+        let (batch, fsync) = (metrics.commit_batch.clone(), metrics.fsync_duration.clone());
+        let store = Store::open(
+            &config.data_dir,
+            StoreOptions {
+                observer: Some(CommitObserver(Arc::new(move |n, took| {
+                    batch.observe(n as f64);
+                    fsync.observe(took.as_secs_f64());
+                }))),
+                ..StoreOptions::default()
+            },
+        )?;
+        let initial = Topology::single(
+            "local",
+            config.node_id,
+            &config.advertise,
+            &config.peer_advertise,
+        );
+        let cluster = ClusterState::new(config.node_id, initial, &config.data_dir);
+        let view = cluster.view();
+        if view.topology.epoch > 0 {
+            store.claim_identity(&view.topology.cluster_id, config.node_id)?;
+        }
+        let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+        let peers = Peers::new(
+            config.node_id,
+            config.cluster_token.clone(),
+            config.peer_timeout,
+            seen_tx,
+        );
+        peers.set_epoch(view.topology.epoch);
+        metrics.topology_epoch.set(view.topology.epoch as i64);
+        metrics.set_state(view.state_of(config.node_id));
+        let node = Arc::new(Node {
+            hlc: Hlc::new(config.node_id),
+            config,
+            store,
+            cluster,
+            peers,
+            metrics,
+            started: Instant::now(),
+        });
+        Ok((node, seen_rx))
+    }
+
+    /// Installs a topology from any source, after checking that it belongs
+    /// to the cluster this data directory belongs to.
+    pub fn install_topology(&self, t: Topology, source: Source) -> Result<bool, String> {
+        if t.epoch > 0 {
+            self.store
+                .claim_identity(&t.cluster_id, self.me())
+                .map_err(|e| e.to_string())?;
+        }
+        let changed = self.cluster.install(t, source).map_err(|e| e.to_string())?;
+        if changed {
+            let view = self.cluster.view();
+            self.peers.set_epoch(view.topology.epoch);
+            self.metrics.topology_epoch.set(view.topology.epoch as i64);
+            self.metrics.set_state(view.state_of(self.me()));
+        }
+        Ok(changed)
+    }
+
+    /// Reads the topology file once; `Ok(None)` when it does not exist.
+    pub fn read_topology_file(&self) -> Result<Option<Topology>, NodeError> {
+        let Some(path) = &self.config.topology_file else {
+            return Ok(None);
+        };
+        match std::fs::read(path) {
+            Ok(bytes) => Topology::from_json(&bytes)
+                .map(Some)
+                .map_err(|e| NodeError::Topology {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(NodeError::Topology {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    fn load_topology_file(&self) {
+        match self.read_topology_file() {
+            Ok(Some(t)) => {
+                let epoch = t.epoch;
+                if let Err(e) = self.install_topology(t, Source::File)
+                    && epoch > self.cluster.epoch()
+                {
+                    tracing::error!(error = %e, "topology file rejected; keeping the last good topology");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "topology file rejected; keeping the last good topology")
+            }
+        }
+    }
+
+    /// Watches the topology file (polling: ConfigMap volumes swap symlinks,
+    /// which inotify reports unreliably).
+    pub async fn watch_topology_file(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        if self.config.topology_file.is_none() {
+            return;
+        }
+        let mut last: Option<Vec<u8>> = None;
+        loop {
+            let content = self
+                .config
+                .topology_file
+                .as_ref()
+                .and_then(|p| std::fs::read(p).ok());
+            if content != last {
+                self.load_topology_file();
+                last = content;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Fetches the topology from peers that report a higher epoch (and, at
+    /// start, from every known peer to confirm a saved topology).
+    pub async fn follow_epochs(self: Arc<Self>, mut seen: mpsc::UnboundedReceiver<EpochSeen>) {
+        while let Some(s) = seen.recv().await {
+            let mine = self.cluster.epoch();
+            if s.epoch < mine {
+                continue;
+            }
+            if s.epoch == mine {
+                self.cluster.confirm();
+                continue;
+            }
+            self.fetch_topology_from(s.ordinal).await;
+        }
+    }
+
+    pub async fn fetch_topology_from(&self, ordinal: u32) {
+        let view = self.cluster.view();
+        let Some(peer) = view.topology.node(ordinal) else {
+            return;
+        };
+        match self.peers.topology(ordinal, &peer.peer_address).await {
+            Ok(t) if t.epoch > view.topology.epoch => {
+                if let Err(e) = self.install_topology(t, Source::Peer) {
+                    tracing::warn!(from = ordinal, error = %e, "topology from peer rejected");
+                }
+            }
+            Ok(t) if t.epoch == view.topology.epoch => self.cluster.confirm(),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(from = ordinal, error = %e, "cannot fetch topology"),
+        }
+    }
+
+    /// Asks every known peer for its topology: how a restarted node learns
+    /// whether what it saved is still current.
+    pub async fn confirm_with_peers(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        while !self.cluster.confirmed() {
+            let view = self.cluster.view();
+            for n in &view.topology.nodes {
+                if n.ordinal != self.me() {
+                    self.fetch_topology_from(n.ordinal).await;
+                }
+            }
+            if view.topology.nodes.len() == 1 && view.topology.node(self.me()).is_some() {
+                // A one-node cluster has nobody to ask.
+                self.cluster.confirm();
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Refreshes the storage gauges.
+    pub async fn refresh_gauges(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let store = self.store.clone();
+            if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || store.stats()).await {
+                self.metrics.set_store_stats(&s);
+            }
+            let store = self.store.clone();
+            if let Ok(Ok(h)) = tokio::task::spawn_blocking(move || store.pending_hints()).await {
+                self.metrics
+                    .hints_pending
+                    .set(h.values().sum::<u64>() as i64);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+}
+
+/// Serve a warp filter until `stop` flips, then drain in-flight requests.
+pub async fn serve<F>(filter: F, listener: tokio::net::TcpListener, mut stop: watch::Receiver<bool>)
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    warp::serve(filter)
+        .incoming(listener)
+        .graceful(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .run()
+        .await;
+}

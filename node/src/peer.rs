@@ -1,0 +1,391 @@
+//! The client side of node-to-node traffic.
+//!
+//! One pooled keep-alive HTTP client serves every peer. Replica writes and
+//! replica reads go through a per-peer *batcher*: a task that takes the first
+//! queued item, drains whatever else is queued behind it and sends it all in
+//! one request, with a few batches in flight per peer. Under load, concurrent
+//! client requests to the same peer share a round trip instead of paying one
+//! each (the same idea as the storage writer's group commit).
+//!
+//! Every request carries our topology epoch (`X-Kv-Epoch`) and ordinal
+//! (`X-Kv-Node`); every answer carries the peer's epoch. A higher epoch on
+//! either side makes the node that is behind fetch the topology.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kv_core::wire::{self, WireError};
+use kv_core::{Digest, Record, Topology};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+pub const EPOCH_HEADER: &str = "x-kv-epoch";
+pub const NODE_HEADER: &str = "x-kv-node";
+
+/// Most items one batched request carries.
+const MAX_BATCH: usize = 256;
+/// Batched requests in flight to one peer at a time.
+const IN_FLIGHT: usize = 4;
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("node {0} is unreachable: {1}")]
+    Unreachable(u32, String),
+    #[error("node {0} answered {1}: {2}")]
+    Status(u32, u16, String),
+    #[error("node {0} sent a bad batch: {1}")]
+    Decode(u32, WireError),
+    #[error("node {0} did not answer every item of a batch")]
+    ShortAnswer(u32),
+    #[error("node {0} is not in the topology")]
+    Unknown(u32),
+}
+
+/// What the peer side tells the node about epochs it saw.
+#[derive(Clone, Copy, Debug)]
+pub struct EpochSeen {
+    pub ordinal: u32,
+    pub epoch: u64,
+}
+
+type Reply<A> = oneshot::Sender<Result<A, PeerError>>;
+
+struct Batcher<Q, A> {
+    tx: mpsc::UnboundedSender<(Q, Reply<A>)>,
+}
+
+impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
+    fn spawn<F, Fut>(send: F) -> Self
+    where
+        F: Fn(Vec<Q>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<A>, PeerError>> + Send + 'static,
+    {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Q, Reply<A>)>();
+        let send = Arc::new(send);
+        let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let Ok(permit) = slots.clone().acquire_owned().await else {
+                    return;
+                };
+                // Drain what queued up while we waited for a slot.
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(item) => batch.push(item),
+                        Err(_) => break,
+                    }
+                }
+                let send = send.clone();
+                tokio::spawn(async move {
+                    let (items, replies): (Vec<Q>, Vec<Reply<A>>) = batch.into_iter().unzip();
+                    let n = items.len();
+                    match send(items).await {
+                        Ok(answers) if answers.len() == n => {
+                            for (reply, a) in replies.into_iter().zip(answers) {
+                                let _ = reply.send(Ok(a));
+                            }
+                        }
+                        Ok(_) => {
+                            for reply in replies {
+                                let _ = reply.send(Err(PeerError::ShortAnswer(u32::MAX)));
+                            }
+                        }
+                        Err(e) => {
+                            for reply in replies {
+                                let _ = reply.send(Err(e.clone()));
+                            }
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        });
+        Batcher { tx }
+    }
+
+    async fn call(&self, q: Q, ordinal: u32) -> Result<A, PeerError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((q, reply))
+            .map_err(|_| PeerError::Unreachable(ordinal, "batcher stopped".into()))?;
+        rx.await
+            .map_err(|_| PeerError::Unreachable(ordinal, "batch dropped".into()))?
+    }
+}
+
+struct Link {
+    address: String,
+    apply: Batcher<Record, bool>,
+    read: Batcher<Vec<u8>, Option<Record>>,
+}
+
+/// Node-to-node client.
+pub struct Peers {
+    http: reqwest::Client,
+    inner: Arc<Inner>,
+    links: Mutex<HashMap<u32, Arc<Link>>>,
+}
+
+struct Inner {
+    me: u32,
+    token: String,
+    epoch: std::sync::atomic::AtomicU64,
+    seen: mpsc::UnboundedSender<EpochSeen>,
+    timeout: Duration,
+}
+
+impl Peers {
+    /// `seen` receives every higher epoch a peer answers with.
+    pub fn new(
+        me: u32,
+        token: String,
+        timeout: Duration,
+        seen: mpsc::UnboundedSender<EpochSeen>,
+    ) -> Peers {
+        let http = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        Peers {
+            http,
+            inner: Arc::new(Inner {
+                me,
+                token,
+                epoch: std::sync::atomic::AtomicU64::new(0),
+                seen,
+                timeout,
+            }),
+            links: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The epoch sent on every request.
+    pub fn set_epoch(&self, epoch: u64) {
+        self.inner
+            .epoch
+            .store(epoch, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    fn link(&self, ordinal: u32, address: &str) -> Arc<Link> {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = links.get(&ordinal).filter(|l| l.address == address) {
+            return l.clone();
+        }
+        let (h1, i1, a1) = (self.http.clone(), self.inner.clone(), address.to_string());
+        let (h2, i2, a2) = (self.http.clone(), self.inner.clone(), address.to_string());
+        let link = Arc::new(Link {
+            address: address.to_string(),
+            apply: Batcher::spawn(move |records: Vec<Record>| {
+                let (h, i, a) = (h1.clone(), i1.clone(), a1.clone());
+                async move { apply_batch(&h, &i, ordinal, &a, &records).await }
+            }),
+            read: Batcher::spawn(move |keys: Vec<Vec<u8>>| {
+                let (h, i, a) = (h2.clone(), i2.clone(), a2.clone());
+                async move {
+                    let found = read_batch(&h, &i, ordinal, &a, &keys).await?;
+                    let mut by_key: HashMap<Vec<u8>, Record> =
+                        found.into_iter().map(|r| (r.key.clone(), r)).collect();
+                    Ok(keys.iter().map(|k| by_key.remove(k)).collect())
+                }
+            }),
+        });
+        links.insert(ordinal, link.clone());
+        link
+    }
+
+    /// Applies one record on a peer (batched with concurrent calls).
+    pub async fn apply_one(
+        &self,
+        ordinal: u32,
+        address: &str,
+        record: Record,
+    ) -> Result<bool, PeerError> {
+        self.link(ordinal, address)
+            .apply
+            .call(record, ordinal)
+            .await
+    }
+
+    /// Reads one key from a peer (batched with concurrent calls).
+    pub async fn read_one(
+        &self,
+        ordinal: u32,
+        address: &str,
+        key: Vec<u8>,
+    ) -> Result<Option<Record>, PeerError> {
+        self.link(ordinal, address).read.call(key, ordinal).await
+    }
+
+    /// Applies a whole batch on a peer in one request (hints, streaming).
+    pub async fn apply(
+        &self,
+        ordinal: u32,
+        address: &str,
+        records: &[Record],
+    ) -> Result<Vec<bool>, PeerError> {
+        apply_batch(&self.http, &self.inner, ordinal, address, records).await
+    }
+
+    pub async fn digests(&self, ordinal: u32, address: &str) -> Result<Vec<Digest>, PeerError> {
+        let body = get(&self.http, &self.inner, ordinal, address, "digests").await?;
+        wire::decode_digests(&body).map_err(|e| PeerError::Decode(ordinal, e))
+    }
+
+    pub async fn bucket(
+        &self,
+        ordinal: u32,
+        address: &str,
+        bucket: u32,
+    ) -> Result<Vec<Record>, PeerError> {
+        let body = get(
+            &self.http,
+            &self.inner,
+            ordinal,
+            address,
+            &format!("bucket/{bucket}"),
+        )
+        .await?;
+        wire::decode_records(&body).map_err(|e| PeerError::Decode(ordinal, e))
+    }
+
+    /// Records (tombstones included) of a prefix scan on one peer.
+    pub async fn scan(
+        &self,
+        ordinal: u32,
+        address: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<Record>, PeerError> {
+        use percent_encoding::{NON_ALPHANUMERIC, percent_encode};
+        let mut path = format!(
+            "scan?limit={limit}&prefix={}",
+            percent_encode(prefix, NON_ALPHANUMERIC)
+        );
+        if let Some(after) = after {
+            path.push_str(&format!(
+                "&after={}",
+                percent_encode(after, NON_ALPHANUMERIC)
+            ));
+        }
+        let answer = get(&self.http, &self.inner, ordinal, address, &path).await?;
+        wire::decode_records(&answer).map_err(|e| PeerError::Decode(ordinal, e))
+    }
+
+    pub async fn topology(&self, ordinal: u32, address: &str) -> Result<Topology, PeerError> {
+        let body = get(&self.http, &self.inner, ordinal, address, "topology").await?;
+        Topology::from_json(&body).map_err(|e| PeerError::Status(ordinal, 200, e.to_string()))
+    }
+}
+
+fn url(address: &str, path: &str) -> String {
+    format!("http://{address}/internal/v1/{path}")
+}
+
+async fn send(
+    inner: &Inner,
+    ordinal: u32,
+    req: reqwest::RequestBuilder,
+) -> Result<bytes::Bytes, PeerError> {
+    let epoch = inner.epoch.load(std::sync::atomic::Ordering::Acquire);
+    let resp = req
+        .bearer_auth(&inner.token)
+        .header(EPOCH_HEADER, epoch)
+        .header(NODE_HEADER, inner.me)
+        .send()
+        .await
+        .map_err(|e| PeerError::Unreachable(ordinal, e.to_string()))?;
+    if let Some(theirs) = resp
+        .headers()
+        .get(EPOCH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        let _ = inner.seen.send(EpochSeen {
+            ordinal,
+            epoch: theirs,
+        });
+    }
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| PeerError::Unreachable(ordinal, e.to_string()))?;
+    if !status.is_success() {
+        let msg = String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned();
+        return Err(PeerError::Status(ordinal, status.as_u16(), msg));
+    }
+    Ok(body)
+}
+
+async fn get(
+    http: &reqwest::Client,
+    inner: &Inner,
+    ordinal: u32,
+    address: &str,
+    path: &str,
+) -> Result<bytes::Bytes, PeerError> {
+    send(inner, ordinal, http.get(url(address, path))).await
+}
+
+async fn post(
+    http: &reqwest::Client,
+    inner: &Inner,
+    ordinal: u32,
+    address: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<bytes::Bytes, PeerError> {
+    send(inner, ordinal, http.post(url(address, path)).body(body)).await
+}
+
+async fn apply_batch(
+    http: &reqwest::Client,
+    inner: &Inner,
+    ordinal: u32,
+    address: &str,
+    records: &[Record],
+) -> Result<Vec<bool>, PeerError> {
+    let body = post(
+        http,
+        inner,
+        ordinal,
+        address,
+        "apply",
+        wire::encode_records(records),
+    )
+    .await?;
+    if body.len() != records.len() {
+        return Err(PeerError::ShortAnswer(ordinal));
+    }
+    Ok(body.iter().map(|b| *b == 1).collect())
+}
+
+async fn read_batch(
+    http: &reqwest::Client,
+    inner: &Inner,
+    ordinal: u32,
+    address: &str,
+    keys: &[Vec<u8>],
+) -> Result<Vec<Record>, PeerError> {
+    let body = post(
+        http,
+        inner,
+        ordinal,
+        address,
+        "read",
+        wire::encode_keys(keys.iter().map(Vec::as_slice)),
+    )
+    .await?;
+    wire::decode_records(&body).map_err(|e| PeerError::Decode(ordinal, e))
+}

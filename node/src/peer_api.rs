@@ -1,0 +1,258 @@
+//! The node-to-node HTTP API (peer port, `/internal/v1/`).
+//!
+//! Every route needs the cluster token, takes and answers `X-Kv-Epoch`, and
+//! is idempotent: a batch applied twice changes nothing the second time
+//! (last-writer-wins). Bodies are binary batches (`kv_core::wire`).
+
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes};
+use futures::Stream;
+use kv_core::wire;
+use kv_core::{Record, Topology};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use warp::Filter;
+use warp::http::{HeaderMap, HeaderValue, Method, header};
+
+use crate::api::{Response, error_response, parse_query, percent_decode, read_body};
+use crate::cluster::Source;
+use crate::node::{ApiError, Node};
+use crate::peer::{EPOCH_HEADER, NODE_HEADER};
+
+/// Largest batch body a peer accepts.
+pub fn batch_limit(max_value: usize) -> usize {
+    max_value.saturating_mul(4).max(16 * 1024 * 1024)
+}
+
+pub fn routes(
+    node: Arc<Node>,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  headers: HeaderMap,
+                  body| {
+                let node = node.clone();
+                async move {
+                    let mut resp =
+                        serve(&node, &method, path.as_str(), &query, &headers, body).await;
+                    if let Ok(v) = HeaderValue::from_str(&node.cluster.epoch().to_string()) {
+                        resp.headers_mut().insert(EPOCH_HEADER, v);
+                    }
+                    resp
+                }
+            },
+        )
+        .recover(|_| async {
+            Ok::<_, std::convert::Infallible>(error_response(
+                &ApiError::new(404, "not_found", "no such route".into()),
+                false,
+            ))
+        })
+        .unify()
+}
+
+async fn serve<S, B>(
+    node: &Arc<Node>,
+    method: &Method,
+    path: &str,
+    query: &str,
+    headers: &HeaderMap,
+    body: S,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + Unpin,
+    B: Buf,
+{
+    let authorized = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|t| bool::from(t.ct_eq(node.config.cluster_token.as_bytes())));
+    if !authorized {
+        return error_response(
+            &ApiError::new(403, "forbidden", "missing or wrong cluster token".into()),
+            false,
+        );
+    }
+    note_epoch(node, headers);
+    let body = match read_body(headers, body, batch_limit(node.config.max_value_bytes)).await {
+        Ok(b) => b,
+        Err(e) => return error_response(&e, false),
+    };
+    match handle(node, method, path, query, body).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e, false),
+    }
+}
+
+/// A caller with a higher epoch than ours: fetch its topology.
+fn note_epoch(node: &Arc<Node>, headers: &HeaderMap) {
+    let get = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (Some(epoch), Some(from)) = (get(EPOCH_HEADER), get(NODE_HEADER)) else {
+        return;
+    };
+    let mine = node.cluster.epoch();
+    if epoch == mine {
+        node.cluster.confirm();
+    } else if epoch > mine
+        && let Ok(from) = u32::try_from(from)
+    {
+        let node = node.clone();
+        tokio::spawn(async move { node.fetch_topology_from(from).await });
+    }
+}
+
+fn binary(body: Vec<u8>) -> Response {
+    let mut resp = Response::new(body.into());
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    resp
+}
+
+fn decode_err(e: wire::WireError) -> ApiError {
+    ApiError::bad_request(format!("bad batch: {e}"))
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::storage::StorageError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::new(500, "internal", e.to_string()))?
+        .map_err(ApiError::storage)
+}
+
+async fn handle(
+    node: &Arc<Node>,
+    method: &Method,
+    path: &str,
+    query: &str,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let route = path
+        .strip_prefix("/internal/v1/")
+        .ok_or_else(|| ApiError::new(404, "not_found", format!("no route {path}")))?;
+    match (method.clone(), route) {
+        (Method::POST, "apply") => {
+            let records = wire::decode_records(&body).map_err(decode_err)?;
+            for r in &records {
+                if r.value
+                    .as_ref()
+                    .is_some_and(|v| v.len() > node.config.max_value_bytes)
+                {
+                    return Err(ApiError::new(
+                        413,
+                        "payload_too_large",
+                        "a value in the batch is over this node's limit".into(),
+                    ));
+                }
+            }
+            if let Some(max) = records.iter().map(|r| r.version).max() {
+                node.hlc.observe(max);
+            }
+            let applied = node.store.apply(records).await.map_err(ApiError::storage)?;
+            Ok(binary(applied.into_iter().map(u8::from).collect()))
+        }
+        (Method::POST, "read") => {
+            let keys = wire::decode_keys(&body).map_err(decode_err)?;
+            let store = node.store.clone();
+            let found: Vec<Record> = blocking(move || {
+                let mut out = Vec::new();
+                for k in keys {
+                    if let Some(r) = store.get(&k)? {
+                        out.push(r);
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+            Ok(binary(wire::encode_records(&found)))
+        }
+        (Method::GET, "digests") => {
+            let store = node.store.clone();
+            let d = blocking(move || store.bucket_digests()).await?;
+            Ok(binary(wire::encode_digests(&d)))
+        }
+        (Method::GET, "scan") => {
+            let q = parse_query(query)?;
+            let prefix = q.get("prefix").cloned().unwrap_or_default();
+            let after = q.get("after").cloned();
+            let limit = q
+                .get("limit")
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse::<usize>().ok())
+                .filter(|n| (1..=10_000).contains(n))
+                .ok_or_else(|| ApiError::bad_request("limit must be 1..=10000"))?;
+            let store = node.store.clone();
+            let records = blocking(move || store.scan(&prefix, after.as_deref(), limit)).await?;
+            Ok(binary(wire::encode_records(&records)))
+        }
+        (Method::GET, "topology") => {
+            let t = node.cluster.view().topology.clone();
+            let mut resp = Response::new(serde_json::to_vec(&t).unwrap_or_default().into());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            Ok(resp)
+        }
+        (Method::PUT, "topology") => {
+            let t = Topology::from_json(&body)
+                .map_err(|e| ApiError::bad_request(format!("bad topology: {e}")))?;
+            match node.install_topology(t, Source::Push) {
+                Ok(changed) => {
+                    let mut resp = Response::new(
+                        json!({"installed": changed, "epoch": node.cluster.epoch()})
+                            .to_string()
+                            .into(),
+                    );
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/json"),
+                    );
+                    Ok(resp)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "topology push rejected");
+                    Err(ApiError::new(
+                        409,
+                        "conflict",
+                        format!("topology rejected: {e}"),
+                    ))
+                }
+            }
+        }
+        (Method::GET, r) if r.starts_with("bucket/") => {
+            let b: u32 = r["bucket/".len()..]
+                .parse()
+                .ok()
+                .filter(|b| *b < kv_core::BUCKETS)
+                .ok_or_else(|| ApiError::bad_request("bucket must be 0..4096"))?;
+            let store = node.store.clone();
+            let records = blocking(move || store.bucket_records(b)).await?;
+            Ok(binary(wire::encode_records(&records)))
+        }
+        (_, "apply" | "read" | "digests" | "scan" | "topology") => Err(ApiError::new(
+            405,
+            "method_not_allowed",
+            "wrong method for this route".into(),
+        )),
+        _ => {
+            let _ = percent_decode(route)?;
+            Err(ApiError::new(404, "not_found", format!("no route {path}")))
+        }
+    }
+}
