@@ -37,6 +37,14 @@ pub fn check_key(key: &[u8]) -> Result<(), ClientError> {
             key.len()
         )));
     }
+    // URL parsers remove dot segments even when percent-encoded (`%2E%2E`),
+    // so these two keys would reach another route.
+    if key == b"." || key == b".." {
+        return Err(ClientError::Invalid(format!(
+            "the key {:?} cannot be addressed in a URL path (it is a dot segment)",
+            String::from_utf8_lossy(key)
+        )));
+    }
     Ok(())
 }
 

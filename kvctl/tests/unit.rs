@@ -45,6 +45,9 @@ fn keys_are_percent_encoded_outside_unreserved_bytes() {
 fn key_length_is_checked_before_sending() {
     assert!(client::check_key(b"").is_err());
     assert!(client::check_key(&[b'k'; 1024]).is_ok());
+    assert!(client::check_key(b".").is_err());
+    assert!(client::check_key(b"..").is_err());
+    assert!(client::check_key(b"...").is_ok());
     let e = client::check_key(&[b'k'; 1025]).unwrap_err();
     assert!(e.to_string().contains("1025"), "{e}");
 }
