@@ -13,8 +13,6 @@ use kvctl::output::{self, NodeRow};
 use kvctl::verify::{self, NodeDigests};
 use serde_json::{Value, json};
 
-use crate::UsageError;
-
 /// How long `nodes` and `verify` wait for each node they ask directly.
 const PER_NODE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -337,9 +335,4 @@ async fn verify_cmd(client: &Client, json_out: bool) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-#[allow(dead_code)]
-fn usage(msg: impl Into<String>) -> anyhow::Error {
-    UsageError(msg.into()).into()
 }

@@ -8,11 +8,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use kvctl::cli::Cli;
 
-/// An error in what the user typed: exit status 2.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct UsageError(pub String);
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -28,11 +23,12 @@ fn main() -> ExitCode {
     match rt.block_on(cmd::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            let usage = e.downcast_ref::<UsageError>().is_some()
-                || matches!(
-                    e.downcast_ref::<kvctl::ClientError>(),
-                    Some(kvctl::ClientError::Invalid(_))
-                );
+            // Bad input caught before sending (a key too long, an https
+            // endpoint) is a usage error, like clap's: exit status 2.
+            let usage = matches!(
+                e.downcast_ref::<kvctl::ClientError>(),
+                Some(kvctl::ClientError::Invalid(_))
+            );
             let msg = format!("{e:#}").replace(['\n', '\r'], " ");
             eprintln!("kvctl: {msg}");
             if usage {
