@@ -9,3 +9,4 @@
 //! the planner the local platform (`kvctl up`) shares with the operator.
 
 pub mod k8s;
+pub mod planner;
