@@ -119,10 +119,11 @@ pub struct NodeReport {
 pub struct NodeObservation {
     /// The process (or the pod's container) exists and has started.
     pub running: bool,
-    /// Since when the node has been unreachable (not running, or not
-    /// answering), in ms since the Unix epoch; `None` when it is fine, or
-    /// when nothing is known (a node that is neither running nor reporting
-    /// and has no `down_since_ms` counts as down for long).
+    /// Since when the node has been unreachable (not running, or running
+    /// but not answering), in ms since the Unix epoch. `None` when it is fine
+    /// or when no time is known: failure detection only counts from a time
+    /// the caller gives, so a node the platform has not seen yet (just
+    /// added, not started) is not Failed before it had a chance to start.
     pub down_since_ms: Option<u64>,
     /// The node's report, when it answered.
     pub report: Option<NodeReport>,
@@ -150,7 +151,9 @@ pub struct Observed {
     pub epoch_floor: u64,
     /// Now, in ms since the Unix epoch.
     pub now_ms: u64,
-    /// Per ordinal; an ordinal missing here is neither running nor reporting.
+    /// Per ordinal; an ordinal missing here is neither running nor
+    /// reporting, with no known down time (see
+    /// [`NodeObservation::down_since_ms`]).
     pub nodes: BTreeMap<u32, NodeObservation>,
 }
 
@@ -551,7 +554,12 @@ fn next(
             (NodeState::Failed, "held down".to_string())
         } else {
             match prev {
-                None => (healthy, "new owner, streaming its data in".to_string()),
+                // A new node the platform already knows to be down for long
+                // (a process stopped earlier) is Failed until it is back.
+                None => match node_step(healthy, healthy, obs, observed.now_ms, config, epoch) {
+                    (NodeState::Failed, why) => (NodeState::Failed, why),
+                    _ => (healthy, "new owner, streaming its data in".to_string()),
+                },
                 Some(s) => node_step(s, healthy, obs, observed.now_ms, config, epoch),
             }
         };
@@ -653,7 +661,7 @@ fn node_step(
     let down_for = obs
         .and_then(|o| o.down_since_ms)
         .map(|t| now_ms.saturating_sub(t));
-    let down_long = !alive && down_for.is_none_or(|d| d >= config.failure_detection_ms);
+    let down_long = !alive && down_for.is_some_and(|d| d >= config.failure_detection_ms);
     match s {
         NodeState::Failed if alive => {
             let to = if healthy == NodeState::Joining {
@@ -665,10 +673,7 @@ fn node_step(
         }
         NodeState::Failed => (NodeState::Failed, String::new()),
         _ if down_long => {
-            let why = match down_for {
-                Some(d) => format!("unreachable for {d} ms"),
-                None => "not running".to_string(),
-            };
+            let why = format!("unreachable for {} ms", down_for.unwrap_or_default());
             (NodeState::Failed, why)
         }
         NodeState::Recovering | NodeState::Joining if healthy == NodeState::Joining => {

@@ -192,12 +192,13 @@ fn a_node_is_failed_after_the_failure_detection_time_and_not_before() {
     let p = step(&desired(3), &observed(Some(t1.clone()), nodes.clone()));
     assert_eq!(p.topology, None, "a hung node does not flap to Recovering");
 
-    // No observation at all: Failed at once.
+    // No observation and no known down time: not Failed yet, but started.
     let p = step(
         &desired(3),
         &observed(Some(t.clone()), all_synced(2, t.epoch)),
     );
-    assert_eq!(p.topology.map(|t| t.state_of(2)), Some(Some(Failed)));
+    assert_eq!(p.topology, None);
+    assert_eq!(p.actions, [Action::Start(2)]);
 }
 
 #[test]
