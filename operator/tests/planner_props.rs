@@ -87,7 +87,7 @@ impl Sim {
                         NodeObservation {
                             running: n.running,
                             down_since_ms: n.down_since,
-                            report: n.running.then(|| NodeReport {
+                            report: n.running.then_some(NodeReport {
                                 epoch: n.epoch,
                                 synced_epoch: n.synced,
                                 resync_progress: if n.synced >= n.epoch { 1.0 } else { 0.3 },
