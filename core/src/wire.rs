@@ -189,6 +189,28 @@ pub fn decode_keys(buf: &[u8]) -> Result<Vec<Vec<u8>>, WireError> {
     Ok(out)
 }
 
+/// Encodes a list of bucket numbers (`POST /internal/v1/buckets`).
+pub fn encode_buckets(buckets: &[u32]) -> Vec<u8> {
+    buckets.iter().flat_map(|b| b.to_le_bytes()).collect()
+}
+
+/// Decodes a list of bucket numbers; each must be below `BUCKETS`.
+pub fn decode_buckets(buf: &[u8]) -> Result<Vec<u32>, WireError> {
+    if !buf.len().is_multiple_of(4) {
+        return Err(WireError::Trailing(buf.len() % 4));
+    }
+    buf.chunks_exact(4)
+        .map(|c| {
+            let b = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            if b < BUCKETS {
+                Ok(b)
+            } else {
+                Err(WireError::BadBucket(b))
+            }
+        })
+        .collect()
+}
+
 /// Encodes the non-empty buckets of a per-bucket digest table.
 pub fn encode_digests(digests: &[Digest]) -> Vec<u8> {
     let mut out = vec![0u8; 4];
@@ -302,12 +324,26 @@ mod tests {
         assert_eq!(decode_digests(&bad), Err(WireError::BadBucket(BUCKETS)));
     }
 
+    #[test]
+    fn bucket_lists_round_trip_and_reject_out_of_range() {
+        assert_eq!(
+            decode_buckets(&encode_buckets(&[0, 7, 4095])).unwrap(),
+            vec![0, 7, 4095]
+        );
+        assert_eq!(
+            decode_buckets(&encode_buckets(&[4096])),
+            Err(WireError::BadBucket(4096))
+        );
+        assert_eq!(decode_buckets(&[1, 2, 3]), Err(WireError::Trailing(3)));
+    }
+
     proptest! {
         #[test]
         fn decoders_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = decode_records(&bytes);
             let _ = decode_keys(&bytes);
             let _ = decode_digests(&bytes);
+            let _ = decode_buckets(&bytes);
         }
 
         #[test]

@@ -258,6 +258,25 @@ impl Peers {
         wire::decode_records(&body).map_err(|e| PeerError::Decode(ordinal, e))
     }
 
+    /// Every record (tombstones included) of several buckets in one request.
+    pub async fn buckets(
+        &self,
+        ordinal: u32,
+        address: &str,
+        buckets: &[u32],
+    ) -> Result<Vec<Record>, PeerError> {
+        let body = post(
+            &self.http,
+            &self.inner,
+            ordinal,
+            address,
+            "buckets",
+            wire::encode_buckets(buckets),
+        )
+        .await?;
+        wire::decode_records(&body).map_err(|e| PeerError::Decode(ordinal, e))
+    }
+
     /// Records (tombstones included) of a prefix scan on one peer.
     pub async fn scan(
         &self,

@@ -235,6 +235,22 @@ async fn handle(
                 }
             }
         }
+        (Method::POST, "buckets") => {
+            let buckets = wire::decode_buckets(&body).map_err(decode_err)?;
+            if buckets.len() > 256 {
+                return Err(ApiError::bad_request("at most 256 buckets per request"));
+            }
+            let store = node.store.clone();
+            let records = blocking(move || {
+                let mut out = Vec::new();
+                for b in buckets {
+                    out.extend(store.bucket_records(b)?);
+                }
+                Ok(out)
+            })
+            .await?;
+            Ok(binary(wire::encode_records(&records)))
+        }
         (Method::GET, r) if r.starts_with("bucket/") => {
             let b: u32 = r["bucket/".len()..]
                 .parse()
@@ -245,7 +261,7 @@ async fn handle(
             let records = blocking(move || store.bucket_records(b)).await?;
             Ok(binary(wire::encode_records(&records)))
         }
-        (_, "apply" | "read" | "digests" | "scan" | "topology") => Err(ApiError::new(
+        (_, "apply" | "read" | "digests" | "scan" | "topology" | "buckets") => Err(ApiError::new(
             405,
             "method_not_allowed",
             "wrong method for this route".into(),

@@ -23,6 +23,8 @@ use crate::node::Node;
 
 /// Most hints sent in one request.
 const HINT_BATCH: usize = 512;
+/// Buckets compared and pulled per request during catch-up.
+const SYNC_CHUNK: usize = 64;
 
 impl Node {
     /// Delivers stored hints to owners that take writes again.
@@ -167,19 +169,26 @@ impl Node {
             peer_digests.insert(o, (addr, d));
         }
         let mut done = 0u64;
-        for b in &buckets {
+        for chunk in buckets.chunks(SYNC_CHUNK) {
             if self.cluster.epoch() != epoch {
                 return Ok(false);
             }
-            let mine = self.local_digests()?;
             for (o, (addr, theirs)) in &peer_digests {
-                let owns = view.layout.current.owns(*o, *b)
-                    || view.layout.pending.as_ref().is_some_and(|p| p.owns(*o, *b));
-                if owns && theirs[*b as usize] != mine[*b as usize] {
-                    self.exchange_bucket(*o, addr, *b, false).await?;
+                let mine = self.local_digests()?;
+                let differing: Vec<u32> = chunk
+                    .iter()
+                    .copied()
+                    .filter(|b| {
+                        let owns = view.layout.current.owns(*o, *b)
+                            || view.layout.pending.as_ref().is_some_and(|p| p.owns(*o, *b));
+                        owns && theirs[*b as usize] != mine[*b as usize]
+                    })
+                    .collect();
+                if !differing.is_empty() {
+                    self.pull_buckets(*o, addr, &differing).await?;
                 }
             }
-            done += 1;
+            done += chunk.len() as u64;
             self.cluster.update_resync(|r| r.buckets_done = done);
             self.metrics.resync_buckets_done.set(done as i64);
             self.metrics
@@ -187,6 +196,27 @@ impl Node {
                 .set(done as f64 / buckets.len() as f64);
         }
         Ok(true)
+    }
+
+    /// Pulls a co-owner's records of `buckets` (apply-if-newer).
+    async fn pull_buckets(&self, o: u32, addr: &str, buckets: &[u32]) -> Result<u64, String> {
+        let theirs = self
+            .peers
+            .buckets(o, addr, buckets)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut moved = 0;
+        for part in theirs.chunks(4096) {
+            let applied = self
+                .store
+                .apply(part.to_vec())
+                .await
+                .map_err(|e| e.to_string())?;
+            moved += applied.iter().filter(|a| **a).count() as u64;
+        }
+        self.metrics.resync_keys_moved.inc_by(moved);
+        self.cluster.update_resync(|r| r.keys_moved += moved);
+        Ok(moved)
     }
 
     /// Co-owners to pull from: every node other than this one that owns one

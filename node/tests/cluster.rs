@@ -1,0 +1,515 @@
+//! Replication across real `kv-node` processes on loopback, with topology
+//! files written by the test (the control plane's part is played here by
+//! hand; the planner drives the same transitions in kvctl up and on
+//! Kubernetes).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Client, NodeProc, eventually, topology, wait_epoch, write_topology};
+use kv_core::{Consistency, Layout, NodeState, PlacementSpec, Strategy, Topology};
+use reqwest::Method;
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    topo_path: PathBuf,
+    nodes: Vec<NodeProc>,
+    states: Vec<NodeState>,
+    strategy: Strategy,
+    factor: u32,
+    consistency: Consistency,
+    pending: Option<PlacementSpec>,
+    members: Option<Vec<u32>>,
+    epoch: u64,
+}
+
+impl Cluster {
+    fn start(n: u32, strategy: Strategy, factor: u32, consistency: Consistency) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let topo_path = dir.path().join("topology.json");
+        let nodes: Vec<NodeProc> = (0..n)
+            .map(|i| {
+                let mut p =
+                    NodeProc::new(i, &dir.path().join(format!("node-{i}")), Some(&topo_path));
+                p.extra = vec!["--anti-entropy-secs".into(), "0".into()];
+                p
+            })
+            .collect();
+        let mut c = Cluster {
+            _dir: dir,
+            topo_path,
+            states: vec![NodeState::Up; n as usize],
+            nodes,
+            strategy,
+            factor,
+            consistency,
+            pending: None,
+            members: None,
+            epoch: 0,
+        };
+        c.publish();
+        for p in &mut c.nodes {
+            p.start();
+        }
+        c.wait();
+        c
+    }
+
+    fn topology(&self) -> Topology {
+        let pairs: Vec<(&NodeProc, NodeState)> =
+            self.nodes.iter().zip(self.states.iter().copied()).collect();
+        let mut t = topology(
+            self.epoch,
+            &pairs,
+            self.strategy,
+            self.factor,
+            self.consistency,
+        );
+        if let Some(m) = &self.members {
+            t.placement.members = m.clone();
+        }
+        t.pending = self.pending.clone();
+        t
+    }
+
+    /// Writes the next topology and waits until every running node holds it.
+    fn publish(&mut self) {
+        self.epoch += 1;
+        write_topology(&self.topo_path, &self.topology());
+    }
+
+    fn wait(&self) {
+        let running: Vec<&NodeProc> = self.nodes.iter().collect();
+        wait_epoch(&running, self.epoch);
+    }
+
+    fn set(&mut self, ordinal: u32, state: NodeState) {
+        self.states[ordinal as usize] = state;
+        self.publish();
+        self.wait();
+    }
+
+    /// kill -9 and mark Failed (what the control plane does on a failure).
+    fn fail(&mut self, ordinal: u32) {
+        self.nodes[ordinal as usize].kill9();
+        self.set(ordinal, NodeState::Failed);
+    }
+
+    /// Restart as Recovering, wait for its catch-up at that epoch, then Up.
+    fn recover(&mut self, ordinal: u32) {
+        self.states[ordinal as usize] = NodeState::Recovering;
+        self.publish();
+        self.nodes[ordinal as usize].start();
+        self.wait();
+        let epoch = self.epoch;
+        let c = self.client(ordinal);
+        eventually(
+            &format!("node {ordinal} synced at epoch {epoch}"),
+            Duration::from_secs(60),
+            || c.cluster()["syncedEpoch"].as_u64() >= Some(epoch),
+        );
+        self.set(ordinal, NodeState::Up);
+    }
+
+    fn client(&self, ordinal: u32) -> Client {
+        self.nodes[ordinal as usize].client()
+    }
+
+    fn digests(&self, ordinal: u32) -> serde_json::Value {
+        self.client(ordinal).call(Method::GET, "/v1/digests").json()["buckets"].clone()
+    }
+
+    /// Every bucket's co-owners (committed placement) hold equal digests.
+    fn assert_converged(&self) {
+        let layout = Layout::of(&self.topology());
+        let digests: BTreeMap<u32, serde_json::Value> = self
+            .nodes
+            .iter()
+            .filter(|n| n.running())
+            .map(|n| (n.ordinal, self.digests(n.ordinal)))
+            .collect();
+        for b in 0..kv_core::BUCKETS {
+            let owners: Vec<u32> = layout
+                .read_owners(b)
+                .iter()
+                .copied()
+                .filter(|o| digests.contains_key(o))
+                .collect();
+            let key = b.to_string();
+            let first = &digests[&owners[0]][key.as_str()];
+            for o in &owners[1..] {
+                assert_eq!(
+                    &digests[o][key.as_str()],
+                    first,
+                    "bucket {b}: node {o} differs from node {}",
+                    owners[0]
+                );
+            }
+        }
+    }
+}
+
+fn put(c: &Client, k: &str, v: &str, level: &str) -> u16 {
+    c.put(k, v.as_bytes(), Some(level))
+        .map(|a| a.status)
+        .unwrap_or(0)
+}
+
+fn get(c: &Client, k: &str, level: &str) -> (u16, Vec<u8>) {
+    c.get(k, Some(level))
+        .map(|a| (a.status, a.body))
+        .unwrap_or((0, vec![]))
+}
+
+#[test]
+fn original_fault_scenarios_at_consistency_one() {
+    // 3 nodes RF 2: write 10 keys, fail one node, every key readable.
+    let mut c = Cluster::start(3, Strategy::ConsistentHashing, 2, Consistency::One);
+    for i in 0..10 {
+        assert_eq!(
+            put(&c.client(0), &format!("k{i}"), &format!("v{i}"), "one"),
+            200
+        );
+    }
+    c.fail(1);
+    for i in 0..10 {
+        for reader in [0, 2] {
+            assert_eq!(
+                get(&c.client(reader), &format!("k{i}"), "one"),
+                (200, format!("v{i}").into_bytes()),
+                "k{i} via {reader}"
+            );
+        }
+    }
+    drop(c);
+
+    // 5 nodes RF 3: write 20 keys, fail two nodes, every key readable.
+    let mut c = Cluster::start(5, Strategy::ConsistentHashing, 3, Consistency::One);
+    for i in 0..20 {
+        assert_eq!(
+            put(&c.client(i % 5), &format!("k{i}"), &format!("v{i}"), "one"),
+            200
+        );
+    }
+    c.fail(1);
+    c.fail(3);
+    for i in 0..20 {
+        assert_eq!(
+            get(&c.client(0), &format!("k{i}"), "one"),
+            (200, format!("v{i}").into_bytes()),
+            "k{i}"
+        );
+    }
+}
+
+#[test]
+fn a_recovered_node_resyncs_and_serves_every_key_alone() {
+    let mut c = Cluster::start(3, Strategy::Full, 3, Consistency::Quorum);
+    for i in 0..200 {
+        assert_eq!(
+            put(&c.client(0), &format!("before-{i}"), "a", "quorum"),
+            200
+        );
+    }
+    c.fail(2);
+    for i in 0..200 {
+        assert_eq!(
+            put(&c.client(i % 2), &format!("during-{i}"), "b", "quorum"),
+            200
+        );
+        if i % 10 == 0 {
+            assert_eq!(
+                c.client(0)
+                    .call(Method::DELETE, &format!("/v1/kv/before-{i}"))
+                    .status,
+                200
+            );
+        }
+    }
+    // Recovering: not serving clients, not ready, while it catches up.
+    c.recover(2);
+    let r = c.client(2).call(Method::GET, "/readyz");
+    assert_eq!(r.status, 200, "{}", r.text());
+    c.assert_converged();
+    // Now the two others go down: node 2 alone answers every key at One.
+    c.fail(0);
+    c.fail(1);
+    let alone = c.client(2);
+    for i in 0..200 {
+        let want = if i % 10 == 0 { 404 } else { 200 };
+        assert_eq!(
+            get(&alone, &format!("before-{i}"), "one").0,
+            want,
+            "before-{i}"
+        );
+        assert_eq!(
+            get(&alone, &format!("during-{i}"), "one"),
+            (200, b"b".to_vec()),
+            "during-{i}"
+        );
+    }
+}
+
+#[test]
+fn quorum_with_factor_three_survives_one_owner_down_and_refuses_honestly_at_two() {
+    let mut c = Cluster::start(5, Strategy::ConsistentHashing, 3, Consistency::Quorum);
+    for i in 0..50 {
+        assert_eq!(put(&c.client(0), &format!("k{i}"), "v1", "quorum"), 200);
+    }
+    c.fail(4);
+    for i in 0..50 {
+        let k = format!("k{i}");
+        assert_eq!(
+            get(&c.client(1), &k, "quorum"),
+            (200, b"v1".to_vec()),
+            "{k}"
+        );
+        assert_eq!(put(&c.client(2), &k, "v2", "quorum"), 200, "{k}");
+    }
+    c.fail(3);
+    let layout = Layout::of(&c.topology());
+    let (mut refused, mut served) = (0, 0);
+    for i in 0..50 {
+        let k = format!("k{i}");
+        let owners = layout.read_owners(kv_core::bucket_of(k.as_bytes()));
+        let both_down = owners.contains(&3) && owners.contains(&4);
+        let w = c.client(0).put(&k, b"v3", Some("quorum")).unwrap();
+        let r = c.client(1).get(&k, Some("quorum")).unwrap();
+        if both_down {
+            refused += 1;
+            assert_eq!(w.status, 503, "{k}: {}", w.text());
+            assert_eq!(w.json()["error"], "unavailable");
+            assert_eq!(r.status, 503, "{k}");
+            // Nothing was written: the last acknowledged value is intact.
+            assert_eq!(get(&c.client(0), &k, "one"), (200, b"v2".to_vec()), "{k}");
+        } else {
+            served += 1;
+            assert_eq!(w.status, 200, "{k}: {}", w.text());
+            assert_eq!((r.status, r.body), (200, b"v3".to_vec()), "{k}");
+        }
+    }
+    assert!(
+        refused > 0 && served > 0,
+        "refused {refused}, served {served}"
+    );
+}
+
+#[test]
+fn acknowledged_writes_survive_kill_9_of_an_owner_under_load() {
+    let mut c = Cluster::start(3, Strategy::ConsistentHashing, 3, Consistency::Quorum);
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for t in 0..6u32 {
+        let addr = c.nodes[(t % 2) as usize].address();
+        let (acked, stop) = (acked.clone(), stop.clone());
+        writers.push(std::thread::spawn(move || {
+            let cl = Client::new(&addr, common::TOKEN);
+            for i in 0..50_000u32 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (k, v) = (format!("t{t}-{}", i % 300), format!("{i}"));
+                if put(&cl, &k, &v, "quorum") == 200 {
+                    acked.lock().unwrap().insert(k, v);
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    c.nodes[2].kill9(); // mid-stream, before anyone marks it Failed
+    std::thread::sleep(Duration::from_millis(1500));
+    c.set(2, NodeState::Failed);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 100,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+    for (k, v) in &acked {
+        assert_eq!(
+            get(&c.client(0), k, "quorum"),
+            (200, v.clone().into_bytes()),
+            "{k}"
+        );
+    }
+    c.recover(2);
+    c.assert_converged();
+    for (k, v) in &acked {
+        assert_eq!(
+            get(&c.client(2), k, "all"),
+            (200, v.clone().into_bytes()),
+            "{k}"
+        );
+    }
+}
+
+#[test]
+fn a_stale_replica_converges_by_hints_alone_and_by_anti_entropy_alone() {
+    for use_hints in [true, false] {
+        let mut c = Cluster::start(3, Strategy::Full, 3, Consistency::Quorum);
+        c.fail(2);
+        let t0 = std::time::Instant::now();
+        let mut writers = Vec::new();
+        for t in 0..8u32 {
+            let addr = c.nodes[(t % 2) as usize].address();
+            writers.push(std::thread::spawn(move || {
+                let cl = Client::new(&addr, common::TOKEN);
+                for i in 0..1250u32 {
+                    assert_eq!(put(&cl, &format!("k{t}-{i}"), "v", "quorum"), 200);
+                }
+            }));
+        }
+        for w in writers {
+            w.join().unwrap();
+        }
+        eprintln!("10 000 writes in {:?}", t0.elapsed());
+        let hints: u64 = [0, 1]
+            .iter()
+            .map(|o| c.client(*o).cluster()["hintsPending"].as_u64().unwrap())
+            .sum();
+        assert_eq!(hints, 10_000, "each write left one hint for node 2");
+        if !use_hints {
+            // Discard every hint: restart the coordinators on databases without them.
+            for o in [0usize, 1] {
+                c.nodes[o].kill9();
+                let db =
+                    rusqlite::Connection::open(c.nodes[o].data_dir.join("kv.sqlite3")).unwrap();
+                db.execute("DELETE FROM hints", []).unwrap();
+                drop(db);
+                c.nodes[o].start();
+            }
+            c.wait();
+        }
+        // Node 2 back as Recovering: hints (if any) and catch-up bring it level.
+        let t1 = std::time::Instant::now();
+        c.recover(2);
+        eprintln!(
+            "use_hints={use_hints}: node 2 Up again after {:?}",
+            t1.elapsed()
+        );
+        c.assert_converged();
+        let d = c.digests(2);
+        let count: u64 = d
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(count, 10_000, "use_hints={use_hints}");
+        if use_hints {
+            eventually("hints delivered", Duration::from_secs(30), || {
+                [0, 1]
+                    .iter()
+                    .all(|o| c.client(*o).cluster()["hintsPending"] == 0)
+            });
+        }
+    }
+}
+
+#[test]
+fn bad_topology_pushes_and_files_are_rejected_and_change_nothing() {
+    let c = Cluster::start(3, Strategy::ConsistentHashing, 2, Consistency::Quorum);
+    let good = c.topology();
+    let http = reqwest::blocking::Client::new();
+    let push = |body: Vec<u8>| {
+        http.put(format!(
+            "http://{}/internal/v1/topology",
+            c.nodes[0].peer_address()
+        ))
+        .bearer_auth(common::CLUSTER_TOKEN)
+        .body(body)
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+    };
+    let mut unknown = good.clone();
+    unknown.epoch += 1;
+    unknown.placement.members.push(9);
+    let mut factor = good.clone();
+    factor.epoch += 1;
+    factor.placement.factor = 4;
+    let mut lower = good.clone();
+    lower.epoch -= 1;
+    lower.nodes[1].state = NodeState::Failed;
+    let mut other = good.clone();
+    other.epoch += 1;
+    other.cluster_id = "someone-else".into();
+    for (what, body, status) in [
+        ("unknown member", serde_json::to_vec(&unknown).unwrap(), 400),
+        ("factor > nodes", serde_json::to_vec(&factor).unwrap(), 400),
+        ("lower epoch", serde_json::to_vec(&lower).unwrap(), 409),
+        (
+            "same epoch, other content",
+            serde_json::to_vec(&{
+                let mut t = good.clone();
+                t.nodes[2].state = NodeState::Failed;
+                t
+            })
+            .unwrap(),
+            409,
+        ),
+        ("other cluster", serde_json::to_vec(&other).unwrap(), 409),
+        ("garbage", b"{\"epoch\": 99, ".to_vec(), 400),
+    ] {
+        assert_eq!(push(body), status, "{what}");
+    }
+    // Client token is not enough to push.
+    let r = http
+        .put(format!(
+            "http://{}/internal/v1/topology",
+            c.nodes[0].peer_address()
+        ))
+        .bearer_auth(common::TOKEN)
+        .body(serde_json::to_vec(&good).unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // A garbage file is ignored too.
+    std::fs::write(&c.topo_path, b"not json").unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    for n in 0..3 {
+        let cl = c.client(n).cluster();
+        assert_eq!(cl["topology"]["epoch"], c.epoch, "node {n}");
+        assert_eq!(cl["topology"], serde_json::to_value(&good).unwrap());
+    }
+    assert_eq!(put(&c.client(0), "still", "works", "quorum"), 200);
+}
+
+#[test]
+fn a_node_behind_learns_a_newer_topology_from_a_peer() {
+    let mut c = Cluster::start(3, Strategy::Full, 3, Consistency::Quorum);
+    // Push epoch+1 straight to node 0 only; the others learn it from traffic.
+    c.epoch += 1;
+    let mut t = c.topology();
+    t.read_consistency = Consistency::One;
+    let status = reqwest::blocking::Client::new()
+        .put(format!(
+            "http://{}/internal/v1/topology",
+            c.nodes[0].peer_address()
+        ))
+        .bearer_auth(common::CLUSTER_TOKEN)
+        .body(serde_json::to_vec(&t).unwrap())
+        .send()
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert_eq!(put(&c.client(0), "k", "v", "quorum"), 200);
+    for n in 1..3 {
+        let cl = c.client(n);
+        eventually("peer learns the epoch", Duration::from_secs(10), || {
+            cl.cluster()["topology"]["readConsistency"] == "One"
+        });
+    }
+}
