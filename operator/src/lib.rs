@@ -1,12 +1,11 @@
-//! kv-operator: kvstore's control plane on Kubernetes.
+//! kv-operator: kvstore's control plane.
 //!
-//! [`k8s`] holds the `KvCluster` custom resource and its controller: it
-//! observes the cluster's objects and the nodes' reports, decides node states,
-//! topology and rebalancing as a pure function (`k8s::decide`), and applies the
-//! result with server-side apply.
-//!
-//! The decision function is kept free of Kubernetes types so that it can become
-//! the planner the local platform (`kvctl up`) shares with the operator.
+//! [`planner`] decides, as a pure function free of Kubernetes types, the
+//! topology, node states, rebalancing and process actions from what the user
+//! asked for and what was observed. [`k8s`] holds the `KvCluster` custom
+//! resource and its controller: it observes the cluster's objects and the
+//! nodes' reports, asks the planner, and applies the result with server-side
+//! apply. The local platform (`kvctl up`) drives the same planner.
 
 pub mod k8s;
 pub mod planner;

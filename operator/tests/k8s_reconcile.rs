@@ -12,7 +12,6 @@ use kube::client::Body;
 use kube::runtime::controller::Action;
 use kv_core::{NodeState, Topology};
 use kv_operator::k8s::controller::NodeReports;
-use kv_operator::k8s::decide::desired_placement;
 use kv_operator::k8s::metrics::Metrics;
 use kv_operator::k8s::{Context, KvCluster, objects, reconcile};
 use serde_json::{Value, json};
@@ -64,16 +63,16 @@ async fn run(kvc: KvCluster, calls: Vec<Call>) -> (Action, Vec<Seen>) {
 }
 
 /// Serve node reports on loopback: `GET /<ordinal>/v1/cluster` answers
-/// `{"topology": {"epoch": E}, "resyncProgress": P}` from `reports`, but only
-/// with the client token of `secret()` ("token").
-async fn report_server(reports: Vec<(u64, f64)>) -> NodeReports {
+/// `{"topology": {"epoch": E}, "syncedEpoch": S, "resyncProgress": P}` from
+/// `reports` (E, S, P), but only with the client token of `secret()` ("token").
+async fn report_server(reports: Vec<(u64, u64, f64)>) -> NodeReports {
     use warp::Filter;
     let routes = warp::path!(u32 / "v1" / "cluster")
         .and(warp::header::<String>("authorization"))
         .map(move |ordinal: u32, auth: String| {
             let body = match reports.get(ordinal as usize) {
-                Some((epoch, progress)) if auth == "Bearer token" => {
-                    json!({"topology": {"epoch": epoch}, "resyncProgress": progress})
+                Some((epoch, synced, progress)) if auth == "Bearer token" => {
+                    json!({"topology": {"epoch": epoch}, "syncedEpoch": synced, "resyncProgress": progress})
                 }
                 _ => json!({"error": "forbidden"}),
             };
@@ -173,7 +172,7 @@ fn topology(kvc: &KvCluster, epoch: u64, states: &[NodeState]) -> Topology {
         epoch,
         read_consistency: kv_core::Consistency::Quorum,
         write_consistency: kv_core::Consistency::Quorum,
-        placement: desired_placement(&kvc.spec),
+        placement: kvc.spec.desired().placement(),
         pending: None,
         nodes: states
             .iter()
@@ -658,7 +657,7 @@ async fn a_recovering_node_whose_report_shows_its_catch_up_done_becomes_up() {
         &[NodeState::Up, NodeState::Recovering, NodeState::Up],
     );
     let cm = configmap(&kvc, &current);
-    let reports = report_server(vec![(5, 1.0), (5, 1.0), (5, 1.0)]).await;
+    let reports = report_server(vec![(5, 5, 1.0), (5, 5, 1.0), (5, 5, 1.0)]).await;
     let (action, seen) = run_with(
         kvc.clone(),
         vec![
@@ -720,7 +719,7 @@ async fn a_node_still_catching_up_stays_recovering_with_its_progress_in_the_stat
         &[NodeState::Up, NodeState::Recovering, NodeState::Up],
     );
     let cm = configmap(&kvc, &current);
-    let reports = report_server(vec![(5, 1.0), (5, 0.25), (5, 1.0)]).await;
+    let reports = report_server(vec![(5, 5, 1.0), (5, 4, 0.25), (5, 5, 1.0)]).await;
     let (_, seen) = run_with(
         kvc.clone(),
         vec![
@@ -781,9 +780,9 @@ async fn scaling_down_commits_the_topology_before_the_statefulset_drops_the_leav
             NodeState::Leaving,
         ],
     );
-    current.pending = Some(desired_placement(&kvc.spec));
+    current.pending = Some(kvc.spec.desired().placement());
     let cm = configmap(&kvc, &current);
-    let reports = report_server(vec![(9, 1.0); 5]).await;
+    let reports = report_server(vec![(9, 9, 1.0); 5]).await;
     let (_, seen) = run_with(
         kvc.clone(),
         vec![
@@ -889,7 +888,7 @@ async fn an_api_error_is_counted_by_kind_and_retried_with_growing_backoff() {
 #[tokio::test]
 async fn a_lost_topology_is_rewritten_above_the_epoch_the_nodes_already_hold() {
     let kvc = cluster("{}");
-    let reports = report_server(vec![(40, 1.0), (41, 1.0), (40, 1.0)]).await;
+    let reports = report_server(vec![(40, 40, 1.0), (41, 41, 1.0), (40, 40, 1.0)]).await;
     let (_, seen) = run_with(
         kvc.clone(),
         vec![

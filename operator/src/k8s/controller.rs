@@ -2,8 +2,8 @@
 //!
 //! One reconcile of a KvCluster reads, in this order: the topology ConfigMap,
 //! the StatefulSet, the node pods, the token Secret, and (in a real cluster)
-//! each live node's `/v1/cluster`. It hands that to [`decide`](super::decide)
-//! and then applies, in this order: the generated Secret (created once, never
+//! each live node's `/v1/cluster`. It hands that to the
+//! [planner](crate::planner) (see [`decide`]) and then applies, in this order: the generated Secret (created once, never
 //! overwritten), the topology ConfigMap, the peer and client Services, the
 //! StatefulSet, the PodDisruptionBudget (or its removal), the deletion of pods
 //! held down by fault injection, Events for what changed, and the status with
@@ -31,9 +31,9 @@ use serde::Serialize;
 use tracing::{info, warn};
 
 use super::crd::{Condition, KvCluster, KvClusterStatus, NodeStatus, Phase};
-use super::decide::{self, Decision, NodeObservation, NodeReport, Observed};
 use super::metrics::Metrics;
 use super::objects;
+use crate::planner::{self, NodeObservation, NodeReport, Observed, PlannerConfig, Rebalance};
 
 /// Why a reconcile failed. Variant names are the `result` label of
 /// `kv_operator_reconciles_total` (see [`Error::metric_label`]).
@@ -150,6 +150,67 @@ where
     Ok(())
 }
 
+/// What the planner decided, in the controller's terms.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// The topology to write: the planned one, or the observed one unchanged.
+    pub topology: Topology,
+    /// The planner raised the epoch.
+    pub topology_changed: bool,
+    /// Pods the StatefulSet must have.
+    pub pods: u32,
+    /// Pods to delete now: nodes that were just held down.
+    pub delete_pods: Vec<u32>,
+    pub transitions: Vec<planner::Transition>,
+    pub rebalance: Option<Rebalance>,
+    /// Every node's status (pod names filled in).
+    pub nodes: Vec<NodeStatus>,
+    pub phase: Phase,
+}
+
+/// The planner's settings for a cluster: its failure detection time, and
+/// node addresses from the pods' stable DNS names.
+pub fn planner_config(kvc: &KvCluster) -> PlannerConfig {
+    let named = kvc.clone();
+    PlannerConfig::new(move |o| {
+        let n = objects::node_info(&named, o, NodeState::Up);
+        (n.address, n.peer_address)
+    })
+    .with_failure_detection_ms(u64::from(kvc.spec.failure_detection_seconds).saturating_mul(1000))
+}
+
+/// Plan the next step of `kvc` from what was observed; `Err` carries the
+/// planner's refusal, a reason a person can act on (nothing is to change).
+pub fn decide(kvc: &KvCluster, observed: &Observed) -> Result<Decision, String> {
+    let plan = planner::plan(&kvc.spec.desired(), observed, &planner_config(kvc));
+    if let Some(r) = plan.refusal {
+        return Err(r.reason);
+    }
+    let topology = plan
+        .topology_after(observed)
+        .cloned()
+        .ok_or_else(|| "the planner returned no topology".to_string())?;
+    Ok(Decision {
+        topology_changed: plan.topology.is_some(),
+        topology,
+        pods: plan.node_count,
+        delete_pods: plan.kills().collect(),
+        nodes: plan
+            .nodes
+            .iter()
+            .map(|n| NodeStatus {
+                ordinal: n.ordinal,
+                pod: objects::pod_name(kvc, n.ordinal),
+                state: n.state,
+                resync_progress: n.resync_progress,
+            })
+            .collect(),
+        transitions: plan.transitions,
+        rebalance: plan.rebalance,
+        phase: plan.phase.into(),
+    })
+}
+
 /// Reconcile one KvCluster. Called by the kube-runtime `Controller`.
 #[tracing::instrument(skip_all, fields(kvcluster = %kvc.name_any(), namespace = kvc.namespace().unwrap_or_default()))]
 pub async fn reconcile(kvc: Arc<KvCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -203,44 +264,13 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         ctx.metrics.forget_cluster(&key);
         return Ok(Action::await_change());
     }
-    let generation = kvc.meta().generation;
     let now = Timestamp::now();
     let kvcs: Api<KvCluster> = Api::namespaced(ctx.client.clone(), &ns);
     let previous = kvc.status.clone().unwrap_or_default();
 
     if let Err(reason) = kvc.spec.validate() {
         warn!(kvcluster = %name, %reason, "invalid spec");
-        let already =
-            previous.observed_generation == generation && previous.phase == Some(Phase::Failed);
-        if !already {
-            publish(
-                ctx,
-                kvc,
-                EventType::Warning,
-                "InvalidSpec",
-                "Validate",
-                &reason,
-            )
-            .await;
-        }
-        let status = KvClusterStatus {
-            phase: Some(Phase::Failed),
-            observed_generation: generation,
-            conditions: merge_conditions(
-                &previous.conditions,
-                vec![cond(
-                    "Progressing",
-                    false,
-                    "InvalidSpec",
-                    &reason,
-                    generation,
-                )],
-                generation,
-                now,
-            ),
-            ..previous.clone()
-        };
-        write_status(&kvcs, &name, &status).await?;
+        refuse(ctx, kvc, &kvcs, &previous, "InvalidSpec", &reason, now).await?;
         ctx.metrics.observe_cluster(&key, Phase::Failed, vec![]);
         return Ok(Action::await_change());
     }
@@ -275,15 +305,18 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         cluster_id: key.clone(),
         topology,
         epoch_floor: previous.topology_epoch,
-        now: now.as_second(),
+        now_ms: u64::try_from(now.as_millisecond()).unwrap_or(0),
         ..Observed::default()
     };
+    let sts_created = sts
+        .as_ref()
+        .and_then(|s| s.metadata.creation_timestamp.as_ref())
+        .and_then(|t| u64::try_from(t.0.as_millisecond()).ok());
     let mut ready = BTreeMap::new();
     for pod in &pod_list.items {
         let Some(ordinal) = ordinal_of(&name, &pod.name_any()) else {
             continue;
         };
-        observed.pod_names.insert(ordinal, pod.name_any());
         ready.insert(ordinal, pod_ready(pod));
         observed.nodes.insert(ordinal, observe_pod(pod));
     }
@@ -292,7 +325,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         let asks = observed
             .nodes
             .iter()
-            .filter(|(_, o)| o.alive)
+            .filter(|(_, o)| o.running)
             .map(|(&ordinal, _)| {
                 let url = (reports.url)(kvc, ordinal);
                 let (http, token) = (&reports.http, &token);
@@ -304,8 +337,25 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             }
         }
     }
-    // Nodes refuse a topology older than theirs: if the ConfigMap and the
-    // status were both lost, the nodes' own epochs keep the next one above.
+    // A node of the topology without a pod (deleted, or not schedulable)
+    // has been down at least since the StatefulSet exists; a joiner's pod is
+    // still being created. Nodes refuse a topology older than theirs: if the
+    // ConfigMap and the status were both lost, the nodes' own epochs keep the
+    // next one above (the planner counts reported epochs too).
+    if let Some(t) = &observed.topology {
+        for n in &t.nodes {
+            if n.state != NodeState::Joining {
+                observed
+                    .nodes
+                    .entry(n.ordinal)
+                    .or_insert_with(|| NodeObservation {
+                        running: false,
+                        down_since_ms: sts_created,
+                        report: None,
+                    });
+            }
+        }
+    }
     observed.epoch_floor = observed
         .nodes
         .values()
@@ -313,10 +363,16 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         .fold(observed.epoch_floor, u64::max);
 
     // Decide.
-    let decision = decide::decide(&kvc.spec, &observed, |o| {
-        let n = objects::node_info(kvc, o, NodeState::Up);
-        (n.address, n.peer_address)
-    });
+    let decision = match decide(kvc, &observed) {
+        Ok(d) => d,
+        Err(reason) => {
+            warn!(kvcluster = %name, %reason, "request refused");
+            refuse(ctx, kvc, &kvcs, &previous, "Refused", &reason, now).await?;
+            ctx.metrics.observe_cluster(&key, Phase::Failed, vec![]);
+            // The refusal may depend on nodes that are down: look again later.
+            return Ok(Action::requeue(Duration::from_secs(60)));
+        }
+    };
 
     // Apply.
     let mut problems = Vec::new();
@@ -414,6 +470,48 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     })))
 }
 
+/// Nothing is applied: a condition and (once per generation) an Event say why.
+async fn refuse(
+    ctx: &Context,
+    kvc: &KvCluster,
+    kvcs: &Api<KvCluster>,
+    previous: &KvClusterStatus,
+    reason_code: &str,
+    reason: &str,
+    now: Timestamp,
+) -> Result<(), Error> {
+    let generation = kvc.meta().generation;
+    let already = previous.observed_generation == generation
+        && previous.phase == Some(Phase::Failed)
+        && previous
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Progressing" && c.reason == reason_code && c.message == reason);
+    if !already {
+        publish(
+            ctx,
+            kvc,
+            EventType::Warning,
+            reason_code,
+            "Validate",
+            reason,
+        )
+        .await;
+    }
+    let status = KvClusterStatus {
+        phase: Some(Phase::Failed),
+        observed_generation: generation,
+        conditions: merge_conditions(
+            &previous.conditions,
+            vec![cond("Progressing", false, reason_code, reason, generation)],
+            generation,
+            now,
+        ),
+        ..previous.clone()
+    };
+    write_status(kvcs, &kvc.name_any(), &status).await
+}
+
 async fn write_status(
     api: &Api<KvCluster>,
     name: &str,
@@ -456,19 +554,18 @@ pub fn observe_pod(pod: &Pod) -> NodeObservation {
                         && c.state.as_ref().is_some_and(|s| s.running.is_some())
                 })
             });
-    let created = pod
-        .metadata
-        .creation_timestamp
-        .as_ref()
-        .map(|t| t.0.as_second());
+    let ms = |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| {
+        u64::try_from(t.0.as_millisecond()).unwrap_or(0)
+    };
+    let created = pod.metadata.creation_timestamp.as_ref().map(ms);
     let ready_changed = status
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
         .and_then(|c| c.last_transition_time.as_ref())
-        .map(|t| t.0.as_second());
+        .map(ms);
     NodeObservation {
-        alive,
-        down_since: if alive {
+        running: alive,
+        down_since_ms: if alive {
             None
         } else {
             created.max(ready_changed).or(Some(0))
@@ -485,7 +582,7 @@ fn secret_token(secret: Option<&Secret>) -> Option<String> {
 }
 
 /// Ask a node for its own view (`GET /v1/cluster`). Expected shape:
-/// `{"topology": {"epoch": N, ...}, "resyncProgress": 0..1}`; an unreachable
+/// `{"topology": {"epoch": N, ...}, "syncedEpoch": E, "resyncProgress": 0..1}`; an unreachable
 /// node or an unexpected body gives no report (never a guess).
 async fn fetch_report(http: &reqwest::Client, url: &str, token: &str) -> Option<NodeReport> {
     let body: serde_json::Value = http
@@ -514,8 +611,14 @@ pub fn parse_report(body: &serde_json::Value) -> Option<NodeReport> {
         .or_else(|| body.pointer("/resync/progress"))
         .and_then(|p| p.as_f64())
         .unwrap_or(0.0);
+    // Without `syncedEpoch` the node has not shown that it caught up: 0.
+    let synced_epoch = body
+        .get("syncedEpoch")
+        .and_then(|e| e.as_u64())
+        .unwrap_or(0);
     Some(NodeReport {
         epoch,
+        synced_epoch,
         resync_progress: progress,
     })
 }
@@ -556,23 +659,35 @@ async fn publish_transitions(ctx: &Context, kvc: &KvCluster, d: &Decision) {
         publish(ctx, kvc, type_, reason, "UpdateTopology", &note).await;
     }
     match d.rebalance {
-        Some(true) => {
+        Some(step @ (Rebalance::Started | Rebalance::Replaced)) => {
             let note = format!(
                 "moving to placement {:?} (epoch {})",
                 d.topology.pending.as_ref().map(|p| &p.members),
                 d.topology.epoch
             );
+            let reason = if step == Rebalance::Started {
+                "RebalanceStarted"
+            } else {
+                "RebalanceRestarted"
+            };
+            publish(ctx, kvc, EventType::Normal, reason, "UpdateTopology", &note).await;
+        }
+        Some(Rebalance::Cancelled) => {
+            let note = format!(
+                "placement change cancelled: back to {:?} (epoch {})",
+                d.topology.placement.members, d.topology.epoch
+            );
             publish(
                 ctx,
                 kvc,
                 EventType::Normal,
-                "RebalanceStarted",
+                "RebalanceCancelled",
                 "UpdateTopology",
                 &note,
             )
             .await;
         }
-        Some(false) => {
+        Some(Rebalance::Committed) => {
             let note = format!(
                 "placement {:?} committed (epoch {})",
                 d.topology.placement.members, d.topology.epoch
@@ -805,14 +920,7 @@ fn status_of(
         ready_replicas: u32::try_from(ready_replicas).unwrap_or(u32::MAX),
         topology_epoch: t.epoch,
         // Every node's pod name, also of a node whose pod does not exist now.
-        nodes: d
-            .nodes
-            .iter()
-            .map(|n| NodeStatus {
-                pod: objects::pod_name(kvc, n.ordinal),
-                ..n.clone()
-            })
-            .collect(),
+        nodes: d.nodes.clone(),
         conditions: merge_conditions(
             &previous.conditions,
             vec![available, progressing, degraded],
@@ -830,16 +938,18 @@ mod tests {
         let mut kvc = KvCluster::new("demo", serde_yaml::from_str("{}").expect("spec"));
         kvc.metadata.namespace = Some("ns".into());
         kvc.metadata.generation = Some(generation);
-        let first = decide::decide(&kvc.spec, &Observed::default(), |o| {
-            (format!("n{o}:7400"), format!("n{o}:7401"))
-        });
+        let empty = Observed {
+            cluster_id: "ns/demo".into(),
+            ..Observed::default()
+        };
+        let first = decide(&kvc, &empty).expect("a first topology");
         let all_alive = (0..3)
             .map(|o| {
                 (
                     o,
                     NodeObservation {
-                        alive: true,
-                        down_since: None,
+                        running: true,
+                        down_since_ms: None,
                         report: None,
                     },
                 )
@@ -848,11 +958,9 @@ mod tests {
         let observed = Observed {
             topology: Some(first.topology),
             nodes: all_alive,
-            ..Observed::default()
+            ..empty
         };
-        let d = decide::decide(&kvc.spec, &observed, |o| {
-            (format!("n{o}:7400"), format!("n{o}:7401"))
-        });
+        let d = decide(&kvc, &observed).expect("planned");
         let sts: StatefulSet = serde_json::from_value(serde_json::json!({
             "metadata": {"name": "demo"},
             "status": {"replicas": 3, "updatedReplicas": sts_updated}
@@ -921,11 +1029,14 @@ mod tests {
 
     #[test]
     fn node_reports_need_an_epoch_and_default_to_no_progress() {
-        let r = parse_report(&serde_json::json!({"topology": {"epoch": 7}, "resyncProgress": 0.5}));
+        let r = parse_report(
+            &serde_json::json!({"topology": {"epoch": 7}, "syncedEpoch": 6, "resyncProgress": 0.5}),
+        );
         assert_eq!(
             r,
             Some(NodeReport {
                 epoch: 7,
+                synced_epoch: 6,
                 resync_progress: 0.5
             })
         );
@@ -934,6 +1045,7 @@ mod tests {
             r,
             Some(NodeReport {
                 epoch: 3,
+                synced_epoch: 0,
                 resync_progress: 0.0
             })
         );

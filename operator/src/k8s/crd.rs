@@ -258,6 +258,19 @@ pub enum Phase {
     Failed,
 }
 
+impl From<crate::planner::Phase> for Phase {
+    fn from(p: crate::planner::Phase) -> Self {
+        use crate::planner::Phase as P;
+        match p {
+            P::Creating => Phase::Creating,
+            P::Running => Phase::Running,
+            P::Degraded => Phase::Degraded,
+            P::Rebalancing => Phase::Rebalancing,
+            P::Failed => Phase::Failed,
+        }
+    }
+}
+
 impl Phase {
     pub const ALL: [Phase; 5] = [
         Phase::Creating,
@@ -417,6 +430,19 @@ impl KvClusterSpec {
             ));
         }
         Ok(())
+    }
+
+    /// What this spec asks of the planner.
+    pub fn desired(&self) -> crate::planner::Desired {
+        crate::planner::Desired {
+            replicas: self.replicas,
+            strategy: self.replication.strategy,
+            factor: self.replication.factor,
+            read_consistency: self.replication.read_consistency,
+            write_consistency: self.replication.write_consistency,
+            failed_nodes: self.fault_injection.failed_nodes.iter().copied().collect(),
+            force: false,
+        }
     }
 
     /// Nodes that serve every key: all of them with `Full`, else the factor.

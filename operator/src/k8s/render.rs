@@ -10,9 +10,10 @@
 use kube::ResourceExt;
 use serde::Serialize;
 
+use super::controller::decide;
 use super::crd::KvCluster;
-use super::decide::{self, Observed};
 use super::objects;
+use crate::planner::Observed;
 
 /// Why a cluster could not be rendered.
 #[derive(Debug, thiserror::Error)]
@@ -39,10 +40,7 @@ pub fn render(kvc: &KvCluster) -> Result<String, RenderError> {
         cluster_id: format!("{}/{}", kvc.namespace().unwrap_or_default(), kvc.name_any()),
         ..Observed::default()
     };
-    let d = decide::decide(&kvc.spec, &observed, |o| {
-        let n = objects::node_info(&kvc, o, kv_core::NodeState::Up);
-        (n.address, n.peer_address)
-    });
+    let d = decide(&kvc, &observed).map_err(RenderError::InvalidSpec)?;
     let mut docs = Vec::new();
     if kvc.spec.auth_secret_name.is_none() {
         let secret = objects::auth_secret(&kvc, &objects::random_token(), &objects::random_token());
