@@ -938,3 +938,111 @@ async fn a_lost_topology_is_rewritten_above_the_epoch_the_nodes_already_hold() {
         "the same cluster: the nodes keep their data"
     );
 }
+
+#[tokio::test]
+async fn holding_down_so_many_nodes_that_writes_fail_is_refused_and_nothing_is_applied() {
+    // Quorum of 3 owners needs 2: holding down 0 and 2 leaves 1.
+    let kvc = cluster("{faultInjection: {failedNodes: [0, 2]}}");
+    let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Up, NodeState::Up]);
+    let cm = configmap(&kvc, &current);
+    let (action, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(Method::POST, EVENTS, echo),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+    assert_eq!(seen[4].body["reason"], "Refused");
+    assert_eq!(seen[4].body["type"], "Warning");
+    let status = &seen[5].body["status"];
+    assert_eq!(status["phase"], "Failed");
+    let progressing = status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Progressing"))
+        .expect("Progressing");
+    assert_eq!(progressing["reason"], "Refused");
+    assert!(
+        progressing["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("writes at Quorum need 2")),
+        "{progressing}"
+    );
+}
+
+#[tokio::test]
+async fn a_node_whose_pod_is_gone_longer_than_failure_detection_is_failed() {
+    let kvc = cluster("{}");
+    let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Up, NodeState::Up]);
+    let cm = configmap(&kvc, &current);
+    let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "demo", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z"}});
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(
+                Method::GET,
+                &format!("{APPS}/statefulsets/demo"),
+                move |_| (StatusCode::OK, sts),
+            ),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (
+                    StatusCode::OK,
+                    pod_list(vec![running_pod(0), running_pod(2)]),
+                )
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::PATCH,
+                &format!("{NS}/configmaps/demo-topology"),
+                echo,
+            ),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(Method::POST, EVENTS, echo),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!(t.epoch, 5);
+    assert_eq!(t.state_of(1), Some(NodeState::Failed));
+    assert_eq!(seen[7].body["spec"]["replicas"], 3, "the pod comes back");
+    assert_eq!(seen[9].body["reason"], "NodeFailed");
+}
