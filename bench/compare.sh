@@ -1,0 +1,464 @@
+#!/usr/bin/env bash
+# kvstore against etcd and Redis, same load generator (kvctl bench), same run.
+# Usage: bash bench/compare.sh        (see bench/README.md for the env vars)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+BENCH_DIR="$REPO/bench"
+
+# ---- parameters (env) -------------------------------------------------------
+DURATION="${BENCH_DURATION:-10s}"          # measured time per run
+WARMUP="${BENCH_WARMUP:-2s}"               # unmeasured warm-up per run
+CONNS="${BENCH_CONNECTIONS:-32}"           # concurrent connections
+VALUE_SIZE="${BENCH_VALUE_SIZE:-100}"      # bytes per value
+KEYS="${BENCH_KEYS:-100000}"               # key space of scenarios 1, 2, 5
+CATCHUP_KEYS="${BENCH_CATCHUP_KEYS:-100000}" # writes node 2 misses (scenario 3)
+MEM_KEYS="${BENCH_MEM_KEYS:-1000000}"      # keys written before measuring RSS (scenario 4)
+SCENARIOS="${BENCH_SCENARIOS:-1 5 3 4 2}"  # which scenarios, in this order
+PORT_BASE="${BENCH_PORT_BASE:-17400}"      # kvstore ports; etcd +5000.., redis +6000
+CATCHUP_TIMEOUT="${BENCH_CATCHUP_TIMEOUT:-300}" # seconds
+RAW_DIR="${BENCH_RAW_DIR:-$BENCH_DIR/raw}"  # per-run JSON + manifests
+RESULTS="${BENCH_RESULTS:-$BENCH_DIR/results.md}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
+TOKEN="bench-token-$$"
+CLUSTER_TOKEN="bench-cluster-token-$$"
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+# ---- dependencies ---------------------------------------------------------------
+SUDO=()
+if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then SUDO=(sudo); fi
+fi
+need_pkgs=()
+command -v etcd >/dev/null 2>&1 || need_pkgs+=(etcd-server)
+command -v redis-server >/dev/null 2>&1 || need_pkgs+=(redis-server)
+if ((${#need_pkgs[@]})); then
+    log "installing ${need_pkgs[*]} with apt-get"
+    "${SUDO[@]}" apt-get update -q || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q "${need_pkgs[@]}" \
+        || die "apt-get install ${need_pkgs[*]} failed"
+fi
+for tool in etcd redis-server curl python3 cargo; do
+    command -v "$tool" >/dev/null 2>&1 || die "$tool not found in PATH"
+done
+# Debian's redis-server package starts a system instance on 6379; we use our own port.
+
+# ---- build -------------------------------------------------------------------------
+if [[ "${BENCH_SKIP_BUILD:-0}" == 1 ]]; then
+    log "BENCH_SKIP_BUILD=1: using the binaries in $TARGET_DIR/release as they are"
+else
+    log "building release binaries (CARGO_TARGET_DIR=$TARGET_DIR)"
+    (cd "$REPO" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release -q -p kv-node -p kvctl) \
+        || die "cargo build failed"
+fi
+KV_NODE="$TARGET_DIR/release/kv-node"
+KVCTL="$TARGET_DIR/release/kvctl"
+[[ -x "$KV_NODE" && -x "$KVCTL" ]] || die "binaries missing in $TARGET_DIR/release"
+
+# ---- process bookkeeping -------------------------------------------------------------
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/kvbench.XXXXXX")"
+declare -A PIDS=()   # name -> pid of every process we started and that may be alive
+
+stop_pid() { # name: TERM, wait up to 5 s, then KILL
+    local name="$1" pid="${PIDS[$1]:-}" i
+    [[ -n "$pid" ]] || return 0
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for ((i = 0; i < 50; i++)); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            log "$name (pid $pid) ignored TERM; killing"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    fi
+    wait "$pid" 2>/dev/null || true
+    unset "PIDS[$name]"
+}
+kill9_pid() { # name: crash it (kill -9)
+    local name="$1" pid="${PIDS[$1]:-}"
+    [[ -n "$pid" ]] || return 0
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    unset "PIDS[$name]"
+}
+cleanup() {
+    local rc=$? name
+    trap - EXIT INT TERM
+    for name in "${!PIDS[@]}"; do stop_pid "$name"; done
+    if [[ "${BENCH_KEEP_WORK:-0}" == 1 ]]; then
+        log "work directory kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'log "interrupted"; exit 130' INT TERM
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_port_free() { # port: up to 10 s
+    local i
+    for ((i = 0; i < 100; i++)); do
+        port_free "$1" && return 0
+        sleep 0.1
+    done
+    die "port $1 is still in use"
+}
+wait_http() { # url expected-code seconds what
+    local url="$1" want="$2" secs="$3" what="$4" i code
+    for ((i = 0; i < secs * 10; i++)); do
+        code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)"
+        [[ "$code" == "$want" ]] && return 0
+        sleep 0.1
+    done
+    die "$what: $url did not answer $want within ${secs}s (last: ${code:-none})"
+}
+now() { date +%s.%N; }
+
+# ---- kvstore -------------------------------------------------------------------------
+kv_port() { echo $((PORT_BASE + $1)); }
+kv_peer_port() { echo $((PORT_BASE + 10 + $1)); }
+KV_EPOCH=0
+KV_TAG=""
+declare -a KV_STATE=(Up Up Up)
+TOPO="$WORK/topology.json"
+
+write_topology() { # bumps the epoch; atomically replaces the file
+    KV_EPOCH=$((KV_EPOCH + 1))
+    local i nodes="" sep=""
+    for i in 0 1 2; do
+        nodes+="$sep{\"ordinal\":$i,\"address\":\"127.0.0.1:$(kv_port "$i")\",\"peerAddress\":\"127.0.0.1:$(kv_peer_port "$i")\",\"state\":\"${KV_STATE[$i]}\"}"
+        sep=","
+    done
+    printf '{"clusterId":"bench","epoch":%d,"readConsistency":"Quorum","writeConsistency":"Quorum","placement":{"strategy":"ConsistentHashing","factor":3,"members":[0,1,2]},"nodes":[%s]}\n' \
+        "$KV_EPOCH" "$nodes" >"$TOPO.tmp"
+    mv -f "$TOPO.tmp" "$TOPO"
+}
+cluster_field() { # ordinal jq-expr
+    curl -s --max-time 2 -H "Authorization: Bearer $TOKEN" \
+        "http://127.0.0.1:$(kv_port "$1")/v1/cluster" | jq -r "$2" 2>/dev/null || true
+}
+wait_epoch() { # ordinal epoch: node has the topology of at least that epoch (30 s)
+    local i e
+    for ((i = 0; i < 300; i++)); do
+        e="$(cluster_field "$1" '.topology.epoch')"
+        [[ "$e" =~ ^[0-9]+$ ]] && ((e >= $2)) && return 0
+        sleep 0.1
+    done
+    die "kv node $1 did not take topology epoch $2 within 30 s"
+}
+start_kv_node() { # ordinal datadir [topology-file] ; name kv<ordinal>
+    local i="$1" dir="$2" topo="${3:-}"
+    local port peer
+    port="$(kv_port "$i")"
+    peer="$(kv_peer_port "$i")"
+    wait_port_free "$port"
+    wait_port_free "$peer"
+    mkdir -p "$dir"
+    local args=(--listen "127.0.0.1:$port" --peer-listen "127.0.0.1:$peer" --data-dir "$dir"
+        --node-id "$i" --token "$TOKEN" --cluster-token "$CLUSTER_TOKEN")
+    if [[ -n "$topo" ]]; then args+=(--topology-file "$topo"); fi
+    RUST_LOG="${BENCH_RUST_LOG:-warn}" "$KV_NODE" "${args[@]}" >>"$WORK/kv$i.log" 2>&1 &
+    PIDS[kv$i]=$!
+}
+start_kv_cluster() { # tag: fresh data, 3 nodes, RF 3, Quorum/Quorum, all Up
+    local tag="$1" i
+    KV_TAG="$tag"
+    KV_EPOCH=0
+    KV_STATE=(Up Up Up)
+    write_topology
+    for i in 0 1 2; do start_kv_node "$i" "$WORK/$tag/kv$i" "$TOPO"; done
+    for i in 0 1 2; do wait_http "http://127.0.0.1:$(kv_port "$i")/readyz" 200 60 "kv node $i"; done
+    log "kvstore cluster $tag up (pids ${PIDS[kv0]} ${PIDS[kv1]} ${PIDS[kv2]})"
+}
+stop_kv_cluster() {
+    local i
+    for i in 0 1 2; do stop_pid "kv$i"; done
+}
+kv_endpoints() { # ordinals...
+    local out="" i
+    for i in "$@"; do out+="${out:+,}http://127.0.0.1:$(kv_port "$i")"; done
+    echo "$out"
+}
+
+# ---- etcd ---------------------------------------------------------------------------
+ETCD_BASE=$((PORT_BASE - 5000))
+etcd_client_port() { echo $((ETCD_BASE + 10 * $1)); }
+etcd_peer_port() { echo $((ETCD_BASE + 10 * $1 + 1)); }
+start_etcd_member() { # index
+    local i="$1" initial="" j
+    for j in 0 1 2; do initial+="${initial:+,}e$j=http://127.0.0.1:$(etcd_peer_port "$j")"; done
+    wait_port_free "$(etcd_client_port "$i")"
+    wait_port_free "$(etcd_peer_port "$i")"
+    mkdir -p "$WORK/etcd"
+    etcd --name "e$i" --data-dir "$WORK/etcd/e$i" --logger zap --log-level warn \
+        --listen-client-urls "http://127.0.0.1:$(etcd_client_port "$i")" \
+        --advertise-client-urls "http://127.0.0.1:$(etcd_client_port "$i")" \
+        --listen-peer-urls "http://127.0.0.1:$(etcd_peer_port "$i")" \
+        --initial-advertise-peer-urls "http://127.0.0.1:$(etcd_peer_port "$i")" \
+        --initial-cluster "$initial" --initial-cluster-token bench \
+        --initial-cluster-state new >>"$WORK/etcd$i.log" 2>&1 &
+    PIDS[etcd$i]=$!
+}
+start_etcd() {
+    local i
+    for i in 0 1 2; do start_etcd_member "$i"; done
+    for i in 0 1 2; do wait_http "http://127.0.0.1:$(etcd_client_port "$i")/health" 200 60 "etcd member $i"; done
+    log "etcd up (pids ${PIDS[etcd0]} ${PIDS[etcd1]} ${PIDS[etcd2]})"
+}
+stop_etcd() {
+    local i
+    for i in 0 1 2; do stop_pid "etcd$i"; done
+}
+etcd_endpoints() {
+    local out="" i
+    for i in "$@"; do out+="${out:+,}127.0.0.1:$(etcd_client_port "$i")"; done
+    echo "$out"
+}
+
+# ---- redis --------------------------------------------------------------------------
+REDIS_PORT=$((PORT_BASE - 6000 + 9))
+start_redis() {
+    wait_port_free "$REDIS_PORT"
+    mkdir -p "$WORK/redis"
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK/redis" \
+        --appendonly yes --appendfsync always --save "" --daemonize no \
+        --logfile "$WORK/redis.log" >>"$WORK/redis.out" 2>&1 &
+    PIDS[redis]=$!
+    local i
+    for ((i = 0; i < 100; i++)); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    ((i < 100)) || die "redis did not start (see $WORK/redis.log)"
+    log "redis up (pid ${PIDS[redis]})"
+}
+
+# ---- runs and the manifest -------------------------------------------------------------
+mkdir -p "$RAW_DIR"
+MANIFEST=""
+begin_scenario() { # n
+    MANIFEST="$RAW_DIR/manifest-s$1.tsv"
+    : >"$MANIFEST"
+    rm -f "$RAW_DIR/s$1-"*.json
+    log "=== scenario $1 ==="
+}
+fact() { printf 'fact\t%s\t%s\n' "$1" "$2" >>"$MANIFEST"; }
+pair() { printf 'pair\t%s\t%s\t%s\n' "$1" "$2" "$3" >>"$MANIFEST"; } # title kv-id peer-id
+# bench ID LABEL DRIVER [kvctl bench args...]: one measured run, JSON kept in RAW_DIR
+bench() {
+    local id="$1" label="$2" driver="$3"
+    shift 3
+    local out="$RAW_DIR/$id.json" err="$WORK/$id.err"
+    log "run $id: $label"
+    local args=(bench --driver "$driver" --connections "$CONNS" --value-size "$VALUE_SIZE" --quiet -o json)
+    if [[ " $* " != *" --warmup "* ]]; then args+=(--warmup "$WARMUP"); fi
+    if [[ "$driver" == kvstore ]]; then args+=(--token "$TOKEN"); fi
+    if "$KVCTL" "${args[@]}" "$@" >"$out.tmp" 2>"$err"; then
+        mv -f "$out.tmp" "$out"
+        printf 'run\t%s\t%s\t%s\n' "$id" "$label" "$driver" >>"$MANIFEST"
+        python3 "$BENCH_DIR/render.py" --one "$out" >&2 || true
+    else
+        log "run $id FAILED: $(tail -c 400 "$err" | tr '\n' ' ')"
+        rm -f "$out.tmp"
+        printf 'run\t%s\t%s\t%s\t%s\n' "$id" "$label" "$driver" \
+            "$(tail -c 200 "$err" | tr '\n\t' '  ')" >>"$MANIFEST"
+    fi
+}
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+metric() { # ordinal name: first sample value
+    curl -s --max-time 2 "http://127.0.0.1:$(kv_port "$1")/metrics" |
+        awk -v m="$2" '$1 == m || index($1, m "{") == 1 {print $2; exit}'
+}
+
+# ---- scenarios ------------------------------------------------------------------------
+KV_RR="$(kv_endpoints 0 1 2)"
+KV_ONE="$(kv_endpoints 0)"
+ETCD_ALL="$(etcd_endpoints 0 1 2)"
+common=(--keys "$KEYS" --duration "$DURATION")
+
+scenario_1() {
+    begin_scenario 1
+    start_kv_cluster s1
+    start_etcd
+    # write-only
+    bench s1-w-kv-rr "kvstore write, quorum, round-robin 3 nodes" kvstore "${common[@]}" --read-ratio 0 --endpoints "$KV_RR" --consistency quorum
+    bench s1-w-kv-one "kvstore write, quorum, via 1 node" kvstore "${common[@]}" --read-ratio 0 --endpoints "$KV_ONE" --consistency quorum
+    bench s1-w-etcd "etcd put, 3 endpoints" etcd "${common[@]}" --read-ratio 0 --endpoints "$ETCD_ALL"
+    # read-only (each system's first read run prefills the whole key space)
+    bench s1-r-kv-q-rr "kvstore read, quorum, round-robin" kvstore "${common[@]}" --read-ratio 1 --prefill --endpoints "$KV_RR" --consistency quorum
+    bench s1-r-kv-q-one "kvstore read, quorum, via 1 node" kvstore "${common[@]}" --read-ratio 1 --endpoints "$KV_ONE" --consistency quorum
+    bench s1-r-kv-one-rr "kvstore read, one, round-robin" kvstore "${common[@]}" --read-ratio 1 --endpoints "$KV_RR" --consistency one
+    bench s1-r-etcd-lin "etcd get, linearizable" etcd "${common[@]}" --read-ratio 1 --prefill --endpoints "$ETCD_ALL"
+    bench s1-r-etcd-ser "etcd get, serializable" etcd "${common[@]}" --read-ratio 1 --etcd-serializable --endpoints "$ETCD_ALL"
+    # 50/50
+    bench s1-m-kv-rr "kvstore 50/50, quorum, round-robin" kvstore "${common[@]}" --read-ratio 0.5 --endpoints "$KV_RR" --consistency quorum
+    bench s1-m-kv-one "kvstore 50/50, quorum, via 1 node" kvstore "${common[@]}" --read-ratio 0.5 --endpoints "$KV_ONE" --consistency quorum
+    bench s1-m-etcd "etcd 50/50, linearizable" etcd "${common[@]}" --read-ratio 0.5 --endpoints "$ETCD_ALL"
+    pair "writes (round-robin)" s1-w-kv-rr s1-w-etcd
+    pair "writes (one node)" s1-w-kv-one s1-w-etcd
+    pair "reads quorum vs linearizable (round-robin)" s1-r-kv-q-rr s1-r-etcd-lin
+    pair "reads quorum vs linearizable (one node)" s1-r-kv-q-one s1-r-etcd-lin
+    pair "reads one vs serializable" s1-r-kv-one-rr s1-r-etcd-ser
+    pair "50/50 (round-robin)" s1-m-kv-rr s1-m-etcd
+    pair "50/50 (one node)" s1-m-kv-one s1-m-etcd
+    # memory at the scenario's key space, for scenario 4's comparison
+    local i
+    for i in 0 1 2; do
+        fact "rss100k.kv$i" "$(rss_kib "${PIDS[kv$i]}")"
+        fact "rss100k.etcd$i" "$(rss_kib "${PIDS[etcd$i]}")"
+    done
+    fact "dbsize100k.kv0" "$(du -sk "$WORK/s1/kv0" | cut -f1)"
+    fact "dbsize100k.etcd0" "$(du -sk "$WORK/etcd/e0" | cut -f1)"
+    fact "keys100k.kv0" "$(metric 0 kv_keys)"
+    if [[ " $SCENARIOS " != *" 5 "* ]]; then
+        stop_kv_cluster
+        stop_etcd
+    fi
+}
+
+scenario_5() { # one node down: 50/50 throughput (reuses scenario 1's clusters when running)
+    begin_scenario 5
+    local fresh=0
+    if [[ -z "${PIDS[kv0]:-}" ]]; then
+        fresh=1
+        start_kv_cluster s5
+        start_etcd
+        bench s5-prefill-kv "kvstore prefill" kvstore --keys "$KEYS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$KV_RR"
+        bench s5-prefill-etcd "etcd prefill" etcd --keys "$KEYS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$ETCD_ALL"
+    fi
+    KV_STATE[2]=Failed
+    write_topology
+    wait_epoch 0 "$KV_EPOCH"
+    wait_epoch 1 "$KV_EPOCH"
+    kill9_pid kv2
+    kill9_pid etcd2
+    sleep 1
+    bench s5-m-kv-down "kvstore 50/50, node 2 down (Failed), round-robin 0,1" kvstore "${common[@]}" --read-ratio 0.5 --endpoints "$(kv_endpoints 0 1)" --consistency quorum
+    bench s5-m-etcd-down "etcd 50/50, member 2 killed, endpoints 0,1" etcd "${common[@]}" --read-ratio 0.5 --endpoints "$(etcd_endpoints 0 1)"
+    pair "50/50 with one node down" s5-m-kv-down s5-m-etcd-down
+    ((fresh)) || pair "reference: 50/50 all up (scenario 1)" s1-m-kv-rr s1-m-etcd
+    stop_kv_cluster
+    stop_etcd
+}
+
+scenario_3() { # catch-up of a node that missed CATCHUP_KEYS writes
+    begin_scenario 3
+    start_kv_cluster s3
+    KV_STATE[2]=Failed
+    write_topology
+    wait_epoch 0 "$KV_EPOCH"
+    wait_epoch 1 "$KV_EPOCH"
+    kill9_pid kv2
+    bench s3-missed "kvstore: $CATCHUP_KEYS distinct keys written while node 2 is down" kvstore \
+        --keys "$CATCHUP_KEYS" --ops 1 --warmup 0s --prefill --read-ratio 0 --endpoints "$(kv_endpoints 0 1)" --consistency quorum
+    fact hints.kv0 "$(metric 0 kv_hints_pending)"
+    fact hints.kv1 "$(metric 1 kv_hints_pending)"
+    local t0 t1 t2 i synced epoch
+    t0="$(now)"
+    start_kv_node 2 "$WORK/s3/kv2" "$TOPO"
+    wait_http "http://127.0.0.1:$(kv_port 2)/healthz" 200 60 "restarted kv node 2"
+    fact catchup.restart_seconds "$(python3 -c "print(f'{$(now) - $t0:.2f}')")"
+    KV_STATE[2]=Recovering
+    write_topology
+    epoch="$KV_EPOCH"
+    t1="$(now)"
+    synced=""
+    for ((i = 0; i < CATCHUP_TIMEOUT * 20; i++)); do
+        synced="$(cluster_field 2 '.syncedEpoch')"
+        [[ "$synced" =~ ^[0-9]+$ ]] && ((synced >= epoch)) && break
+        sleep 0.05
+    done
+    t2="$(now)"
+    [[ "$synced" =~ ^[0-9]+$ ]] && ((synced >= epoch)) ||
+        die "node 2 did not report syncedEpoch >= $epoch within ${CATCHUP_TIMEOUT}s (last: ${synced:-none})"
+    fact catchup.seconds "$(python3 -c "print(f'{$t2 - $t1:.2f}')")"
+    fact catchup.from_start_seconds "$(python3 -c "print(f'{$t2 - $t0:.2f}')")"
+    fact catchup.keys_moved "$(cluster_field 2 '.resync.keysMoved')"
+    fact catchup.keys_node2 "$(metric 2 kv_keys)"
+    KV_STATE[2]=Up
+    write_topology
+    wait_http "http://127.0.0.1:$(kv_port 2)/readyz" 200 60 "kv node 2 back Up"
+    log "catch-up: $(python3 -c "print(f'{$t2 - $t1:.2f}')") s after publishing Recovering"
+    if [[ " $SCENARIOS " != *" 4 "* ]]; then stop_kv_cluster; fi
+}
+
+scenario_4() { # RSS per node at MEM_KEYS keys (reuses scenario 3's cluster when running)
+    begin_scenario 4
+    if [[ -z "${PIDS[kv0]:-}" ]]; then start_kv_cluster s4; fi
+    local i
+    bench s4-fill "kvstore: write $MEM_KEYS keys (prefill, round-robin)" kvstore \
+        --keys "$MEM_KEYS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$KV_RR" --consistency quorum
+    sleep 2
+    for i in 0 1 2; do
+        fact "rss.kv$i" "$(rss_kib "${PIDS[kv$i]}")"
+        fact "hwm.kv$i" "$(hwm_kib "${PIDS[kv$i]}")"
+        fact "keys.kv$i" "$(metric "$i" kv_keys)"
+        fact "dbbytes.kv$i" "$(metric "$i" kv_db_bytes)"
+    done
+    for i in 0 1 2; do fact "du.kv$i" "$(du -sk "$WORK/$KV_TAG/kv$i" | cut -f1)"; done
+    stop_kv_cluster
+}
+
+scenario_2() { # one kvstore node (no topology file) vs one Redis (appendfsync always)
+    begin_scenario 2
+    start_kv_node 0 "$WORK/s2/kv0"
+    wait_http "http://127.0.0.1:$(kv_port 0)/readyz" 200 60 "single kv node"
+    log "single kv node up (pid ${PIDS[kv0]})"
+    start_redis
+    local redis_ep="redis://127.0.0.1:$REDIS_PORT"
+    bench s2-w-kv "kvstore 1 node, write" kvstore "${common[@]}" --read-ratio 0 --endpoints "$KV_ONE"
+    bench s2-w-redis "redis SET, appendfsync always" redis "${common[@]}" --read-ratio 0 --endpoints "$redis_ep"
+    bench s2-r-kv "kvstore 1 node, read" kvstore "${common[@]}" --read-ratio 1 --prefill --endpoints "$KV_ONE"
+    bench s2-r-redis "redis GET" redis "${common[@]}" --read-ratio 1 --prefill --endpoints "$redis_ep"
+    pair "writes" s2-w-kv s2-w-redis
+    pair "reads" s2-r-kv s2-r-redis
+    fact rss.kv "$(rss_kib "${PIDS[kv0]}")"
+    fact rss.redis "$(rss_kib "${PIDS[redis]}")"
+    stop_pid kv0
+    stop_pid redis
+}
+
+# ---- machine and versions -----------------------------------------------------------------
+machine_info() {
+    local f="$RAW_DIR/machine.tsv" dev rota fsync_line
+    {
+        printf 'date\t%s\n' "$(date -u '+%Y-%m-%d %H:%M UTC')"
+        printf 'cpu\t%s\n' "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+        printf 'nproc\t%s\n' "$(nproc)"
+        printf 'memory\t%s MiB\n' "$(awk '/^MemTotal:/ {print int($2/1024)}' /proc/meminfo)"
+        printf 'kernel\t%s\n' "$(uname -r)"
+        dev="$(df --output=source "$WORK" | tail -1)"
+        rota="$(lsblk -ndo ROTA "$dev" 2>/dev/null | head -1 | tr -d ' ' || true)"
+        printf 'disk\t%s (%s, %s; rotational flag %s)\n' "$dev" \
+            "$(df --output=fstype "$WORK" | tail -1)" \
+            "$(case "$dev" in /dev/vd*) echo virtio block device ;; /dev/nvme*) echo NVMe ;; *) echo block device ;; esac)" \
+            "${rota:-unknown}"
+        fsync_line="$(dd if=/dev/zero of="$WORK/ddsync" bs=4k count=300 oflag=dsync 2>&1 | tail -1)"
+        rm -f "$WORK/ddsync"
+        printf 'fsync\t%s\n' "dd 300 x 4 KiB oflag=dsync: $fsync_line"
+        printf 'kvstore\t%s\n' "$(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- node core kvctl 2>/dev/null || echo ' (+ uncommitted changes in node/core/kvctl)')"
+        printf 'etcd\t%s\n' "$(etcd --version | head -1)"
+        printf 'redis\t%s\n' "$(redis-server --version)"
+        printf 'params\tduration %s + warm-up %s per run, %s connections, %s-byte values, uniform keys over %s, catch-up %s keys, memory at %s keys\n' \
+            "$DURATION" "$WARMUP" "$CONNS" "$VALUE_SIZE" "$KEYS" "$CATCHUP_KEYS" "$MEM_KEYS"
+    } >"$f"
+}
+
+T_START="$(now)"
+machine_info
+for s in $SCENARIOS; do
+    case "$s" in
+        1 | 2 | 3 | 4 | 5) "scenario_$s" ;;
+        *) die "unknown scenario $s (1..5)" ;;
+    esac
+done
+python3 "$BENCH_DIR/render.py" --raw "$RAW_DIR" --out "$RESULTS" \
+    --elapsed "$(python3 -c "print(round($(now) - $T_START))")"
+cat "$RESULTS"
+log "done: $RESULTS"
