@@ -255,6 +255,8 @@ bench() {
     shift 3
     local out="$RAW_DIR/$id.json" err="$WORK/$id.err"
     log "run $id: $label"
+    # Other work on the machine (e.g. compilers) skews the figures: note it.
+    printf 'busy\t%s\t%s\t%s\n' "$id" "$(pgrep -c -x rustc || true)" "$(cut -d' ' -f1 /proc/loadavg)" >>"$MANIFEST"
     local args=(bench --driver "$driver" --connections "$CONNS" --value-size "$VALUE_SIZE" --quiet -o json)
     if [[ " $* " != *" --warmup "* ]]; then args+=(--warmup "$WARMUP"); fi
     if [[ "$driver" == kvstore ]]; then args+=(--token "$TOKEN"); fi
@@ -443,6 +445,7 @@ machine_info() {
         rm -f "$WORK/ddsync"
         printf 'fsync\t%s\n' "dd 300 x 4 KiB oflag=dsync: $fsync_line"
         printf 'kvstore\t%s\n' "$(git -C "$REPO" rev-parse --short HEAD)$(git -C "$REPO" diff --quiet HEAD -- node core kvctl 2>/dev/null || echo ' (+ uncommitted changes in node/core/kvctl)')"
+        printf 'binaries\t%s\n' "$KV_NODE built $(date -u -r "$KV_NODE" '+%Y-%m-%d %H:%M UTC')$([[ "${BENCH_SKIP_BUILD:-0}" == 1 ]] && echo ' (BENCH_SKIP_BUILD=1: not rebuilt by this run)')"
         printf 'etcd\t%s\n' "$(etcd --version | head -1)"
         printf 'redis\t%s\n' "$(redis-server --version)"
         printf 'params\tduration %s + warm-up %s per run, %s connections, %s-byte values, uniform keys over %s, catch-up %s keys, memory at %s keys\n' \

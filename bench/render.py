@@ -88,6 +88,7 @@ class Report:
         self.order = {}     # scenario -> [ids]
         self.pairs = {}     # scenario -> [(title, kv, peer)]
         self.facts = {}     # scenario -> {name: value}
+        self.busy = {}      # id -> (rustc processes, load average) at the start
         for n, *_ in SCENARIOS:
             self.order[n], self.pairs[n], self.facts[n] = [], [], {}
             for row in read_manifest(os.path.join(raw, f"manifest-s{n}.tsv")):
@@ -99,6 +100,8 @@ class Report:
                         failure = "no report"
                     self.runs[rid] = (label, rep, failure)
                     self.order[n].append(rid)
+                elif row[0] == "busy":
+                    self.busy[row[1]] = (row[2], row[3])
                 elif row[0] == "pair":
                     self.pairs[n].append((row[1], row[2], row[3]))
                 elif row[0] == "fact":
@@ -111,12 +114,14 @@ class Report:
         return bool(self.order[n] or self.facts[n])
 
     def runs_table(self, n):
-        out = ["| run | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | misses | prefill |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        out = ["| run | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | misses | prefill | other rustc / load |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
         for rid in self.order[n]:
             label, r, failure = self.runs[rid]
+            b = self.busy.get(rid)
+            busy = f"{b[0]} / {b[1]}" if b else ""
             if r is None:
-                out.append(f"| {label} | FAILED: {failure} | | | | | | | |")
+                out.append(f"| {label} | FAILED: {failure} | | | | | | | | {busy} |")
                 continue
             lat = lat_of(r)
             pre = ""
@@ -128,10 +133,10 @@ class Report:
             if r["errorsByKind"]:
                 errs += " (" + ", ".join(f"{k} {v}" for k, v in r["errorsByKind"].items()) + ")"
             if r["seconds"] < 0.5 and r["ops"] <= 1:
-                out.append(f"| {label} | (load step) | | | | | {errs} | | {pre} |")
+                out.append(f"| {label} | (load step) | | | | | {errs} | | {pre} | {busy} |")
                 continue
             out.append(f"| {label} | {r['opsPerSecond']:.0f} | {ms(lat['p50'])} | {ms(lat['p99'])} | "
-                       f"{ms(lat['p999'])} | {ms(lat['max'])} | {errs} | {r['misses']} | {pre} |")
+                       f"{ms(lat['p999'])} | {ms(lat['max'])} | {errs} | {r['misses']} | {pre} | {busy} |")
         return out
 
     def pairs_table(self, n):
@@ -252,7 +257,7 @@ class Report:
                + ". Every figure comes from the same load generator, `kvctl bench` "
                  "(HDR histograms; latency is per operation as the client sees it).", "",
                "## Machine and versions", "", "| | |", "|---|---|"]
-        for k in ["cpu", "nproc", "memory", "kernel", "disk", "fsync", "kvstore", "etcd", "redis", "params"]:
+        for k in ["cpu", "nproc", "memory", "kernel", "disk", "fsync", "kvstore", "binaries", "etcd", "redis", "params"]:
             if k in m:
                 out.append(f"| {k} | {m[k]} |")
         out += ["", "Everything runs on this one machine over loopback: clients, every node and "
@@ -276,6 +281,8 @@ class Report:
         out += ["", "Latency columns are the latency of the run's operation: writes for write-only "
                     "runs, reads for read-only runs, every operation for 50/50 runs. Errors are "
                     "operations that failed (timeouts, 5xx); misses are reads of absent keys. "
+                    "'other rustc / load': compiler processes of other work on the machine and the "
+                    "1-minute load average when the run started (0 rustc = a quiet machine). "
                     "Raw reports: `bench/raw/*.json`."]
         prof = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile.md")
         if os.path.exists(prof):
