@@ -315,6 +315,36 @@ fn a_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_when_it_grows() 
         assert_eq!(verdict, "ok", "integrity check on a full disk");
     }
 
+    // A crash on a full disk: the node comes back (WAL recovery with no
+    // room to spare), serves every acknowledged write, and still refuses
+    // writes cleanly.
+    n.kill9();
+    n.start();
+    for (k, v) in &acked {
+        let g = c.get(&format!("fill-{k}"), None).unwrap();
+        assert_eq!(
+            g.status,
+            200,
+            "fill-{k} after a restart on a full disk: {}",
+            g.text()
+        );
+        assert_eq!(&g.body, v, "fill-{k} changed across the restart");
+    }
+    let a = c.put("after-restart", &fill_value(99_999), None).unwrap();
+    assert!(
+        [200, 503, 507].contains(&a.status),
+        "write after a restart on a full disk: {} {}",
+        a.status,
+        a.text()
+    );
+    if a.status != 200 {
+        assert_json_error(
+            "write after restart",
+            &a.body,
+            &["insufficient_storage", "unavailable"],
+        );
+    }
+
     // More room: writes work again without a restart.
     fs.resize("64m");
     eventually(
