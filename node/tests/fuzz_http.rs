@@ -921,3 +921,43 @@ fn a_real_node_survives_fuzzed_http_on_both_ports() {
     );
     eprintln!("fuzzing took {:?}", started.elapsed());
 }
+
+/// What hyper refuses before the node's router sees it (too many or too
+/// large headers, an over-long target, bytes HTTP does not allow): a bare
+/// 4xx with an empty body and `connection: close` — not the JSON error shape
+/// (see the report of the Reliability suite), but never a crash, a hang or a
+/// 5xx.
+#[test]
+fn requests_hyper_cannot_parse_get_a_bare_4xx_and_the_node_lives_on() {
+    let f = start_node();
+    let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (format!("GET /healthz HTTP/1.1\r\nHost: x\r\n{many}\r\n").into_bytes(), 431),
+        (
+            format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20)).into_bytes(),
+            431,
+        ),
+        (format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100_000)).into_bytes(), 414),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bin: \x01\x02\r\n\r\n".to_vec(), 400),
+        (b"GET /v1/kv/\xff\xfe HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
+        (b"GET /v1/kv/a b HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), 400),
+        (
+            format!("PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab").into_bytes(),
+            400,
+        ),
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03".to_vec(), 400),
+    ];
+    for (i, (req, want)) in cases.into_iter().enumerate() {
+        let mut s = TcpStream::connect(f.node.address()).unwrap();
+        let _ = s.write_all(&req);
+        let a = read_response(&mut s, false).unwrap_or_else(|e| panic!("case {i}: {e}"));
+        assert_eq!(a.status, want, "case {i}: {a:?}");
+    }
+    let c = f.node.client();
+    assert_eq!(c.call(Method::GET, "/healthz").status, 200);
+    assert_eq!(
+        c.get("a", None).unwrap().status,
+        404,
+        "a refused PUT stored something"
+    );
+}
