@@ -14,6 +14,7 @@ VALUE_SIZE="${BENCH_VALUE_SIZE:-100}"      # bytes per value
 KEYS="${BENCH_KEYS:-100000}"               # key space of scenarios 1, 2, 5
 CATCHUP_KEYS="${BENCH_CATCHUP_KEYS:-100000}" # writes node 2 misses (scenario 3)
 MEM_KEYS="${BENCH_MEM_KEYS:-1000000}"      # keys written before measuring RSS (scenario 4)
+FILL_CONNS="${BENCH_FILL_CONNECTIONS:-128}" # connections of the bulk-load steps (scenarios 3, 4)
 SCENARIOS="${BENCH_SCENARIOS:-1 5 3 4 2}"  # which scenarios, in this order
 PORT_BASE="${BENCH_PORT_BASE:-17400}"      # kvstore ports; etcd +5000.., redis +6000
 CATCHUP_TIMEOUT="${BENCH_CATCHUP_TIMEOUT:-300}" # seconds
@@ -257,7 +258,8 @@ bench() {
     log "run $id: $label"
     # Other work on the machine (e.g. compilers) skews the figures: note it.
     printf 'busy\t%s\t%s\t%s\n' "$id" "$(pgrep -c -x rustc || true)" "$(cut -d' ' -f1 /proc/loadavg)" >>"$MANIFEST"
-    local args=(bench --driver "$driver" --connections "$CONNS" --value-size "$VALUE_SIZE" --quiet -o json)
+    local args=(bench --driver "$driver" --value-size "$VALUE_SIZE" --quiet -o json)
+    if [[ " $* " != *" --connections "* ]]; then args+=(--connections "$CONNS"); fi
     if [[ " $* " != *" --warmup "* ]]; then args+=(--warmup "$WARMUP"); fi
     if [[ "$driver" == kvstore ]]; then args+=(--token "$TOKEN"); fi
     if "$KVCTL" "${args[@]}" "$@" >"$out.tmp" 2>"$err"; then
@@ -270,6 +272,10 @@ bench() {
         printf 'run\t%s\t%s\t%s\t%s\n' "$id" "$label" "$driver" \
             "$(tail -c 200 "$err" | tr '\n\t' '  ')" >>"$MANIFEST"
     fi
+}
+digest_records() { # ordinal: records the node holds (sum of its bucket digest counts)
+    curl -s --max-time 10 -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$(kv_port "$1")/v1/digests" |
+        jq '[.buckets[].count] | add // 0' 2>/dev/null || echo n/a
 }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
@@ -358,7 +364,7 @@ scenario_3() { # catch-up of a node that missed CATCHUP_KEYS writes
     wait_epoch 1 "$KV_EPOCH"
     kill9_pid kv2
     bench s3-missed "kvstore: $CATCHUP_KEYS distinct keys written while node 2 is down" kvstore \
-        --keys "$CATCHUP_KEYS" --ops 1 --warmup 0s --prefill --read-ratio 0 --endpoints "$(kv_endpoints 0 1)" --consistency quorum
+        --keys "$CATCHUP_KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 0 --endpoints "$(kv_endpoints 0 1)" --consistency quorum
     fact hints.kv0 "$(metric 0 kv_hints_pending)"
     fact hints.kv1 "$(metric 1 kv_hints_pending)"
     local t0 t1 t2 i synced epoch
@@ -382,7 +388,9 @@ scenario_3() { # catch-up of a node that missed CATCHUP_KEYS writes
     fact catchup.seconds "$(python3 -c "print(f'{$t2 - $t1:.2f}')")"
     fact catchup.from_start_seconds "$(python3 -c "print(f'{$t2 - $t0:.2f}')")"
     fact catchup.keys_moved "$(cluster_field 2 '.resync.keysMoved')"
-    fact catchup.keys_node2 "$(metric 2 kv_keys)"
+    # exact record counts (sum of the per-bucket digest counts) when synced was seen
+    fact catchup.records_node2 "$(digest_records 2)"
+    fact catchup.records_node0 "$(digest_records 0)"
     KV_STATE[2]=Up
     write_topology
     wait_http "http://127.0.0.1:$(kv_port 2)/readyz" 200 60 "kv node 2 back Up"
@@ -395,7 +403,7 @@ scenario_4() { # RSS per node at MEM_KEYS keys (reuses scenario 3's cluster when
     if [[ -z "${PIDS[kv0]:-}" ]]; then start_kv_cluster s4; fi
     local i
     bench s4-fill "kvstore: write $MEM_KEYS keys (prefill, round-robin)" kvstore \
-        --keys "$MEM_KEYS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$KV_RR" --consistency quorum
+        --keys "$MEM_KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$KV_RR" --consistency quorum
     sleep 2
     for i in 0 1 2; do
         fact "rss.kv$i" "$(rss_kib "${PIDS[kv$i]}")"
@@ -448,8 +456,8 @@ machine_info() {
         printf 'binaries\t%s\n' "$KV_NODE built $(date -u -r "$KV_NODE" '+%Y-%m-%d %H:%M UTC')$([[ "${BENCH_SKIP_BUILD:-0}" == 1 ]] && echo ' (BENCH_SKIP_BUILD=1: not rebuilt by this run)')"
         printf 'etcd\t%s\n' "$(etcd --version | head -1)"
         printf 'redis\t%s\n' "$(redis-server --version)"
-        printf 'params\tduration %s + warm-up %s per run, %s connections, %s-byte values, uniform keys over %s, catch-up %s keys, memory at %s keys\n' \
-            "$DURATION" "$WARMUP" "$CONNS" "$VALUE_SIZE" "$KEYS" "$CATCHUP_KEYS" "$MEM_KEYS"
+        printf 'params\tduration %s + warm-up %s per run, %s connections, %s-byte values, uniform keys over %s, catch-up %s keys, memory at %s keys (bulk loads of scenarios 3 and 4: %s connections)\n' \
+            "$DURATION" "$WARMUP" "$CONNS" "$VALUE_SIZE" "$KEYS" "$CATCHUP_KEYS" "$MEM_KEYS" "$FILL_CONNS"
     } >"$f"
 }
 

@@ -167,7 +167,9 @@ class Report:
                           ("hints.kv0", "hints pending on node 0 before the restart"),
                           ("hints.kv1", "hints pending on node 1 before the restart"),
                           ("catchup.keys_moved", "resync keysMoved reported by node 2"),
-                          ("catchup.keys_node2", "kv_keys on node 2 when synced")]:
+                          ("catchup.keys_node2", "kv_keys on node 2 when synced (gauge, refreshed every 2 s)"),
+                          ("catchup.records_node2", "records on node 2 when synced (sum of its /v1/digests counts)"),
+                          ("catchup.records_node0", "records on node 0 at that moment (same)")]:
             if key in f:
                 out.append(f"| {name} | {f[key]} |")
         return out
