@@ -124,6 +124,10 @@ pub enum Command {
     Fail {
         /// Node ordinal.
         node: u32,
+        /// Hold it down even if some keys are then left with fewer live
+        /// owners than writes need (their writes fail until it recovers).
+        #[arg(long)]
+        force: bool,
     },
     /// Recover node N through the control plane.
     Recover {
@@ -142,6 +146,46 @@ pub enum Command {
     Verify,
     /// Load generator against kvstore, etcd or Redis.
     Bench(BenchArgs),
+    /// Run a whole cluster on this machine: kv-node processes, the planner, and a gateway.
+    Up(UpArgs),
+}
+
+/// `kvctl up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// A KvCluster YAML to take replicas, replication and held-down nodes from.
+    #[arg(short = 'f', long = "file")]
+    pub file: Option<PathBuf>,
+    /// Number of nodes (default 3, or what the data directory holds).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub nodes: Option<u32>,
+    /// Placement strategy (default full).
+    #[arg(long, value_enum)]
+    pub strategy: Option<StrategyArg>,
+    /// Owners of each key with consistent-hashing.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub replication_factor: Option<u32>,
+    /// Default read consistency.
+    #[arg(long, value_enum)]
+    pub read_consistency: Option<Level>,
+    /// Default write consistency.
+    #[arg(long, value_enum)]
+    pub write_consistency: Option<Level>,
+    /// Where nodes keep their data (survives restarts of `kvctl up`).
+    #[arg(long, env = "KV_DATA_DIR", default_value = "./kvdata")]
+    pub data_dir: PathBuf,
+    /// Gateway address.
+    #[arg(long, env = "KV_LISTEN", default_value = "127.0.0.1:5000")]
+    pub listen: std::net::SocketAddr,
+    /// The kv-node binary (default: next to kvctl, then on PATH).
+    #[arg(long, env = "KV_NODE_BIN")]
+    pub node_binary: Option<PathBuf>,
+    /// Milliseconds a node may be unreachable before it is Failed.
+    #[arg(long, default_value_t = 5000)]
+    pub failure_detection_ms: u64,
+    /// Seconds between background anti-entropy rounds on each node (0 = off).
+    #[arg(long, default_value_t = 30)]
+    pub anti_entropy_secs: u64,
 }
 
 #[derive(Debug, Args)]

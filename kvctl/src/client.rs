@@ -197,8 +197,11 @@ pub struct ResyncInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterInfo {
-    pub node_id: u32,
-    pub state: kv_core::NodeState,
+    /// Absent when the endpoint is a `kvctl up` gateway, not a node.
+    #[serde(default)]
+    pub node_id: Option<u32>,
+    #[serde(default)]
+    pub state: Option<kv_core::NodeState>,
     pub topology: Topology,
     #[serde(default)]
     pub synced_epoch: Option<u64>,

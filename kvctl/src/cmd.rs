@@ -38,7 +38,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let (p, raw) = client.placement(key.as_bytes()).await?;
             emit(json_out, &raw, || output::render_placement(&p))
         }
-        Command::Fail { node } => classic(&client, &format!("/fail/{node}"), None, json_out).await,
+        Command::Fail { node, force } => {
+            let path = if force {
+                format!("/fail/{node}?force=true")
+            } else {
+                format!("/fail/{node}")
+            };
+            classic(&client, &path, None, json_out).await
+        }
         Command::Recover { node } => {
             classic(&client, &format!("/recover/{node}"), None, json_out).await
         }
@@ -53,6 +60,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             classic(&client, "/set_replication_strategy", Some(&body), json_out).await
         }
         Command::Verify => verify_cmd(&client, json_out).await,
+        Command::Up(args) => crate::cmd_up::run(args, cli.token).await,
         Command::Bench(args) => {
             crate::cmd_bench::run(&cli.endpoint, cli.token, cli.consistency, args, json_out).await
         }
@@ -203,7 +211,7 @@ async fn nodes(client: &Client, json_out: bool) -> Result<ExitCode> {
     let (info, _) = client.cluster().await?;
     let topology = info.topology.clone();
     let answers = futures::future::join_all(topology.nodes.iter().map(|n| async {
-        if n.ordinal == info.node_id {
+        if Some(n.ordinal) == info.node_id {
             Ok(info.clone())
         } else {
             node_cluster(client, &n.address).await

@@ -2,6 +2,7 @@
 
 mod cmd;
 mod cmd_bench;
+mod cmd_up;
 
 use std::process::ExitCode;
 

@@ -161,7 +161,10 @@ fn put_takes_a_value_stdin_or_a_file() {
 fn control_commands_parse() {
     assert!(matches!(
         parse(&["fail", "2"]).command,
-        Command::Fail { node: 2 }
+        Command::Fail {
+            node: 2,
+            force: false
+        }
     ));
     assert!(matches!(
         parse(&["recover", "0"]).command,

@@ -666,11 +666,24 @@ pub fn cluster_report(node: &Node) -> Value {
         "confirmed": node.cluster.confirmed(),
         "topology": view.topology,
         "syncedEpoch": node.cluster.synced_epoch(),
-        "resyncProgress": resync.progress(),
+        "resyncProgress": resync_progress(node, &resync),
         "resync": resync,
         "hintsPending": hints,
         "uptimeSeconds": node.started.elapsed().as_secs(),
     })
+}
+
+/// 1 once synced at the current epoch; the pull's progress while it runs;
+/// 0 before the pull for the current epoch has started.
+fn resync_progress(node: &Node, resync: &crate::cluster::Resync) -> f64 {
+    let epoch = node.cluster.epoch();
+    if node.cluster.synced_epoch() >= epoch {
+        1.0
+    } else if resync.epoch == epoch {
+        resync.progress().min(0.999)
+    } else {
+        0.0
+    }
 }
 
 /// Query string to decoded byte values; bad encoding is a 400.

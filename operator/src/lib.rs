@@ -5,7 +5,9 @@
 //! asked for and what was observed. [`k8s`] holds the `KvCluster` custom
 //! resource and its controller: it observes the cluster's objects and the
 //! nodes' reports, asks the planner, and applies the result with server-side
-//! apply. The local platform (`kvctl up`) drives the same planner.
+//! apply. [`local`] is the platform behind `kvctl up`: kv-node processes on
+//! loopback and a gateway, driven by the same planner.
 
 pub mod k8s;
+pub mod local;
 pub mod planner;

@@ -1,0 +1,95 @@
+//! `kvctl up`: a whole cluster on this machine (see `kv_operator::local`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use kv_core::Strategy;
+use kv_operator::k8s::crd::KvCluster;
+use kv_operator::local::{UpOptions, up};
+use kvctl::cli::{StrategyArg, UpArgs};
+
+pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let mut opts = UpOptions {
+        replicas: args.nodes,
+        strategy: args.strategy.map(|s| match s {
+            StrategyArg::Full => Strategy::Full,
+            StrategyArg::ConsistentHashing => Strategy::ConsistentHashing,
+        }),
+        factor: args.replication_factor,
+        read_consistency: args.read_consistency.map(Into::into),
+        write_consistency: args.write_consistency.map(Into::into),
+        failed_nodes: None,
+        data_dir: args.data_dir.clone(),
+        listen: args.listen,
+        token,
+        node_binary: node_binary(args.node_binary.as_deref())?,
+        failure_detection_ms: args.failure_detection_ms,
+        anti_entropy_secs: args.anti_entropy_secs,
+        verbose: true,
+    };
+    if let Some(file) = &args.file {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        let kvc: KvCluster = serde_yaml::from_str(&text)
+            .with_context(|| format!("{} is not a KvCluster", file.display()))?;
+        let d = kvc.spec.desired();
+        opts.replicas = opts.replicas.or(Some(d.replicas));
+        opts.strategy = opts.strategy.or(Some(d.strategy));
+        opts.factor = opts.factor.or(Some(d.factor));
+        opts.read_consistency = opts.read_consistency.or(Some(d.read_consistency));
+        opts.write_consistency = opts.write_consistency.or(Some(d.write_consistency));
+        opts.failed_nodes = Some(d.failed_nodes);
+    }
+    up(opts, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `--node-binary`, else `kv-node` next to this executable, else on PATH.
+fn node_binary(given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        for candidate in [dir.join("kv-node"), dir.join("../kv-node")] {
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let c = dir.join("kv-node");
+            if c.is_file() {
+                return Ok(c);
+            }
+        }
+    }
+    bail!(
+        "cannot find the kv-node binary next to kvctl or on PATH; build it with `cargo build --release -p kv-node` or pass --node-binary"
+    )
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
