@@ -43,6 +43,8 @@ for img in "${images[@]}"; do
   # debug info stays in the target directory, not in the image
   strip --strip-debug -o "$ctx/$img/$img" "$bin"
   chmod 0555 "$ctx/$img/$img"
+  # kv-node's image carries an empty /data for named volumes to inherit its owner
+  if [ "$img" = kv-node ]; then mkdir -p "$ctx/$img/data"; fi
   echo "==> docker build kvstore/$img:$tag"
   docker build -q -f "deploy/docker/$img.Dockerfile" \
     --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-arg "CREATED=$created" \
