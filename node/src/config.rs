@@ -64,9 +64,6 @@ pub struct Args {
     /// Seconds a tombstone is kept before it may be purged (once every owner has it).
     #[arg(long, env = "KV_TOMBSTONE_GRACE_SECS", default_value_t = 86_400)]
     pub tombstone_grace_secs: u64,
-    /// Most concurrent client connections (more wait in the kernel's backlog).
-    #[arg(long, env = "KV_MAX_CONNECTIONS", default_value_t = 4096)]
-    pub max_connections: usize,
     /// Log format.
     #[arg(long, env = "KV_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -105,7 +102,6 @@ pub struct Config {
     pub peer_timeout: Duration,
     pub anti_entropy_every: Option<Duration>,
     pub tombstone_grace: Duration,
-    pub max_connections: usize,
 }
 
 fn token(
@@ -179,7 +175,6 @@ impl Args {
             anti_entropy_every: (self.anti_entropy_secs > 0)
                 .then(|| Duration::from_secs(self.anti_entropy_secs)),
             tombstone_grace: Duration::from_secs(self.tombstone_grace_secs),
-            max_connections: self.max_connections.max(1),
         })
     }
 }
