@@ -465,7 +465,12 @@ T_START="$(now)"
 machine_info
 for s in $SCENARIOS; do
     case "$s" in
-        1 | 2 | 3 | 4 | 5) "scenario_$s" ;;
+        1 | 2 | 3 | 4 | 5)
+            t_s="$(now)"
+            "scenario_$s"
+            fact started "$(date -u -d "@${t_s%.*}" '+%Y-%m-%d %H:%M UTC')"
+            fact seconds "$(python3 -c "print(round($(now) - $t_s))")"
+            ;;
         *) die "unknown scenario $s (1..5)" ;;
     esac
 done

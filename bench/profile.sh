@@ -132,15 +132,20 @@ profile_case() { # tag node-pid-name endpoints...
     unset "PIDS[bench]"
     python3 -c "import json; r = json.load(open('$OUT/$tag-bench.json')); print(f\"## bench: {r['opsPerSecond']:.0f} writes/s, p50 {r['writeLatencyUs']['p50']/1000:.2f} ms, p99 {r['writeLatencyUs']['p99']/1000:.2f} ms\")" >>"$f" || true
     if [[ -s "$WORK/$tag.perf" ]]; then
+        local rep="$WORK/$tag.rep"
+        perf report -i "$WORK/$tag.perf" --no-children --sort comm --stdio -g none >"$rep.comm" 2>/dev/null || true
+        perf report -i "$WORK/$tag.perf" --no-children --sort dso --stdio -g none >"$rep.dso" 2>/dev/null || true
+        perf report -i "$WORK/$tag.perf" --no-children --sort symbol --stdio -g none >"$rep.self" 2>/dev/null || true
+        perf report -i "$WORK/$tag.perf" --children --sort symbol --stdio -g none >"$rep.incl" 2>/dev/null || true
         {
             echo "## perf: where ${target}'s CPU goes, by thread"
-            perf report -i "$WORK/$tag.perf" --no-children --sort comm --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+            grep -v -e '^#' -e '^$' "$rep.comm" | head -15 || true
             echo "## perf: by shared object"
-            perf report -i "$WORK/$tag.perf" --no-children --sort dso --stdio 2>/dev/null | grep -v '^#' | grep -v '^$' | head -15
+            grep -v -e '^#' -e '^$' "$rep.dso" | head -15 || true
             echo "## perf: top symbols (self)"
-            perf report -i "$WORK/$tag.perf" --no-children --sort symbol --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -45
+            grep -v -e '^#' -e '^$' "$rep.self" | head -45 || true
             echo "## perf: top symbols (inclusive, children)"
-            perf report -i "$WORK/$tag.perf" --children --sort symbol --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -60
+            grep -v -e '^#' -e '^$' "$rep.incl" | head -70 || true
         } >>"$f"
     fi
     # strace in its own run: it slows the traced process a lot

@@ -128,7 +128,8 @@ class Report:
             if r.get("prefill"):
                 p = r["prefill"]
                 rate = p["keys"] / p["seconds"] if p["seconds"] else 0
-                pre = f"{p['keys']} keys in {p['seconds']:.1f} s ({rate:.0f}/s, {p['errors']} errors)"
+                pre = (f"{p['keys']} keys in {p['seconds']:.1f} s ({rate:.0f}/s, "
+                       f"{r['connections']} connections, {p['errors']} errors)")
             errs = str(r["errors"])
             if r["errorsByKind"]:
                 errs += " (" + ", ".join(f"{k} {v}" for k, v in r["errorsByKind"].items()) + ")"
@@ -254,9 +255,9 @@ class Report:
         for row in read_manifest(os.path.join(self.raw, "machine.tsv")):
             m[row[0]] = row[1] if len(row) > 1 else ""
         out = ["# kvstore vs etcd vs Redis — benchmark results", "",
-               f"Produced by `bash bench/compare.sh` (see `bench/README.md`) on {m.get('date', '?')}"
-               + (f", {elapsed} s for the scenarios of the last invocation" if elapsed else "")
-               + ". Every figure comes from the same load generator, `kvctl bench` "
+               f"Produced by `bash bench/compare.sh` (see `bench/README.md`); last invocation {m.get('date', '?')}"
+               + (f" ({elapsed} s)" if elapsed else "")
+               + "; each scenario says when it ran. Every figure comes from the same load generator, `kvctl bench` "
                  "(HDR histograms; latency is per operation as the client sees it).", "",
                "## Machine and versions", "", "| | |", "|---|---|"]
         for k in ["cpu", "nproc", "memory", "kernel", "disk", "fsync", "kvstore", "binaries", "etcd", "redis", "params"]:
@@ -270,7 +271,10 @@ class Report:
         for n, title, text in SCENARIOS:
             if not self.has(n):
                 continue
-            out += ["", f"## {title}", "", text, ""]
+            when = ""
+            if "started" in self.facts[n]:
+                when = f" Run {self.facts[n]['started']}, {self.facts[n].get('seconds', '?')} s."
+            out += ["", f"## {title}", "", text + when, ""]
             if n == 3:
                 out += self.runs_table(n) + [""] + self.scenario3()
             elif n == 4:
