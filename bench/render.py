@@ -215,6 +215,21 @@ class Report:
                         f"Redis {mib_kib(f2.get('rss.redis'))} MiB."]
         return out
 
+    def load_note(self):
+        busy = [b for b in self.busy.values() if b[0].isdigit()]
+        if not busy:
+            return [""]
+        worst = max(int(b[0]) for b in busy)
+        loads = [float(b[1]) for b in busy]
+        if worst == 0:
+            return [""]
+        return [f"**Caveat:** other work shared the machine during these runs: up to {worst} "
+                    f"compiler (`rustc`) processes of other engineers, 1-minute load average "
+                    f"{min(loads):.1f}–{max(loads):.1f} on {len(loads)} runs (column 'other rustc / load'). "
+                    "Every system suffered it alike within a scenario, but absolute figures are "
+                    "low and noisy (the single-node write load of scenario 2 gave 1 223, 1 994 and 2 123 writes/s "
+                    "in three attempts over the session); rerun on a quiet machine before quoting them.", ""]
+
     def targets(self):
         rows = []
 
@@ -267,7 +282,7 @@ class Report:
                     "member, so the load generator competes with the servers for the 2 cores. "
                     "etcd: default durability (fsync of its WAL per commit batch). Redis: one instance, "
                     "`appendfsync always`. kvstore: SQLite, fsync'd group commit.", "",
-                "## Targets", ""] + self.targets()
+                ] + self.load_note() + ["## Targets", ""] + self.targets()
         for n, title, text in SCENARIOS:
             if not self.has(n):
                 continue
