@@ -14,7 +14,7 @@ VALUE_SIZE="${BENCH_VALUE_SIZE:-100}"      # bytes per value
 KEYS="${BENCH_KEYS:-100000}"               # key space of scenarios 1, 2, 5
 CATCHUP_KEYS="${BENCH_CATCHUP_KEYS:-100000}" # writes node 2 misses (scenario 3)
 MEM_KEYS="${BENCH_MEM_KEYS:-1000000}"      # keys written before measuring RSS (scenario 4)
-FILL_CONNS="${BENCH_FILL_CONNECTIONS:-128}" # connections of the bulk-load steps (scenarios 3, 4)
+FILL_CONNS="${BENCH_FILL_CONNECTIONS:-128}" # connections of the bulk-load steps (not measured)
 SCENARIOS="${BENCH_SCENARIOS:-1 5 3 4 2}"  # which scenarios, in this order
 PORT_BASE="${BENCH_PORT_BASE:-17400}"      # kvstore ports; etcd +5000.., redis +6000
 CATCHUP_TIMEOUT="${BENCH_CATCHUP_TIMEOUT:-300}" # seconds
@@ -299,10 +299,12 @@ scenario_1() {
     bench s1-w-kv-one "kvstore write, quorum, via 1 node" kvstore "${common[@]}" --read-ratio 0 --endpoints "$KV_ONE" --consistency quorum
     bench s1-w-etcd "etcd put, 3 endpoints" etcd "${common[@]}" --read-ratio 0 --endpoints "$ETCD_ALL"
     # read-only (each system's first read run prefills the whole key space)
-    bench s1-r-kv-q-rr "kvstore read, quorum, round-robin" kvstore "${common[@]}" --read-ratio 1 --prefill --endpoints "$KV_RR" --consistency quorum
+    bench s1-fill-kv "kvstore: write the key space once" kvstore --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$KV_RR"
+    bench s1-r-kv-q-rr "kvstore read, quorum, round-robin" kvstore "${common[@]}" --read-ratio 1 --endpoints "$KV_RR" --consistency quorum
     bench s1-r-kv-q-one "kvstore read, quorum, via 1 node" kvstore "${common[@]}" --read-ratio 1 --endpoints "$KV_ONE" --consistency quorum
     bench s1-r-kv-one-rr "kvstore read, one, round-robin" kvstore "${common[@]}" --read-ratio 1 --endpoints "$KV_RR" --consistency one
-    bench s1-r-etcd-lin "etcd get, linearizable" etcd "${common[@]}" --read-ratio 1 --prefill --endpoints "$ETCD_ALL"
+    bench s1-fill-etcd "etcd: write the key space once" etcd --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$ETCD_ALL"
+    bench s1-r-etcd-lin "etcd get, linearizable" etcd "${common[@]}" --read-ratio 1 --endpoints "$ETCD_ALL"
     bench s1-r-etcd-ser "etcd get, serializable" etcd "${common[@]}" --read-ratio 1 --etcd-serializable --endpoints "$ETCD_ALL"
     # 50/50
     bench s1-m-kv-rr "kvstore 50/50, quorum, round-robin" kvstore "${common[@]}" --read-ratio 0.5 --endpoints "$KV_RR" --consistency quorum
@@ -337,8 +339,8 @@ scenario_5() { # one node down: 50/50 throughput (reuses scenario 1's clusters w
         fresh=1
         start_kv_cluster s5
         start_etcd
-        bench s5-prefill-kv "kvstore prefill" kvstore --keys "$KEYS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$KV_RR"
-        bench s5-prefill-etcd "etcd prefill" etcd --keys "$KEYS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$ETCD_ALL"
+        bench s5-prefill-kv "kvstore prefill" kvstore --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$KV_RR"
+        bench s5-prefill-etcd "etcd prefill" etcd --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$ETCD_ALL"
     fi
     KV_STATE[2]=Failed
     write_topology
@@ -424,8 +426,10 @@ scenario_2() { # one kvstore node (no topology file) vs one Redis (appendfsync a
     local redis_ep="redis://127.0.0.1:$REDIS_PORT"
     bench s2-w-kv "kvstore 1 node, write" kvstore "${common[@]}" --read-ratio 0 --endpoints "$KV_ONE"
     bench s2-w-redis "redis SET, appendfsync always" redis "${common[@]}" --read-ratio 0 --endpoints "$redis_ep"
-    bench s2-r-kv "kvstore 1 node, read" kvstore "${common[@]}" --read-ratio 1 --prefill --endpoints "$KV_ONE"
-    bench s2-r-redis "redis GET" redis "${common[@]}" --read-ratio 1 --prefill --endpoints "$redis_ep"
+    bench s2-fill-kv "kvstore: write the key space once" kvstore --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$KV_ONE"
+    bench s2-r-kv "kvstore 1 node, read" kvstore "${common[@]}" --read-ratio 1 --endpoints "$KV_ONE"
+    bench s2-fill-redis "redis: write the key space once" redis --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$redis_ep"
+    bench s2-r-redis "redis GET" redis "${common[@]}" --read-ratio 1 --endpoints "$redis_ep"
     pair "writes" s2-w-kv s2-w-redis
     pair "reads" s2-r-kv s2-r-redis
     fact rss.kv "$(rss_kib "${PIDS[kv0]}")"
@@ -456,7 +460,7 @@ machine_info() {
         printf 'binaries\t%s\n' "$KV_NODE built $(date -u -r "$KV_NODE" '+%Y-%m-%d %H:%M UTC')$([[ "${BENCH_SKIP_BUILD:-0}" == 1 ]] && echo ' (BENCH_SKIP_BUILD=1: not rebuilt by this run)')"
         printf 'etcd\t%s\n' "$(etcd --version | head -1)"
         printf 'redis\t%s\n' "$(redis-server --version)"
-        printf 'params\tduration %s + warm-up %s per run, %s connections, %s-byte values, uniform keys over %s, catch-up %s keys, memory at %s keys (bulk loads of scenarios 3 and 4: %s connections)\n' \
+        printf 'params\tduration %s + warm-up %s per run, %s connections, %s-byte values, uniform keys over %s, catch-up %s keys, memory at %s keys (bulk loads, not measured: %s connections)\n' \
             "$DURATION" "$WARMUP" "$CONNS" "$VALUE_SIZE" "$KEYS" "$CATCHUP_KEYS" "$MEM_KEYS" "$FILL_CONNS"
     } >"$f"
 }
