@@ -37,10 +37,19 @@ pub struct Incoming {
     pub headers: HeaderMap,
 }
 
-/// The warp filter serving the client API on `node`.
-pub fn routes(
-    node: Arc<Node>,
-) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+/// A warp filter that hands every request to `handler` with its body read
+/// up to `limit(&request)` bytes (or the 413/400 error that reading it gave).
+/// Both ports use it, so each failure is answered by our own router with the
+/// contract's JSON error shape.
+pub fn request_filter<L, H, Fut>(
+    limit: L,
+    handler: H,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone
+where
+    L: Fn(&Incoming) -> usize + Clone + Send + Sync + 'static,
+    H: Fn(Incoming, Result<Bytes, ApiError>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send,
+{
     warp::method()
         .and(warp::path::full())
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
@@ -48,14 +57,17 @@ pub fn routes(
         .and(warp::body::stream())
         .then(
             move |method, path: warp::path::FullPath, query, headers, body| {
-                let node = node.clone();
+                let (limit, handler) = (limit.clone(), handler.clone());
                 let req = Incoming {
                     method,
                     path: path.as_str().to_string(),
                     query,
                     headers,
                 };
-                async move { serve(&node, req, body).await }
+                async move {
+                    let body = read_body(&req.headers, body, limit(&req)).await;
+                    handler(req, body).await
+                }
             },
         )
         .recover(|_| async {
@@ -67,24 +79,35 @@ pub fn routes(
         .unify()
 }
 
-async fn serve<S, B>(node: &Arc<Node>, req: Incoming, body: S) -> Response
-where
-    S: Stream<Item = Result<B, warp::Error>> + Send + Unpin,
-    B: Buf,
-{
+/// The warp filter serving the client API on `node`.
+pub fn routes(
+    node: Arc<Node>,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    let (max_value, token) = (node.config.max_value_bytes, node.config.token.clone());
+    request_filter(
+        // No body is read for a request that will be refused anyway.
+        move |req: &Incoming| match Route::parse(&req.method, &req.path) {
+            Ok(r) if authorized(&req.headers, &token) => r.body_limit(max_value),
+            _ => 0,
+        },
+        move |req, body| {
+            let node = node.clone();
+            async move { serve(&node, req, body).await }
+        },
+    )
+}
+
+async fn serve(node: &Arc<Node>, req: Incoming, body: Result<Bytes, ApiError>) -> Response {
     let started = Instant::now();
     let route = Route::parse(&req.method, &req.path);
     let name = route.as_ref().map_or("unknown", |r| r.name());
     let classic = route.as_ref().is_ok_and(Route::is_classic);
-    let resp = match route {
-        Err(e) => error_response(&e, false),
-        Ok(route) => {
-            let limit = route.body_limit(node.config.max_value_bytes);
-            match read_body(&req.headers, body, limit).await {
-                Ok(bytes) => dispatch(node, &route, &req, bytes).await,
-                Err(e) => error_response(&e, classic),
-            }
+    let resp = match (route, body) {
+        (Err(e), _) => error_response(&e, false),
+        (Ok(route), Err(e)) if route.is_open() || authorized(&req.headers, &node.config.token) => {
+            error_response(&e, classic)
         }
+        (Ok(route), body) => dispatch(node, &route, &req, body.unwrap_or_default()).await,
     };
     node.metrics
         .requests
@@ -335,7 +358,8 @@ pub fn error_response(e: &ApiError, classic: bool) -> Response {
     resp
 }
 
-fn authorized(headers: &HeaderMap, token: &str) -> bool {
+/// `Authorization: Bearer <token>`, compared in constant time.
+pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
@@ -366,7 +390,7 @@ fn key_text(key: &[u8]) -> String {
     }
 }
 
-/// Runs one routed request whose body has been read.
+/// Runs one routed request whose body has been read: the token check, then the route.
 pub async fn dispatch(node: &Arc<Node>, route: &Route, req: &Incoming, body: Bytes) -> Response {
     let classic = route.is_classic();
     if !route.is_open() && !authorized(&req.headers, &node.config.token) {

@@ -6,16 +6,16 @@
 
 use std::sync::Arc;
 
-use bytes::{Buf, Bytes};
-use futures::Stream;
+use bytes::Bytes;
 use kv_core::wire;
 use kv_core::{Record, Topology};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use warp::Filter;
 use warp::http::{HeaderMap, HeaderValue, Method, header};
 
-use crate::api::{Response, error_response, parse_query, percent_decode, read_body};
+use crate::api::{
+    Incoming, Response, authorized, error_response, parse_query, percent_decode, request_filter,
+};
 use crate::cluster::Source;
 use crate::node::{ApiError, Node};
 use crate::peer::{EPOCH_HEADER, NODE_HEADER};
@@ -28,68 +28,43 @@ pub fn batch_limit(max_value: usize) -> usize {
 pub fn routes(
     node: Arc<Node>,
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
-    warp::method()
-        .and(warp::path::full())
-        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(warp::header::headers_cloned())
-        .and(warp::body::stream())
-        .then(
-            move |method: Method,
-                  path: warp::path::FullPath,
-                  query: String,
-                  headers: HeaderMap,
-                  body| {
-                let node = node.clone();
-                async move {
-                    let mut resp =
-                        serve(&node, &method, path.as_str(), &query, &headers, body).await;
-                    if let Ok(v) = HeaderValue::from_str(&node.cluster.epoch().to_string()) {
-                        resp.headers_mut().insert(EPOCH_HEADER, v);
-                    }
-                    resp
+    let limit = batch_limit(node.config.max_value_bytes);
+    let token = node.config.cluster_token.clone();
+    request_filter(
+        // No body is read for a caller without the cluster token.
+        move |req: &Incoming| {
+            if authorized(&req.headers, &token) {
+                limit
+            } else {
+                0
+            }
+        },
+        move |req, body| {
+            let node = node.clone();
+            async move {
+                let mut resp = serve(&node, req, body).await;
+                if let Ok(v) = HeaderValue::from_str(&node.cluster.epoch().to_string()) {
+                    resp.headers_mut().insert(EPOCH_HEADER, v);
                 }
-            },
-        )
-        .recover(|_| async {
-            Ok::<_, std::convert::Infallible>(error_response(
-                &ApiError::new(404, "not_found", "no such route".into()),
-                false,
-            ))
-        })
-        .unify()
+                resp
+            }
+        },
+    )
 }
 
-async fn serve<S, B>(
-    node: &Arc<Node>,
-    method: &Method,
-    path: &str,
-    query: &str,
-    headers: &HeaderMap,
-    body: S,
-) -> Response
-where
-    S: Stream<Item = Result<B, warp::Error>> + Send + Unpin,
-    B: Buf,
-{
-    let authorized = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
-        .is_some_and(|t| bool::from(t.ct_eq(node.config.cluster_token.as_bytes())));
-    if !authorized {
+async fn serve(node: &Arc<Node>, req: Incoming, body: Result<Bytes, ApiError>) -> Response {
+    if !authorized(&req.headers, &node.config.cluster_token) {
         return error_response(
             &ApiError::new(403, "forbidden", "missing or wrong cluster token".into()),
             false,
         );
     }
-    note_epoch(node, headers);
-    let body = match read_body(headers, body, batch_limit(node.config.max_value_bytes)).await {
-        Ok(b) => b,
-        Err(e) => return error_response(&e, false),
+    note_epoch(node, &req.headers);
+    let result = match body {
+        Ok(body) => handle(node, &req.method, &req.path, &req.query, body).await,
+        Err(e) => Err(e),
     };
-    match handle(node, method, path, query, body).await {
-        Ok(r) => r,
-        Err(e) => error_response(&e, false),
-    }
+    result.unwrap_or_else(|e| error_response(&e, false))
 }
 
 /// A caller with a higher epoch than ours: fetch its topology.

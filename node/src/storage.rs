@@ -258,24 +258,7 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Record>, StorageError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT key, value, ts, node FROM records
-                 WHERE value IS NOT NULL AND key >= ?1 AND key > ?2 ORDER BY key LIMIT ?3",
-            )?;
-            let after = after.unwrap_or(&[]);
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-            let rows = stmt.query_map(params![prefix, after, limit], row_to_record)?;
-            let mut out = Vec::new();
-            for r in rows {
-                let r = r?;
-                if !r.key.starts_with(prefix) {
-                    break;
-                }
-                out.push(r);
-            }
-            Ok(out)
-        })
+        self.range(prefix, after, limit, true)
     }
 
     /// Records (tombstones included) whose key starts with `prefix`, after
@@ -287,11 +270,24 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<Record>, StorageError> {
+        self.range(prefix, after, limit, false)
+    }
+
+    fn range(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        live_only: bool,
+    ) -> Result<Vec<Record>, StorageError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
+            let mut stmt = c.prepare_cached(if live_only {
                 "SELECT key, value, ts, node FROM records
-                 WHERE key >= ?1 AND key > ?2 ORDER BY key LIMIT ?3",
-            )?;
+                 WHERE value IS NOT NULL AND key >= ?1 AND key > ?2 ORDER BY key LIMIT ?3"
+            } else {
+                "SELECT key, value, ts, node FROM records
+                 WHERE key >= ?1 AND key > ?2 ORDER BY key LIMIT ?3"
+            })?;
             let after = after.unwrap_or(&[]);
             let limit = i64::try_from(limit).unwrap_or(i64::MAX);
             let rows = stmt.query_map(params![prefix, after, limit], row_to_record)?;
