@@ -86,27 +86,53 @@ impl Node {
         if need == 1 && candidates.contains(&self.me()) {
             return self.store.get(key).map_err(ApiError::storage);
         }
+        // Ask exactly `need` owners (this node first, the others rotated by
+        // bucket to spread load); ask the next one only when one fails.
+        let mut order: Vec<u32> = candidates
+            .iter()
+            .copied()
+            .filter(|o| *o != self.me())
+            .collect();
+        if !order.is_empty() {
+            let shift = bucket_of(key) as usize % order.len();
+            order.rotate_left(shift);
+        }
+        if candidates.contains(&self.me()) {
+            order.insert(0, self.me());
+        }
+        let mut queue = order.into_iter();
         let (tx, mut rx) = mpsc::unbounded_channel();
-        for o in &candidates {
-            let (node, tx, key, o, view) =
-                (self.clone(), tx.clone(), key.to_vec(), *o, view.clone());
+        let spawn = |o: u32| {
+            let (node, tx, key, view) = (self.clone(), tx.clone(), key.to_vec(), view.clone());
             tokio::spawn(async move {
                 let r = node.read_replica(&view, o, key).await;
                 let _ = tx.send((o, r));
             });
+        };
+        let mut in_flight = 0usize;
+        for o in queue.by_ref().take(need) {
+            spawn(o);
+            in_flight += 1;
         }
-        drop(tx);
         let mut answers: BTreeMap<u32, Option<Record>> = BTreeMap::new();
         let mut errors = Vec::new();
-        while answers.len() < need {
-            match rx.recv().await {
-                Some((o, Ok(r))) => {
+        while answers.len() < need && in_flight > 0 {
+            let Some((o, r)) = rx.recv().await else { break };
+            in_flight -= 1;
+            match r {
+                Ok(r) => {
                     answers.insert(o, r);
                 }
-                Some((o, Err(e))) => errors.push(format!("node {o}: {e}")),
-                None => break,
+                Err(e) => {
+                    errors.push(format!("node {o}: {e}"));
+                    if let Some(next) = queue.next() {
+                        spawn(next);
+                        in_flight += 1;
+                    }
+                }
             }
         }
+        drop(tx);
         if answers.len() < need {
             return Err(unavailable(format!(
                 "read at {level} needed {need} answers and got {} ({})",
