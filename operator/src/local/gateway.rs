@@ -9,7 +9,8 @@
 //! classic `POST /fail/<id>`, `POST /recover/<id>`, `GET /nodes`,
 //! `POST /set_replication_strategy`, `GET /nodes_for_key/<key>`, and the v1
 //! equivalents `GET /v1/nodes`, `POST /v1/nodes/<id>/fail`,
-//! `POST /v1/nodes/<id>/recover`, `PUT /v1/replication`.
+//! `POST /v1/nodes/<id>/recover`, `PUT /v1/replication`. `GET /metrics` (no
+//! auth) serves the control-plane metrics ([`super::metrics`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -127,6 +128,8 @@ impl Gateway {
         let classic = !path.starts_with("/v1/");
         match (method.clone(), path) {
             (Method::GET, "/healthz") => return json_response(200, &json!({"status": "ok"})),
+            // The control plane's metrics (local::metrics), not a node's.
+            (Method::GET, "/metrics") => return self.platform.metrics.response(),
             (Method::GET, "/readyz") => {
                 return if self.platform.serving_nodes().is_empty() {
                     error(503, "unavailable", "no node is Up yet", false)

@@ -19,6 +19,7 @@
 //! (Recovering) before it serves again, as a restarted pod does.
 
 pub mod gateway;
+pub mod metrics;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
@@ -180,6 +181,10 @@ pub struct Inner {
     last_start: BTreeMap<u32, Instant>,
     pub last_plan: Option<Plan>,
     printed_progress: BTreeMap<u32, u32>,
+    /// Running nodes that have answered a report since their process
+    /// started: only they get client traffic (a node just spawned is Up in
+    /// a new cluster's topology before it listens).
+    answered: BTreeSet<u32>,
 }
 
 pub struct Platform {
@@ -189,6 +194,8 @@ pub struct Platform {
     pub inner: Mutex<Inner>,
     pub http: reqwest::Client,
     pub config: PlannerConfig,
+    /// Control-plane metrics, served on the gateway's `/metrics`.
+    pub metrics: metrics::LocalMetrics,
 }
 
 impl Platform {
@@ -289,8 +296,10 @@ impl Platform {
                 last_start: BTreeMap::new(),
                 last_plan: None,
                 printed_progress: BTreeMap::new(),
+                answered: BTreeSet::new(),
             }),
             config,
+            metrics: metrics::LocalMetrics::new(),
             ports: ports.clone(),
             opts,
         };
@@ -411,6 +420,7 @@ impl Platform {
 
     /// One round: reap, observe, plan, act.
     pub async fn tick(&self) {
+        let started = Instant::now();
         self.reap();
         self.poll_reports().await;
         let (plan, observed) = {
@@ -419,7 +429,9 @@ impl Platform {
             let desired = inner.saved.desired();
             (planner::plan(&desired, &observed, &self.config), observed)
         };
+        let counted = plan.clone();
         self.apply(plan, observed).await;
+        self.metrics.record_tick(started, &counted);
     }
 
     fn reap(&self) {
@@ -434,6 +446,7 @@ impl Platform {
         for (o, status, expected) in exited {
             inner.procs.remove(&o);
             inner.reports.remove(&o);
+            inner.answered.remove(&o);
             if expected {
                 inner.down_since.entry(o).or_insert(now);
             } else {
@@ -483,6 +496,10 @@ impl Platform {
             match report {
                 Some(r) => {
                     inner.down_since.remove(&o);
+                    // Unless it was killed or restarted while it was asked.
+                    if inner.procs.contains_key(&o) {
+                        inner.answered.insert(o);
+                    }
                     inner.reports.insert(o, r);
                 }
                 None => {
@@ -644,6 +661,7 @@ impl Platform {
             }
         }
         inner.last_start.insert(o, Instant::now());
+        inner.answered.remove(&o);
         match cmd.spawn() {
             Ok(child) => {
                 inner.procs.insert(
@@ -672,6 +690,7 @@ impl Platform {
         let child = {
             let mut inner = self.lock();
             inner.reports.remove(&o);
+            inner.answered.remove(&o);
             inner.down_since.insert(o, now_ms());
             inner.procs.remove(&o)
         };
@@ -687,6 +706,7 @@ impl Platform {
         let child = {
             let mut inner = self.lock();
             inner.reports.remove(&o);
+            inner.answered.remove(&o);
             inner.down_since.remove(&o);
             inner.procs.remove(&o)
         };
@@ -711,8 +731,8 @@ impl Platform {
         }
     }
 
-    /// The nodes clients may be routed to: Up (or Leaving) in the topology
-    /// and running.
+    /// The nodes clients may be routed to: Up (or Leaving) in the topology,
+    /// running, and answering since they were started.
     pub fn serving_nodes(&self) -> Vec<(u32, String)> {
         let inner = self.lock();
         let Some(t) = &inner.topology else {
@@ -720,7 +740,11 @@ impl Platform {
         };
         t.nodes
             .iter()
-            .filter(|n| n.state.serves_client_reads() && inner.procs.contains_key(&n.ordinal))
+            .filter(|n| {
+                n.state.serves_client_reads()
+                    && inner.procs.contains_key(&n.ordinal)
+                    && inner.answered.contains(&n.ordinal)
+            })
             .map(|n| (n.ordinal, n.address.clone()))
             .collect()
     }
