@@ -13,6 +13,8 @@
 #     dashboard query parses and uses only metrics named in docs/design.md;
 #   - scripts/build-images.sh and image smoke tests when a Docker daemon answers
 #     (loud SKIP otherwise; KV_REQUIRE_DOCKER=1 turns the skip into a failure).
+#   - scripts/test-prometheus.sh: a real Prometheus scraping `kvctl up` answers
+#     every dashboard query and alert expression (KvNodeFailed with a node down).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
@@ -289,6 +291,12 @@ elif [ "${KV_REQUIRE_DOCKER:-0}" = 1 ]; then
 else
   printf '\n!!!!!!!!\nSKIP: no Docker daemon answers: images are NOT built or tested (KV_REQUIRE_DOCKER=1 makes this fail)\n!!!!!!!!\n' >&2
 fi
+
+# --- Prometheus ------------------------------------------------------------------
+# every dashboard query returns data and every alert expression is valid against
+# a real Prometheus scraping `kvctl up` (debug binaries from the cargo test phase)
+step "Prometheus scraping a local cluster: dashboard queries and alerts (scripts/test-prometheus.sh)"
+scripts/test-prometheus.sh || fail "scripts/test-prometheus.sh: dashboard queries / alert expressions against a real Prometheus"
 
 if [ "${#failures[@]}" -gt 0 ]; then
   printf '\ndeployment checks FAILED (%d):\n' "${#failures[@]}" >&2
