@@ -62,30 +62,36 @@ pub async fn run(
         "kv-node serving"
     );
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(node::serve(api::routes(node.clone()), client, stop.clone()));
-    tasks.spawn(node::serve(
+    let mut servers = tokio::task::JoinSet::new();
+    servers.spawn(node::serve(api::routes(node.clone()), client, stop.clone()));
+    servers.spawn(node::serve(
         peer_api::routes(node.clone()),
         peer,
         stop.clone(),
     ));
-    tasks.spawn(node.clone().watch_topology_file(stop.clone()));
-    tasks.spawn(node.clone().confirm_with_peers(stop.clone()));
-    tasks.spawn(node.clone().deliver_hints(stop.clone()));
-    tasks.spawn(node.clone().sync_loop(stop.clone()));
-    tasks.spawn(node.clone().refresh_gauges(stop.clone()));
-    let follow = tokio::spawn(node.clone().follow_epochs(seen));
+    // Background work is stopped, not waited for, at shutdown: every store
+    // write it makes is its own transaction, done or not done.
+    let background = [
+        tokio::spawn(node.clone().watch_topology_file(stop.clone())),
+        tokio::spawn(node.clone().confirm_with_peers(stop.clone())),
+        tokio::spawn(node.clone().deliver_hints(stop.clone())),
+        tokio::spawn(node.clone().sync_loop(stop.clone())),
+        tokio::spawn(node.clone().refresh_gauges(stop.clone())),
+        tokio::spawn(node.clone().follow_epochs(seen)),
+    ];
     shutdown.await;
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     let _ = stop_tx.send(true);
-    let drain = async { while tasks.join_next().await.is_some() {} };
+    for task in &background {
+        task.abort();
+    }
+    let drain = async { while servers.join_next().await.is_some() {} };
     if tokio::time::timeout(std::time::Duration::from_secs(20), drain)
         .await
         .is_err()
     {
         tracing::warn!("in-flight requests did not finish in 20 s; stopping anyway");
     }
-    follow.abort();
     let _ = Arc::strong_count(&node);
     tracing::info!("database closed; bye");
     Ok(())

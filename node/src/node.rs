@@ -259,13 +259,18 @@ impl Node {
         }
     }
 
-    /// Refreshes the storage gauges.
+    /// Refreshes the storage gauges: pending hints every 2 s, the key and
+    /// tombstone counts (a scan of the records) every 15 s.
     pub async fn refresh_gauges(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut round = 0u64;
         loop {
-            let store = self.store.clone();
-            if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || store.stats()).await {
-                self.metrics.set_store_stats(&s);
+            if round.is_multiple_of(8) {
+                let store = self.store.clone();
+                if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || store.stats()).await {
+                    self.metrics.set_store_stats(&s);
+                }
             }
+            round += 1;
             let store = self.store.clone();
             if let Ok(Ok(h)) = tokio::task::spawn_blocking(move || store.pending_hints()).await {
                 self.metrics
