@@ -30,13 +30,29 @@ struct Cluster {
 
 impl Cluster {
     fn start(n: u32, strategy: Strategy, factor: u32, consistency: Consistency) -> Cluster {
+        Self::start_with(
+            n,
+            strategy,
+            factor,
+            consistency,
+            &["--anti-entropy-secs", "0"],
+        )
+    }
+
+    fn start_with(
+        n: u32,
+        strategy: Strategy,
+        factor: u32,
+        consistency: Consistency,
+        extra: &[&str],
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let topo_path = dir.path().join("topology.json");
         let nodes: Vec<NodeProc> = (0..n)
             .map(|i| {
                 let mut p =
                     NodeProc::new(i, &dir.path().join(format!("node-{i}")), Some(&topo_path));
-                p.extra = vec!["--anti-entropy-secs".into(), "0".into()];
+                p.extra = extra.iter().map(|s| s.to_string()).collect();
                 p
             })
             .collect();
@@ -511,5 +527,176 @@ fn a_node_behind_learns_a_newer_topology_from_a_peer() {
         eventually("peer learns the epoch", Duration::from_secs(10), || {
             cl.cluster()["topology"]["readConsistency"] == "One"
         });
+    }
+}
+
+/// Publishes a pending placement and commits it once every pending owner
+/// reports it has synced at that epoch (the planner's rule, played by hand).
+fn rebalance(c: &mut Cluster, members: Vec<u32>, strategy: Strategy, factor: u32) {
+    let pending = PlacementSpec {
+        strategy,
+        factor,
+        members: members.clone(),
+    };
+    let current: Vec<u32> = c
+        .members
+        .clone()
+        .unwrap_or_else(|| (0..c.nodes.len() as u32).collect());
+    for o in 0..c.nodes.len() as u32 {
+        if members.contains(&o) && !current.contains(&o) {
+            c.states[o as usize] = NodeState::Joining;
+        } else if !members.contains(&o) && current.contains(&o) {
+            c.states[o as usize] = NodeState::Leaving;
+        }
+    }
+    c.pending = Some(pending.clone());
+    c.publish();
+    c.wait();
+    let epoch = c.epoch;
+    for o in &members {
+        let cl = c.client(*o);
+        eventually(
+            &format!("node {o} streamed for epoch {epoch}"),
+            Duration::from_secs(90),
+            || cl.cluster()["syncedEpoch"].as_u64() >= Some(epoch),
+        );
+    }
+    // Commit: the pending placement becomes the placement.
+    c.pending = None;
+    c.strategy = strategy;
+    c.factor = factor;
+    c.members = Some(members.clone());
+    for o in 0..c.nodes.len() as u32 {
+        if members.contains(&o) {
+            c.states[o as usize] = NodeState::Up;
+        }
+    }
+    c.publish();
+    c.wait();
+}
+
+#[test]
+fn rebalancing_under_writes_loses_nothing_and_leaves_keys_only_on_their_owners() {
+    // Five processes, of which the placement first uses three.
+    let mut c = Cluster::start(5, Strategy::ConsistentHashing, 2, Consistency::Quorum);
+    c.members = Some(vec![0, 1, 2]);
+    c.publish();
+    c.wait();
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for t in 0..4u32 {
+        let addr = c.nodes[(t % 2) as usize].address();
+        let (acked, stop) = (acked.clone(), stop.clone());
+        writers.push(std::thread::spawn(move || {
+            let cl = Client::new(&addr, common::TOKEN);
+            for i in 0..100_000u32 {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let (k, v) = (format!("r{t}-{}", i % 400), format!("{i}"));
+                let status = put(&cl, &k, &v, "quorum");
+                assert_ne!(status, 500, "{k}");
+                if status == 200 {
+                    acked.lock().unwrap().insert(k, v);
+                }
+            }
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    // 3 -> 5 nodes, then ConsistentHashing RF 2 -> Full -> ConsistentHashing RF 3, then 5 -> 3.
+    rebalance(&mut c, vec![0, 1, 2, 3, 4], Strategy::ConsistentHashing, 2);
+    rebalance(&mut c, vec![0, 1, 2, 3, 4], Strategy::Full, 5);
+    rebalance(&mut c, vec![0, 1, 2, 3, 4], Strategy::ConsistentHashing, 3);
+    rebalance(&mut c, vec![0, 1, 2], Strategy::ConsistentHashing, 3);
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > 200,
+        "only {} writes acknowledged",
+        acked.len()
+    );
+    for (k, v) in &acked {
+        assert_eq!(
+            get(&c.client(0), k, "quorum"),
+            (200, v.clone().into_bytes()),
+            "{k}"
+        );
+    }
+    // Every key on exactly its owners: co-owners agree, and nodes that own
+    // nothing any more (3 and 4, now out of the placement) hold nothing
+    // once they have dropped what they no longer own.
+    c.assert_converged();
+    let layout = Layout::of(&c.topology());
+    for o in 0..3u32 {
+        let d = c.digests(o);
+        for (bucket, v) in d.as_object().unwrap() {
+            let b: u32 = bucket.parse().unwrap();
+            assert!(
+                layout.read_owners(b).contains(&o) || v["count"] == 0,
+                "node {o} still holds bucket {b} it does not own"
+            );
+        }
+    }
+}
+
+#[test]
+fn tombstones_are_purged_after_the_grace_period_only_when_every_owner_has_them() {
+    let mut c = Cluster::start_with(
+        3,
+        Strategy::Full,
+        3,
+        Consistency::Quorum,
+        &["--anti-entropy-secs", "1", "--tombstone-grace-secs", "1"],
+    );
+    let records = |c: &Cluster, o: u32| -> u64 {
+        c.digests(o)
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|b| b["count"].as_u64().unwrap())
+            .sum()
+    };
+    for i in 0..20 {
+        assert_eq!(put(&c.client(0), &format!("k{i}"), "v", "all"), 200);
+    }
+    // Node 2 goes down; the deletes reach only nodes 0 and 1 (and hints).
+    c.fail(2);
+    for i in 0..10 {
+        assert_eq!(
+            c.client(0)
+                .call(Method::DELETE, &format!("/v1/kv/k{i}"))
+                .status,
+            200
+        );
+    }
+    // Past the grace period, but an owner is missing: the tombstones stay.
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        records(&c, 0),
+        20,
+        "tombstones purged while an owner was down"
+    );
+    // Every owner back and agreeing: they go, and the deleted keys stay deleted.
+    c.recover(2);
+    for o in 0..3 {
+        eventually(
+            &format!("tombstones purged on node {o}"),
+            Duration::from_secs(30),
+            || records(&c, o) == 10,
+        );
+    }
+    for i in 0..20 {
+        let want = if i < 10 { 404 } else { 200 };
+        for o in 0..3 {
+            assert_eq!(
+                get(&c.client(o), &format!("k{i}"), "all").0,
+                want,
+                "k{i} via {o}"
+            );
+        }
     }
 }
