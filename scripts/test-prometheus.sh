@@ -268,8 +268,8 @@ for r in alerts:
             line(True, "alert", name, f"fires: expression returns {len(result)} series with node 1 down; "
                  f"alert {active[name]} (for: {r.get('for', '0s')}, not waited)")
     else:
-        line(True, "alert", name, f"valid only: evaluates without error ({len(result)} series); "
-             "its condition is not caused by this test")
+        line(True, "alert", name, f"valid only: evaluates without error ({len(result)} series now); "
+             f"this test cannot hold its condition for its for: {r.get('for', '0s')}")
 
 # every rule loaded from rules.yaml, evaluated by Prometheus without error
 data, err = get("/api/v1/rules")
