@@ -530,6 +530,19 @@ fn full_fail_recover_then_only_recovered_node_serves() {
     // Only node 1 can serve: everything it holds came through its catch-up.
     let all: Vec<_> = first.iter().chain(&more).cloned().collect();
     check_all(&up, &all, Some("one"));
+    let resp = up
+        .req(reqwest::Method::GET, "/v1/kv/b-00199")
+        .header("x-consistency", "one")
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("x-kv-node")
+            .and_then(|v| v.to_str().ok()),
+        Some("1"),
+        "served by another node than the recovered one"
+    );
     // Writes at Quorum are impossible now, and say so.
     assert_eq!(up.put("a-00000", "x", None), 503);
 }
@@ -633,6 +646,7 @@ fn strategy_changes_under_writes() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let (possible, acked, failed) = writers.finish();
+    eprintln!("strategy changes: {acked} writes acknowledged, {failed} failed");
     assert!(acked > 100, "only {acked} writes were acknowledged");
     assert_eq!(
         failed, 0,
@@ -717,7 +731,8 @@ fn crashed_node_is_restarted_and_catches_up() {
     assert_ne!(new_pids[0], pids[0]);
     std::thread::sleep(Duration::from_millis(500));
 
-    let (possible, acked, _failed) = writers.finish();
+    let (possible, acked, failed) = writers.finish();
+    eprintln!("crash: {acked} writes acknowledged, {failed} failed");
     assert!(acked > 50, "only {acked} writes were acknowledged");
     check_writers(&up, &possible);
     check_all(&up, &base, Some("all"));
@@ -731,6 +746,8 @@ fn classic_client_flow() {
     let up = Up::start(dir.path(), "your_api_token_here", &[]);
     up.wait_up(&[0, 1, 2]);
     use reqwest::Method as M;
+    let ready = up.http.get(up.url("/readyz")).send().unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
 
     let (s, v) = up.call(
         M::POST,
