@@ -80,9 +80,9 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    /// Starts from the saved topology if there is one, else from `initial`
-    /// (a one-node topology at epoch 0). `confirmed` says whether `initial`
-    /// needs no confirmation (nothing saved and no file configured).
+    /// Starts from the saved topology if there is one (unconfirmed until a
+    /// peer or the control plane agrees), else from `initial`, a one-node
+    /// topology at epoch 0 that needs no confirmation.
     pub fn new(me: u32, initial: Topology, save_dir: &Path) -> ClusterState {
         let saved = std::fs::read(save_dir.join(SAVED_TOPOLOGY))
             .ok()

@@ -23,8 +23,6 @@ pub mod peer_api;
 pub mod storage;
 pub mod sync;
 
-use std::sync::Arc;
-
 pub use node::{ApiError, Node, NodeError};
 pub use storage::{CommitObserver, StorageError, Store, StoreOptions, StoreStats};
 
@@ -35,12 +33,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
     let (node, seen) = Node::open(config)?;
-    if let Err(e) = node
-        .read_topology_file()
-        .map(|t| t.map(|t| node.install_topology(t, cluster::Source::File)))
-    {
-        tracing::error!(error = %e, "topology file rejected at start; keeping the last good topology");
-    }
+    node.load_topology_file();
     let client = tokio::net::TcpListener::bind(node.config.listen)
         .await
         .map_err(|source| NodeError::Listen {
@@ -92,7 +85,6 @@ pub async fn run(
     {
         tracing::warn!("in-flight requests did not finish in 20 s; stopping anyway");
     }
-    let _ = Arc::strong_count(&node);
     tracing::info!("database closed; bye");
     Ok(())
 }

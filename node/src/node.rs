@@ -164,7 +164,9 @@ impl Node {
         }
     }
 
-    fn load_topology_file(&self) {
+    /// Installs the topology file's content if it is valid and newer; a bad
+    /// file is logged and the last good topology kept.
+    pub fn load_topology_file(&self) {
         match self.read_topology_file() {
             Ok(Some(t)) => {
                 let epoch = t.epoch;

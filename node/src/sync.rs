@@ -173,8 +173,9 @@ impl Node {
             if self.cluster.epoch() != epoch {
                 return Ok(false);
             }
+            // Our digests change only when a pull applies something.
+            let mut mine = self.local_digests()?;
             for (o, (addr, theirs)) in &peer_digests {
-                let mine = self.local_digests()?;
                 let differing: Vec<u32> = chunk
                     .iter()
                     .copied()
@@ -184,8 +185,8 @@ impl Node {
                         owns && theirs[*b as usize] != mine[*b as usize]
                     })
                     .collect();
-                if !differing.is_empty() {
-                    self.pull_buckets(*o, addr, &differing).await?;
+                if !differing.is_empty() && self.pull_buckets(*o, addr, &differing).await? > 0 {
+                    mine = self.local_digests()?;
                 }
             }
             done += chunk.len() as u64;

@@ -458,21 +458,22 @@ impl Platform {
         }
     }
 
+    /// Ordinal, client port and peer port of every running node.
+    fn running_ports(&self) -> Vec<(u32, u16, u16)> {
+        let inner = self.lock();
+        inner
+            .procs
+            .keys()
+            .filter_map(|o| inner.saved.ports.get(o).map(|(c, p)| (*o, *c, *p)))
+            .collect()
+    }
+
     async fn poll_reports(&self) {
-        let targets: Vec<(u32, String)> = {
-            let inner = self.lock();
-            inner
-                .procs
-                .keys()
-                .filter_map(|o| {
-                    inner
-                        .saved
-                        .ports
-                        .get(o)
-                        .map(|(c, _)| (*o, format!("http://127.0.0.1:{c}/v1/cluster")))
-                })
-                .collect()
-        };
+        let targets: Vec<(u32, String)> = self
+            .running_ports()
+            .into_iter()
+            .map(|(o, c, _)| (o, format!("http://127.0.0.1:{c}/v1/cluster")))
+            .collect();
         let token = self.lock().saved.token.clone();
         let mut answers = Vec::new();
         let futs = targets.into_iter().map(|(o, url)| {
@@ -583,23 +584,12 @@ impl Platform {
     }
 
     async fn push(&self, t: &Topology) {
-        let (targets, token): (Vec<String>, String) = {
-            let inner = self.lock();
-            (
-                inner
-                    .procs
-                    .keys()
-                    .filter_map(|o| {
-                        inner
-                            .saved
-                            .ports
-                            .get(o)
-                            .map(|(_, p)| format!("http://127.0.0.1:{p}/internal/v1/topology"))
-                    })
-                    .collect(),
-                inner.saved.cluster_token.clone(),
-            )
-        };
+        let targets: Vec<String> = self
+            .running_ports()
+            .into_iter()
+            .map(|(_, _, p)| format!("http://127.0.0.1:{p}/internal/v1/topology"))
+            .collect();
+        let token = self.lock().saved.cluster_token.clone();
         let body = serde_json::to_vec(t).unwrap_or_default();
         let futs = targets.into_iter().map(|url| {
             self.http
