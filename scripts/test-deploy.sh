@@ -232,6 +232,8 @@ EOF
 
 # --- images ---------------------------------------------------------------------
 step "container images"
+# free space where the images are written (a CI run once filled the disk here)
+df -Ph . /var/lib/docker 2>/dev/null | awk 'NR>1 {print "[disk] " $6 ": " $4 " free"}' || true
 if docker info >/dev/null 2>&1; then
   # an image is built once its crate has its binary (kv-node lands in steps:
   # storage first, the server later); a missing one is reported loudly

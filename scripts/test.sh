@@ -10,6 +10,13 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Disk is the scarce thing on a CI machine (one run ran out of space building
+# the images): no incremental caches, and the free space printed at each phase.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
+disk() { printf '[disk] %s: %s free, target/ %s\n' "$1" \
+  "$(df -Ph . | awk 'NR==2 {print $4}')" "$(du -sh "${CARGO_TARGET_DIR:-target}" 2>/dev/null | cut -f1 || echo 0)"; }
+disk start
+
 step "rust toolchain components"
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
@@ -24,6 +31,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo test (workspace)"
 cargo test --workspace --locked --no-fail-fast
+disk "after cargo test"
 
 step "deployment artefacts (scripts/test-deploy.sh)"
 scripts/test-deploy.sh
+disk end
