@@ -114,25 +114,44 @@ pub enum Command {
         limit: Option<usize>,
     },
     /// Nodes of the cluster: ordinal, address, state, resync progress.
-    Nodes,
+    ///
+    /// With `--cluster NAME`: the KvCluster's status as kv-operator wrote it
+    /// (node states, catch-up progress, topology epoch, phase, conditions).
+    Nodes {
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
     /// Which nodes own a key.
     Where {
         /// The key.
         key: String,
     },
     /// Fail node N (hold it down) through the control plane.
+    ///
+    /// With `--cluster NAME`: adds N to the KvCluster's
+    /// spec.faultInjection.failedNodes (kv-operator deletes the pod and holds
+    /// the node Failed until it is recovered).
     Fail {
         /// Node ordinal.
         node: u32,
         /// Hold it down even if some keys are then left with fewer live
         /// owners than writes need (their writes fail until it recovers).
+        /// Not available with --cluster: kv-operator refuses such a spec.
         #[arg(long)]
         force: bool,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Recover node N through the control plane.
+    ///
+    /// With `--cluster NAME`: removes N from the KvCluster's
+    /// spec.faultInjection.failedNodes (the node restarts, catches up as
+    /// Recovering, then is Up).
     Recover {
         /// Node ordinal.
         node: u32,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Change the replication strategy through the control plane.
     Strategy {
@@ -148,6 +167,25 @@ pub enum Command {
     Bench(BenchArgs),
     /// Run a whole cluster on this machine: kv-node processes, the planner, and a gateway.
     Up(UpArgs),
+}
+
+/// `--cluster NAME [-n NAMESPACE] [--context CONTEXT]`: act on a KvCluster
+/// through the Kubernetes API instead of a node or gateway.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Kubernetes")]
+pub struct KubeArgs {
+    /// Act on this KvCluster through the Kubernetes API (kubeconfig found as
+    /// kubectl finds it: KUBECONFIG, ~/.kube/config, or the in-cluster
+    /// service account) instead of the node or gateway at --endpoint.
+    #[arg(long, value_name = "NAME")]
+    pub cluster: Option<String>,
+    /// Namespace of the KvCluster (default: the kubeconfig context's
+    /// namespace, else "default").
+    #[arg(short = 'n', long, value_name = "NAMESPACE", requires = "cluster")]
+    pub namespace: Option<String>,
+    /// Kubeconfig context to use (default: the current context).
+    #[arg(long, value_name = "CONTEXT", requires = "cluster")]
+    pub context: Option<String>,
 }
 
 /// `kvctl up`.

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 use kv_core::NodeState;
-use kvctl::cli::{Cli, Command, Output, PutArgs, ValueSource};
+use kvctl::cli::{Cli, Command, KubeArgs, Output, PutArgs, ValueSource};
 use kvctl::client::{Client, ClusterInfo};
+use kvctl::k8s::{self, Target};
 use kvctl::output::{self, NodeRow};
 use kvctl::verify::{self, NodeDigests};
 use serde_json::{Value, json};
@@ -18,13 +19,32 @@ const PER_NODE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let timeout = Duration::from_secs_f64(cli.timeout);
+    let json_out = cli.output == Output::Json;
+    // `--cluster NAME`: the KvCluster through the kube API; no endpoint involved.
+    let kube = match &cli.command {
+        Command::Fail { node, force, kube } => Some((Kube::Fail(*node, *force), kube)),
+        Command::Recover { node, kube } => Some((Kube::Recover(*node), kube)),
+        Command::Nodes { kube } => Some((Kube::Nodes, kube)),
+        _ => None,
+    };
+    if let Some((
+        action,
+        KubeArgs {
+            cluster: Some(name),
+            namespace,
+            context,
+        },
+    )) = kube
+    {
+        let (namespace, context) = (namespace.as_deref(), context.as_deref());
+        return kube_cmd(action, name, namespace, context, timeout, json_out).await;
+    }
     let client = Client::new(
         &cli.endpoint,
         cli.token.clone(),
         cli.consistency.map(Into::into),
         timeout,
     )?;
-    let json_out = cli.output == Output::Json;
     match cli.command {
         Command::Put(args) => put(&client, &args, json_out).await,
         Command::Get { key } => get(&client, &key, json_out).await,
@@ -33,12 +53,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             emit(json_out, &raw, || output::render_ack("deleted", &ack))
         }
         Command::List { prefix, limit } => list(&client, prefix.as_deref(), limit, json_out).await,
-        Command::Nodes => nodes(&client, json_out).await,
+        Command::Nodes { .. } => nodes(&client, json_out).await,
         Command::Where { key } => {
             let (p, raw) = client.placement(key.as_bytes()).await?;
             emit(json_out, &raw, || output::render_placement(&p))
         }
-        Command::Fail { node, force } => {
+        Command::Fail { node, force, .. } => {
             let path = if force {
                 format!("/fail/{node}?force=true")
             } else {
@@ -46,7 +66,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             classic(&client, &path, None, json_out).await
         }
-        Command::Recover { node } => {
+        Command::Recover { node, .. } => {
             classic(&client, &format!("/recover/{node}"), None, json_out).await
         }
         Command::Strategy {
@@ -64,6 +84,51 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Bench(args) => {
             crate::cmd_bench::run(&cli.endpoint, cli.token, cli.consistency, args, json_out).await
         }
+    }
+}
+
+/// A `--cluster` command.
+enum Kube {
+    Fail(u32, bool),
+    Recover(u32),
+    Nodes,
+}
+
+async fn kube_cmd(
+    action: Kube,
+    name: &str,
+    namespace: Option<&str>,
+    context: Option<&str>,
+    timeout: Duration,
+    json_out: bool,
+) -> Result<ExitCode> {
+    let target = Target::connect(context, namespace, name, timeout).await?;
+    match action {
+        Kube::Nodes => {
+            let kvc = target.within(timeout, target.get()).await?;
+            if json_out {
+                print_json(&k8s::nodes_json(&kvc))?;
+            } else {
+                write_stdout(k8s::render_nodes(&kvc).as_bytes())?;
+            }
+        }
+        Kube::Fail(node, force) => {
+            let outcome = target.within(timeout, target.fail(node, force)).await?;
+            emit_outcome(&outcome, json_out)?;
+        }
+        Kube::Recover(node) => {
+            let outcome = target.within(timeout, target.recover(node)).await?;
+            emit_outcome(&outcome, json_out)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn emit_outcome(outcome: &k8s::Outcome, json_out: bool) -> Result<()> {
+    if json_out {
+        print_json(outcome)
+    } else {
+        write_stdout(k8s::render_outcome(outcome).as_bytes())
     }
 }
 

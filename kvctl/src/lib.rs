@@ -3,11 +3,14 @@
 //! The binary (`src/main.rs`) parses [`cli::Cli`] and runs one command; the
 //! pieces that can be tested on their own live here: key encoding and the HTTP
 //! client ([`client`]), human and JSON rendering ([`output`]), `kvctl verify`'s
-//! replica comparison ([`verify`]) and the load generator ([`bench`]).
+//! replica comparison ([`verify`]), the load generator ([`bench`]), and
+//! `fail`/`recover`/`nodes --cluster NAME` through the KvCluster resource on
+//! Kubernetes ([`k8s`]).
 
 pub mod bench;
 pub mod cli;
 pub mod client;
+pub mod k8s;
 pub mod output;
 pub mod verify;
 

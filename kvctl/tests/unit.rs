@@ -120,7 +120,7 @@ fn global_flags_parse_anywhere() {
     assert!(matches!(c.command, Command::Get { ref key } if key == "k"));
     let c = parse(&["--output", "human", "nodes"]);
     assert_eq!(c.output, Output::Human);
-    assert!(matches!(c.command, Command::Nodes));
+    assert!(matches!(c.command, Command::Nodes { .. }));
 }
 
 #[test]
@@ -163,12 +163,13 @@ fn control_commands_parse() {
         parse(&["fail", "2"]).command,
         Command::Fail {
             node: 2,
-            force: false
+            force: false,
+            ..
         }
     ));
     assert!(matches!(
         parse(&["recover", "0"]).command,
-        Command::Recover { node: 0 }
+        Command::Recover { node: 0, .. }
     ));
     match parse(&[
         "strategy",

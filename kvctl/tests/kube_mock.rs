@@ -1,0 +1,407 @@
+//! `kvctl fail|recover|nodes --cluster NAME` against a mocked API server.
+//!
+//! Each scenario lists the exact API calls [`Target`] must make, in order,
+//! with the answer the API server gives; the mock fails the test on any other
+//! call, on a call out of order, and on a call left unmade.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use kvctl::k8s::{KubeError, MAX_ATTEMPTS, Outcome, Target};
+use serde_json::{Value, json};
+
+const PATH: &str = "/apis/kvstore.dev/v1alpha1/namespaces/ns/kvclusters/demo";
+
+type Responder = Box<dyn FnOnce(&Value) -> (StatusCode, Value) + Send>;
+
+struct Call {
+    method: Method,
+    respond: Responder,
+}
+
+fn call(
+    method: Method,
+    respond: impl FnOnce(&Value) -> (StatusCode, Value) + Send + 'static,
+) -> Call {
+    Call {
+        method,
+        respond: Box::new(respond),
+    }
+}
+
+/// A request the mock saw.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: Method,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+/// The KvCluster as the API server stores it.
+fn kvcluster(resource_version: &str, failed: &[u32], states: &[&str]) -> Value {
+    json!({
+        "apiVersion": "kvstore.dev/v1alpha1",
+        "kind": "KvCluster",
+        "metadata": {"name": "demo", "namespace": "ns", "resourceVersion": resource_version,
+                     "generation": 2, "uid": "uid-1"},
+        "spec": {"replicas": 3, "faultInjection": {"failedNodes": failed}},
+        "status": {
+            "phase": "Running", "observedGeneration": 2, "readyReplicas": 3, "topologyEpoch": 5,
+            "nodes": states.iter().enumerate().map(|(i, s)| json!({
+                "ordinal": i, "pod": format!("demo-{i}"), "state": s
+            })).collect::<Vec<_>>(),
+        }
+    })
+}
+
+const UP3: [&str; 3] = ["Up", "Up", "Up"];
+
+fn status(code: u16, reason: &str, message: &str) -> (StatusCode, Value) {
+    (
+        StatusCode::from_u16(code).expect("status code"),
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code}),
+    )
+}
+
+fn conflict() -> (StatusCode, Value) {
+    status(
+        409,
+        "Conflict",
+        "Operation cannot be fulfilled on kvclusters.kvstore.dev \"demo\": the object has been modified; please apply your changes to the latest version and try again",
+    )
+}
+
+/// Applies a merge patch of failedNodes to `stored` and bumps its resourceVersion.
+fn patched(mut stored: Value, patch: &Value, new_rv: &str) -> (StatusCode, Value) {
+    stored["spec"]["faultInjection"]["failedNodes"] =
+        patch["spec"]["faultInjection"]["failedNodes"].clone();
+    stored["metadata"]["resourceVersion"] = json!(new_rv);
+    (StatusCode::OK, stored)
+}
+
+/// Runs `f` on a [`Target`] whose client talks to a mock expecting exactly
+/// `calls` on the KvCluster `ns/demo`; returns its result and what the mock saw.
+async fn run<T, F>(calls: Vec<Call>, f: impl FnOnce(Target) -> F) -> (T, Vec<Seen>)
+where
+    F: std::future::Future<Output = T>,
+{
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = kube::Client::new(service, "default");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let seen_by_server = seen.clone();
+    let server = tokio::spawn(async move {
+        let expected: Vec<String> = calls.iter().map(|c| c.method.to_string()).collect();
+        for (i, c) in calls.into_iter().enumerate() {
+            let (request, send) = handle
+                .next_request()
+                .await
+                .unwrap_or_else(|| panic!("call {i} never made; expected calls: {expected:?}"));
+            let (parts, body) = request.into_parts();
+            assert_eq!(
+                (parts.method.clone(), parts.uri.path()),
+                (c.method.clone(), PATH),
+                "call {i} differs; expected calls: {expected:?}"
+            );
+            let bytes = body.collect_bytes().await.expect("request body");
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).expect("JSON body")
+            };
+            let (code, answer) = (c.respond)(&body);
+            seen_by_server.lock().expect("lock").push(Seen {
+                method: parts.method.clone(),
+                query: parts.uri.query().unwrap_or_default().to_string(),
+                content_type: parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string(),
+                body,
+            });
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&answer).expect("answer")))
+                    .expect("response"),
+            );
+        }
+        if let Some((request, _)) = handle.next_request().await {
+            panic!("unexpected call {} {}", request.method(), request.uri());
+        }
+    });
+    let target = Target::new(client, "ns", "demo");
+    let result = tokio::time::timeout(Duration::from_secs(10), f(target))
+        .await
+        .expect("the command finished in time");
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("mock server finished")
+        .expect("every expected call was made and nothing else");
+    let seen = seen.lock().expect("lock").clone();
+    (result, seen)
+}
+
+fn merge_patch_of(seen: &Seen) -> &Value {
+    assert_eq!(seen.method, Method::PATCH);
+    assert_eq!(seen.content_type, "application/merge-patch+json");
+    assert!(seen.query.contains("fieldManager=kvctl"), "{}", seen.query);
+    &seen.body
+}
+
+#[tokio::test]
+async fn fail_adds_the_ordinal_with_the_resource_version_as_precondition() {
+    let stored = kvcluster("100", &[], &UP3);
+    let calls = vec![
+        call(Method::GET, {
+            let s = stored.clone();
+            move |_| (StatusCode::OK, s)
+        }),
+        call(Method::PATCH, move |p| patched(stored, p, "101")),
+    ];
+    let (outcome, seen) = run(calls, |t| async move { t.fail(1, false).await }).await;
+    let outcome = outcome.expect("fail succeeds");
+    assert_eq!(
+        outcome,
+        Outcome {
+            cluster: "demo".into(),
+            namespace: "ns".into(),
+            action: "fail",
+            node: 1,
+            changed: true,
+            failed_nodes_before: vec![],
+            failed_nodes: vec![1],
+            attempts: 1,
+        }
+    );
+    assert_eq!(
+        merge_patch_of(&seen[1]),
+        &json!({"metadata": {"resourceVersion": "100"},
+                "spec": {"faultInjection": {"failedNodes": [1]}}})
+    );
+}
+
+#[tokio::test]
+async fn a_conflict_on_the_first_write_is_read_again_and_the_concurrent_change_kept() {
+    // kvctl reads rv 100 (nothing held down) and writes [1]; meanwhile
+    // someone else held node 2 down (rv 101), so the write is refused with
+    // 409. kvctl reads again and writes [2, 1] with rv 101.
+    let first = kvcluster("100", &[], &["Up", "Up", "Up"]);
+    let second = kvcluster("101", &[2], &["Up", "Up", "Failed"]);
+    // With factor 3 at Quorum, node 2 down leaves room for no other: make
+    // the writes need One so that the second hold-down is allowed.
+    let one = |mut v: Value| {
+        v["spec"]["replication"] = json!({"writeConsistency": "One"});
+        v
+    };
+    let (first, second) = (one(first), one(second));
+    let calls = vec![
+        call(Method::GET, move |_| (StatusCode::OK, first)),
+        call(Method::PATCH, |_| conflict()),
+        call(Method::GET, {
+            let s = second.clone();
+            move |_| (StatusCode::OK, s)
+        }),
+        call(Method::PATCH, move |p| patched(second, p, "102")),
+    ];
+    let (outcome, seen) = run(calls, |t| async move { t.fail(1, false).await }).await;
+    let outcome = outcome.expect("fail succeeds after the conflict");
+    assert_eq!(outcome.failed_nodes, vec![2, 1]);
+    assert_eq!(outcome.failed_nodes_before, vec![2]);
+    assert_eq!(outcome.attempts, 2);
+    assert_eq!(
+        merge_patch_of(&seen[1]),
+        &json!({"metadata": {"resourceVersion": "100"},
+                "spec": {"faultInjection": {"failedNodes": [1]}}})
+    );
+    assert_eq!(
+        merge_patch_of(&seen[3]),
+        &json!({"metadata": {"resourceVersion": "101"},
+                "spec": {"faultInjection": {"failedNodes": [2, 1]}}})
+    );
+}
+
+#[tokio::test]
+async fn conflicts_on_every_attempt_give_up_after_the_bound() {
+    let mut calls = Vec::new();
+    for i in 0..MAX_ATTEMPTS {
+        let s = kvcluster(&format!("{}", 100 + i), &[], &UP3);
+        calls.push(call(Method::GET, move |_| (StatusCode::OK, s)));
+        calls.push(call(Method::PATCH, |_| conflict()));
+    }
+    let (r, seen) = run(calls, |t| async move { t.fail(0, false).await }).await;
+    let e = r.expect_err("gives up");
+    assert!(
+        matches!(e, KubeError::Conflict { attempts, .. } if attempts == MAX_ATTEMPTS),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("nothing was changed"), "{e}");
+    // Every write carried the resourceVersion of the read just before it.
+    for i in 0..MAX_ATTEMPTS {
+        assert_eq!(
+            seen[2 * i + 1].body["metadata"]["resourceVersion"],
+            json!(format!("{}", 100 + i))
+        );
+    }
+}
+
+#[tokio::test]
+async fn fail_of_a_node_already_held_down_writes_nothing() {
+    let stored = kvcluster("100", &[1], &["Up", "Failed", "Up"]);
+    let calls = vec![call(Method::GET, move |_| (StatusCode::OK, stored))];
+    let (outcome, _) = run(calls, |t| async move { t.fail(1, false).await }).await;
+    let outcome = outcome.expect("idempotent");
+    assert!(!outcome.changed);
+    assert_eq!(outcome.failed_nodes, vec![1]);
+}
+
+#[tokio::test]
+async fn recover_removes_the_ordinal_and_keeps_the_others() {
+    let stored = kvcluster("7", &[0, 2], &["Failed", "Up", "Failed"]);
+    let calls = vec![
+        call(Method::GET, {
+            let s = stored.clone();
+            move |_| (StatusCode::OK, s)
+        }),
+        call(Method::PATCH, move |p| patched(stored, p, "8")),
+    ];
+    let (outcome, seen) = run(calls, |t| async move { t.recover(0).await }).await;
+    let outcome = outcome.expect("recover succeeds");
+    assert!(outcome.changed);
+    assert_eq!(outcome.failed_nodes, vec![2]);
+    assert_eq!(
+        merge_patch_of(&seen[1]),
+        &json!({"metadata": {"resourceVersion": "7"},
+                "spec": {"faultInjection": {"failedNodes": [2]}}})
+    );
+}
+
+#[tokio::test]
+async fn recover_of_a_node_not_held_down_writes_nothing() {
+    let stored = kvcluster("7", &[2], &["Up", "Up", "Failed"]);
+    let calls = vec![call(Method::GET, move |_| (StatusCode::OK, stored))];
+    let (outcome, _) = run(calls, |t| async move { t.recover(1).await }).await;
+    let outcome = outcome.expect("idempotent");
+    assert!(!outcome.changed);
+    assert_eq!(outcome.failed_nodes, vec![2]);
+}
+
+#[tokio::test]
+async fn a_missing_kvcluster_is_named_with_its_namespace() {
+    let calls = vec![call(Method::GET, |_| {
+        status(404, "NotFound", "kvclusters.kvstore.dev \"demo\" not found")
+    })];
+    let (r, _) = run(calls, |t| async move { t.fail(1, false).await }).await;
+    let e = r.expect_err("not found");
+    assert_eq!(e.to_string(), "KvCluster demo not found in namespace ns");
+}
+
+#[tokio::test]
+async fn a_forbidden_read_names_the_get_verb() {
+    let calls = vec![call(Method::GET, |_| {
+        status(
+            403,
+            "Forbidden",
+            "kvclusters.kvstore.dev \"demo\" is forbidden: User \"alice\" cannot get resource \"kvclusters\"",
+        )
+    })];
+    let (r, _) = run(calls, |t| async move { t.get().await }).await;
+    let e = r.expect_err("forbidden");
+    let text = e.to_string();
+    assert!(
+        text.starts_with(
+            "forbidden: kvctl needs the RBAC verb \"get\" on kvclusters.kvstore.dev in namespace ns"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("User \"alice\" cannot get"), "{text}");
+}
+
+#[tokio::test]
+async fn a_forbidden_write_names_the_patch_verb() {
+    let stored = kvcluster("100", &[], &UP3);
+    let calls = vec![
+        call(Method::GET, move |_| (StatusCode::OK, stored)),
+        call(Method::PATCH, |_| {
+            status(
+                403,
+                "Forbidden",
+                "User \"alice\" cannot patch resource \"kvclusters\"",
+            )
+        }),
+    ];
+    let (r, _) = run(calls, |t| async move { t.fail(1, false).await }).await;
+    let e = r.expect_err("forbidden");
+    assert!(
+        e.to_string().starts_with(
+            "forbidden: kvctl needs the RBAC verb \"patch\" on kvclusters.kvstore.dev"
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_hold_down_that_leaves_keys_short_of_w_is_refused_without_writing() {
+    // Factor 3 at Quorum with node 1 held down: node 2 too would leave every
+    // key one live owner of three.
+    let stored = kvcluster("100", &[1], &["Up", "Failed", "Up"]);
+    let calls = vec![call(Method::GET, move |_| (StatusCode::OK, stored))];
+    let (r, _) = run(calls, |t| async move { t.fail(2, false).await }).await;
+    let e = r.expect_err("refused");
+    assert!(matches!(e, KubeError::Refused(_)), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "holding down node(s) [2] would leave some keys with 1 of 3 owners live, but writes at Quorum need 2: \
+         hold down fewer nodes, lower the write consistency, or force it"
+    );
+}
+
+#[tokio::test]
+async fn force_is_refused_too_because_the_operator_would_refuse_the_spec() {
+    let stored = kvcluster("100", &[1], &["Up", "Failed", "Up"]);
+    let calls = vec![call(Method::GET, move |_| (StatusCode::OK, stored))];
+    let (r, _) = run(calls, |t| async move { t.fail(2, true).await }).await;
+    let e = r.expect_err("refused");
+    assert!(matches!(e, KubeError::ForceUnsupported(_)), "{e:?}");
+}
+
+#[tokio::test]
+async fn an_ordinal_beyond_replicas_is_refused_without_writing() {
+    let stored = kvcluster("100", &[], &UP3);
+    let calls = vec![call(Method::GET, move |_| (StatusCode::OK, stored))];
+    let (r, _) = run(calls, |t| async move { t.fail(3, true).await }).await;
+    let e = r.expect_err("no such node");
+    assert_eq!(
+        e.to_string(),
+        "node 3 is not a node of KvCluster demo (spec.replicas is 3: ordinals 0..3)"
+    );
+}
+
+#[tokio::test]
+async fn another_api_error_is_reported_with_its_code_and_message() {
+    let stored = kvcluster("100", &[], &UP3);
+    let calls = vec![
+        call(Method::GET, move |_| (StatusCode::OK, stored)),
+        call(Method::PATCH, |_| {
+            status(
+                422,
+                "Invalid",
+                "KvCluster.kvstore.dev \"demo\" is invalid: spec.faultInjection.failedNodes: Invalid value",
+            )
+        }),
+    ];
+    let (r, _) = run(calls, |t| async move { t.fail(1, false).await }).await;
+    let e = r.expect_err("invalid");
+    let text = e.to_string();
+    assert!(
+        text.starts_with("the Kubernetes API server refused to patch KvCluster demo:")
+            && text.contains("(422 Invalid)"),
+        "{text}"
+    );
+}
