@@ -196,6 +196,10 @@ pub struct Platform {
     pub config: PlannerConfig,
     /// Control-plane metrics, served on the gateway's `/metrics`.
     pub metrics: metrics::LocalMetrics,
+    /// Peer addresses published in the topology in place of a node's own
+    /// peer port; empty unless a fault harness puts a proxy on the peer
+    /// links ([`Platform::route_peer_traffic`]).
+    peer_routes: Arc<Mutex<BTreeMap<u32, String>>>,
 }
 
 impl Platform {
@@ -276,10 +280,20 @@ impl Platform {
         }
         let ports = Arc::new(Mutex::new(saved.ports.clone()));
         let addr_ports = ports.clone();
+        let peer_routes: Arc<Mutex<BTreeMap<u32, String>>> = Arc::default();
+        let addr_routes = peer_routes.clone();
         let config = PlannerConfig::new(move |o| {
             let p = addr_ports.lock().unwrap_or_else(|p| p.into_inner());
             let (c, q) = p.get(&o).copied().unwrap_or((0, 0));
-            (format!("127.0.0.1:{c}"), format!("127.0.0.1:{q}"))
+            let routed = addr_routes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&o)
+                .cloned();
+            (
+                format!("127.0.0.1:{c}"),
+                routed.unwrap_or_else(|| format!("127.0.0.1:{q}")),
+            )
         })
         .with_failure_detection_ms(opts.failure_detection_ms);
         let platform = Platform {
@@ -301,6 +315,7 @@ impl Platform {
             config,
             metrics: metrics::LocalMetrics::new(),
             ports: ports.clone(),
+            peer_routes,
             opts,
         };
         // Ports are looked up by the planner's address function.
@@ -396,6 +411,22 @@ impl Platform {
         *self.ports.lock().unwrap_or_else(|p| p.into_inner()) = inner.saved.ports.clone();
         self.save(&inner).map_err(|e| e.to_string())?;
         Ok(d)
+    }
+
+    /// Publishes `address` as node `ordinal`'s peer address in the topology
+    /// (what other nodes dial) instead of its own peer port: a fault harness
+    /// puts a proxy there. Call it before the first [`Platform::tick`];
+    /// the platform itself keeps pushing topologies to the real peer port.
+    pub fn route_peer_traffic(&self, ordinal: u32, address: String) {
+        self.peer_routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ordinal, address);
+    }
+
+    /// The process id of a running node (for a harness that kills it).
+    pub fn node_pid(&self, o: u32) -> Option<u32> {
+        self.lock().procs.get(&o).and_then(|p| p.child.id())
     }
 
     fn ports(&self, o: u32) -> Option<(u16, u16)> {

@@ -1,0 +1,304 @@
+//! A local cluster run by the operator's local platform (the supervisor and
+//! gateway of `kvctl up`), with a fault-injection [`Proxy`] on every node's
+//! peer link, in a temporary data directory.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kv_core::{Consistency, NodeState, Strategy, Topology};
+use kv_operator::local::{Platform, UpOptions, gateway};
+use kvctl::verify::{self, DigestsResponse, NodeDigests, VerifyReport};
+
+use crate::client::Targets;
+use crate::proxy::{Net, Proxy, ProxyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("temporary directory: {0}")]
+    TempDir(std::io::Error),
+    #[error(transparent)]
+    Platform(#[from] kv_operator::local::LocalError),
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error("gateway: {0}")]
+    Gateway(std::io::Error),
+    #[error("node {0} has no ports")]
+    NoPorts(u32),
+    #[error("{0}")]
+    NodeBinary(String),
+    #[error("the cluster was not ready within {0:?}: {1}")]
+    NotReady(Duration, String),
+}
+
+/// The cluster's shape.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub nodes: u32,
+    pub factor: u32,
+    pub node_binary: PathBuf,
+    /// Background anti-entropy period of every node.
+    pub anti_entropy_secs: u64,
+    pub failure_detection_ms: u64,
+    /// Keep the data directory (and node logs) instead of deleting it.
+    pub keep_data: bool,
+}
+
+/// A running cluster; stopped (every node SIGTERM'd) by [`Cluster::stop`].
+pub struct Cluster {
+    pub platform: Arc<Platform>,
+    pub net: Arc<Net>,
+    pub gateway: SocketAddr,
+    pub token: String,
+    pub nodes: u32,
+    /// The factor the cluster started with (heals go back to it).
+    pub factor: u32,
+    pub data_dir: PathBuf,
+    _proxies: Vec<Proxy>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Cluster {
+    pub async fn start(opts: &ClusterOptions) -> Result<Cluster, ClusterError> {
+        let dir = tempfile::Builder::new()
+            .prefix("kv-chaos-")
+            .tempdir()
+            .map_err(ClusterError::TempDir)?;
+        let data_dir = dir.path().to_path_buf();
+        let platform = Platform::open(UpOptions {
+            replicas: Some(opts.nodes),
+            strategy: Some(Strategy::ConsistentHashing),
+            factor: Some(opts.factor),
+            read_consistency: Some(Consistency::Quorum),
+            write_consistency: Some(Consistency::Quorum),
+            failed_nodes: None,
+            data_dir: data_dir.clone(),
+            listen: "127.0.0.1:0"
+                .parse()
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
+            token: Some(kv_operator::local::random_token()),
+            node_binary: opts.node_binary.clone(),
+            failure_detection_ms: opts.failure_detection_ms,
+            anti_entropy_secs: opts.anti_entropy_secs,
+            verbose: false,
+        })?;
+        let net = Net::new();
+        let mut proxies = Vec::new();
+        let ports = platform.lock().saved.ports.clone();
+        for o in 0..opts.nodes {
+            let (_, peer) = ports.get(&o).copied().ok_or(ClusterError::NoPorts(o))?;
+            let upstream = SocketAddr::from(([127, 0, 0, 1], peer));
+            let proxy = Proxy::start(o, upstream, net.clone()).await?;
+            platform.route_peer_traffic(o, proxy.addr.to_string());
+            proxies.push(proxy);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(ClusterError::Gateway)?;
+        let gateway_addr = listener.local_addr().map_err(ClusterError::Gateway)?;
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let supervisor = tokio::spawn(platform.clone().supervise(stop_rx.clone()));
+        let gw = tokio::spawn(gateway::serve(
+            gateway::Gateway::new(platform.clone()),
+            listener,
+            stop_rx,
+        ));
+        let token = platform.lock().saved.token.clone();
+        let cluster = Cluster {
+            platform,
+            net,
+            gateway: gateway_addr,
+            token,
+            nodes: opts.nodes,
+            factor: opts.factor,
+            data_dir,
+            _proxies: proxies,
+            stop,
+            tasks: vec![supervisor, gw],
+            dir: if opts.keep_data {
+                let _ = dir.keep();
+                None
+            } else {
+                Some(dir)
+            },
+        };
+        let limit = Duration::from_secs(60);
+        if !cluster.wait_all_up(limit).await {
+            let why = cluster.describe();
+            cluster.stop().await;
+            return Err(ClusterError::NotReady(limit, why));
+        }
+        Ok(cluster)
+    }
+
+    pub fn targets(&self) -> Targets {
+        Targets {
+            gateway: self.gateway.to_string(),
+            nodes: (0..self.nodes)
+                .filter_map(|o| self.platform.client_address(o).map(|a| (o, a)))
+                .collect(),
+            token: self.token.clone(),
+        }
+    }
+
+    pub fn initial_factor(&self) -> u32 {
+        self.factor
+    }
+
+    pub fn topology(&self) -> Option<Topology> {
+        self.platform.lock().topology.clone()
+    }
+
+    /// Every node Up in a committed topology, running and answering.
+    pub fn all_up(&self) -> bool {
+        let Some(t) = self.topology() else {
+            return false;
+        };
+        t.pending.is_none()
+            && t.nodes.len() == self.nodes as usize
+            && t.nodes.iter().all(|n| n.state == NodeState::Up)
+            && self.platform.serving_nodes().len() == self.nodes as usize
+    }
+
+    /// Waits (bounded) until [`Cluster::all_up`].
+    pub async fn wait_all_up(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.all_up() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.all_up()
+    }
+
+    /// One line on every node's state, for error messages.
+    pub fn describe(&self) -> String {
+        match self.topology() {
+            Some(t) => {
+                let states: Vec<String> = t
+                    .nodes
+                    .iter()
+                    .map(|n| format!("{}={}", n.ordinal, n.state))
+                    .collect();
+                format!(
+                    "epoch {}, {} factor {}{}, nodes {}, serving {:?}",
+                    t.epoch,
+                    t.placement.strategy,
+                    t.placement.factor,
+                    if t.pending.is_some() {
+                        " (rebalancing)"
+                    } else {
+                        ""
+                    },
+                    states.join(" "),
+                    self.platform
+                        .serving_nodes()
+                        .iter()
+                        .map(|(o, _)| *o)
+                        .collect::<Vec<_>>()
+                )
+            }
+            None => "no topology yet".to_string(),
+        }
+    }
+
+    /// Every node's digests (`GET /v1/digests`) compared bucket by bucket
+    /// among co-owners, as `kvctl verify` does, plus the hints still
+    /// pending across the cluster. `None` when a node did not answer.
+    pub async fn verify(&self, http: &reqwest::Client) -> Option<(VerifyReport, u64)> {
+        let topology = self.topology()?;
+        let mut digests: BTreeMap<u32, NodeDigests> = BTreeMap::new();
+        let mut hints = 0u64;
+        for (o, addr) in self.targets().nodes {
+            let d: DigestsResponse = http
+                .get(format!("http://{addr}/v1/digests"))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            digests.insert(o, d.parse().ok()?);
+            let c: serde_json::Value = http
+                .get(format!("http://{addr}/v1/cluster"))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            hints += c["hintsPending"].as_u64().unwrap_or(0);
+        }
+        Some((verify::compare(&topology, &digests), hints))
+    }
+
+    /// Stops the supervisor (which SIGTERMs every node) and the gateway.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+        drop(self.dir.take());
+    }
+}
+
+/// The kv-node binary: `KV_NODE_BIN` when set, else built by cargo into the
+/// target directory this program runs from (a no-op when it is up to date),
+/// the way kvctl's tests find it.
+pub fn kv_node_bin() -> Result<PathBuf, ClusterError> {
+    if let Some(p) = std::env::var_os("KV_NODE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| ClusterError::NodeBinary(e.to_string()))?;
+    // target/<profile>/kv-chaos or target/<profile>/deps/<test>-<hash>
+    let mut profile_dir = exe
+        .parent()
+        .ok_or_else(|| ClusterError::NodeBinary("no parent of the executable".into()))?
+        .to_path_buf();
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir.pop();
+    }
+    let profile = profile_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let target_dir = profile_dir
+        .parent()
+        .ok_or_else(|| ClusterError::NodeBinary("no target directory".into()))?
+        .to_path_buf();
+    let bin = profile_dir.join(format!("kv-node{}", std::env::consts::EXE_SUFFIX));
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut cmd =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args([
+        "build",
+        "-p",
+        "kv-node",
+        "--bin",
+        "kv-node",
+        "--manifest-path",
+    ])
+    .arg(&manifest)
+    .env("CARGO_TARGET_DIR", &target_dir);
+    if profile == "release" {
+        cmd.arg("--release");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| ClusterError::NodeBinary(format!("cannot run cargo: {e}")))?;
+    if !bin.exists() {
+        return Err(ClusterError::NodeBinary(format!(
+            "kv-node is not at {} and `cargo build -p kv-node` did not make it:\n{}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(bin)
+}

@@ -1,0 +1,122 @@
+//! `kv-chaos`: the soak run of the fault harness.
+//!
+//! `cargo run -p kv-chaos --release -- --seed 42 --duration 10m` runs one
+//! seed for ten minutes (`--runs N` runs seeds 42, 43, … one after another)
+//! and prints operations by outcome, faults injected by kind, the seeds run
+//! and the checker's verdict; it exits 1 when any seed fails.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use kv_chaos::cluster::kv_node_bin;
+use kv_chaos::nemesis;
+use kv_chaos::run::{RunOptions, run};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kv-chaos",
+    about = "Fault-inject a local kvstore cluster and check its history"
+)]
+struct Cli {
+    /// Seed of the nemesis schedule and the clients' choices.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// How long clients and nemesis run per seed: 90s, 10m, 1h.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Seeds to run, from --seed up.
+    #[arg(long, default_value_t = 1)]
+    runs: u64,
+    #[arg(long, default_value_t = 5)]
+    nodes: u32,
+    #[arg(long, default_value_t = 3)]
+    replication_factor: u32,
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Size of the key space (small, so that clients collide).
+    #[arg(long, default_value_t = 8)]
+    keys: usize,
+    /// The kv-node binary (default: built by cargo beside this program).
+    #[arg(long, env = "KV_NODE_BIN")]
+    node_binary: Option<PathBuf>,
+    /// Keep each run's data directory and node logs.
+    #[arg(long)]
+    keep_data: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 10m or 1h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return Err(format!("{s:?}: the unit must be s, m or h")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match soak(Cli::parse()).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("kv-chaos: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn soak(cli: Cli) -> anyhow::Result<bool> {
+    if cli.nodes < 3 || cli.replication_factor < 2 || cli.replication_factor > cli.nodes {
+        bail!("need at least 3 nodes and a factor between 2 and the node count");
+    }
+    let node_binary = match cli.node_binary {
+        Some(p) => p,
+        None => kv_node_bin().context("finding the kv-node binary")?,
+    };
+    let mut passed = Vec::new();
+    let mut failed = Vec::new();
+    let (mut ops, mut faults) = (0usize, std::collections::BTreeMap::new());
+    for seed in cli.seed..cli.seed.saturating_add(cli.runs) {
+        let mut opts = RunOptions::new(seed, cli.duration, node_binary.clone());
+        opts.nodes = cli.nodes;
+        opts.factor = cli.replication_factor;
+        opts.clients = cli.clients;
+        opts.keys = cli.keys;
+        opts.keep_data = cli.keep_data;
+        opts.verbose = true;
+        let report = run(opts)
+            .await
+            .with_context(|| format!("seed {seed}: starting the cluster"))?;
+        println!("{report}");
+        ops += report.ops.len();
+        for (k, n) in nemesis::injected_by_kind(&report.events) {
+            *faults.entry(k).or_insert(0) += n;
+        }
+        if report.passed() {
+            passed.push(seed);
+        } else {
+            failed.push(seed);
+        }
+    }
+    println!(
+        "seeds run: {:?}; passed {:?}; failed {:?}; {ops} operations; faults {:?}",
+        (cli.seed..cli.seed.saturating_add(cli.runs)).collect::<Vec<_>>(),
+        passed,
+        failed,
+        faults
+    );
+    println!(
+        "verdict: {}",
+        if failed.is_empty() { "PASS" } else { "FAIL" }
+    );
+    Ok(failed.is_empty())
+}
