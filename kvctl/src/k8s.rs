@@ -68,6 +68,10 @@ pub enum KubeError {
         message: String,
     },
     #[error(
+        "the Kubernetes API server did not accept kvctl's credentials (401 Unauthorized): check the user of the kubeconfig context, or log in again ({message})"
+    )]
+    Unauthorized { message: String },
+    #[error(
         "node {node} is not a node of KvCluster {name} (spec.replicas is {replicas}: ordinals 0..{replicas})"
     )]
     NoSuchNode {
@@ -308,6 +312,7 @@ impl Target {
                 name: self.name.clone(),
                 namespace: self.namespace.clone(),
             },
+            kube::Error::Api(s) if s.code == 401 => KubeError::Unauthorized { message: s.message },
             kube::Error::Api(s) if s.code == 403 => KubeError::Forbidden {
                 verb,
                 namespace: self.namespace.clone(),

@@ -405,3 +405,18 @@ async fn another_api_error_is_reported_with_its_code_and_message() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn rejected_credentials_say_so() {
+    let calls = vec![call(Method::GET, |_| {
+        status(401, "Unauthorized", "Unauthorized")
+    })];
+    let (r, _) = run(calls, |t| async move { t.get().await }).await;
+    let e = r.expect_err("unauthorized");
+    assert!(matches!(e, KubeError::Unauthorized { .. }), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("did not accept kvctl's credentials (401 Unauthorized)"),
+        "{e}"
+    );
+}
