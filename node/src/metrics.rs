@@ -66,7 +66,7 @@ impl Metrics {
         let commit_batch = must(Histogram::with_opts(
             HistogramOpts::new(
                 "kv_commit_batch_size",
-                "Write requests carried by one storage transaction (group commit)",
+                "Write requests made durable by one fsync of the write-ahead log (group commit)",
             )
             .buckets(vec![
                 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
@@ -75,7 +75,7 @@ impl Metrics {
         let fsync_duration = must(Histogram::with_opts(
             HistogramOpts::new(
                 "kv_fsync_duration_seconds",
-                "Time to commit one storage transaction, fsync included",
+                "Time of one fsync of the write-ahead log",
             )
             .buckets(vec![
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,

@@ -1,10 +1,21 @@
-//! The node's storage engine: SQLite in WAL mode with one group-committing writer.
+//! The node's storage engine: SQLite in WAL mode with one group-committing
+//! writer and a pipelined log sync.
 //!
 //! Every write goes through one writer thread. It takes the first waiting
 //! request, drains whatever else is queued behind it (up to a batch limit),
-//! applies all of it in one transaction and commits once: with
-//! `synchronous=FULL` that commit is the fsync, so concurrent writers share its
-//! cost, and no caller hears "done" before its write is on stable storage.
+//! applies all of it in one transaction and commits once. The commit appends
+//! the transaction's pages to the write-ahead log (`synchronous=NORMAL`: no
+//! fsync inside the commit); a second thread, the syncer, then fsyncs the log
+//! and only after that answers every request of every transaction committed
+//! before the fsync began. So no caller hears "done" before its write is on
+//! stable storage, and the writer builds and commits the next transaction
+//! while the previous one's fsync is in flight: the disk's fsync latency is
+//! shared by everything that arrived meanwhile instead of being paid in turn.
+//! (A committed but not yet synced transaction is visible to readers; it was
+//! not acknowledged, and a power loss may undo it, like any write that failed
+//! on its way.) If an fsync fails, nothing after it can be promised durable:
+//! the store refuses every later write until the node is restarted.
+//!
 //! Readers use their own connections and, under WAL, never wait for the writer.
 //!
 //! The same transaction that changes a record keeps its bucket's digest
@@ -16,7 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kv_core::record::supersedes;
@@ -73,8 +84,9 @@ impl Default for StoreOptions {
     }
 }
 
-/// A callback run by the writer after each commit with the number of write
-/// requests the transaction carried and how long the commit (the fsync) took.
+/// A callback run after each log sync with the number of write requests it
+/// made durable (those of every transaction committed since the previous
+/// sync) and how long the fsync took.
 #[derive(Clone)]
 pub struct CommitObserver(pub Arc<dyn Fn(usize, std::time::Duration) + Send + Sync>);
 
@@ -94,6 +106,9 @@ pub struct StoreStats {
     pub commits: u64,
     /// Write requests those transactions carried.
     pub write_requests: u64,
+    /// fsyncs of the write-ahead log since open (each one acknowledges every
+    /// transaction committed before it began).
+    pub syncs: u64,
 }
 
 enum WriteOp {
@@ -119,6 +134,10 @@ struct Shared {
     path: PathBuf,
     commits: AtomicU64,
     write_requests: AtomicU64,
+    syncs: AtomicU64,
+    /// Set when an fsync of the log failed: the kernel may have dropped the
+    /// unsynced pages, so no later write can be promised durable.
+    poisoned: AtomicBool,
 }
 
 /// A handle on one node's database. Cheap to clone.
@@ -148,14 +167,23 @@ impl Store {
             path,
             commits: AtomicU64::new(0),
             write_requests: AtomicU64::new(0),
+            syncs: AtomicU64::new(0),
+            poisoned: AtomicBool::new(false),
         });
+        let wal = WalFile::open(&shared.path)?;
         let (tx, rx) = mpsc::unbounded_channel();
+        let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let writer_shared = shared.clone();
+        let syncer_shared = shared.clone();
         let max_batch = opts.max_batch.max(1);
         let observer = opts.observer.clone();
         std::thread::Builder::new()
+            .name("kv-storage-sync".into())
+            .spawn(move || syncer_loop(wal, sync_rx, &syncer_shared, observer))
+            .map_err(|e| StorageError::Sqlite(format!("cannot start the sync thread: {e}")))?;
+        std::thread::Builder::new()
             .name("kv-storage-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, max_batch, &writer_shared, observer))
+            .spawn(move || writer_loop(writer_conn, rx, sync_tx, max_batch, &writer_shared))
             .map_err(|e| StorageError::Sqlite(format!("cannot start the writer thread: {e}")))?;
         Ok(Store { writer: tx, shared })
     }
@@ -404,6 +432,7 @@ impl Store {
             tombstones,
             db_bytes,
             commits: self.shared.commits.load(Ordering::Relaxed),
+            syncs: self.shared.syncs.load(Ordering::Relaxed),
             write_requests: self.shared.write_requests.load(Ordering::Relaxed),
         })
     }
@@ -448,7 +477,8 @@ impl Store {
 
 const SCHEMA: &str = "
 PRAGMA journal_mode = WAL;
-PRAGMA synchronous = FULL;
+PRAGMA synchronous = NORMAL;
+PRAGMA cache_size = -32768;
 CREATE TABLE IF NOT EXISTS records (
     key    BLOB PRIMARY KEY,
     value  BLOB,
@@ -497,6 +527,7 @@ fn open_reader(path: &Path) -> Result<Connection, StorageError> {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch("PRAGMA cache_size = -8192;")?;
     Ok(conn)
 }
 
@@ -519,12 +550,19 @@ fn sum_from_blob(blob: &[u8]) -> u128 {
     u128::from_be_bytes(buf)
 }
 
+/// A committed transaction's callers, waiting for the log sync.
+struct Committed {
+    requests: Vec<(oneshot::Sender<Result<WriteDone, StorageError>>, WriteDone)>,
+    /// Whether the transaction changed any row (appended anything to the log).
+    wrote: bool,
+}
+
 fn writer_loop(
     mut conn: Connection,
     mut rx: mpsc::UnboundedReceiver<WriteRequest>,
+    syncer: std::sync::mpsc::Sender<Committed>,
     max_batch: usize,
     shared: &Shared,
-    observer: Option<CommitObserver>,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -534,19 +572,29 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        if shared.poisoned.load(Ordering::Acquire) {
+            for req in batch {
+                let _ = req.done.send(Err(poisoned_error()));
+            }
+            continue;
+        }
         let ops: Vec<&WriteOp> = batch.iter().map(|r| &r.op).collect();
-        let started = std::time::Instant::now();
+        let changes_before = conn.total_changes();
         match commit_batch(&mut conn, &ops) {
             Ok(results) => {
-                if let Some(o) = &observer {
-                    (o.0)(batch.len(), started.elapsed());
-                }
                 shared.commits.fetch_add(1, Ordering::Relaxed);
                 shared
                     .write_requests
                     .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                for (req, res) in batch.into_iter().zip(results) {
-                    let _ = req.done.send(Ok(res));
+                let requests = batch.into_iter().map(|r| r.done).zip(results).collect();
+                let wrote = conn.total_changes() != changes_before;
+                if let Err(std::sync::mpsc::SendError(c)) =
+                    syncer.send(Committed { requests, wrote })
+                {
+                    // the syncer is gone: nothing can be made durable
+                    for (done, _) in c.requests {
+                        let _ = done.send(Err(StorageError::Closed));
+                    }
                 }
             }
             Err(e) => {
@@ -563,14 +611,129 @@ fn writer_loop(
     }
 }
 
+fn poisoned_error() -> StorageError {
+    StorageError::Sqlite(
+        "an fsync of the write-ahead log failed earlier, so no write can be made durable; restart the node"
+            .into(),
+    )
+}
+
+/// Makes committed transactions durable, in commit order, and only then
+/// answers their callers: each fsync covers every transaction the writer
+/// committed before it began.
+fn syncer_loop(
+    mut wal: WalFile,
+    rx: std::sync::mpsc::Receiver<Committed>,
+    shared: &Shared,
+    observer: Option<CommitObserver>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            group.push(more);
+        }
+        let requests: usize = group.iter().map(|c| c.requests.len()).sum();
+        // A group of transactions that changed nothing needs no fsync: every
+        // earlier transaction was in an earlier group, synced before this
+        // one's callers are answered (an "already have it" answer must not
+        // overtake the sync of the write it refers to, and does not).
+        let wrote = group.iter().any(|c| c.wrote);
+        let started = std::time::Instant::now();
+        let synced = if shared.poisoned.load(Ordering::Acquire) {
+            Err(poisoned_error())
+        } else if wrote {
+            wal.sync()
+        } else {
+            Ok(())
+        };
+        match synced {
+            Ok(()) => {
+                if wrote {
+                    shared.syncs.fetch_add(1, Ordering::Relaxed);
+                    if let Some(o) = &observer {
+                        (o.0)(requests, started.elapsed());
+                    }
+                }
+                for c in group {
+                    for (done, result) in c.requests {
+                        let _ = done.send(Ok(result));
+                    }
+                }
+            }
+            Err(e) => {
+                if !shared.poisoned.swap(true, Ordering::AcqRel) {
+                    tracing::error!(error = %e, requests, "fsync of the write-ahead log failed; refusing every write from now on (restart the node)");
+                }
+                for c in group {
+                    for (done, _) in c.requests {
+                        let _ = done.send(Err(poisoned_error()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The database's write-ahead log, opened by the syncer to fsync it. SQLite
+/// keeps the file (and its inode) while any of its connections is open, and
+/// the writer's always is; if the file were ever replaced all the same, the
+/// syncer could not vouch for what it held and fails the sync.
+struct WalFile {
+    path: PathBuf,
+    file: std::fs::File,
+    ino: u64,
+}
+
+impl WalFile {
+    fn open(db: &Path) -> Result<WalFile, StorageError> {
+        use std::os::unix::fs::MetadataExt;
+        let mut path = db.as_os_str().to_owned();
+        path.push("-wal");
+        let path = PathBuf::from(path);
+        let file = std::fs::File::open(&path)
+            .map_err(|e| StorageError::Sqlite(format!("cannot open {}: {e}", path.display())))?;
+        let ino = file
+            .metadata()
+            .map_err(|e| StorageError::Sqlite(format!("cannot stat {}: {e}", path.display())))?
+            .ino();
+        // the log's directory entry must survive a power loss too
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| StorageError::Sqlite(format!("cannot sync {}: {e}", dir.display())))?;
+        }
+        Ok(WalFile { path, file, ino })
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.path) {
+            Ok(m) if m.ino() == self.ino => {}
+            other => {
+                return Err(StorageError::Sqlite(format!(
+                    "{} was removed or replaced while the node had it open ({:?}, inode was {})",
+                    self.path.display(),
+                    other.map(|m| m.ino()),
+                    self.ino
+                )));
+            }
+        }
+        self.file
+            .sync_data()
+            .map_err(|e| StorageError::Sqlite(format!("fsync {}: {e}", self.path.display())))
+    }
+}
+
 /// Applies every request of a batch in one transaction; all or nothing.
 fn commit_batch(conn: &mut Connection, ops: &[&WriteOp]) -> Result<Vec<WriteDone>, StorageError> {
     let tx = conn.transaction()?;
+    // bucket digests touched by this transaction, each written back once at the end
+    let mut digests = BTreeMap::new();
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         results.push(match op {
             WriteOp::Apply(records) => {
-                WriteDone::Applied(records.iter().map(|r| apply_one(&tx, r)).collect::<Result<_, _>>()?)
+                WriteDone::Applied(records.iter().map(|r| apply_one(&tx, &mut digests, r)).collect::<Result<_, _>>()?)
             }
             WriteOp::AddHints(hints) => {
                 let mut stmt = tx.prepare_cached(
@@ -593,7 +756,7 @@ fn commit_batch(conn: &mut Connection, ops: &[&WriteOp]) -> Result<Vec<WriteDone
                 let mut n = 0;
                 for b in buckets {
                     n += tx.execute("DELETE FROM records WHERE bucket = ?1", [b])? as u64;
-                    tx.execute("UPDATE buckets SET sum = ?2, count = 0 WHERE bucket = ?1", params![b, sum_to_blob(0)])?;
+                    *digest_of(&tx, &mut digests, *b)? = Digest::EMPTY;
                 }
                 WriteDone::Count(n)
             }
@@ -610,21 +773,29 @@ fn commit_batch(conn: &mut Connection, ops: &[&WriteOp]) -> Result<Vec<WriteDone
                         }
                     }
                 }
-                let mut digest = read_digest(&tx, *bucket)?;
+                let digest = digest_of(&tx, &mut digests, *bucket)?;
                 for r in &doomed {
                     tx.execute("DELETE FROM records WHERE key = ?1", [&r.key])?;
                     digest.remove(r.digest());
                 }
-                write_digest(&tx, *bucket, digest)?;
                 WriteDone::Count(doomed.len() as u64)
             }
         });
+    }
+    for (bucket, (was, now)) in digests {
+        if now != was {
+            write_digest(&tx, bucket, now)?;
+        }
     }
     tx.commit()?;
     Ok(results)
 }
 
-fn apply_one(tx: &rusqlite::Transaction<'_>, r: &Record) -> Result<bool, StorageError> {
+fn apply_one(
+    tx: &rusqlite::Transaction<'_>,
+    digests: &mut BTreeMap<u32, (Digest, Digest)>,
+    r: &Record,
+) -> Result<bool, StorageError> {
     let stored: Option<Version> = tx
         .prepare_cached("SELECT ts, node FROM records WHERE key = ?1")?
         .query_row([&r.key], |row| {
@@ -640,13 +811,29 @@ fn apply_one(tx: &rusqlite::Transaction<'_>, r: &Record) -> Result<bool, Storage
          ON CONFLICT (key) DO UPDATE SET value = excluded.value, ts = excluded.ts, node = excluded.node",
     )?
     .execute(params![r.key, r.value, r.version.ts as i64, r.version.node, bucket])?;
-    let mut digest = read_digest(tx, bucket)?;
+    let digest = digest_of(tx, digests, bucket)?;
     if let Some(old) = stored {
         digest.remove(kv_core::record::entry_digest(&r.key, old));
     }
     digest.add(r.digest());
-    write_digest(tx, bucket, digest)?;
     Ok(true)
+}
+
+/// `bucket`'s digest as this transaction has left it so far (the map keeps
+/// each touched bucket's digest as the transaction found it, and as it is now).
+fn digest_of<'a>(
+    tx: &rusqlite::Transaction<'_>,
+    digests: &'a mut BTreeMap<u32, (Digest, Digest)>,
+    bucket: u32,
+) -> Result<&'a mut Digest, StorageError> {
+    let entry = match digests.entry(bucket) {
+        std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::btree_map::Entry::Vacant(e) => {
+            let d = read_digest(tx, bucket)?;
+            e.insert((d, d))
+        }
+    };
+    Ok(&mut entry.1)
 }
 
 fn read_digest(tx: &rusqlite::Transaction<'_>, bucket: u32) -> Result<Digest, StorageError> {

@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use kv_core::{BUCKETS, Digest, NodeState, Version};
 use tokio::sync::watch;
 
@@ -25,6 +26,8 @@ use crate::node::Node;
 const HINT_BATCH: usize = 512;
 /// Buckets compared and pulled per request during catch-up.
 const SYNC_CHUNK: usize = 64;
+/// Catch-up chunks in flight at once.
+const SYNC_PARALLEL: usize = 4;
 
 impl Node {
     /// Delivers stored hints to owners that take writes again.
@@ -168,34 +171,62 @@ impl Node {
                 .map_err(|e| format!("digests of node {o}: {e}"))?;
             peer_digests.insert(o, (addr, d));
         }
-        let mut done = 0u64;
-        for chunk in buckets.chunks(SYNC_CHUNK) {
-            if self.cluster.epoch() != epoch {
+        // Chunks are compared and pulled a few at a time: while one chunk's
+        // records are applied (the writer is busy), the next ones are on the
+        // wire, and concurrent applies share the writer's transactions.
+        let total = buckets.len() as u64;
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let chunks: Vec<Vec<u32>> = buckets.chunks(SYNC_CHUNK).map(<[u32]>::to_vec).collect();
+        let (peer_digests, done) = (&peer_digests, &done);
+        let mut chunks = futures::stream::iter(chunks)
+            .map(|chunk| async move {
+                self.catch_up_chunk(view, epoch, peer_digests, &chunk, done, total)
+                    .await
+            })
+            .buffer_unordered(SYNC_PARALLEL);
+        while let Some(r) = chunks.next().await {
+            if !r? {
                 return Ok(false);
             }
-            // Our digests change only when a pull applies something.
-            let mut mine = self.local_digests()?;
-            for (o, (addr, theirs)) in &peer_digests {
-                let differing: Vec<u32> = chunk
-                    .iter()
-                    .copied()
-                    .filter(|b| {
-                        let owns = view.layout.current.owns(*o, *b)
-                            || view.layout.pending.as_ref().is_some_and(|p| p.owns(*o, *b));
-                        owns && theirs[*b as usize] != mine[*b as usize]
-                    })
-                    .collect();
-                if !differing.is_empty() && self.pull_buckets(*o, addr, &differing).await? > 0 {
-                    mine = self.local_digests()?;
-                }
-            }
-            done += chunk.len() as u64;
-            self.cluster.update_resync(|r| r.buckets_done = done);
-            self.metrics.resync_buckets_done.set(done as i64);
-            self.metrics
-                .resync_progress
-                .set(done as f64 / buckets.len() as f64);
         }
+        Ok(true)
+    }
+
+    /// Compares one chunk of buckets with every source and pulls those that
+    /// differ. `Ok(false)` if the topology changed.
+    async fn catch_up_chunk(
+        &self,
+        view: &View,
+        epoch: u64,
+        peer_digests: &std::collections::BTreeMap<u32, (String, Vec<Digest>)>,
+        chunk: &[u32],
+        done: &std::sync::atomic::AtomicU64,
+        total: u64,
+    ) -> Result<bool, String> {
+        if self.cluster.epoch() != epoch {
+            return Ok(false);
+        }
+        // Our digests change only when a pull applies something.
+        let mut mine = self.local_digests()?;
+        for (o, (addr, theirs)) in peer_digests {
+            let differing: Vec<u32> = chunk
+                .iter()
+                .copied()
+                .filter(|b| {
+                    let owns = view.layout.current.owns(*o, *b)
+                        || view.layout.pending.as_ref().is_some_and(|p| p.owns(*o, *b));
+                    owns && theirs[*b as usize] != mine[*b as usize]
+                })
+                .collect();
+            if !differing.is_empty() && self.pull_buckets(*o, addr, &differing).await? > 0 {
+                mine = self.local_digests()?;
+            }
+        }
+        let done = done.fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed)
+            + chunk.len() as u64;
+        self.cluster.update_resync(|r| r.buckets_done = done);
+        self.metrics.resync_buckets_done.set(done as i64);
+        self.metrics.resync_progress.set(done as f64 / total as f64);
         Ok(true)
     }
 

@@ -191,6 +191,44 @@ fn concurrent_writes_share_transactions() {
     assert_eq!(stats.keys, requests);
 }
 
+#[test]
+fn every_acknowledged_write_was_covered_by_a_log_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    rt().block_on(async {
+        for i in 0..5 {
+            store
+                .apply(vec![rec(&format!("s{i}"), Some("v"), 1, 1)])
+                .await
+                .expect("apply");
+            // one write at a time: each waited for a sync of its own
+            assert_eq!(store.stats().expect("stats").syncs, i + 1);
+        }
+    });
+}
+
+#[test]
+fn a_failed_log_sync_refuses_every_later_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    rt().block_on(async {
+        store
+            .apply(vec![rec("before", Some("v"), 1, 1)])
+            .await
+            .expect("apply before");
+        // The log vanishes underneath the node: the syncer can no longer
+        // vouch for anything written to it.
+        std::fs::remove_file(dir.path().join("kv.sqlite3-wal")).expect("remove the log");
+        for key in ["after", "again"] {
+            let err = store
+                .apply(vec![rec(key, Some("v"), 2, 1)])
+                .await
+                .expect_err("a write after a failed sync must not be acknowledged");
+            assert!(err.to_string().contains("restart the node"), "{err}");
+        }
+    });
+}
+
 /// Polls every future on one task so that all requests are queued before the
 /// writer can drain them.
 async fn futures_join_all<F: std::future::Future>(
