@@ -136,7 +136,10 @@ pub enum Command {
         node: u32,
         /// Hold it down even if some keys are then left with fewer live
         /// owners than writes need (their writes fail until it recovers).
-        /// Not available with --cluster: kv-operator refuses such a spec.
+        /// With --cluster: also sets the KvCluster annotation
+        /// kvstore.dev/force-fault-injection="true" (kv-operator plans with
+        /// force while it is set); `recover` of the last held-down node
+        /// removes it.
         #[arg(long)]
         force: bool,
         #[command(flatten)]

@@ -7,8 +7,17 @@
 //! read-modify-write of that list, and `kvctl nodes --cluster NAME` prints
 //! the status the operator wrote.
 //!
+//! `--force` asks kv-operator to carry out a hold-down its planner would
+//! refuse (some key left with fewer live owners than W needs). The operator
+//! plans a KvCluster with force while its annotation
+//! `kvstore.dev/force-fault-injection` is `"true"`, so `fail --force` sets
+//! that annotation in the same write that adds the ordinal, and `recover`
+//! removes it in the write that leaves no node held down (until then the
+//! forced hold-downs may still depend on it).
+//!
 //! The decisions are pure functions of the resource, tested on their own:
-//! the new list ([`hold_down`], [`release`]), whether a hold-down is refused
+//! the new list and annotation ([`hold_down`], [`release`], [`Change`]),
+//! whether a hold-down is refused
 //! ([`check_fail`], the planner's own check, exactly as the operator and the
 //! local gateway run it), and the renderings. The API calls go through a
 //! [`Target`] built on any [`kube::Client`], so tests can hand it a mocked one.
@@ -28,7 +37,7 @@ use kube::config::{Config, KubeConfigOptions};
 use kube::{Client, ResourceExt};
 use kv_core::{NodeState, Topology};
 use kv_operator::k8s::controller::planner_config;
-use kv_operator::k8s::crd::KvCluster;
+use kv_operator::k8s::crd::{FORCE_FAULT_INJECTION, KvCluster};
 use kv_operator::k8s::objects;
 use kv_operator::planner::{self, Observed};
 use serde::Serialize;
@@ -82,10 +91,6 @@ pub enum KubeError {
     /// The planner's refusal, in its own words (the local gateway's too).
     #[error("{0}")]
     Refused(String),
-    #[error(
-        "--force cannot be carried out on Kubernetes: kv-operator plans every KvCluster without force, so it would refuse this spec (condition Refused) and hold no node down; nothing was changed. The refusal: {0}"
-    )]
-    ForceUnsupported(String),
     #[error(
         "KvCluster {name} in namespace {namespace} changed under each of {attempts} attempts to write it (409 Conflict); nothing was changed, try again"
     )]
@@ -142,6 +147,11 @@ pub struct Outcome {
     pub failed_nodes_before: Vec<u32>,
     /// failedNodes as the API server stored it.
     pub failed_nodes: Vec<u32>,
+    /// The `kvstore.dev/force-fault-injection` annotation as read before
+    /// the write that took effect (`None`: absent).
+    pub force_annotation_before: Option<String>,
+    /// The annotation as the API server stored it.
+    pub force_annotation: Option<String>,
     /// Reads of the resource it took (more than 1 after a 409 Conflict).
     pub attempts: usize,
 }
@@ -231,25 +241,18 @@ impl Target {
             .map_err(|e| self.error("get", e))
     }
 
-    /// Hold node `node` down: add it to spec.faultInjection.failedNodes.
+    /// Hold node `node` down: add it to spec.faultInjection.failedNodes;
+    /// with `force`, also set the force annotation (see [`fail_change`]).
     pub async fn fail(&self, node: u32, force: bool) -> Result<Outcome, KubeError> {
-        self.update("fail", node, |kvc| {
-            check_fail(kvc, node, force)?;
-            Ok(hold_down(&kvc.spec.fault_injection.failed_nodes, node))
-        })
-        .await
+        self.update("fail", node, |kvc| fail_change(kvc, node, force))
+            .await
     }
 
-    /// Release node `node`: remove it from spec.faultInjection.failedNodes.
+    /// Release node `node`: remove it from spec.faultInjection.failedNodes,
+    /// and the force annotation with the last one (see [`recover_change`]).
     pub async fn recover(&self, node: u32) -> Result<Outcome, KubeError> {
-        self.update("recover", node, |kvc| {
-            let current = &kvc.spec.fault_injection.failed_nodes;
-            if node >= kvc.spec.replicas && !current.contains(&node) {
-                return Err(no_such_node(kvc, node));
-            }
-            Ok(release(current, node))
-        })
-        .await
+        self.update("recover", node, |kvc| recover_change(kvc, node))
+            .await
     }
 
     /// Read, decide on what was read, write with that read's resourceVersion
@@ -258,12 +261,13 @@ impl Target {
         &self,
         action: &'static str,
         node: u32,
-        decide: impl Fn(&KvCluster) -> Result<Vec<u32>, KubeError>,
+        decide: impl Fn(&KvCluster) -> Result<Change, KubeError>,
     ) -> Result<Outcome, KubeError> {
         for attempt in 1..=MAX_ATTEMPTS {
             let kvc = self.get().await?;
             let before = kvc.spec.fault_injection.failed_nodes.clone();
-            let after = decide(&kvc)?;
+            let annotation_before = force_annotation(&kvc);
+            let change = decide(&kvc)?;
             let mut outcome = Outcome {
                 cluster: self.name.clone(),
                 namespace: self.namespace.clone(),
@@ -272,9 +276,11 @@ impl Target {
                 changed: false,
                 failed_nodes_before: before.clone(),
                 failed_nodes: before.clone(),
+                force_annotation_before: annotation_before.clone(),
+                force_annotation: annotation_before,
                 attempts: attempt,
             };
-            if after == before {
+            if change.failed_nodes == before && change.force == ForceEdit::Keep {
                 return Ok(outcome);
             }
             let rv = kvc
@@ -284,7 +290,7 @@ impl Target {
                 field_manager: Some(FIELD_MANAGER.to_string()),
                 ..PatchParams::default()
             };
-            let patch = failed_nodes_patch(&rv, &after);
+            let patch = fault_injection_patch(&rv, &change);
             match self
                 .api
                 .patch(&self.name, &params, &Patch::Merge(&patch))
@@ -292,6 +298,7 @@ impl Target {
             {
                 Ok(stored) => {
                     outcome.changed = true;
+                    outcome.force_annotation = force_annotation(&stored);
                     outcome.failed_nodes = stored.spec.fault_injection.failed_nodes;
                     return Ok(outcome);
                 }
@@ -353,12 +360,84 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// The merge patch of `fail` and `recover`: the whole new list, and the
-/// resourceVersion it was computed from, which the API server checks.
-pub fn failed_nodes_patch(resource_version: &str, failed_nodes: &[u32]) -> Value {
+/// What a write does to the `kvstore.dev/force-fault-injection` annotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForceEdit {
+    /// Leave it as it is (absent, or whatever value it has).
+    Keep,
+    /// Set it to `"true"`: kv-operator plans the cluster with force.
+    Set,
+    /// Remove it: kv-operator plans the cluster without force.
+    Remove,
+}
+
+/// What one `fail` or `recover` makes of the KvCluster it read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The whole new spec.faultInjection.failedNodes.
+    pub failed_nodes: Vec<u32>,
+    pub force: ForceEdit,
+}
+
+/// The force annotation's value, if the resource has it.
+pub fn force_annotation(kvc: &KvCluster) -> Option<String> {
+    kvc.annotations().get(FORCE_FAULT_INJECTION).cloned()
+}
+
+/// `fail N [--force]`: N added to failedNodes once the planner's check
+/// passes ([`check_fail`]); with `force`, the annotation set to `"true"` in
+/// the same write unless it already is. With `force`, a node already held
+/// down still gets the annotation: that is how a hold-down the operator
+/// refused (condition Refused) is pushed through.
+pub fn fail_change(kvc: &KvCluster, node: u32, force: bool) -> Result<Change, KubeError> {
+    check_fail(kvc, node, force)?;
+    let already = force_annotation(kvc).as_deref() == Some("true");
+    Ok(Change {
+        failed_nodes: hold_down(&kvc.spec.fault_injection.failed_nodes, node),
+        force: if force && !already {
+            ForceEdit::Set
+        } else {
+            ForceEdit::Keep
+        },
+    })
+}
+
+/// `recover N`: N removed from failedNodes. When no node is left held down,
+/// the force annotation (any value) goes in the same write: it has nothing
+/// left to force, and kept it would silently waive the W check for the next
+/// hold-down, whoever adds it (`kubectl edit`, a GitOps sync). While other
+/// nodes are still held down it stays, since their hold-downs may depend on
+/// it (a topology rebuilt from scratch is checked again).
+pub fn recover_change(kvc: &KvCluster, node: u32) -> Result<Change, KubeError> {
+    let current = &kvc.spec.fault_injection.failed_nodes;
+    if node >= kvc.spec.replicas && !current.contains(&node) {
+        return Err(no_such_node(kvc, node));
+    }
+    let failed_nodes = release(current, node);
+    let force = if failed_nodes.is_empty() && force_annotation(kvc).is_some() {
+        ForceEdit::Remove
+    } else {
+        ForceEdit::Keep
+    };
+    Ok(Change {
+        failed_nodes,
+        force,
+    })
+}
+
+/// The merge patch of `fail` and `recover`: the resourceVersion it was
+/// computed from, which the API server checks, the whole new list, and the
+/// force annotation when it changes (`null` removes it, RFC 7386).
+pub fn fault_injection_patch(resource_version: &str, change: &Change) -> Value {
+    let mut metadata = json!({"resourceVersion": resource_version});
+    match change.force {
+        ForceEdit::Keep => {}
+        ForceEdit::Set => metadata["annotations"] = json!({FORCE_FAULT_INJECTION: "true"}),
+        ForceEdit::Remove => metadata["annotations"] = json!({FORCE_FAULT_INJECTION: null}),
+    }
     json!({
-        "metadata": {"resourceVersion": resource_version},
-        "spec": {"faultInjection": {"failedNodes": failed_nodes}},
+        "metadata": metadata,
+        "spec": {"faultInjection": {"failedNodes": change.failed_nodes}},
     })
 }
 
@@ -384,12 +463,13 @@ fn no_such_node(kvc: &KvCluster, node: u32) -> KubeError {
     }
 }
 
-/// Whether holding `node` down is refused: an ordinal outside the cluster,
-/// or whatever the planner refuses for the spec with `node` added, planned
-/// against the topology the status shows. That is the operator's own check
-/// (it plans every KvCluster without force), and the one the local gateway
-/// runs: a hold-down that would leave some key with fewer than W live owners
-/// is refused. An ordinal already held down is not checked again.
+/// Whether holding `node` down is refused: an ordinal outside the cluster
+/// (even with `force`), or whatever the planner refuses for the spec with
+/// `node` added and the given `force`, planned against the topology the
+/// status shows. That is the operator's own check and the one the local
+/// gateway runs: without force, a hold-down that would leave some key with
+/// fewer than W live owners is refused. An ordinal already held down is not
+/// checked again.
 pub fn check_fail(kvc: &KvCluster, node: u32, force: bool) -> Result<(), KubeError> {
     if node >= kvc.spec.replicas {
         return Err(no_such_node(kvc, node));
@@ -409,8 +489,7 @@ pub fn check_fail(kvc: &KvCluster, node: u32, force: bool) -> Result<(), KubeErr
     }
     desired.force = true;
     match planner::plan(&desired, &observed, &config).refusal {
-        // Only force lets it through, and the operator never plans with force.
-        None => Err(KubeError::ForceUnsupported(refusal.reason)),
+        None => Ok(()),
         Some(r) => Err(KubeError::Refused(r.reason)),
     }
 }
@@ -597,6 +676,31 @@ pub fn render_outcome(o: &Outcome) -> String {
         ),
     };
     let mut out = format!("{who}: {what}\nfailedNodes: {list}\n");
+    let removal = format!(
+        "kubectl annotate kvc {} -n {} {FORCE_FAULT_INJECTION}-",
+        o.cluster, o.namespace
+    );
+    match (&o.force_annotation_before, &o.force_annotation) {
+        (before, Some(v)) if before != &o.force_annotation => {
+            let _ = writeln!(
+                out,
+                "annotation {FORCE_FAULT_INJECTION}={v:?} set: kv-operator plans this KvCluster with force and holds nodes down even when some keys are left with fewer live owners than writes need; recovering the last held-down node removes it (or: {removal})"
+            );
+        }
+        (Some(_), None) => {
+            let _ = writeln!(
+                out,
+                "annotation {FORCE_FAULT_INJECTION} removed: no node is held down, kv-operator plans without force again"
+            );
+        }
+        (_, Some(v)) => {
+            let _ = writeln!(
+                out,
+                "annotation {FORCE_FAULT_INJECTION}={v:?} remains until the last held-down node is recovered; remove it now with: {removal}"
+            );
+        }
+        (None, None) => {}
+    }
     if o.attempts > 1 {
         let _ = writeln!(
             out,
@@ -648,16 +752,111 @@ mod tests {
         assert_eq!(release(&[1, 1], 1), Vec::<u32>::new());
     }
 
+    fn change(failed_nodes: &[u32], force: ForceEdit) -> Change {
+        Change {
+            failed_nodes: failed_nodes.to_vec(),
+            force,
+        }
+    }
+
+    fn annotate(kvc: &mut KvCluster, value: &str) {
+        kvc.metadata.annotations =
+            Some([(FORCE_FAULT_INJECTION.to_string(), value.to_string())].into());
+    }
+
     #[test]
     fn the_patch_carries_the_resource_version_it_was_computed_from() {
         assert_eq!(
-            failed_nodes_patch("41", &[1, 2]),
+            fault_injection_patch("41", &change(&[1, 2], ForceEdit::Keep)),
             json!({"metadata": {"resourceVersion": "41"},
                    "spec": {"faultInjection": {"failedNodes": [1, 2]}}})
         );
         assert_eq!(
-            failed_nodes_patch("9", &[])["spec"]["faultInjection"]["failedNodes"],
+            fault_injection_patch("9", &change(&[], ForceEdit::Keep))["spec"]["faultInjection"]["failedNodes"],
             json!([])
+        );
+    }
+
+    #[test]
+    fn the_patch_sets_or_removes_the_force_annotation_next_to_the_list() {
+        assert_eq!(
+            fault_injection_patch("41", &change(&[1, 2], ForceEdit::Set)),
+            json!({"metadata": {"resourceVersion": "41",
+                                "annotations": {"kvstore.dev/force-fault-injection": "true"}},
+                   "spec": {"faultInjection": {"failedNodes": [1, 2]}}})
+        );
+        assert_eq!(
+            fault_injection_patch("42", &change(&[], ForceEdit::Remove)),
+            json!({"metadata": {"resourceVersion": "42",
+                                "annotations": {"kvstore.dev/force-fault-injection": null}},
+                   "spec": {"faultInjection": {"failedNodes": []}}})
+        );
+    }
+
+    #[test]
+    fn fail_with_force_sets_the_annotation_once_and_without_force_leaves_it() {
+        let mut kvc = cluster(
+            "{replicas: 3, faultInjection: {failedNodes: [1]}}",
+            &[NodeState::Up, NodeState::Failed, NodeState::Up],
+        );
+        assert_eq!(
+            fail_change(&kvc, 2, true).expect("forced"),
+            change(&[1, 2], ForceEdit::Set)
+        );
+        // A node already held down (perhaps refused by the operator) gets the
+        // annotation with the same list.
+        assert_eq!(
+            fail_change(&kvc, 1, true).expect("forced"),
+            change(&[1], ForceEdit::Set)
+        );
+        assert_eq!(
+            fail_change(&kvc, 1, false).expect("already held down"),
+            change(&[1], ForceEdit::Keep)
+        );
+        annotate(&mut kvc, "true");
+        assert_eq!(
+            fail_change(&kvc, 2, true).expect("forced"),
+            change(&[1, 2], ForceEdit::Keep)
+        );
+        annotate(&mut kvc, "yes");
+        assert_eq!(
+            fail_change(&kvc, 2, true).expect("forced"),
+            change(&[1, 2], ForceEdit::Set),
+            "an invalid value is replaced by \"true\""
+        );
+    }
+
+    #[test]
+    fn recover_removes_the_annotation_only_with_the_last_held_down_node() {
+        let mut kvc = cluster(
+            "{replicas: 3, faultInjection: {failedNodes: [0, 2]}}",
+            &[NodeState::Failed, NodeState::Up, NodeState::Failed],
+        );
+        assert_eq!(
+            recover_change(&kvc, 0).expect("recover"),
+            change(&[2], ForceEdit::Keep)
+        );
+        assert_eq!(
+            recover_change(&kvc, 2).expect("recover"),
+            change(&[0], ForceEdit::Keep)
+        );
+        annotate(&mut kvc, "true");
+        assert_eq!(
+            recover_change(&kvc, 0).expect("recover"),
+            change(&[2], ForceEdit::Keep),
+            "node 2 may still need the force"
+        );
+        kvc.spec.fault_injection.failed_nodes = vec![2];
+        assert_eq!(
+            recover_change(&kvc, 2).expect("recover"),
+            change(&[], ForceEdit::Remove)
+        );
+        kvc.spec.fault_injection.failed_nodes = vec![];
+        annotate(&mut kvc, "false");
+        assert_eq!(
+            recover_change(&kvc, 1).expect("recover"),
+            change(&[], ForceEdit::Remove),
+            "no node held down: the annotation has nothing left to say"
         );
     }
 
@@ -702,11 +901,9 @@ mod tests {
             reason.starts_with("holding down node(s) [2] would leave some keys with 1 of 3 owners live, but writes at Quorum need 2"),
             "{reason}"
         );
-        // With --force the planner would accept it, but kv-operator never
-        // plans with force: kvctl says so instead of writing a spec it refuses.
-        let e = check_fail(&kvc, 2, true).unwrap_err();
-        assert!(matches!(e, KubeError::ForceUnsupported(_)), "{e:?}");
-        assert!(e.to_string().contains("holding down node(s) [2]"), "{e}");
+        // With --force the planner accepts it (and kv-operator will, once
+        // the annotation is set).
+        assert!(check_fail(&kvc, 2, true).is_ok());
         // Writes at One keep going with one live owner: accepted.
         kvc.spec.replication.write_consistency = kv_core::Consistency::One;
         assert!(check_fail(&kvc, 2, false).is_ok());
@@ -859,6 +1056,8 @@ mod tests {
             changed: true,
             failed_nodes_before: vec![],
             failed_nodes: vec![1],
+            force_annotation_before: None,
+            force_annotation: None,
             attempts: 1,
         };
         assert_eq!(
@@ -879,5 +1078,48 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("retried 2 time(s)"), "{text}");
+    }
+
+    #[test]
+    fn outcomes_say_what_became_of_the_force_annotation_and_how_to_remove_it() {
+        let mut o = Outcome {
+            cluster: "demo".into(),
+            namespace: "ns".into(),
+            action: "fail",
+            node: 2,
+            changed: true,
+            failed_nodes_before: vec![1],
+            failed_nodes: vec![1, 2],
+            force_annotation_before: None,
+            force_annotation: Some("true".into()),
+            attempts: 1,
+        };
+        let lines = |o: &Outcome| {
+            render_outcome(o)
+                .lines()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            lines(&o)[2],
+            "annotation kvstore.dev/force-fault-injection=\"true\" set: kv-operator plans this KvCluster with force and holds nodes down even when some keys are left with fewer live owners than writes need; recovering the last held-down node removes it (or: kubectl annotate kvc demo -n ns kvstore.dev/force-fault-injection-)"
+        );
+        o.action = "recover";
+        o.failed_nodes_before = vec![1, 2];
+        o.failed_nodes = vec![1];
+        o.force_annotation_before = Some("true".into());
+        assert_eq!(
+            lines(&o)[2],
+            "annotation kvstore.dev/force-fault-injection=\"true\" remains until the last held-down node is recovered; remove it now with: kubectl annotate kvc demo -n ns kvstore.dev/force-fault-injection-"
+        );
+        o.failed_nodes_before = vec![1];
+        o.failed_nodes = vec![];
+        o.force_annotation = None;
+        assert_eq!(
+            lines(&o)[2],
+            "annotation kvstore.dev/force-fault-injection removed: no node is held down, kv-operator plans without force again"
+        );
+        o.force_annotation_before = None;
+        assert_eq!(lines(&o).len(), 2, "no annotation, no line");
     }
 }

@@ -315,6 +315,15 @@ fn assert_get(r: &Request) {
 }
 
 fn assert_merge_patch(r: &Request, resource_version: &str, failed: Value) {
+    assert_patch(
+        r,
+        json!({"metadata": {"resourceVersion": resource_version},
+               "spec": {"faultInjection": {"failedNodes": failed}}}),
+    );
+}
+
+/// A merge patch by kvctl with exactly this body.
+fn assert_patch(r: &Request, body: Value) {
     assert_eq!(
         (&r.method, r.path.as_str()),
         (&Method::PATCH, PATH),
@@ -324,11 +333,7 @@ fn assert_merge_patch(r: &Request, resource_version: &str, failed: Value) {
     let params: Vec<&str> = r.query.split('&').filter(|p| !p.is_empty()).collect();
     assert_eq!(params, ["fieldManager=kvctl"], "{r:?}");
     assert_eq!(r.authorization, format!("Bearer {TOKEN}"));
-    assert_eq!(
-        r.body,
-        json!({"metadata": {"resourceVersion": resource_version},
-               "spec": {"faultInjection": {"failedNodes": failed}}})
-    );
+    assert_eq!(r.body, body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -375,7 +380,8 @@ async fn fail_patches_failed_nodes_with_the_resource_version_then_recover_remove
     assert_eq!(
         v,
         json!({"cluster": "demo", "namespace": "ns", "action": "recover", "node": 1,
-               "changed": true, "failedNodesBefore": [1], "failedNodes": [], "attempts": 1})
+               "changed": true, "failedNodesBefore": [1], "failedNodes": [],
+               "forceAnnotationBefore": null, "forceAnnotation": null, "attempts": 1})
     );
     let seen = f.requests();
     assert_eq!(seen.len(), 5, "{seen:?}");
@@ -406,48 +412,109 @@ async fn a_concurrent_change_gets_409_and_kvctl_keeps_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_down_that_leaves_keys_short_of_quorum_is_refused_and_nothing_is_written() {
     let f = Fixture::new(kvcluster(&[1], "Quorum")).await;
-    for args in [
-        &["fail", "2", "--cluster", "demo"][..],
-        &["fail", "2", "--cluster", "demo", "--force"],
-    ] {
-        let out = f.kvctl(args).await;
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "{args:?}: {}",
-            text(&out.stderr)
-        );
-        let stderr = text(&out.stderr);
-        assert!(
-            stderr.contains(
-                "holding down node(s) [2] would leave some keys with 1 of 3 owners live, but writes at Quorum need 2"
-            ),
-            "{args:?}: {stderr}"
-        );
-        if args.contains(&"--force") {
-            assert!(
-                stderr.starts_with("kvctl: --force cannot be carried out on Kubernetes"),
-                "{stderr}"
-            );
-        } else {
-            assert!(
-                stderr.starts_with("kvctl: holding down node(s) [2]"),
-                "{stderr}"
-            );
-        }
-    }
-    let out = f.kvctl(&["fail", "3", "--cluster", "demo"]).await;
-    assert_eq!(out.status.code(), Some(1));
+    let out = f.kvctl(&["fail", "2", "--cluster", "demo"]).await;
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stderr),
-        "kvctl: node 3 is not a node of KvCluster demo (spec.replicas is 3: ordinals 0..3)\n"
+        "kvctl: holding down node(s) [2] would leave some keys with 1 of 3 owners live, but writes at Quorum need 2: \
+         hold down fewer nodes, lower the write consistency, or force it\n"
     );
+    // --force does not reach beyond the cluster's ordinals.
+    for args in [
+        &["fail", "3", "--cluster", "demo"][..],
+        &["fail", "3", "--cluster", "demo", "--force"],
+    ] {
+        let out = f.kvctl(args).await;
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        assert_eq!(
+            text(&out.stderr),
+            "kvctl: node 3 is not a node of KvCluster demo (spec.replicas is 3: ordinals 0..3)\n",
+            "{args:?}"
+        );
+    }
     let seen = f.requests();
     assert!(
         seen.iter().all(|r| r.method == Method::GET),
         "nothing may be written: {seen:?}"
     );
     assert_eq!(f.stored_failed_nodes(), json!([1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_sets_the_annotation_in_the_patch_and_recovering_the_last_node_removes_it() {
+    let f = Fixture::new(kvcluster(&[1], "Quorum")).await;
+    let annotation = |f: &Fixture| {
+        f.state.lock().expect("state lock").object["metadata"]["annotations"]
+            ["kvstore.dev/force-fault-injection"]
+            .clone()
+    };
+
+    let out = f
+        .kvctl(&["fail", "2", "--cluster", "demo", "--force"])
+        .await;
+    assert_success(&out);
+    assert_eq!(
+        text(&out.stdout),
+        "KvCluster ns/demo: node 2 added to spec.faultInjection.failedNodes: kv-operator deletes its pod and holds it Failed until recovered\n\
+         failedNodes: [1, 2]\n\
+         annotation kvstore.dev/force-fault-injection=\"true\" set: kv-operator plans this KvCluster with force and holds nodes down even when some keys are left with fewer live owners than writes need; \
+         recovering the last held-down node removes it (or: kubectl annotate kvc demo -n ns kvstore.dev/force-fault-injection-)\n"
+    );
+    let seen = f.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_get(&seen[0]);
+    assert_patch(
+        &seen[1],
+        json!({"metadata": {"resourceVersion": "100",
+                            "annotations": {"kvstore.dev/force-fault-injection": "true"}},
+               "spec": {"faultInjection": {"failedNodes": [1, 2]}}}),
+    );
+    assert_eq!(f.stored_failed_nodes(), json!([1, 2]));
+    assert_eq!(annotation(&f), json!("true"));
+
+    // Node 1 recovered, node 2 still held down: the annotation stays.
+    let out = f.kvctl(&["recover", "1", "--cluster", "demo"]).await;
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.ends_with(
+            "failedNodes: [2]\n\
+             annotation kvstore.dev/force-fault-injection=\"true\" remains until the last held-down node is recovered; \
+             remove it now with: kubectl annotate kvc demo -n ns kvstore.dev/force-fault-injection-\n"
+        ),
+        "{stdout}"
+    );
+    let seen = f.requests();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_merge_patch(&seen[3], "101", json!([2]));
+    assert_eq!(annotation(&f), json!("true"));
+
+    // The last one: the annotation goes in the same patch.
+    let out = f
+        .kvctl(&["recover", "2", "--cluster", "demo", "-o", "json"])
+        .await;
+    assert_success(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(
+        v,
+        json!({"cluster": "demo", "namespace": "ns", "action": "recover", "node": 2,
+               "changed": true, "failedNodesBefore": [2], "failedNodes": [],
+               "forceAnnotationBefore": "true", "forceAnnotation": null, "attempts": 1})
+    );
+    let seen = f.requests();
+    assert_eq!(seen.len(), 6, "{seen:?}");
+    assert_patch(
+        &seen[5],
+        json!({"metadata": {"resourceVersion": "102",
+                            "annotations": {"kvstore.dev/force-fault-injection": null}},
+               "spec": {"faultInjection": {"failedNodes": []}}}),
+    );
+    assert_eq!(f.stored_failed_nodes(), json!([]));
+    assert_eq!(
+        annotation(&f),
+        Value::Null,
+        "removed from the stored object"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -577,6 +644,12 @@ async fn help_describes_the_kubernetes_flags() {
         }
         assert!(help.contains("KvCluster"), "{help}");
     }
+    let out = kvctl(None, dir.path(), &["fail", "--help"]).await;
+    let help = text(&out.stdout);
+    assert!(
+        help.contains("kvstore.dev/force-fault-injection"),
+        "fail --help names the annotation --force sets:\n{help}"
+    );
     // --namespace and --context only mean something with --cluster.
     let out = kvctl(None, dir.path(), &["fail", "1", "-n", "ns"]).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));

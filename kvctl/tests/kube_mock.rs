@@ -75,12 +75,30 @@ fn conflict() -> (StatusCode, Value) {
     )
 }
 
-/// Applies a merge patch of failedNodes to `stored` and bumps its resourceVersion.
+const FORCE: &str = "kvstore.dev/force-fault-injection";
+
+/// Applies a merge patch of failedNodes and the force annotation (a value
+/// sets it, `null` removes it) to `stored` and bumps its resourceVersion.
 fn patched(mut stored: Value, patch: &Value, new_rv: &str) -> (StatusCode, Value) {
     stored["spec"]["faultInjection"]["failedNodes"] =
         patch["spec"]["faultInjection"]["failedNodes"].clone();
+    match patch.pointer("/metadata/annotations").map(|a| &a[FORCE]) {
+        Some(Value::Null) => {
+            if let Some(a) = stored["metadata"]["annotations"].as_object_mut() {
+                a.remove(FORCE);
+            }
+        }
+        Some(v) => stored["metadata"]["annotations"][FORCE] = v.clone(),
+        None => {}
+    }
     stored["metadata"]["resourceVersion"] = json!(new_rv);
     (StatusCode::OK, stored)
+}
+
+/// `kvcluster(..)` with the force annotation.
+fn forced(mut v: Value, value: &str) -> Value {
+    v["metadata"]["annotations"] = json!({FORCE: value});
+    v
 }
 
 /// Runs `f` on a [`Target`] whose client talks to a mock expecting exactly
@@ -177,6 +195,8 @@ async fn fail_adds_the_ordinal_with_the_resource_version_as_precondition() {
             changed: true,
             failed_nodes_before: vec![],
             failed_nodes: vec![1],
+            force_annotation_before: None,
+            force_annotation: None,
             attempts: 1,
         }
     );
@@ -363,12 +383,123 @@ async fn a_hold_down_that_leaves_keys_short_of_w_is_refused_without_writing() {
 }
 
 #[tokio::test]
-async fn force_is_refused_too_because_the_operator_would_refuse_the_spec() {
+async fn force_adds_the_ordinal_and_the_force_annotation_in_one_patch() {
+    // The same hold-down as above, with --force.
     let stored = kvcluster("100", &[1], &["Up", "Failed", "Up"]);
-    let calls = vec![call(Method::GET, move |_| (StatusCode::OK, stored))];
-    let (r, _) = run(calls, |t| async move { t.fail(2, true).await }).await;
-    let e = r.expect_err("refused");
-    assert!(matches!(e, KubeError::ForceUnsupported(_)), "{e:?}");
+    let calls = vec![
+        call(Method::GET, {
+            let s = stored.clone();
+            move |_| (StatusCode::OK, s)
+        }),
+        call(Method::PATCH, move |p| patched(stored, p, "101")),
+    ];
+    let (outcome, seen) = run(calls, |t| async move { t.fail(2, true).await }).await;
+    let outcome = outcome.expect("forced");
+    assert_eq!(
+        merge_patch_of(&seen[1]),
+        &json!({"metadata": {"resourceVersion": "100",
+                             "annotations": {"kvstore.dev/force-fault-injection": "true"}},
+                "spec": {"faultInjection": {"failedNodes": [1, 2]}}})
+    );
+    assert_eq!(outcome.failed_nodes, vec![1, 2]);
+    assert_eq!(outcome.force_annotation_before, None);
+    assert_eq!(outcome.force_annotation.as_deref(), Some("true"));
+}
+
+#[tokio::test]
+async fn a_forced_write_that_meets_a_conflict_is_decided_again_with_the_annotation() {
+    // kvctl reads rv 100 and writes [1, 2] with the annotation; meanwhile
+    // someone else recovered node 1 (rv 101). The second write is made on
+    // what is there now: [2], still with the annotation, and rv 101.
+    let first = kvcluster("100", &[1], &["Up", "Failed", "Up"]);
+    let second = kvcluster("101", &[], &["Up", "Recovering", "Up"]);
+    let calls = vec![
+        call(Method::GET, move |_| (StatusCode::OK, first)),
+        call(Method::PATCH, |_| conflict()),
+        call(Method::GET, {
+            let s = second.clone();
+            move |_| (StatusCode::OK, s)
+        }),
+        call(Method::PATCH, move |p| patched(second, p, "102")),
+    ];
+    let (outcome, seen) = run(calls, |t| async move { t.fail(2, true).await }).await;
+    let outcome = outcome.expect("forced after the conflict");
+    assert_eq!(outcome.attempts, 2);
+    let annotations = json!({"kvstore.dev/force-fault-injection": "true"});
+    assert_eq!(
+        merge_patch_of(&seen[1]),
+        &json!({"metadata": {"resourceVersion": "100", "annotations": annotations},
+                "spec": {"faultInjection": {"failedNodes": [1, 2]}}})
+    );
+    assert_eq!(
+        merge_patch_of(&seen[3]),
+        &json!({"metadata": {"resourceVersion": "101", "annotations": annotations},
+                "spec": {"faultInjection": {"failedNodes": [2]}}})
+    );
+}
+
+#[tokio::test]
+async fn force_on_a_cluster_already_annotated_writes_only_the_list() {
+    let stored = forced(kvcluster("100", &[1], &["Up", "Failed", "Up"]), "true");
+    let calls = vec![
+        call(Method::GET, {
+            let s = stored.clone();
+            move |_| (StatusCode::OK, s)
+        }),
+        call(Method::PATCH, move |p| patched(stored, p, "101")),
+    ];
+    let (outcome, seen) = run(calls, |t| async move { t.fail(2, true).await }).await;
+    let outcome = outcome.expect("forced");
+    assert_eq!(
+        merge_patch_of(&seen[1]),
+        &json!({"metadata": {"resourceVersion": "100"},
+                "spec": {"faultInjection": {"failedNodes": [1, 2]}}})
+    );
+    assert_eq!(outcome.force_annotation_before.as_deref(), Some("true"));
+    assert_eq!(outcome.force_annotation.as_deref(), Some("true"));
+}
+
+#[tokio::test]
+async fn recover_keeps_the_annotation_while_nodes_are_held_down_and_removes_it_with_the_last() {
+    let stored = forced(kvcluster("7", &[0, 2], &["Failed", "Up", "Failed"]), "true");
+    let calls = vec![
+        call(Method::GET, {
+            let s = stored.clone();
+            move |_| (StatusCode::OK, s)
+        }),
+        call(Method::PATCH, move |p| patched(stored, p, "8")),
+    ];
+    let (outcome, seen) = run(calls, |t| async move { t.recover(0).await }).await;
+    let outcome = outcome.expect("recover");
+    assert_eq!(
+        merge_patch_of(&seen[1]),
+        &json!({"metadata": {"resourceVersion": "7"},
+                "spec": {"faultInjection": {"failedNodes": [2]}}})
+    );
+    assert_eq!(outcome.force_annotation.as_deref(), Some("true"));
+
+    let stored = forced(
+        kvcluster("8", &[2], &["Recovering", "Up", "Failed"]),
+        "true",
+    );
+    let calls = vec![
+        call(Method::GET, {
+            let s = stored.clone();
+            move |_| (StatusCode::OK, s)
+        }),
+        call(Method::PATCH, move |p| patched(stored, p, "9")),
+    ];
+    let (outcome, seen) = run(calls, |t| async move { t.recover(2).await }).await;
+    let outcome = outcome.expect("recover");
+    assert_eq!(
+        merge_patch_of(&seen[1]),
+        &json!({"metadata": {"resourceVersion": "8",
+                             "annotations": {"kvstore.dev/force-fault-injection": null}},
+                "spec": {"faultInjection": {"failedNodes": []}}})
+    );
+    assert_eq!(outcome.failed_nodes, Vec::<u32>::new());
+    assert_eq!(outcome.force_annotation_before.as_deref(), Some("true"));
+    assert_eq!(outcome.force_annotation, None);
 }
 
 #[tokio::test]

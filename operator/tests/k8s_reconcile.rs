@@ -989,6 +989,212 @@ async fn holding_down_so_many_nodes_that_writes_fail_is_refused_and_nothing_is_a
     );
 }
 
+/// Node 1 held down (Failed at epoch 4) and node 2 added to failedNodes:
+/// one live owner of three is left, and writes at Quorum need two.
+fn second_hold_down(annotation: Option<&str>) -> (KvCluster, Topology) {
+    let mut kvc = cluster("{faultInjection: {failedNodes: [1, 2]}}");
+    if let Some(v) = annotation {
+        kvc.metadata.annotations = Some(
+            [(
+                kv_operator::k8s::crd::FORCE_FAULT_INJECTION.to_string(),
+                v.to_string(),
+            )]
+            .into(),
+        );
+    }
+    let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Failed, NodeState::Up]);
+    (kvc, current)
+}
+
+/// The calls of a reconcile that reads the cluster of [`second_hold_down`]
+/// (pods 0 and 2 running, pod 1 held down) and then makes `rest`.
+fn observe_then(kvc: &KvCluster, current: &Topology, rest: Vec<Call>) -> Vec<Call> {
+    let cm = configmap(kvc, current);
+    let mut calls = vec![
+        call(
+            Method::GET,
+            &format!("{NS}/configmaps/demo-topology"),
+            move |_| (StatusCode::OK, cm),
+        ),
+        call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+            not_found()
+        }),
+        call(Method::GET, &format!("{NS}/pods"), |_| {
+            (
+                StatusCode::OK,
+                pod_list(vec![running_pod(0), running_pod(2)]),
+            )
+        }),
+        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+            (StatusCode::OK, secret())
+        }),
+    ];
+    calls.extend(rest);
+    calls
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == type_))
+}
+
+#[tokio::test]
+async fn the_force_annotation_gets_a_hold_down_applied_that_is_refused_without_it() {
+    // Without the annotation: refused, nothing applied.
+    let (kvc, current) = second_hold_down(None);
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_then(
+            &kvc,
+            &current,
+            vec![
+                call(Method::POST, EVENTS, echo),
+                call(
+                    Method::PATCH,
+                    &format!("{KVC}/demo/status"),
+                    status_answer(kvc.clone()),
+                ),
+            ],
+        ),
+    )
+    .await;
+    assert_eq!(seen[4].body["reason"], "Refused");
+    let status = &seen[5].body["status"];
+    assert_eq!(status["phase"], "Failed");
+    assert_eq!(condition(status, "ForceFaultInjection"), None);
+
+    // With kvstore.dev/force-fault-injection: "true": the same spec is
+    // planned with force and carried out.
+    let (kvc, current) = second_hold_down(Some("true"));
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_then(
+            &kvc,
+            &current,
+            vec![
+                call(
+                    Method::PATCH,
+                    &format!("{NS}/configmaps/demo-topology"),
+                    echo,
+                ),
+                call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+                call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+                call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+                call(
+                    Method::PATCH,
+                    &format!("{POLICY}/poddisruptionbudgets/demo"),
+                    echo,
+                ),
+                call(Method::DELETE, &format!("{NS}/pods/demo-2"), |_| {
+                    (StatusCode::OK, running_pod(2))
+                }),
+                call(Method::POST, EVENTS, echo),
+                call(Method::POST, EVENTS, echo),
+                call(
+                    Method::PATCH,
+                    &format!("{KVC}/demo/status"),
+                    status_answer(kvc.clone()),
+                ),
+            ],
+        ),
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!(t.epoch, 5);
+    assert_eq!(t.state_of(0), Some(NodeState::Up));
+    assert_eq!(t.state_of(1), Some(NodeState::Failed));
+    assert_eq!(t.state_of(2), Some(NodeState::Failed));
+    assert_eq!(seen[10].body["reason"], "FaultInjected");
+    assert_eq!(
+        seen[10].body["note"],
+        "node 2 (demo-2) deleted and held Failed until removed from faultInjection.failedNodes \
+         (planned with force: kvstore.dev/force-fault-injection is \"true\")"
+    );
+    assert_eq!(seen[11].body["reason"], "NodeFailed");
+    let status = &seen[12].body["status"];
+    assert_eq!(status["phase"], "Degraded");
+    assert_eq!(status["nodes"][2]["state"], "Failed");
+    let available = condition(status, "Available").expect("Available");
+    assert_eq!(
+        (&available["status"], &available["reason"]),
+        (&json!("False"), &json!("QuorumLost")),
+        "writes at Quorum fail while forced: {available}"
+    );
+    let forced = condition(status, "ForceFaultInjection").expect("ForceFaultInjection");
+    assert_eq!(
+        (
+            &forced["status"],
+            &forced["reason"],
+            &forced["observedGeneration"]
+        ),
+        (&json!("True"), &json!("Annotated"), &json!(2))
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_force_annotation_is_planned_without_force_and_reported_once() {
+    let (mut kvc, current) = second_hold_down(Some("yes"));
+    let mut calls = vec![call(Method::POST, EVENTS, echo)];
+    calls.extend(observe_then(
+        &kvc,
+        &current,
+        vec![
+            call(Method::POST, EVENTS, echo),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    ));
+    let (_, seen) = run(kvc.clone(), calls).await;
+    // The Warning comes before the cluster is read, then the refusal.
+    assert_eq!(seen[0].body["reason"], "InvalidAnnotation");
+    assert_eq!(seen[0].body["type"], "Warning");
+    assert_eq!(
+        seen[0].body["note"],
+        "kvstore.dev/force-fault-injection is \"yes\"; only \"true\" or \"false\" are understood, \
+         so the cluster is planned without force"
+    );
+    assert_eq!(seen[5].body["reason"], "Refused");
+    let status = &seen[6].body["status"];
+    assert_eq!(status["phase"], "Failed");
+    let forced = condition(status, "ForceFaultInjection").expect("ForceFaultInjection");
+    assert_eq!(
+        (&forced["status"], &forced["reason"]),
+        (&json!("False"), &json!("InvalidAnnotation"))
+    );
+    let progressing = condition(status, "Progressing").expect("Progressing");
+    assert!(
+        progressing["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("holding down node(s) [2]")
+                && m.ends_with(
+                    "is \"yes\", not \"true\" or \"false\", so it was planned without force"
+                )),
+        "{progressing}"
+    );
+
+    // The next reconcile sees its own status: no second InvalidAnnotation,
+    // and no second Refused Event for the same generation.
+    kvc.status = Some(serde_json::from_value(status.clone()).expect("status"));
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_then(
+            &kvc,
+            &current,
+            vec![call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            )],
+        ),
+    )
+    .await;
+    assert_eq!(seen[4].body["status"]["phase"], "Failed");
+}
+
 #[tokio::test]
 async fn a_node_whose_pod_is_gone_longer_than_failure_detection_is_failed() {
     let kvc = cluster("{}");

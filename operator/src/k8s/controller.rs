@@ -30,7 +30,7 @@ use kv_core::{NodeState, Topology};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::crd::{Condition, KvCluster, KvClusterStatus, NodeStatus, Phase};
+use super::crd::{Condition, FORCE_FAULT_INJECTION, KvCluster, KvClusterStatus, NodeStatus, Phase};
 use super::metrics::Metrics;
 use super::objects;
 use crate::planner::{self, NodeObservation, NodeReport, Observed, PlannerConfig, Rebalance};
@@ -181,10 +181,19 @@ pub fn planner_config(kvc: &KvCluster) -> PlannerConfig {
 
 /// Plan the next step of `kvc` from what was observed; `Err` carries the
 /// planner's refusal, a reason a person can act on (nothing is to change).
+/// The spec is planned with force when the [`FORCE_FAULT_INJECTION`]
+/// annotation is `"true"` (see [`KvCluster::desired`]).
 pub fn decide(kvc: &KvCluster, observed: &Observed) -> Result<Decision, String> {
-    let plan = planner::plan(&kvc.spec.desired(), observed, &planner_config(kvc));
+    let plan = planner::plan(&kvc.desired(), observed, &planner_config(kvc));
     if let Some(r) = plan.refusal {
-        return Err(r.reason);
+        return Err(match kvc.force_fault_injection() {
+            // The user probably meant to force it: say why it was not.
+            Err(value) => format!(
+                "{}; the annotation {FORCE_FAULT_INJECTION} is {value:?}, not \"true\" or \"false\", so it was planned without force",
+                r.reason
+            ),
+            Ok(_) => r.reason,
+        });
     }
     let topology = plan
         .topology_after(observed)
@@ -274,6 +283,8 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         ctx.metrics.observe_cluster(&key, Phase::Failed, vec![]);
         return Ok(Action::await_change());
     }
+
+    warn_invalid_annotation(ctx, kvc, &previous).await;
 
     // Observe.
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
@@ -427,9 +438,14 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             Err(e) => return Err(e.into()),
         }
         info!(kvcluster = %name, %pod, "fault injection: pod deleted and held down");
-        let note = format!(
+        let mut note = format!(
             "node {ordinal} ({pod}) deleted and held Failed until removed from faultInjection.failedNodes"
         );
+        if kvc.force_fault_injection() == Ok(true) {
+            note.push_str(&format!(
+                " (planned with force: {FORCE_FAULT_INJECTION} is \"true\")"
+            ));
+        }
         publish(
             ctx,
             kvc,
@@ -470,6 +486,33 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     })))
 }
 
+/// A Warning Event `InvalidAnnotation` when the force annotation has a value
+/// other than `"true"` or `"false"`, once: not again while the status
+/// already shows that value as invalid (an annotation edit does not change
+/// the generation, so the condition's message is what tells them apart).
+async fn warn_invalid_annotation(ctx: &Context, kvc: &KvCluster, previous: &KvClusterStatus) {
+    let Some(c) = force_condition(kvc, kvc.meta().generation).filter(|c| c.status == "False")
+    else {
+        return;
+    };
+    let shown = previous
+        .conditions
+        .iter()
+        .any(|p| p.type_ == FORCE_CONDITION && p.reason == c.reason && p.message == c.message);
+    if !shown {
+        warn!(kvcluster = %kvc.name_any(), message = %c.message, "invalid annotation");
+        publish(
+            ctx,
+            kvc,
+            EventType::Warning,
+            "InvalidAnnotation",
+            "Validate",
+            &c.message,
+        )
+        .await;
+    }
+}
+
 /// Nothing is applied: a condition and (once per generation) an Event say why.
 async fn refuse(
     ctx: &Context,
@@ -501,7 +544,8 @@ async fn refuse(
     let status = KvClusterStatus {
         phase: Some(Phase::Failed),
         observed_generation: generation,
-        conditions: merge_conditions(
+        conditions: conditions_of(
+            kvc,
             &previous.conditions,
             vec![cond("Progressing", false, reason_code, reason, generation)],
             generation,
@@ -723,6 +767,58 @@ fn cond(
     }
 }
 
+/// The condition that shows the [`FORCE_FAULT_INJECTION`] annotation.
+pub const FORCE_CONDITION: &str = "ForceFaultInjection";
+
+/// The `ForceFaultInjection` condition, present only while the annotation
+/// asks for something: True (reason `Annotated`) while it is `"true"` and the
+/// planner carries out hold-downs that leave keys short of W live owners;
+/// False (reason `InvalidAnnotation`) for a value other than `"true"` or
+/// `"false"`, which is planned without force. `None` (the condition is
+/// removed) when the annotation is absent or `"false"`.
+pub fn force_condition(kvc: &KvCluster, generation: Option<i64>) -> Option<Condition> {
+    match kvc.force_fault_injection() {
+        Ok(false) => None,
+        Ok(true) => Some(cond(
+            FORCE_CONDITION,
+            true,
+            "Annotated",
+            &format!(
+                "{FORCE_FAULT_INJECTION} is \"true\": nodes in faultInjection.failedNodes are held down even when some keys are left with fewer live owners than writes need"
+            ),
+            generation,
+        )),
+        Err(value) => Some(cond(
+            FORCE_CONDITION,
+            false,
+            "InvalidAnnotation",
+            &format!(
+                "{FORCE_FAULT_INJECTION} is {value:?}; only \"true\" or \"false\" are understood, so the cluster is planned without force"
+            ),
+            generation,
+        )),
+    }
+}
+
+/// `merge_conditions` with `new` plus the annotation's condition, which is
+/// dropped from the status when the annotation no longer asks for anything.
+fn conditions_of(
+    kvc: &KvCluster,
+    previous: &[Condition],
+    mut new: Vec<Condition>,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let force = force_condition(kvc, generation);
+    let drop_force = force.is_none();
+    new.extend(force);
+    let mut merged = merge_conditions(previous, new, generation, now);
+    if drop_force {
+        merged.retain(|c| c.type_ != FORCE_CONDITION);
+    }
+    merged
+}
+
 /// Replace conditions by type, keeping `lastTransitionTime` when the status did not change.
 fn merge_conditions(
     previous: &[Condition],
@@ -921,7 +1017,8 @@ fn status_of(
         topology_epoch: t.epoch,
         // Every node's pod name, also of a node whose pod does not exist now.
         nodes: d.nodes.clone(),
-        conditions: merge_conditions(
+        conditions: conditions_of(
+            kvc,
             &previous.conditions,
             vec![available, progressing, degraded],
             generation,
@@ -1011,6 +1108,114 @@ mod tests {
         let fine = status_of(&kvc, &d, &ready, Some(&done), &edited, vec![], late);
         assert_eq!(progressing(&fine).reason, "Reconciled");
         assert_eq!(fine.phase, Some(Phase::Running));
+    }
+
+    /// Three nodes at Quorum, all Up at epoch 4, with 0 and 2 to be held
+    /// down (one live owner of three left, writes need two), annotated
+    /// with `annotation` when given.
+    fn two_of_three_held_down(annotation: Option<&str>) -> (KvCluster, Observed) {
+        let mut kvc = KvCluster::new(
+            "demo",
+            serde_yaml::from_str("{faultInjection: {failedNodes: [0, 2]}}").expect("spec"),
+        );
+        kvc.metadata.namespace = Some("ns".into());
+        kvc.metadata.generation = Some(2);
+        if let Some(v) = annotation {
+            kvc.metadata.annotations =
+                Some([(FORCE_FAULT_INJECTION.to_string(), v.to_string())].into());
+        }
+        let topology = Topology {
+            cluster_id: "ns/demo".into(),
+            epoch: 4,
+            read_consistency: kv_core::Consistency::Quorum,
+            write_consistency: kv_core::Consistency::Quorum,
+            placement: kvc.spec.desired().placement(),
+            pending: None,
+            nodes: (0..3)
+                .map(|o| objects::node_info(&kvc, o, NodeState::Up))
+                .collect(),
+        };
+        let running = NodeObservation {
+            running: true,
+            down_since_ms: None,
+            report: None,
+        };
+        let observed = Observed {
+            cluster_id: "ns/demo".into(),
+            topology: Some(topology),
+            epoch_floor: 4,
+            nodes: (0..3).map(|o| (o, running.clone())).collect(),
+            ..Observed::default()
+        };
+        (kvc, observed)
+    }
+
+    #[test]
+    fn a_hold_down_that_leaves_keys_short_of_w_is_refused_without_the_force_annotation() {
+        for annotation in [None, Some("false")] {
+            let (kvc, observed) = two_of_three_held_down(annotation);
+            let reason = decide(&kvc, &observed).expect_err("refused");
+            assert!(
+                reason.starts_with("holding down node(s) [0, 2] would leave some keys with 1 of 3 owners live, but writes at Quorum need 2"),
+                "{annotation:?}: {reason}"
+            );
+            assert_eq!(force_condition(&kvc, Some(2)), None, "{annotation:?}");
+        }
+    }
+
+    #[test]
+    fn the_same_hold_down_is_carried_out_with_the_force_annotation_true() {
+        let (kvc, observed) = two_of_three_held_down(Some("true"));
+        let d = decide(&kvc, &observed).expect("forced");
+        assert!(d.topology_changed);
+        assert_eq!(d.topology.epoch, 5);
+        assert_eq!(d.delete_pods, [0, 2]);
+        assert_eq!(d.topology.state_of(0), Some(NodeState::Failed));
+        assert_eq!(d.topology.state_of(1), Some(NodeState::Up));
+        assert_eq!(d.topology.state_of(2), Some(NodeState::Failed));
+        let c = force_condition(&kvc, Some(2)).expect("condition");
+        assert_eq!(
+            (c.type_.as_str(), c.status.as_str(), c.reason.as_str()),
+            (FORCE_CONDITION, "True", "Annotated")
+        );
+    }
+
+    #[test]
+    fn an_invalid_force_annotation_is_planned_without_force_and_named_in_the_refusal() {
+        let (kvc, observed) = two_of_three_held_down(Some("yes"));
+        let reason = decide(&kvc, &observed).expect_err("not forced");
+        assert!(
+            reason.starts_with("holding down node(s) [0, 2]")
+                && reason.ends_with(
+                    "the annotation kvstore.dev/force-fault-injection is \"yes\", not \"true\" or \"false\", so it was planned without force"
+                ),
+            "{reason}"
+        );
+        let c = force_condition(&kvc, Some(2)).expect("condition");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "InvalidAnnotation")
+        );
+        assert!(c.message.contains("\"yes\""), "{}", c.message);
+    }
+
+    #[test]
+    fn the_force_condition_leaves_the_status_when_the_annotation_is_removed() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().expect("time");
+        let (forced, _) = two_of_three_held_down(Some("true"));
+        let with = conditions_of(&forced, &[], vec![], Some(2), t0);
+        assert_eq!(with.len(), 1);
+        assert_eq!(with[0].type_, FORCE_CONDITION);
+        let (plain, _) = two_of_three_held_down(None);
+        let without = conditions_of(
+            &plain,
+            &with,
+            vec![cond("Degraded", false, "AllNodesUp", "", Some(2))],
+            Some(2),
+            t0,
+        );
+        let types: Vec<&str> = without.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Degraded"]);
     }
 
     #[test]

@@ -432,7 +432,8 @@ impl KvClusterSpec {
         Ok(())
     }
 
-    /// What this spec asks of the planner.
+    /// What this spec asks of the planner, never forced (see
+    /// [`KvCluster::desired`] for the annotation that forces it).
     pub fn desired(&self) -> crate::planner::Desired {
         crate::planner::Desired {
             replicas: self.replicas,
@@ -450,6 +451,43 @@ impl KvClusterSpec {
         match self.replication.strategy {
             Strategy::Full => self.replicas,
             Strategy::ConsistentHashing => self.replication.factor.min(self.replicas),
+        }
+    }
+}
+
+/// The annotation that lets kv-operator carry out a hold-down the planner
+/// would refuse (some key left with fewer live owners than W needs): with
+/// the value `"true"` the cluster is planned with [`Desired::force`].
+/// `kvctl fail N --cluster NAME --force` sets it; it is an annotation, not a
+/// spec field, because it overrides a safety check for a drill rather than
+/// describing the cluster.
+///
+/// [`Desired::force`]: crate::planner::Desired::force
+pub const FORCE_FAULT_INJECTION: &str = "kvstore.dev/force-fault-injection";
+
+impl KvCluster {
+    /// The [`FORCE_FAULT_INJECTION`] annotation: `Ok(true)` for `"true"`,
+    /// `Ok(false)` for `"false"` or no annotation, and `Err(value)` for any
+    /// other value, which is planned as `false` and reported as invalid.
+    pub fn force_fault_injection(&self) -> Result<bool, String> {
+        let value = self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FORCE_FAULT_INJECTION));
+        match value.map(String::as_str) {
+            None | Some("false") => Ok(false),
+            Some("true") => Ok(true),
+            Some(other) => Err(other.to_string()),
+        }
+    }
+
+    /// What this cluster asks of the planner: its spec, forced when the
+    /// [`FORCE_FAULT_INJECTION`] annotation is `"true"`.
+    pub fn desired(&self) -> crate::planner::Desired {
+        crate::planner::Desired {
+            force: self.force_fault_injection() == Ok(true),
+            ..self.spec.desired()
         }
     }
 }
@@ -511,6 +549,37 @@ mod tests {
         assert!(s.validate().unwrap_err().contains("repeats"));
         let s = spec("{replicas: 3, faultInjection: {failedNodes: [0, 2]}}");
         assert_eq!(s.validate(), Ok(()));
+    }
+
+    #[test]
+    fn only_the_annotation_value_true_forces_and_other_values_are_invalid() {
+        let annotated = |value: Option<&str>| {
+            let mut kvc = KvCluster::new("demo", spec("{}"));
+            if let Some(v) = value {
+                kvc.metadata.annotations =
+                    Some([(FORCE_FAULT_INJECTION.to_string(), v.to_string())].into());
+            }
+            kvc
+        };
+        assert_eq!(annotated(None).force_fault_injection(), Ok(false));
+        assert!(!annotated(None).desired().force);
+        assert_eq!(annotated(Some("false")).force_fault_injection(), Ok(false));
+        assert_eq!(annotated(Some("true")).force_fault_injection(), Ok(true));
+        assert!(annotated(Some("true")).desired().force);
+        for invalid in ["True", "yes", "1", ""] {
+            let kvc = annotated(Some(invalid));
+            assert_eq!(kvc.force_fault_injection(), Err(invalid.to_string()));
+            assert!(!kvc.desired().force, "{invalid:?} is planned without force");
+        }
+        // Everything else comes from the spec.
+        let kvc = annotated(Some("true"));
+        assert_eq!(
+            kvc.desired(),
+            crate::planner::Desired {
+                force: true,
+                ..kvc.spec.desired()
+            }
+        );
     }
 
     #[test]
