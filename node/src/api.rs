@@ -101,9 +101,11 @@ async fn serve(node: &Arc<Node>, req: Incoming, body: Result<Bytes, ApiError>) -
     let started = Instant::now();
     let route = Route::parse(&req.method, &req.path);
     let name = route.as_ref().map_or("unknown", |r| r.name());
-    let classic = route.as_ref().is_ok_and(Route::is_classic);
+    let classic = route
+        .as_ref()
+        .map_or_else(|_| Route::is_classic_path(&req.path), Route::is_classic);
     let resp = match (route, body) {
-        (Err(e), _) => error_response(&e, false),
+        (Err(e), _) => error_response(&e, classic),
         (Ok(route), Err(e)) if route.is_open() || authorized(&req.headers, &node.config.token) => {
             error_response(&e, classic)
         }
@@ -314,6 +316,21 @@ impl Route {
 
     pub fn is_classic(&self) -> bool {
         self.name().starts_with("classic_")
+    }
+
+    /// A path of the original store's API even when it does not parse (a bad
+    /// key, a wrong method): its errors carry `"status": "error"` too.
+    pub fn is_classic_path(path: &str) -> bool {
+        matches!(path, "/write" | "/nodes" | "/set_replication_strategy")
+            || [
+                "/read/",
+                "/delete/",
+                "/nodes_for_key/",
+                "/fail/",
+                "/recover/",
+            ]
+            .iter()
+            .any(|p| path.starts_with(p))
     }
 
     fn is_open(&self) -> bool {
