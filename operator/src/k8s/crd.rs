@@ -499,6 +499,8 @@ fn is_quantity(s: &str) -> bool {
     let (num, suffix) = s.split_at(digits_end);
     num.parse::<f64>().is_ok()
         && !num.starts_with('.')
+        // Rust parses "1." as a number; the schema's pattern wants digits after a dot.
+        && !num.ends_with('.')
         && matches!(
             suffix,
             "" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei" | "k" | "M" | "G" | "T" | "P" | "E"
@@ -587,7 +589,7 @@ mod tests {
         for ok in ["1Gi", "500Mi", "10G", "1.5Gi", "1000"] {
             assert!(is_quantity(ok), "{ok}");
         }
-        for bad in ["", "Gi", "1 Gi", "1gb", "-1Gi", ".5Gi"] {
+        for bad in ["", "Gi", "1 Gi", "1gb", "-1Gi", ".5Gi", "1.", "1.Gi"] {
             assert!(!is_quantity(bad), "{bad}");
         }
     }
