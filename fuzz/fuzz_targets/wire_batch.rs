@@ -1,0 +1,8 @@
+#![no_main]
+//! cargo-fuzz target; the check is in ../checks/wire_batch.rs, shared with the
+//! stable corpus replay.
+
+#[path = "../checks/wire_batch.rs"]
+mod check;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| check::check(data));
