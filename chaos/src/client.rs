@@ -28,6 +28,9 @@ pub struct Workload {
     pub request_timeout: Duration,
     /// Longest pause between two requests of one client.
     pub max_think: Duration,
+    /// `X-Consistency` of reads and of writes/deletes (`None`: the cluster's).
+    pub read_consistency: Option<&'static str>,
+    pub write_consistency: Option<&'static str>,
 }
 
 pub fn key_name(i: usize) -> String {

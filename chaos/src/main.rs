@@ -45,6 +45,39 @@ struct Cli {
     /// Keep each run's data directory and node logs.
     #[arg(long)]
     keep_data: bool,
+    /// Kinds of fault to inject, comma-separated: kill, fail, partition,
+    /// slow, factor, strategy (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = parse_fault)]
+    faults: Vec<&'static str>,
+    /// Consistency of client reads (one, quorum, all). Below quorum the
+    /// promise no longer holds: the checker should then fail.
+    #[arg(long, value_parser = parse_level)]
+    read_consistency: Option<&'static str>,
+    /// Consistency of client writes and deletes.
+    #[arg(long, value_parser = parse_level)]
+    write_consistency: Option<&'static str>,
+    /// Write every run's full history (one operation a line) to
+    /// `<DIR>/history-<seed>.txt`.
+    #[arg(long)]
+    history_dir: Option<PathBuf>,
+    /// Print each seed's nemesis schedule and exit (nothing is started).
+    #[arg(long)]
+    schedule_only: bool,
+}
+
+fn parse_fault(s: &str) -> Result<&'static str, String> {
+    nemesis::FAULT_NAMES
+        .iter()
+        .find(|n| n.eq_ignore_ascii_case(s.trim()))
+        .copied()
+        .ok_or_else(|| format!("{s:?}: the faults are {}", nemesis::FAULT_NAMES.join(", ")))
+}
+
+fn parse_level(s: &str) -> Result<&'static str, String> {
+    ["one", "quorum", "all"]
+        .into_iter()
+        .find(|n| n.eq_ignore_ascii_case(s.trim()))
+        .ok_or_else(|| format!("{s:?}: one, quorum or all"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -78,6 +111,21 @@ async fn soak(cli: Cli) -> anyhow::Result<bool> {
     if cli.nodes < 3 || cli.replication_factor < 2 || cli.replication_factor > cli.nodes {
         bail!("need at least 3 nodes and a factor between 2 and the node count");
     }
+    if cli.schedule_only {
+        for seed in cli.seed..cli.seed.saturating_add(cli.runs) {
+            println!("seed {seed}:");
+            for s in nemesis::schedule_of(
+                seed,
+                cli.duration,
+                cli.nodes,
+                cli.replication_factor,
+                &cli.faults,
+            ) {
+                println!("  {s}");
+            }
+        }
+        return Ok(true);
+    }
     let node_binary = match cli.node_binary {
         Some(p) => p,
         None => kv_node_bin().context("finding the kv-node binary")?,
@@ -92,11 +140,25 @@ async fn soak(cli: Cli) -> anyhow::Result<bool> {
         opts.clients = cli.clients;
         opts.keys = cli.keys;
         opts.keep_data = cli.keep_data;
+        opts.faults = cli.faults.clone();
+        opts.read_consistency = cli.read_consistency;
+        opts.write_consistency = cli.write_consistency;
         opts.verbose = true;
         let report = run(opts)
             .await
             .with_context(|| format!("seed {seed}: starting the cluster"))?;
         println!("{report}");
+        if let Some(dir) = &cli.history_dir {
+            let path = dir.join(format!("history-{seed}.txt"));
+            let mut text = String::new();
+            for op in report.ops.iter().chain(report.finals.iter()) {
+                text.push_str(&format!("{op}\n"));
+            }
+            std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::write(&path, text))
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("history: {}", path.display());
+        }
         ops += report.ops.len();
         for (k, n) in nemesis::injected_by_kind(&report.events) {
             *faults.entry(k).or_insert(0) += n;

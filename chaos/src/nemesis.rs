@@ -39,6 +39,18 @@ pub enum Fault {
 }
 
 impl Fault {
+    /// The short name `--faults` selects it by ([`FAULT_NAMES`]).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Fault::Kill(_) => "kill",
+            Fault::Fail(_) => "fail",
+            Fault::Partition(_) => "partition",
+            Fault::Slow(..) => "slow",
+            Fault::Factor(_) => "factor",
+            Fault::StrategyFull => "strategy",
+        }
+    }
+
     /// The name faults are counted by.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -85,9 +97,24 @@ impl fmt::Display for Step {
     }
 }
 
-/// The schedule for `seed`: faults from `warmup` on, each held 2–5 s with
-/// 1–3 s between them, none later than `duration` minus 2 s.
+/// The names `--faults` accepts, one per kind of fault.
+pub const FAULT_NAMES: [&str; 6] = ["kill", "fail", "partition", "slow", "factor", "strategy"];
+
+/// The schedule for `seed` with every kind of fault: see [`schedule_of`].
 pub fn schedule(seed: u64, duration: Duration, nodes: u32, factor: u32) -> Vec<Step> {
+    schedule_of(seed, duration, nodes, factor, &[])
+}
+
+/// The schedule for `seed`: faults from 1.5 s on, each held 2–5 s with
+/// 1–3 s between them, none later than `duration` minus 2 s, drawn among
+/// the kinds named in `only` ([`FAULT_NAMES`]; empty = every kind).
+pub fn schedule_of(
+    seed: u64,
+    duration: Duration,
+    nodes: u32,
+    factor: u32,
+    only: &[&str],
+) -> Vec<Step> {
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
     let mut steps = Vec::new();
     let mut t = Duration::from_millis(1500);
@@ -96,15 +123,26 @@ pub fn schedule(seed: u64, duration: Duration, nodes: u32, factor: u32) -> Vec<S
         if t + hold + Duration::from_secs(2) > duration {
             break;
         }
-        let node = rng.random_range(0..nodes.max(1));
-        let fault = match rng.random_range(0..100) {
-            0..25 => Fault::Kill(node),
-            25..45 => Fault::Fail(node),
-            45..65 => Fault::Partition(node),
-            65..80 => Fault::Slow(node, Duration::from_millis(rng.random_range(50..=400))),
-            80..90 => Fault::Factor(if factor > 2 { factor - 1 } else { factor + 1 }),
-            _ => Fault::StrategyFull,
-        };
+        let mut fault = None;
+        // Redraw until the kind is allowed (bounded; an empty or unknown
+        // set allows everything).
+        for _ in 0..64 {
+            let node = rng.random_range(0..nodes.max(1));
+            let f = match rng.random_range(0..100) {
+                0..25 => Fault::Kill(node),
+                25..45 => Fault::Fail(node),
+                45..65 => Fault::Partition(node),
+                65..80 => Fault::Slow(node, Duration::from_millis(rng.random_range(50..=400))),
+                80..90 => Fault::Factor(if factor > 2 { factor - 1 } else { factor + 1 }),
+                _ => Fault::StrategyFull,
+            };
+            let allowed = only.is_empty() || only.contains(&f.name());
+            fault = Some(f);
+            if allowed {
+                break;
+            }
+        }
+        let Some(fault) = fault else { break };
         steps.push(Step { at: t, fault, hold });
         t += hold + Duration::from_millis(rng.random_range(1000..=3000));
     }

@@ -35,6 +35,12 @@ pub struct RunOptions {
     pub request_timeout: Duration,
     pub max_think: Duration,
     pub anti_entropy_secs: u64,
+    /// Kinds of fault the nemesis draws from (empty = all).
+    pub faults: Vec<&'static str>,
+    /// `X-Consistency` on client requests (`None` = the cluster's
+    /// `Quorum`): weakening it shows the checker catching what follows.
+    pub read_consistency: Option<&'static str>,
+    pub write_consistency: Option<&'static str>,
     pub keep_data: bool,
     /// Print the schedule and the nemesis' progress as it goes.
     pub verbose: bool,
@@ -53,6 +59,9 @@ impl RunOptions {
             request_timeout: Duration::from_secs(4),
             max_think: Duration::from_millis(20),
             anti_entropy_secs: 2,
+            faults: Vec::new(),
+            read_consistency: None,
+            write_consistency: None,
             keep_data: false,
             verbose: false,
         }
@@ -127,10 +136,12 @@ impl fmt::Display for RunReport {
         let o = &self.options;
         writeln!(
             f,
-            "seed {}: {} nodes (ConsistentHashing, factor {}, Quorum/Quorum), {} clients on {} keys for {:.0}s; run took {:.1}s",
+            "seed {}: {} nodes (ConsistentHashing, factor {}, reads {} / writes {}), {} clients on {} keys for {:.0}s; run took {:.1}s",
             self.seed,
             o.nodes,
             o.factor,
+            o.read_consistency.unwrap_or("quorum"),
+            o.write_consistency.unwrap_or("quorum"),
             o.clients,
             o.keys,
             o.duration.as_secs_f64(),
@@ -219,7 +230,13 @@ impl fmt::Display for RunReport {
 /// Runs one seed end to end.
 pub async fn run(opts: RunOptions) -> Result<RunReport, ClusterError> {
     let began = Instant::now();
-    let schedule = nemesis::schedule(opts.seed, opts.duration, opts.nodes, opts.factor);
+    let schedule = nemesis::schedule_of(
+        opts.seed,
+        opts.duration,
+        opts.nodes,
+        opts.factor,
+        &opts.faults,
+    );
     if opts.verbose {
         println!("seed {}: nemesis schedule", opts.seed);
         for s in &schedule {
@@ -246,6 +263,8 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, ClusterError> {
         keys: opts.keys,
         request_timeout: opts.request_timeout,
         max_think: opts.max_think,
+        read_consistency: opts.read_consistency,
+        write_consistency: opts.write_consistency,
     };
     let clients: Vec<_> = (0..opts.clients)
         .map(|id| {
