@@ -236,11 +236,19 @@ async fn handle(
             let records = blocking(move || store.bucket_records(b)).await?;
             Ok(binary(wire::encode_records(&records)))
         }
-        (_, "apply" | "read" | "digests" | "scan" | "topology" | "buckets") => Err(ApiError::new(
-            405,
-            "method_not_allowed",
-            "wrong method for this route".into(),
-        )),
+        (_, r @ ("apply" | "read" | "digests" | "scan" | "topology" | "buckets")) => {
+            // error_response turns "this route takes ..." into the Allow header a 405 needs.
+            let allowed = match r {
+                "apply" | "read" | "buckets" => "POST",
+                "topology" => "GET or PUT",
+                _ => "GET",
+            };
+            Err(ApiError::new(
+                405,
+                "method_not_allowed",
+                format!("this route takes {allowed}"),
+            ))
+        }
         _ => {
             let _ = percent_decode(route)?;
             Err(ApiError::new(404, "not_found", format!("no route {path}")))
