@@ -132,7 +132,15 @@ pub fn parse_request(data: &[u8]) -> Option<Request> {
     let mut first = lines.next()?.split(|b| *b == b' ');
     let method = Method::from_bytes(first.next()?).ok()?;
     let target = std::str::from_utf8(first.next()?).ok()?;
-    Uri::try_from(target).ok()?;
+    let uri = Uri::try_from(target).ok()?;
+    // KNOWN BUG, left out until fixed: an authority-form target (`GET host:80`,
+    // no scheme, no path) makes warp 0.4.3's `path::full()` call
+    // `PathAndQuery::from_static("")`, which panics with http 1.5 before our
+    // router runs; the connection drops (the node lives: panics unwind).
+    // node/tests/fuzz_corpus.rs keeps a test that fails once it is fixed.
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return None;
+    }
     let mut headers = Vec::new();
     for line in lines {
         let Some(colon) = line.iter().position(|b| *b == b':') else {
@@ -308,9 +316,15 @@ fn path_of(target: &str) -> &str {
 /// whatever went wrong (a bad key and a wrong method included).
 pub fn is_classic_path(path: &str) -> bool {
     matches!(path, "/write" | "/nodes" | "/set_replication_strategy")
-        || ["/read/", "/delete/", "/nodes_for_key/", "/fail/", "/recover/"]
-            .iter()
-            .any(|p| path.starts_with(p))
+        || [
+            "/read/",
+            "/delete/",
+            "/nodes_for_key/",
+            "/fail/",
+            "/recover/",
+        ]
+        .iter()
+        .any(|p| path.starts_with(p))
 }
 
 /// Checks one answer to `req`; returns a description of what is wrong.
@@ -370,10 +384,16 @@ pub fn violation(req: &Request, a: &Answer) -> Option<String> {
     None
 }
 
+/// One request (and its read-back) at a time on the shared node: the stable
+/// tests run in parallel threads, and a DELETE between a PUT and its
+/// read-back would be a false alarm.
+pub static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 pub fn check(data: &[u8]) {
     let Some(req) = parse_request(data) else {
         return;
     };
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let answer = send(&req);
     if let Some(v) = violation(&req, &answer) {
         panic!("{v}");

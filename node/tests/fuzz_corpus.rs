@@ -19,6 +19,9 @@ fn the_http_request_corpus_passes_the_fuzz_check() {
 fn the_http_request_seeds_reach_the_node_and_its_errors() {
     let files = replay::read_corpus(&replay::corpus_dir("http_request")).expect("the corpus");
     let mut statuses = std::collections::BTreeSet::new();
+    let _turn = http_request::ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
     for (_, bytes) in &files {
         if let Some(req) = http_request::parse_request(bytes) {
             statuses.insert(http_request::send(&req).status);
@@ -83,4 +86,27 @@ fn some_topology_seeds_are_installed() {
 #[test]
 fn a_corpus_replay_fails_when_its_check_fails() {
     replay::assert_the_replay_can_fail();
+}
+
+/// The one request shape the http_request check leaves out (see
+/// `parse_request`): warp panics on an authority-form target before the
+/// node's router runs, so the connection drops without an answer. When this
+/// test fails, warp answers it: drop the exclusion and this test.
+#[test]
+fn authority_form_targets_still_panic_in_warp_and_are_left_out_of_the_check() {
+    let raw = b"GET ng HTTP/1.1\r\nAuthorization: Bearer nope\r\n\r\n";
+    assert!(http_request::parse_request(raw).is_none());
+    let req = http_request::Request {
+        method: warp::http::Method::GET,
+        target: "ng".into(),
+        headers: Vec::new(),
+        body: Vec::new(),
+    };
+    assert!(
+        http_request::try_send(&req).is_err(),
+        "warp now answers an authority-form target"
+    );
+    // The node lives on.
+    let ok = http_request::parse_request(b"GET /healthz HTTP/1.1\r\n\r\n").expect("a request");
+    assert_eq!(http_request::send(&ok).status, 200);
 }
