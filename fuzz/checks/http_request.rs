@@ -364,10 +364,9 @@ pub fn violation(req: &Request, a: &Answer) -> Option<String> {
     if v.get("error").and_then(|e| e.as_str()) != Some(code) {
         return Some(format!("error code is not {code:?}: {what}"));
     }
-    if !v
-        .get("message")
+    if v.get("message")
         .and_then(|m| m.as_str())
-        .is_some_and(|m| !m.is_empty())
+        .is_none_or(str::is_empty)
     {
         return Some(format!("error without a message: {what}"));
     }
