@@ -19,6 +19,9 @@ use kv_core::{Consistency, NodeState, Record, bucket_of};
 use tokio::sync::mpsc;
 
 use crate::cluster::View;
+
+/// How long a read waits for an owner before also asking the next one.
+const SPECULATIVE_READ_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 use crate::node::{ApiError, Node};
 use crate::peer::PeerError;
 use crate::storage::StorageError;
@@ -116,8 +119,29 @@ impl Node {
         }
         let mut answers: BTreeMap<u32, Option<Record>> = BTreeMap::new();
         let mut errors = Vec::new();
+        // Speculative retry (as Cassandra's): an owner that has not answered
+        // within SPECULATIVE_READ_AFTER may be partitioned or stalled, so the
+        // next owner is asked too rather than waiting out the peer timeout.
+        let speculate = tokio::time::sleep(SPECULATIVE_READ_AFTER);
+        tokio::pin!(speculate);
         while answers.len() < need && in_flight > 0 {
-            let Some((o, r)) = rx.recv().await else { break };
+            let (o, r) = tokio::select! {
+                next = rx.recv() => match next {
+                    Some(answer) => answer,
+                    None => break,
+                },
+                _ = &mut speculate => {
+                    if let Some(next) = queue.next() {
+                        spawn(next);
+                        in_flight += 1;
+                        self.metrics.speculative_reads.inc();
+                    }
+                    speculate
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + SPECULATIVE_READ_AFTER);
+                    continue;
+                }
+            };
             in_flight -= 1;
             match r {
                 Ok(r) => {

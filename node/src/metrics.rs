@@ -24,6 +24,7 @@ pub struct Metrics {
     pub hints_pending: IntGauge,
     pub replication: IntCounterVec,
     pub read_repairs: IntCounter,
+    pub speculative_reads: IntCounter,
     pub resync_buckets_total: IntGauge,
     pub resync_buckets_done: IntGauge,
     pub resync_progress: prometheus::Gauge,
@@ -108,6 +109,10 @@ impl Metrics {
                 &["op", "outcome"],
             )),
             read_repairs: counter("kv_read_repairs_total", "Stale replicas repaired by reads"),
+            speculative_reads: counter(
+                "kv_speculative_reads_total",
+                "Extra owners asked because a replica read was slow to answer",
+            ),
             resync_buckets_total: gauge(
                 "kv_resync_buckets_total",
                 "Buckets the current catch-up or rebalance must pull",
@@ -150,6 +155,7 @@ impl Metrics {
         reg(Box::new(m.hints_pending.clone()));
         reg(Box::new(m.replication.clone()));
         reg(Box::new(m.read_repairs.clone()));
+        reg(Box::new(m.speculative_reads.clone()));
         reg(Box::new(m.resync_buckets_total.clone()));
         reg(Box::new(m.resync_buckets_done.clone()));
         reg(Box::new(m.resync_progress.clone()));
