@@ -32,6 +32,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (workspace)"
 cargo test --workspace --locked --no-fail-fast
 disk "after cargo test"
+step "cargo fuzz: every target for ${FUZZ_SECONDS:-20} s from fuzz/corpus (scripts/fuzz.sh)"; scripts/fuzz.sh
 
 step "deployment artefacts (scripts/test-deploy.sh)"
 scripts/test-deploy.sh
