@@ -203,6 +203,9 @@ pub struct Topology {
     pub nodes: Vec<NodeInfo>,
 }
 
+/// Most nodes a topology may have (the KvCluster CRD's `replicas` maximum).
+pub const MAX_NODES: usize = 128;
+
 /// Why a topology (or a change to it) is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TopologyError {
@@ -210,6 +213,8 @@ pub enum TopologyError {
     EmptyClusterId,
     #[error("topology has no nodes")]
     NoNodes,
+    #[error("topology has {0} nodes; at most {MAX_NODES} are supported")]
+    TooManyNodes(usize),
     #[error("nodes are not sorted by ordinal or an ordinal repeats (at ordinal {0})")]
     NodesNotSorted(u32),
     #[error("node {0} has an empty or malformed address {1:?} (expected host:port)")]
@@ -283,6 +288,11 @@ impl Topology {
         }
         if self.nodes.is_empty() {
             return Err(TopologyError::NoNodes);
+        }
+        // Bounds what a push can make a node allocate (placement tables are
+        // members x buckets); the KvCluster CRD allows the same at most.
+        if self.nodes.len() > MAX_NODES {
+            return Err(TopologyError::TooManyNodes(self.nodes.len()));
         }
         if let Some(w) = self.nodes.windows(2).find(|w| w[0].ordinal >= w[1].ordinal) {
             return Err(TopologyError::NodesNotSorted(w[1].ordinal));
@@ -394,6 +404,32 @@ mod tests {
         assert_eq!(row(Failed), (false, false, false));
         assert_eq!(row(Recovering), (false, true, false));
         assert_eq!(row(Leaving), (true, true, true));
+    }
+
+    #[test]
+    fn a_topology_with_more_nodes_than_supported_is_refused() {
+        let with = |n: u32| {
+            let mut t = three();
+            t.placement = PlacementSpec {
+                strategy: Strategy::Full,
+                factor: 1,
+                members: (0..n).collect(),
+            };
+            t.nodes = (0..n)
+                .map(|i| NodeInfo {
+                    ordinal: i,
+                    address: format!("10.0.0.1:{}", 1000 + i),
+                    peer_address: format!("10.0.0.1:{}", 2000 + i),
+                    state: NodeState::Up,
+                })
+                .collect();
+            t
+        };
+        assert_eq!(with(MAX_NODES as u32).validate(), Ok(()));
+        assert_eq!(
+            with(MAX_NODES as u32 + 1).validate(),
+            Err(TopologyError::TooManyNodes(MAX_NODES + 1))
+        );
     }
 
     #[test]
