@@ -7,6 +7,8 @@
 #   scripts/fuzz.sh topology wire_batch  only these targets
 #   FUZZ_SECONDS=1800 scripts/fuzz.sh    a longer run (what to do before a release)
 #   FUZZ_SANITIZER=address scripts/fuzz.sh   with AddressSanitizer (needs nightly)
+#   FUZZ_BUILD=dev scripts/fuzz.sh       unoptimised build: half the build time,
+#                                        fewer runs per second (what test.sh uses)
 #   KV_TOOLS_DIR=DIR ...                 cache cargo-fuzz in DIR (default .tools/)
 #
 # Targets (checks in fuzz/checks/<target>.rs, replayed by `cargo test`):
@@ -58,8 +60,14 @@ fi
 # One target directory for every fuzz build, whatever CARGO_TARGET_DIR says.
 target_dir="$PWD/fuzz/target"
 flags=(--fuzz-dir fuzz --target-dir "$target_dir" --sanitizer "$sanitizer")
+build="${FUZZ_BUILD:-release}"
+case "$build" in
+  release) ;;
+  dev) flags+=(--dev) ;;
+  *) echo "ERROR: FUZZ_BUILD=$build (expected release or dev)" >&2; exit 2 ;;
+esac
 
-echo "[fuzz] building ${targets[*]} (release, sanitizer $sanitizer)"
+echo "[fuzz] building ${targets[*]} ($build, sanitizer $sanitizer)"
 start=$SECONDS
 for t in "${targets[@]}"; do
   "$cargo_fuzz" "${toolchain[@]}" build "${flags[@]}" "$t"
@@ -90,7 +98,7 @@ for t in "${targets[@]}"; do
     echo "ERROR: $t failed after $((SECONDS - start)) s (full log: $log)" >&2
     if [ -n "$crash" ]; then
       echo "ERROR: reproducer: $crash" >&2
-      echo "ERROR: replay it: $cargo_fuzz run --fuzz-dir fuzz --sanitizer $sanitizer $t $crash" >&2
+      echo "ERROR: replay it: $cargo_fuzz run ${flags[*]} $t $crash" >&2
     fi
     failed+=("$t")
   fi

@@ -32,7 +32,11 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo test (workspace)"
 cargo test --workspace --locked --no-fail-fast
 disk "after cargo test"
-step "cargo fuzz: every target for ${FUZZ_SECONDS:-20} s from fuzz/corpus (scripts/fuzz.sh)"; scripts/fuzz.sh
+step "cargo fuzz: every target for ${FUZZ_SECONDS:-20} s from fuzz/corpus (scripts/fuzz.sh, dev build)"
+FUZZ_BUILD="${FUZZ_BUILD:-dev}" scripts/fuzz.sh
+# the fuzz build is not needed again; on a CI machine its disk is (images next)
+if [ "${CI:-}" = true ]; then rm -rf fuzz/target; fi
+disk "after fuzzing"
 
 step "deployment artefacts (scripts/test-deploy.sh)"
 scripts/test-deploy.sh
