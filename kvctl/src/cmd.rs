@@ -311,15 +311,7 @@ async fn nodes(client: &Client, json_out: bool) -> Result<ExitCode> {
         })
         .collect();
     if json_out {
-        print_json(&json!({
-            "clusterId": topology.cluster_id,
-            "epoch": topology.epoch,
-            "placement": topology.placement,
-            "pending": topology.pending,
-            "readConsistency": topology.read_consistency,
-            "writeConsistency": topology.write_consistency,
-            "nodes": rows,
-        }))?;
+        print_json(&output::nodes_json(&topology, &rows))?;
     } else {
         write_stdout(output::render_nodes(&topology, &rows).as_bytes())?;
     }

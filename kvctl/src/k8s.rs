@@ -632,17 +632,10 @@ fn staleness(kvc: &KvCluster) -> Option<String> {
 /// KvCluster's phase, held-down nodes and conditions.
 pub fn nodes_json(kvc: &KvCluster) -> Value {
     let status = kvc.status.clone().unwrap_or_default();
-    let topology = status_topology(kvc);
-    json!({
+    let mut out = crate::output::nodes_json(&status_topology(kvc), &node_rows(kvc));
+    let extra = json!({
         "kvcluster": kvc.name_any(),
         "namespace": kvc.namespace(),
-        "clusterId": topology.cluster_id,
-        "epoch": topology.epoch,
-        "placement": topology.placement,
-        "pending": topology.pending,
-        "readConsistency": topology.read_consistency,
-        "writeConsistency": topology.write_consistency,
-        "nodes": node_rows(kvc),
         "phase": status.phase,
         "replicas": kvc.spec.replicas,
         "readyReplicas": status.ready_replicas,
@@ -650,7 +643,11 @@ pub fn nodes_json(kvc: &KvCluster) -> Value {
         "generation": kvc.metadata.generation,
         "observedGeneration": status.observed_generation,
         "conditions": status.conditions,
-    })
+    });
+    if let (Some(fields), Value::Object(extra)) = (out.as_object_mut(), extra) {
+        fields.extend(extra);
+    }
+    out
 }
 
 /// `kvctl fail|recover N --cluster NAME`: what changed and the resulting list.

@@ -80,6 +80,20 @@ fn placement_line(p: &PlacementSpec) -> String {
 }
 
 /// `kvctl nodes`.
+/// `kvctl nodes -o json`: the topology's fields and one object per node (the
+/// `--cluster` form adds the KvCluster's own fields to this object).
+pub fn nodes_json(topology: &Topology, rows: &[NodeRow]) -> serde_json::Value {
+    serde_json::json!({
+        "clusterId": topology.cluster_id,
+        "epoch": topology.epoch,
+        "placement": topology.placement,
+        "pending": topology.pending,
+        "readConsistency": topology.read_consistency,
+        "writeConsistency": topology.write_consistency,
+        "nodes": rows,
+    })
+}
+
 pub fn render_nodes(topology: &Topology, rows: &[NodeRow]) -> String {
     let mut out = String::new();
     let _ = writeln!(
