@@ -207,6 +207,24 @@ impl Cluster {
         }
     }
 
+    /// `GET path` on the node at `addr` with the client token, as JSON;
+    /// `None` when it does not answer or the body does not parse.
+    async fn get_json(
+        &self,
+        http: &reqwest::Client,
+        addr: &str,
+        path: &str,
+    ) -> Option<serde_json::Value> {
+        http.get(format!("http://{addr}{path}"))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
+    }
+
     /// Every node's digests (`GET /v1/digests`) compared bucket by bucket
     /// among co-owners, as `kvctl verify` does, plus the hints still
     /// pending across the cluster. `None` when a node did not answer.
@@ -215,25 +233,10 @@ impl Cluster {
         let mut digests: BTreeMap<u32, NodeDigests> = BTreeMap::new();
         let mut hints = 0u64;
         for (o, addr) in self.targets().nodes {
-            let d: DigestsResponse = http
-                .get(format!("http://{addr}/v1/digests"))
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let d = self.get_json(http, &addr, "/v1/digests").await?;
+            let d: DigestsResponse = serde_json::from_value(d).ok()?;
             digests.insert(o, d.parse().ok()?);
-            let c: serde_json::Value = http
-                .get(format!("http://{addr}/v1/cluster"))
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let c = self.get_json(http, &addr, "/v1/cluster").await?;
             hints += c["hintsPending"].as_u64().unwrap_or(0);
         }
         Some((verify::compare(&topology, &digests), hints))
