@@ -10,8 +10,9 @@
 #     promtool is not on PATH;
 #   - from Debian too, when missing: protoc (protobuf-compiler; etcd-client, the
 #     etcd driver of `kvctl bench`, generates its gRPC stubs with it at build
-#     time), redis-server and etcd (etcd-server), the peers `kvctl bench` and
-#     its tests measure against.
+#     time) and the well-known types it imports (libprotobuf-dev), redis-server
+#     and etcd (etcd-server), the peers `kvctl bench` and its tests measure
+#     against.
 # A second run with the same pins does nothing but print versions.
 # Source it or read $KV_TOOLS_DIR/bin: scripts/test-deploy.sh puts that on PATH.
 set -euo pipefail
@@ -84,6 +85,9 @@ fi
 debs=()
 command -v promtool >/dev/null 2>&1 || debs+=(prometheus)
 command -v protoc >/dev/null 2>&1 || debs+=(protobuf-compiler)
+# protoc alone lacks the well-known types (google/protobuf/*.proto) that
+# etcd-client imports; they are a Recommends, which --no-install-recommends skips
+[ -f /usr/include/google/protobuf/descriptor.proto ] || debs+=(libprotobuf-dev)
 command -v redis-server >/dev/null 2>&1 || debs+=(redis-server)
 command -v etcd >/dev/null 2>&1 || debs+=(etcd-server)
 if [ "${#debs[@]}" -gt 0 ]; then
