@@ -81,8 +81,8 @@ pub fn bucket_of(key: &[u8]) -> u32 {
 
 /// An order-independent digest of a set of (key, version) pairs: the wrapping
 /// sum of each pair's 128-bit hash, with the number of pairs. Adding and
-/// removing a pair are O(1), so storage keeps each bucket's digest current in
-/// the same transaction as the write.
+/// removing a pair are O(1), so storage keeps each bucket's digest current as
+/// each write commits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Digest {
     pub sum: u128,

@@ -1,8 +1,9 @@
 //! kv-node: one kvstore node.
 //!
 //! - [`storage`]: SQLite in WAL mode behind one group-committing writer, with
-//!   per-bucket digests and durable hints kept in the same transactions as the
-//!   records; last-writer-wins apply-if-newer is the one write primitive.
+//!   durable hints kept in the same transactions as the records and per-bucket
+//!   digests kept in memory (rebuilt from the records on opening);
+//!   last-writer-wins apply-if-newer is the one write primitive.
 //! - [`api`] (client port) and [`peer_api`] (node-to-node port): the HTTP API
 //!   of docs/design.md, served by warp.
 //! - [`coordinator`]: quorum reads and writes over the key's owners, hints
