@@ -66,7 +66,17 @@ where
                 };
                 async move {
                     let body = read_body(&req.headers, body, limit(&req)).await;
-                    handler(req, body).await
+                    // A body refused (too large, unreadable) is left unread on
+                    // the connection, which therefore cannot carry another
+                    // request: say so, or a client would reuse it and lose
+                    // its next request to the close.
+                    let refused = body.is_err();
+                    let mut resp = handler(req, body).await;
+                    if refused {
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    resp
                 }
             },
         )

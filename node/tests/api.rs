@@ -286,9 +286,20 @@ fn bad_input_gets_a_4xx_json_error_and_changes_nothing() {
     for (i, (req, status, code)) in cases.into_iter().enumerate() {
         let a = c.send(req).unwrap();
         assert_eq!(a.status, status, "case {i}: {}", a.text());
+
         assert_eq!(a.json()["error"], code, "case {i}");
         assert!(a.json()["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
+    // A body refused before it was read is left on the connection, so the
+    // answer closes it (a client that reused it would lose its next request).
+    let a = c
+        .send(c.req(Method::PUT, "/v1/kv/big").body(vec![b'x'; 70_000]))
+        .unwrap();
+    assert_eq!(a.status, 413);
+    assert_eq!(
+        a.headers.get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     assert_eq!(c.get("keep", None).unwrap().body, b"original");
     assert_eq!(live_keys(&c), vec!["keep".to_string()]);
     // A 1024-byte key and a value at the limit are fine.
