@@ -250,6 +250,17 @@ begin_scenario() { # n
 }
 fact() { printf 'fact\t%s\t%s\n' "$1" "$2" >>"$MANIFEST"; }
 pair() { printf 'pair\t%s\t%s\t%s\n' "$1" "$2" "$3" >>"$MANIFEST"; } # title kv-id peer-id
+# sut_ticks DRIVER: CPU clock ticks used so far by the driver's server processes
+sut_ticks() {
+    local prefix name total=0 t
+    case "$1" in kvstore) prefix=kv ;; etcd) prefix=etcd ;; *) prefix=redis ;; esac
+    for name in "${!PIDS[@]}"; do
+        [[ "$name" == "$prefix"* ]] || continue
+        t="$(awk '{print $14 + $15}' "/proc/${PIDS[$name]}/stat" 2>/dev/null || echo 0)"
+        total=$((total + t))
+    done
+    echo "$total"
+}
 # bench ID LABEL DRIVER [kvctl bench args...]: one measured run, JSON kept in RAW_DIR
 bench() {
     local id="$1" label="$2" driver="$3"
@@ -262,7 +273,18 @@ bench() {
     if [[ " $* " != *" --connections "* ]]; then args+=(--connections "$CONNS"); fi
     if [[ " $* " != *" --warmup "* ]]; then args+=(--warmup "$WARMUP"); fi
     if [[ "$driver" == kvstore ]]; then args+=(--token "$TOKEN"); fi
-    if "$KVCTL" "${args[@]}" "$@" >"$out.tmp" 2>"$err"; then
+    # CPU of the system under test (its server processes) and of the load
+    # generator over the whole run (warm-up included): what each operation
+    # costs, and whether the 2 cores were the limit.
+    local cpu0 t0 rc=0 TIMEFORMAT='%U %S'
+    cpu0="$(sut_ticks "$driver")"
+    t0="$(now)"
+    { time "$KVCTL" "${args[@]}" "$@" >"$out.tmp" 2>"$err"; } 2>"$WORK/$id.time" || rc=$?
+    printf 'cpu\t%s\t%s\t%s\t%s\n' "$id" \
+        "$(python3 -c "print(f'{($(sut_ticks "$driver") - $cpu0) / $(getconf CLK_TCK):.2f}')")" \
+        "$(awk '{printf "%.2f", $1 + $2}' "$WORK/$id.time" 2>/dev/null || echo 0)" \
+        "$(python3 -c "print(f'{$(now) - $t0:.2f}')")" >>"$MANIFEST"
+    if [[ "$rc" == 0 ]]; then
         mv -f "$out.tmp" "$out"
         printf 'run\t%s\t%s\t%s\n' "$id" "$label" "$driver" >>"$MANIFEST"
         python3 "$BENCH_DIR/render.py" --one "$out" >&2 || true
@@ -414,6 +436,14 @@ scenario_4() { # RSS per node at MEM_KEYS keys (reuses scenario 3's cluster when
         fact "dbbytes.kv$i" "$(metric "$i" kv_db_bytes)"
     done
     for i in 0 1 2; do fact "du.kv$i" "$(du -sk "$WORK/$KV_TAG/kv$i" | cut -f1)"; done
+    # restart one node on its MEM_KEYS-key data: opening rebuilds the bucket
+    # digests from the records before the node answers
+    stop_pid kv2
+    local t0
+    t0="$(now)"
+    start_kv_node 2 "$WORK/$KV_TAG/kv2" "$TOPO"
+    wait_http "http://127.0.0.1:$(kv_port 2)/readyz" 200 120 "kv node 2 after restart"
+    fact reopen.seconds "$(python3 -c "print(f'{$(now) - $t0:.2f}')")"
     stop_kv_cluster
 }
 

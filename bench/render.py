@@ -89,6 +89,7 @@ class Report:
         self.pairs = {}     # scenario -> [(title, kv, peer)]
         self.facts = {}     # scenario -> {name: value}
         self.busy = {}      # id -> (rustc processes, load average) at the start
+        self.cpu = {}       # id -> (server CPU s, load generator CPU s, wall s)
         for n, *_ in SCENARIOS:
             self.order[n], self.pairs[n], self.facts[n] = [], [], {}
             for row in read_manifest(os.path.join(raw, f"manifest-s{n}.tsv")):
@@ -102,6 +103,11 @@ class Report:
                     self.order[n].append(rid)
                 elif row[0] == "busy":
                     self.busy[row[1]] = (row[2], row[3])
+                elif row[0] == "cpu" and len(row) > 4:
+                    try:
+                        self.cpu[row[1]] = (float(row[2]), float(row[3]), float(row[4]))
+                    except ValueError:
+                        pass
                 elif row[0] == "pair":
                     self.pairs[n].append((row[1], row[2], row[3]))
                 elif row[0] == "fact":
@@ -114,14 +120,14 @@ class Report:
         return bool(self.order[n] or self.facts[n])
 
     def runs_table(self, n):
-        out = ["| run | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | misses | prefill | other rustc / load |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+        out = ["| run | ops/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | misses | prefill | CPU µs/op server + load gen (cores busy) | other rustc / load |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|"]
         for rid in self.order[n]:
             label, r, failure = self.runs[rid]
             b = self.busy.get(rid)
             busy = f"{b[0]} / {b[1]}" if b else ""
             if r is None:
-                out.append(f"| {label} | FAILED: {failure} | | | | | | | | {busy} |")
+                out.append(f"| {label} | FAILED: {failure} | | | | | | | | | {busy} |")
                 continue
             lat = lat_of(r)
             pre = ""
@@ -134,11 +140,23 @@ class Report:
             if r["errorsByKind"]:
                 errs += " (" + ", ".join(f"{k} {v}" for k, v in r["errorsByKind"].items()) + ")"
             if r["seconds"] < 0.5 and r["ops"] <= 1:
-                out.append(f"| {label} | (load step) | | | | | {errs} | | {pre} | {busy} |")
+                out.append(f"| {label} | (load step) | | | | | {errs} | | {pre} | | {busy} |")
                 continue
             out.append(f"| {label} | {r['opsPerSecond']:.0f} | {ms(lat['p50'])} | {ms(lat['p99'])} | "
-                       f"{ms(lat['p999'])} | {ms(lat['max'])} | {errs} | {r['misses']} | {pre} | {busy} |")
+                       f"{ms(lat['p999'])} | {ms(lat['max'])} | {errs} | {r['misses']} | {pre} | "
+                       f"{self.cpu_cell(rid, r)} | {busy} |")
         return out
+
+    def cpu_cell(self, rid, r):
+        """CPU per operation of the servers and of the load generator over the
+        whole run (warm-up included, at the measured rate), and the cores the
+        two kept busy on average."""
+        c = self.cpu.get(rid)
+        if not c or c[2] <= 0 or r["opsPerSecond"] <= 0:
+            return ""
+        server, loadgen, wall = c
+        ops = r["opsPerSecond"] * wall
+        return f"{server / ops * 1e6:.0f} + {loadgen / ops * 1e6:.0f} ({(server + loadgen) / wall:.2f})"
 
     def pairs_table(self, n):
         if not self.pairs[n]:
@@ -198,6 +216,9 @@ class Report:
             out.append(f"| kv-node {i} | {mib_kib(f[f'rss.kv{i}'])} | {mib_kib(f.get(f'hwm.kv{i}'))} | "
                        f"{f.get(f'keys.kv{i}', 'n/a')} | {mib_b(f.get(f'dbbytes.kv{i}'))} | "
                        f"{mib_kib(f.get(f'du.kv{i}'))} |")
+        if "reopen.seconds" in f:
+            out += ["", f"Restart of node 2 on this data (process start to `/readyz` 200, bucket digests "
+                        f"rebuilt from the records on opening): {f['reopen.seconds']} s."]
         f1 = self.facts[1]
         if "rss100k.kv0" in f1:
             out += ["", f"For comparison, at the end of scenario 1 (key space {f1.get('keys100k.kv0', '?')} keys "
@@ -304,6 +325,9 @@ class Report:
                     "operations that failed (timeouts, 5xx); misses are reads of absent keys. "
                     "'other rustc / load': compiler processes of other work on the machine and the "
                     "1-minute load average when the run started (0 rustc = a quiet machine). "
+                    "'CPU µs/op': CPU time of the system's server processes and of the load generator "
+                    "(kvctl bench) per operation, over the run including its warm-up, with the "
+                    "cores both kept busy on average (2.00 = the whole machine). "
                     "Raw reports: `bench/raw/*.json`."]
         prof = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile.md")
         if os.path.exists(prof):
