@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
     }
     let config = args.resolve().context("invalid configuration")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
