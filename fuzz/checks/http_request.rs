@@ -86,6 +86,8 @@ fn fixture() -> &'static Fixture {
                 peer_timeout: Duration::from_millis(100),
                 anti_entropy_every: None,
                 tombstone_grace: Duration::from_secs(86_400),
+                // not read by Node::open: the runtime here is the check's own
+                worker_threads: 1,
             };
             let (node, _seen) = Node::open(config).expect("a node opens in a scratch directory");
             tokio::spawn(node::serve(
