@@ -27,6 +27,13 @@ pub const NODE_HEADER: &str = "x-kv-node";
 const MAX_BATCH: usize = 256;
 /// Batched requests in flight to one peer at a time.
 const IN_FLIGHT: usize = 4;
+/// Times a batcher yields to the runtime before draining its queue when
+/// another batch to the same peer is already in flight: the request tasks that
+/// were ready get to queue their items, so the batch leaves bigger and the
+/// link carries fewer requests. A link with nothing in flight sends at once.
+/// On 3 nodes under round-robin writes this took ~20 % less CPU per write and
+/// ~20 % more writes/s (A/B runs in bench/profile.md).
+const LINGER_YIELDS: usize = 2;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum PeerError {
@@ -69,6 +76,11 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
                 let Ok(permit) = slots.clone().acquire_owned().await else {
                     return;
                 };
+                if slots.available_permits() + 1 < IN_FLIGHT {
+                    for _ in 0..LINGER_YIELDS {
+                        tokio::task::yield_now().await;
+                    }
+                }
                 // Drain what queued up while we waited for a slot.
                 let mut batch = vec![first];
                 while batch.len() < MAX_BATCH {
