@@ -171,7 +171,7 @@ impl Store {
         }
         let shared = Arc::new(Shared {
             readers: Mutex::new(readers),
-            digests: Mutex::new(digests.clone()),
+            digests: Mutex::new(digests),
             path,
             commits: AtomicU64::new(0),
             write_requests: AtomicU64::new(0),
@@ -191,9 +191,7 @@ impl Store {
             .map_err(|e| StorageError::Sqlite(format!("cannot start the sync thread: {e}")))?;
         std::thread::Builder::new()
             .name("kv-storage-writer".into())
-            .spawn(move || {
-                writer_loop(writer_conn, digests, rx, sync_tx, max_batch, &writer_shared)
-            })
+            .spawn(move || writer_loop(writer_conn, rx, sync_tx, max_batch, &writer_shared))
             .map_err(|e| StorageError::Sqlite(format!("cannot start the writer thread: {e}")))?;
         Ok(Store { writer: tx, shared })
     }
@@ -540,7 +538,6 @@ struct Committed {
 
 fn writer_loop(
     mut conn: Connection,
-    mut digests: Vec<Digest>,
     mut rx: mpsc::UnboundedReceiver<WriteRequest>,
     syncer: std::sync::mpsc::Sender<Committed>,
     max_batch: usize,
@@ -562,19 +559,15 @@ fn writer_loop(
         }
         let ops: Vec<&WriteOp> = batch.iter().map(|r| &r.op).collect();
         let changes_before = conn.total_changes();
-        match commit_batch(&mut conn, &digests, &ops) {
+        match commit_batch(&mut conn, &shared.digests, &ops) {
             Ok((results, changed)) => {
                 if !changed.is_empty() {
+                    let mut digests = shared.digests.lock().unwrap_or_else(|p| p.into_inner());
                     for (bucket, d) in changed {
                         if let Some(slot) = digests.get_mut(bucket as usize) {
                             *slot = d;
                         }
                     }
-                    shared
-                        .digests
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .clone_from(&digests);
                 }
                 shared.commits.fetch_add(1, Ordering::Relaxed);
                 shared
@@ -722,11 +715,12 @@ impl WalFile {
 type DigestChanges = Vec<(u32, Digest)>;
 
 /// Applies every request of a batch in one transaction; all or nothing.
-/// Returns the answers and the bucket digests the transaction changed (taken
-/// from `current`, the digests as of the previous transaction).
+/// Returns the answers and the bucket digests the transaction changed (read
+/// from `current`, the digests as of the previous transaction, which only
+/// this writer changes).
 fn commit_batch(
     conn: &mut Connection,
-    current: &[Digest],
+    current: &Mutex<Vec<Digest>>,
     ops: &[&WriteOp],
 ) -> Result<(Vec<WriteDone>, DigestChanges), StorageError> {
     let tx = conn.transaction()?;
@@ -829,7 +823,7 @@ fn apply_one(
 /// The bucket digests one transaction has touched.
 struct Touched<'a> {
     /// Every bucket's digest before the transaction.
-    current: &'a [Digest],
+    current: &'a Mutex<Vec<Digest>>,
     /// Touched buckets: (digest before, digest so far).
     touched: BTreeMap<u32, (Digest, Digest)>,
 }
@@ -840,6 +834,8 @@ impl Touched<'_> {
         let current = self.current;
         let entry = self.touched.entry(bucket).or_insert_with(|| {
             let d = current
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
                 .get(bucket as usize)
                 .copied()
                 .unwrap_or(Digest::EMPTY);
