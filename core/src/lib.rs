@@ -14,7 +14,7 @@ pub mod version;
 pub mod wire;
 
 pub use placement::{Layout, Placement};
-pub use record::{BUCKETS, Digest, Record, bucket_of};
+pub use record::{Applied, BUCKETS, Digest, Record, bucket_of};
 pub use topology::{
     Consistency, NodeInfo, NodeState, PlacementSpec, Strategy, Topology, TopologyError,
 };

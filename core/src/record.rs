@@ -126,6 +126,39 @@ pub fn supersedes(incoming: Version, stored: Option<Version>) -> bool {
     stored.is_none_or(|s| incoming > s)
 }
 
+/// What an owner did with one record it was asked to apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// The record replaced what was stored (or nothing was).
+    Stored,
+    /// The owner already held this very version.
+    Had,
+    /// The owner holds a newer version (given) and kept it: a coordinator
+    /// that meant its write to win re-issues it above this version.
+    Newer(Version),
+}
+
+impl Applied {
+    /// The owner now holds this record (stored now, or already).
+    pub fn holds(self) -> bool {
+        matches!(self, Applied::Stored | Applied::Had)
+    }
+
+    /// The record changed what the owner stored.
+    pub fn stored(self) -> bool {
+        self == Applied::Stored
+    }
+
+    /// The outcome of applying `incoming` over `stored`, by last-writer-wins.
+    pub fn of(incoming: Version, stored: Option<Version>) -> Applied {
+        match stored {
+            Some(s) if s == incoming => Applied::Had,
+            Some(s) if s > incoming => Applied::Newer(s),
+            _ => Applied::Stored,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

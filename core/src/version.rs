@@ -68,16 +68,26 @@ impl FromStr for Version {
 /// A hybrid logical clock: timestamps follow wall-clock time where it moves
 /// forward and a logical counter where it does not, so that every version a
 /// node issues is greater than every version it issued or observed before.
+///
+/// Wall-clock time is read with an optional fixed offset: fault tests start a
+/// node with a skewed clock without touching the machine's clock.
 #[derive(Debug)]
 pub struct Hlc {
     node: u32,
+    offset_ms: i64,
     last: Mutex<u64>,
 }
 
 impl Hlc {
     pub fn new(node: u32) -> Self {
+        Hlc::with_offset(node, 0)
+    }
+
+    /// A clock whose wall-clock reading is shifted by `offset_ms`.
+    pub fn with_offset(node: u32, offset_ms: i64) -> Self {
         Hlc {
             node,
+            offset_ms,
             last: Mutex::new(0),
         }
     }
@@ -86,9 +96,15 @@ impl Hlc {
         self.node
     }
 
+    /// This node's wall clock in ms since the Unix epoch, offset included:
+    /// what peers compare theirs with to detect skew.
+    pub fn wall_ms(&self) -> u64 {
+        wall_clock_ms().saturating_add_signed(self.offset_ms)
+    }
+
     /// A fresh version, strictly greater than any issued or observed before.
     pub fn now(&self) -> Version {
-        self.now_at(wall_clock_ms())
+        self.now_at(self.wall_ms())
     }
 
     /// [`Hlc::now`] with the wall clock given, for tests.
@@ -103,13 +119,18 @@ impl Hlc {
         }
     }
 
-    /// Move the clock past a version seen from another node, so that a later
-    /// local write to the same key wins over it.
+    /// Move the clock past a version seen from another node (or read from
+    /// disk at start), so that a later local write to the same key wins over it.
     pub fn observe(&self, seen: Version) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if seen.ts > *last {
             *last = seen.ts;
         }
+    }
+
+    /// The highest timestamp issued or observed so far.
+    pub fn last(&self) -> u64 {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -158,6 +179,15 @@ mod tests {
         hlc.observe(remote);
         let local = hlc.now_at(10);
         assert!(local > remote);
+    }
+
+    #[test]
+    fn an_offset_clock_reads_the_wall_clock_shifted() {
+        let ahead = Hlc::with_offset(1, 3_600_000);
+        let plain = Hlc::new(2);
+        let diff = ahead.wall_ms() as i64 - plain.wall_ms() as i64;
+        assert!((3_599_000..=3_601_000).contains(&diff), "{diff}");
+        assert!(ahead.now().physical_ms() >= plain.now().physical_ms() + 3_599_000);
     }
 
     #[test]

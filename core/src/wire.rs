@@ -12,11 +12,15 @@
 //! - record batch: `u32 count`, then per record `u32 key_len, key, u64 ts,
 //!   u32 node, u8 kind (0 tombstone, 1 value), [u32 value_len, value]`;
 //! - key batch: `u32 count`, then per key `u32 key_len, key`;
-//! - digests: `u32 count`, then per bucket `u32 bucket, u128 sum, u64 count`.
+//! - digests: `u32 count`, then per bucket `u32 bucket, u128 sum, u64 count`;
+//! - apply answer: `u8 flags` (bit 0: the owner's store is still catching up,
+//!   so its acknowledgement must not count towards a quorum), `u32 count`, then
+//!   per record `u8 outcome` (0 had it, 1 stored, 2 holds newer) and, for 2,
+//!   `u64 ts, u32 node` of the newer version.
 
 use thiserror::Error;
 
-use crate::record::{BUCKETS, Digest, MAX_KEY_BYTES, Record};
+use crate::record::{Applied, BUCKETS, Digest, MAX_KEY_BYTES, Record};
 use crate::version::Version;
 
 /// Why a batch could not be decoded.
@@ -32,6 +36,8 @@ pub enum WireError {
     BadKind(u8),
     #[error("bucket {0} out of range in digest batch")]
     BadBucket(u32),
+    #[error("unknown apply outcome {0}")]
+    BadOutcome(u8),
 }
 
 struct Reader<'a> {
@@ -246,10 +252,82 @@ pub fn decode_digests(buf: &[u8]) -> Result<Vec<Digest>, WireError> {
     Ok(out)
 }
 
+/// What an owner answers to an apply: per record, what it did; and whether
+/// its store is still catching up (its acknowledgements do not count yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyAnswer {
+    pub catching_up: bool,
+    pub outcomes: Vec<Applied>,
+}
+
+/// Encodes an [`ApplyAnswer`].
+pub fn encode_apply_answer(answer: &ApplyAnswer) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + answer.outcomes.len());
+    out.push(u8::from(answer.catching_up));
+    out.extend_from_slice(&(answer.outcomes.len() as u32).to_le_bytes());
+    for a in &answer.outcomes {
+        match a {
+            Applied::Had => out.push(0),
+            Applied::Stored => out.push(1),
+            Applied::Newer(v) => {
+                out.push(2);
+                out.extend_from_slice(&v.ts.to_le_bytes());
+                out.extend_from_slice(&v.node.to_le_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Decodes an [`ApplyAnswer`].
+pub fn decode_apply_answer(buf: &[u8]) -> Result<ApplyAnswer, WireError> {
+    let mut r = Reader::new(buf);
+    let catching_up = r.u8()? & 1 == 1;
+    let n = r.u32()? as usize;
+    // each outcome takes at least one byte: a hostile count cannot over-allocate
+    let mut outcomes = Vec::with_capacity(n.min(buf.len()));
+    for _ in 0..n {
+        outcomes.push(match r.u8()? {
+            0 => Applied::Had,
+            1 => Applied::Stored,
+            2 => {
+                let ts = r.u64()?;
+                let node = r.u32()?;
+                Applied::Newer(Version::new(ts, node))
+            }
+            k => return Err(WireError::BadOutcome(k)),
+        });
+    }
+    r.finish()?;
+    Ok(ApplyAnswer {
+        catching_up,
+        outcomes,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn apply_answers_round_trip_and_garbage_is_refused() {
+        let a = ApplyAnswer {
+            catching_up: true,
+            outcomes: vec![
+                Applied::Stored,
+                Applied::Had,
+                Applied::Newer(Version::new(77, 3)),
+            ],
+        };
+        assert_eq!(decode_apply_answer(&encode_apply_answer(&a)), Ok(a.clone()));
+        let mut bad = encode_apply_answer(&a);
+        bad[5] = 9;
+        assert_eq!(decode_apply_answer(&bad), Err(WireError::BadOutcome(9)));
+        let full = encode_apply_answer(&a);
+        assert!(decode_apply_answer(&full[..full.len() - 1]).is_err());
+        assert!(decode_apply_answer(&[0, 255, 255, 255, 255]).is_err());
+    }
 
     fn rec(key: &[u8], value: Option<&[u8]>, ts: u64, node: u32) -> Record {
         Record {

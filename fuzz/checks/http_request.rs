@@ -86,6 +86,8 @@ fn fixture() -> &'static Fixture {
                 peer_timeout: Duration::from_millis(100),
                 anti_entropy_every: None,
                 tombstone_grace: Duration::from_secs(86_400),
+                max_clock_skew: Duration::from_secs(5),
+                clock_offset_ms: 0,
                 // not read by Node::open: the runtime here is the check's own
                 worker_threads: 1,
             };

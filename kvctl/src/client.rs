@@ -173,12 +173,31 @@ pub struct ValueRead {
     pub version: Option<String>,
 }
 
+/// A key as the API lists it: the string when the key is UTF-8, else its
+/// bytes in base64.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ListedKey {
+    Text(String),
+    Bytes { base64: String },
+}
+
+impl std::fmt::Display for ListedKey {
+    /// The text of a UTF-8 key; `base64:<bytes>` for any other.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListedKey::Text(t) => f.write_str(t),
+            ListedKey::Bytes { base64 } => write!(f, "base64:{base64}"),
+        }
+    }
+}
+
 /// One page of `GET /v1/kv`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListPage {
-    pub keys: Vec<String>,
+    pub keys: Vec<ListedKey>,
     #[serde(default)]
-    pub next: Option<String>,
+    pub next: Option<ListedKey>,
 }
 
 /// Resync counters of `GET /v1/cluster`.
@@ -384,7 +403,7 @@ impl Client {
     pub async fn list_page(
         &self,
         prefix: Option<&str>,
-        after: Option<&str>,
+        after: Option<&ListedKey>,
         limit: usize,
     ) -> Result<ListPage, ClientError> {
         let path = "/v1/kv";
@@ -392,8 +411,10 @@ impl Client {
         if let Some(p) = prefix {
             query.push(("prefix", p.to_string()));
         }
-        if let Some(a) = after {
-            query.push(("after", a.to_string()));
+        match after {
+            Some(ListedKey::Text(a)) => query.push(("after", a.clone())),
+            Some(ListedKey::Bytes { base64 }) => query.push(("after_base64", base64.clone())),
+            None => {}
         }
         let rb = self.request(Method::GET, path, true).query(&query);
         Ok(self.json(rb, path).await?.0)

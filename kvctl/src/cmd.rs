@@ -199,17 +199,17 @@ async fn list(
     json_out: bool,
 ) -> Result<ExitCode> {
     const PAGE: usize = 1000;
-    let mut keys: Vec<String> = Vec::new();
-    let mut after: Option<String> = None;
+    let mut keys: Vec<kvctl::client::ListedKey> = Vec::new();
+    let mut after: Option<kvctl::client::ListedKey> = None;
     let mut printed = 0usize;
-    let mut next_out: Option<String> = None;
+    let mut next_out: Option<kvctl::client::ListedKey> = None;
     loop {
         let remaining = limit.map(|l| l.saturating_sub(printed));
         if remaining == Some(0) {
             break;
         }
         let want = remaining.unwrap_or(PAGE).min(PAGE);
-        let page = client.list_page(prefix, after.as_deref(), want).await?;
+        let page = client.list_page(prefix, after.as_ref(), want).await?;
         let got = page.keys.len();
         let mut chunk = page.keys;
         if let Some(r) = remaining {
@@ -219,12 +219,16 @@ async fn list(
         if json_out {
             keys.extend(chunk);
         } else if !chunk.is_empty() {
-            let mut text = chunk.join("\n");
+            let mut text = chunk
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n");
             text.push('\n');
             write_stdout(text.as_bytes())?;
         }
         match page.next {
-            Some(n) if got > 0 && after.as_deref() != Some(n.as_str()) => {
+            Some(n) if got > 0 && after.as_ref() != Some(&n) => {
                 next_out = Some(n.clone());
                 after = Some(n);
             }

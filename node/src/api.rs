@@ -408,6 +408,19 @@ fn consistency(headers: &HeaderMap) -> Result<Option<Consistency>, ApiError> {
     }
 }
 
+/// A key as JSON: the string itself when it is UTF-8, else
+/// `{"base64": "..."}` (standard alphabet, padded), so every listed name
+/// addresses exactly one key (a percent-encoded form would collide with a
+/// UTF-8 key spelled with `%`).
+pub fn key_json(key: &[u8]) -> Value {
+    use base64::Engine;
+    match std::str::from_utf8(key) {
+        Ok(s) => Value::String(s.to_string()),
+        Err(_) => json!({"base64": base64::engine::general_purpose::STANDARD.encode(key)}),
+    }
+}
+
+/// A key in a human sentence (error messages): UTF-8 as is, else percent-encoded.
 fn key_text(key: &[u8]) -> String {
     match std::str::from_utf8(key) {
         Ok(s) => s.to_string(),
@@ -447,7 +460,8 @@ async fn handle(
         Route::Healthz => Ok(json_response(200, &json!({"status": "ok"}))),
         Route::Readyz => {
             let state = node.cluster.my_state();
-            if node.cluster.confirmed() && state == Some(NodeState::Up) {
+            if node.cluster.confirmed() && state == Some(NodeState::Up) && !node.store.catching_up()
+            {
                 Ok(json_response(
                     200,
                     &json!({"status": "ready", "state": "Up"}),
@@ -456,6 +470,9 @@ async fn handle(
                 let reason = match state {
                     _ if !node.cluster.confirmed() => {
                         "topology not yet confirmed since start".to_string()
+                    }
+                    Some(NodeState::Up) if node.store.catching_up() => {
+                        "the store is new or rebuilt and still catching up".to_string()
                     }
                     Some(s) => format!("node is {s}"),
                     None => "node is not in the topology".to_string(),
@@ -512,7 +529,7 @@ async fn handle(
                 .await?;
             let mut resp = json_response(
                 200,
-                &json!({"key": key_text(key), "version": r.version.to_string()}),
+                &json!({"key": key_json(key), "version": r.version.to_string()}),
             );
             if let Ok(h) = HeaderValue::from_str(&r.version.to_string()) {
                 resp.headers_mut().insert("x-kv-version", h);
@@ -523,13 +540,31 @@ async fn handle(
             let r = node.write(key.clone(), None, level, false, true).await?;
             Ok(json_response(
                 200,
-                &json!({"key": key_text(key), "version": r.version.to_string()}),
+                &json!({"key": key_json(key), "version": r.version.to_string()}),
             ))
         }
         Route::KvList => {
             let q = parse_query(&req.query)?;
             let prefix = q.get("prefix").cloned().unwrap_or_default();
-            let after = q.get("after").cloned();
+            let after = match (q.get("after"), q.get("after_base64")) {
+                (Some(_), Some(_)) => {
+                    return Err(ApiError::bad_request(
+                        "give either after or after_base64, not both",
+                    ));
+                }
+                (Some(a), None) => Some(a.clone()),
+                (None, Some(b)) => {
+                    use base64::Engine;
+                    Some(
+                        base64::engine::general_purpose::STANDARD
+                            .decode(b)
+                            .map_err(|e| {
+                                ApiError::bad_request(format!("after_base64 is not base64: {e}"))
+                            })?,
+                    )
+                }
+                (None, None) => None,
+            };
             let limit = match q.get("limit") {
                 None => 100,
                 Some(v) => std::str::from_utf8(v)
@@ -541,10 +576,10 @@ async fn handle(
                     })?,
             };
             let page = node.list(&prefix, after.as_deref(), limit).await?;
-            let keys: Vec<String> = page.keys.iter().map(|k| key_text(k)).collect();
+            let keys: Vec<Value> = page.keys.iter().map(|k| key_json(k)).collect();
             Ok(json_response(
                 200,
-                &json!({"keys": keys, "next": page.next.as_deref().map(key_text)}),
+                &json!({"keys": keys, "next": page.next.as_deref().map(key_json)}),
             ))
         }
         Route::Cluster => Ok(json_response(200, &cluster_report(node))),
@@ -563,7 +598,7 @@ async fn handle(
             Ok(json_response(
                 200,
                 &json!({
-                    "key": key_text(key),
+                    "key": key_json(key),
                     "bucket": b,
                     "owners": describe(view.layout.current.owners(b)),
                     "pendingOwners": view.layout.pending.as_ref().map(|p| describe(p.owners(b))),
@@ -631,7 +666,7 @@ async fn handle(
                 &json!({
                     "status": "success",
                     "message": "Key found",
-                    "key": key_text(key),
+                    "key": key_json(key),
                     "value": String::from_utf8_lossy(&v),
                 }),
             )),
@@ -687,7 +722,7 @@ async fn handle(
                 &json!({
                     "status": "success",
                     "message": format!("Nodes for key '{}'", key_text(key)),
-                    "key": key_text(key),
+                    "key": key_json(key),
                     "nodes": owners,
                 }),
             ))
@@ -718,6 +753,8 @@ pub fn cluster_report(node: &Node) -> Value {
         "topology": view.topology,
         "syncedEpoch": node.cluster.synced_epoch(),
         "resyncProgress": resync_progress(node, &resync),
+        "storeCatchingUp": node.store.catching_up(),
+        "clockSkewMs": node.skew.skew_ms(),
         "resync": resync,
         "hintsPending": hints,
         "uptimeSeconds": node.started.elapsed().as_secs(),

@@ -69,6 +69,21 @@ pub struct Args {
     /// least 1, leaving a core to the storage writer and log-sync threads.
     #[arg(long, env = "KV_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
+    /// Largest difference, in ms, between this node's clock and the median
+    /// of its peers' before it refuses to coordinate writes (versions it
+    /// stamped would be wrong by that much); half of it is logged as a warning.
+    #[arg(long, env = "KV_MAX_CLOCK_SKEW_MS", default_value_t = 5_000)]
+    pub max_clock_skew_ms: u64,
+    /// Fault testing only: shifts the wall clock this node's versions are
+    /// stamped from by this many ms (negative: behind).
+    #[arg(
+        long,
+        env = "KV_CLOCK_OFFSET_MS",
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        hide = true
+    )]
+    pub clock_offset_ms: i64,
     /// Log format.
     #[arg(long, env = "KV_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -108,6 +123,10 @@ pub struct Config {
     pub anti_entropy_every: Option<Duration>,
     pub tombstone_grace: Duration,
     pub worker_threads: usize,
+    /// Clock skew past which the node refuses to coordinate writes.
+    pub max_clock_skew: Duration,
+    /// Fault testing only: offset of the wall clock the HLC reads, in ms.
+    pub clock_offset_ms: i64,
 }
 
 /// Async worker threads for `cpus` available CPUs: the storage writer and the
@@ -191,6 +210,8 @@ impl Args {
             anti_entropy_every: (self.anti_entropy_secs > 0)
                 .then(|| Duration::from_secs(self.anti_entropy_secs)),
             tombstone_grace: Duration::from_secs(self.tombstone_grace_secs),
+            max_clock_skew: Duration::from_millis(self.max_clock_skew_ms.max(1)),
+            clock_offset_ms: self.clock_offset_ms,
             worker_threads: match self.worker_threads {
                 Some(n) => usize::from(n),
                 None => default_worker_threads(

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use kv_core::{Consistency, NodeState, Record, bucket_of};
+use kv_core::{Applied, Consistency, NodeState, Record, bucket_of};
 use tokio::sync::mpsc;
 
 use crate::cluster::View;
@@ -23,7 +23,7 @@ use crate::cluster::View;
 /// How long a read waits for an owner before also asking the next one.
 const SPECULATIVE_READ_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 use crate::node::{ApiError, Node};
-use crate::peer::PeerError;
+use crate::peer::{ApplyReply, PeerError};
 use crate::storage::StorageError;
 
 /// What a prefix listing returns.
@@ -71,12 +71,16 @@ impl Node {
         let level = level.unwrap_or(view.topology.read_consistency);
         let owners = view.layout.read_owners(bucket_of(key)).to_vec();
         let need = level.required(owners.len()).max(1);
+        // A store that is new or rebuilt answers no reads until caught up:
+        // its "absent" would be a lie (SPEC §3).
+        let me_catching_up = self.store.catching_up();
         let candidates: Vec<u32> = owners
             .iter()
             .copied()
             .filter(|o| {
                 view.state_of(*o)
                     .is_some_and(NodeState::serves_client_reads)
+                    && !(*o == self.me() && me_catching_up)
             })
             .collect();
         if candidates.len() < need {
@@ -229,7 +233,16 @@ impl Node {
     }
 
     /// Writes `value` (`None` = delete) at `level`. With `expect_present`,
-    /// 404 unless a live value exists; with `create_only`, 412 if one does.
+    /// 404 unless a live value exists; with `create_only`, 412 if one does
+    /// (linearizable: see [`Node::create`]).
+    ///
+    /// Per-key monotonic versions: an owner that already holds a newer
+    /// version of the key says so instead of acknowledging; the coordinator
+    /// moves its clock past that version and re-issues the write. An
+    /// acknowledgement therefore means the owner held nothing newer, and
+    /// since any two write quorums share an owner, a write that begins after
+    /// another was acknowledged (both at Quorum or All) gets the higher
+    /// version, whatever the coordinators' clocks say.
     pub async fn write(
         self: &Arc<Self>,
         key: Vec<u8>,
@@ -239,22 +252,62 @@ impl Node {
         expect_present: bool,
     ) -> Result<Record, ApiError> {
         let view = self.require_serving()?;
+        self.check_clock()?;
         let level = level.unwrap_or(view.topology.write_consistency);
-        if create_only || expect_present {
-            let current = self.read(&key, None).await?;
-            let live = current.as_ref().is_some_and(|r| r.value.is_some());
-            if create_only && live {
-                return Err(ApiError::new(
-                    412,
-                    "precondition_failed",
-                    "the key already has a value (If-None-Match: *)".into(),
-                ));
+        if create_only {
+            if let Some(value) = value {
+                return self.create(&view, key, value, level).await;
             }
-            if expect_present && !live {
+            return Err(ApiError::bad_request("a create-only write needs a value"));
+        }
+        if expect_present {
+            let current = self.read(&key, None).await?;
+            if current.as_ref().is_none_or(|r| r.value.is_none()) {
                 return Err(ApiError::new(404, "not_found", "no such key".into()));
             }
         }
-        let bucket = bucket_of(&key);
+        self.replicate(&view, key, value, level).await
+    }
+
+    /// Runs a write on the key's owners, re-issuing it with a higher version
+    /// while an owner holds a newer one (a bounded number of times).
+    pub(crate) async fn replicate(
+        self: &Arc<Self>,
+        view: &Arc<View>,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        level: Consistency,
+    ) -> Result<Record, ApiError> {
+        let mut attempt = 0;
+        loop {
+            let record = Record {
+                key: key.clone(),
+                value: value.clone(),
+                version: self.hlc.now(),
+            };
+            match self.replicate_once(view, record, level).await? {
+                Replicated::Done(r) => return Ok(r),
+                Replicated::Superseded(newer) => {
+                    self.hlc.observe(newer);
+                    attempt += 1;
+                    self.metrics.writes_reissued.inc();
+                    if attempt >= MAX_REISSUES {
+                        return Err(unavailable(format!(
+                            "the key's owners kept holding newer versions through {attempt} attempts (concurrent writers); the write is not reported as written and may or may not become visible"
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    async fn replicate_once(
+        self: &Arc<Self>,
+        view: &Arc<View>,
+        record: Record,
+        level: Consistency,
+    ) -> Result<Replicated, ApiError> {
+        let bucket = bucket_of(&record.key);
         let current: Vec<u32> = view.layout.current.owners(bucket).to_vec();
         let pending: Option<Vec<u32>> = view
             .layout
@@ -286,13 +339,8 @@ impl Node {
                 )));
             }
         }
-        let record = Record {
-            key,
-            value,
-            version: self.hlc.now(),
-        };
         let targets: BTreeSet<u32> = view.layout.write_owners(bucket).into_iter().collect();
-        let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Result<(), WriteFailure>)>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Result<ApplyReply, WriteFailure>)>();
         let mut hints = Vec::new();
         for o in targets {
             if !state(&o).is_some_and(NodeState::takes_replica_writes) {
@@ -320,22 +368,35 @@ impl Node {
                 tracing::warn!(error = %e, count = n, "cannot store hints");
             }
         }
-        let counts = |o: u32| {
-            let cur = current.contains(&o) && state(&o).is_some_and(NodeState::counts_in_quorum);
+        // An owner whose store is still catching up takes the write but does
+        // not count towards the committed placement's quorum (like a
+        // Recovering node): it may lack the newer version that would have
+        // made it refuse.
+        let counts = |o: u32, catching_up: bool| {
+            let cur = current.contains(&o)
+                && !catching_up
+                && state(&o).is_some_and(NodeState::counts_in_quorum);
             let pend = pending.as_ref().is_some_and(|p| p.contains(&o));
             (cur, pend)
         };
         let (mut acked_cur, mut acked_pend) = (0usize, 0usize);
         let mut failures = Vec::new();
         let mut disk_full = false;
+        let mut newer: Option<kv_core::Version> = None;
         let done = |c: usize, p: usize| c >= need_cur && need_pend.is_none_or(|n| p >= n);
         while !done(acked_cur, acked_pend) {
             match rx.recv().await {
-                Some((o, Ok(()))) => {
-                    let (c, p) = counts(o);
-                    acked_cur += usize::from(c);
-                    acked_pend += usize::from(p);
-                }
+                Some((o, Ok(reply))) => match reply.outcome {
+                    Applied::Stored | Applied::Had => {
+                        let (c, p) = counts(o, reply.catching_up);
+                        acked_cur += usize::from(c);
+                        acked_pend += usize::from(p);
+                    }
+                    Applied::Newer(v) => {
+                        newer = newer.max(Some(v));
+                        failures.push(format!("node {o}: holds a newer version {v}"));
+                    }
+                },
                 Some((o, Err(f))) => {
                     disk_full |= matches!(f, WriteFailure::DiskFull);
                     failures.push(format!("node {o}: {}", f.message()));
@@ -344,7 +405,10 @@ impl Node {
             }
         }
         if done(acked_cur, acked_pend) {
-            return Ok(record);
+            return Ok(Replicated::Done(record));
+        }
+        if let Some(v) = newer {
+            return Ok(Replicated::Superseded(v));
         }
         let msg = format!(
             "write at {level} was acknowledged by {acked_cur} of the {need_cur} owners it needs ({}); it is not reported as written and may or may not become visible",
@@ -357,15 +421,119 @@ impl Node {
         }
     }
 
+    /// The node that serialises create-only writes of `key`: the first of
+    /// its owners (committed placement) that counts in quorum. Every node
+    /// holding the same topology names the same one.
+    fn create_leader(view: &View, key: &[u8]) -> Option<u32> {
+        view.layout
+            .current
+            .owners(bucket_of(key))
+            .iter()
+            .copied()
+            .find(|o| view.state_of(*o).is_some_and(NodeState::counts_in_quorum))
+    }
+
+    /// A create-only write, linearizable per key: it runs on the key's create
+    /// leader, which holds a per-key lock across a quorum read and the write,
+    /// so of concurrent creators exactly one finds the key absent. Creates
+    /// read and write at Quorum at least, so each sees every create
+    /// acknowledged before it, even one whose leader has changed since.
+    async fn create(
+        self: &Arc<Self>,
+        view: &Arc<View>,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        level: Consistency,
+    ) -> Result<Record, ApiError> {
+        let Some(leader) = Self::create_leader(view, &key) else {
+            return Err(unavailable(
+                "a create-only write needs one of the key's owners Up".into(),
+            ));
+        };
+        if leader == self.me() {
+            return self.create_as_leader(key, value, level).await;
+        }
+        let addr = peer_address(view, leader).map_err(|e| unavailable(e.to_string()))?;
+        let record = Record {
+            key,
+            value: Some(value),
+            version: kv_core::Version::ZERO,
+        };
+        match self.peers.create(leader, &addr, &record, level).await {
+            Ok(r) => Ok(r),
+            Err(PeerError::Status(_, status, body))
+                if status < 500 || status == 503 || status == 507 =>
+            {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                let code = match status {
+                    412 => "precondition_failed",
+                    503 => "unavailable",
+                    507 => "insufficient_storage",
+                    413 => "payload_too_large",
+                    _ => "bad_request",
+                };
+                let message = v["message"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| {
+                        format!("the key's create leader (node {leader}) answered {status}")
+                    });
+                Err(ApiError::new(status, code, message))
+            }
+            Err(e) => Err(unavailable(format!(
+                "the key's create leader (node {leader}) did not answer: {e}; the create may or may not have taken effect"
+            ))),
+        }
+    }
+
+    /// [`Node::create`] on the leader itself.
+    pub async fn create_as_leader(
+        self: &Arc<Self>,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        level: Consistency,
+    ) -> Result<Record, ApiError> {
+        let view = self.require_serving()?;
+        self.check_clock()?;
+        if Self::create_leader(&view, &key) != Some(self.me()) {
+            return Err(unavailable(format!(
+                "node {} is not the create leader of this key in its topology (epoch {}); retry",
+                self.me(),
+                view.topology.epoch
+            )));
+        }
+        let level = level.max(Consistency::Quorum);
+        let stripe = bucket_of(&key) as usize % self.create_locks.len();
+        let _serialised = self.create_locks[stripe].lock().await;
+        let current = self.read(&key, Some(level)).await?;
+        if current.as_ref().is_some_and(|r| r.value.is_some()) {
+            return Err(ApiError::new(
+                412,
+                "precondition_failed",
+                "the key already has a value (If-None-Match: *)".into(),
+            ));
+        }
+        if let Some(c) = &current {
+            self.hlc.observe(c.version);
+        }
+        self.replicate(&view, key, Some(value), level).await
+    }
+
     async fn write_replica(
         &self,
         view: &View,
         ordinal: u32,
         record: Record,
-    ) -> Result<(), WriteFailure> {
+    ) -> Result<ApplyReply, WriteFailure> {
         if ordinal == self.me() {
             return match self.store.apply(vec![record]).await {
-                Ok(_) => Ok(()),
+                Ok(outcomes) => match outcomes.first() {
+                    Some(outcome) => Ok(ApplyReply {
+                        outcome: *outcome,
+                        catching_up: self.store.catching_up(),
+                    }),
+                    None => Err(WriteFailure::Other("the store answered nothing".into())),
+                },
                 Err(StorageError::DiskFull(_)) => Err(WriteFailure::DiskFull),
                 Err(e) => Err(WriteFailure::Other(e.to_string())),
             };
@@ -377,8 +545,7 @@ impl Node {
             .replication
             .with_label_values(&["write", outcome])
             .inc();
-        r.map(|_| ())
-            .map_err(|e| WriteFailure::Other(e.to_string()))
+        r.map_err(|e| WriteFailure::Other(e.to_string()))
     }
 
     /// A page of live keys under `prefix`, merged across every serving node so
@@ -391,11 +558,13 @@ impl Node {
         limit: usize,
     ) -> Result<Listing, ApiError> {
         let view = self.require_serving()?;
+        let me_catching_up = self.store.catching_up();
         let serving: Vec<u32> = view
             .topology
             .nodes
             .iter()
             .filter(|n| n.state.serves_client_reads())
+            .filter(|n| !(n.ordinal == self.me() && me_catching_up))
             .map(|n| n.ordinal)
             .collect();
         let mut tasks = Vec::new();
@@ -492,6 +661,16 @@ pub(crate) fn peer_address(view: &View, ordinal: u32) -> Result<String, PeerErro
         .node(ordinal)
         .map(|n| n.peer_address.clone())
         .ok_or(PeerError::Unknown(ordinal))
+}
+
+/// Most times a write is re-issued because an owner held a newer version.
+const MAX_REISSUES: u32 = 8;
+
+enum Replicated {
+    /// Acknowledged by enough owners.
+    Done(Record),
+    /// Not acknowledged: an owner holds this newer version.
+    Superseded(kv_core::Version),
 }
 
 enum WriteFailure {

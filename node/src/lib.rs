@@ -14,6 +14,7 @@
 //! - [`cluster`]: the topology this node holds and its catch-up progress.
 
 pub mod api;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod coordinator;
@@ -35,6 +36,7 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     let (node, seen) = Node::open(config)?;
     node.load_topology_file();
+    node.check_store_age().await?;
     let client = tokio::net::TcpListener::bind(node.config.listen)
         .await
         .map_err(|source| NodeError::Listen {

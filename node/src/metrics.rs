@@ -32,6 +32,9 @@ pub struct Metrics {
     pub divergent_buckets: IntGauge,
     pub hints_delivered: IntCounter,
     pub tombstones_purged: IntCounter,
+    pub clock_skew: prometheus::Gauge,
+    pub writes_reissued: IntCounter,
+    pub store_catching_up: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -141,6 +144,18 @@ impl Metrics {
                 "kv_tombstones_purged_total",
                 "Tombstones removed after the grace period",
             ),
+            clock_skew: must(prometheus::Gauge::new(
+                "kv_clock_skew_seconds",
+                "This node's clock minus the median of the cluster's clocks",
+            )),
+            writes_reissued: counter(
+                "kv_writes_reissued_total",
+                "Writes re-issued with a higher version because an owner held a newer one",
+            ),
+            store_catching_up: gauge(
+                "kv_store_catching_up",
+                "1 while this node's store is new or rebuilt and serves no reads until caught up",
+            ),
             registry: registry.clone(),
         };
         reg(Box::new(m.requests.clone()));
@@ -163,6 +178,9 @@ impl Metrics {
         reg(Box::new(m.divergent_buckets.clone()));
         reg(Box::new(m.hints_delivered.clone()));
         reg(Box::new(m.tombstones_purged.clone()));
+        reg(Box::new(m.clock_skew.clone()));
+        reg(Box::new(m.writes_reissued.clone()));
+        reg(Box::new(m.store_catching_up.clone()));
         m.resync_progress.set(1.0);
         m
     }

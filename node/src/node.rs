@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use kv_core::{Hlc, Topology};
 use tokio::sync::{mpsc, watch};
 
+use crate::clock::SkewTracker;
 use crate::cluster::{ClusterState, Source};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -61,15 +62,26 @@ pub enum NodeError {
     Topology { path: String, message: String },
 }
 
+/// One node: the store, the clock that versions its writes, what it believes
+/// about the cluster, its client for peers, and its metrics. Every request
+/// handler and background task holds an `Arc<Node>`.
 pub struct Node {
     pub config: Config,
     pub store: Store,
-    pub hlc: Hlc,
+    pub hlc: Arc<Hlc>,
     pub cluster: ClusterState,
     pub peers: Peers,
     pub metrics: Metrics,
     pub started: Instant,
+    /// Offsets of the peers' clocks from ours.
+    pub skew: Arc<SkewTracker>,
+    /// Create-only writes of a key are serialised on its create leader
+    /// through one of these (striped by key hash).
+    pub(crate) create_locks: Vec<tokio::sync::Mutex<()>>,
 }
+
+/// Stripes of [`Node::create_locks`].
+const CREATE_LOCK_STRIPES: usize = 1024;
 
 impl Node {
     pub fn me(&self) -> u32 {
@@ -105,23 +117,38 @@ impl Node {
             store.claim_identity(&view.topology.cluster_id, config.node_id)?;
         }
         let (seen_tx, seen_rx) = mpsc::unbounded_channel();
+        // The clock starts above every version on disk: a write after a
+        // restart must beat the writes before it, whatever the wall clock says.
+        let hlc = Arc::new(Hlc::with_offset(config.node_id, config.clock_offset_ms));
+        hlc.observe(store.max_version_at_open());
+        let skew = Arc::new(SkewTracker::new());
+        let wall = hlc.clone();
         let peers = Peers::new(
             config.node_id,
             config.cluster_token.clone(),
             config.peer_timeout,
             seen_tx,
+            skew.clone(),
+            Arc::new(move || wall.wall_ms()),
         );
         peers.set_epoch(view.topology.epoch);
         metrics.topology_epoch.set(view.topology.epoch as i64);
         metrics.set_state(view.state_of(config.node_id));
+        metrics
+            .store_catching_up
+            .set(i64::from(store.catching_up()));
         let node = Arc::new(Node {
-            hlc: Hlc::new(config.node_id),
+            hlc,
             config,
             store,
             cluster,
             peers,
             metrics,
             started: Instant::now(),
+            skew,
+            create_locks: (0..CREATE_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         });
         Ok((node, seen_rx))
     }
@@ -261,11 +288,97 @@ impl Node {
         }
     }
 
+    /// Refuses to coordinate a write while this node's clock is further from
+    /// the cluster's than `max_clock_skew`: its versions would be off by that
+    /// much, and a version too far ahead outranks writes acknowledged later.
+    pub fn check_clock(&self) -> Result<(), ApiError> {
+        let skew = self.skew.skew_ms();
+        if skew.unsigned_abs() > self.config.max_clock_skew.as_millis() as u64 {
+            return Err(ApiError::new(
+                503,
+                "clock_skew",
+                format!(
+                    "node {}'s clock is {skew} ms off the cluster's (limit {} ms); it coordinates no writes until the clock is fixed; try another node",
+                    self.me(),
+                    self.config.max_clock_skew.as_millis()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Measures the clock offset to every peer, updates the skew gauge and
+    /// logs when the skew crosses half the limit (and when it comes back).
+    pub async fn probe_clocks(&self, warned: &mut bool) {
+        let view = self.cluster.view();
+        let peers: Vec<(u32, String)> = view
+            .topology
+            .nodes
+            .iter()
+            .filter(|n| n.ordinal != self.me())
+            .map(|n| (n.ordinal, n.peer_address.clone()))
+            .collect();
+        self.skew
+            .retain(|o| view.topology.node(o).is_some() && o != self.me());
+        let pings = peers.iter().map(|(o, a)| self.peers.ping(*o, a));
+        futures::future::join_all(pings).await;
+        let skew = self.skew.skew_ms();
+        self.metrics.clock_skew.set(skew as f64 / 1000.0);
+        let warn_at = self.config.max_clock_skew.as_millis() as u64 / 2;
+        if skew.unsigned_abs() > warn_at && !*warned {
+            *warned = true;
+            tracing::warn!(
+                skew_ms = skew,
+                limit_ms = self.config.max_clock_skew.as_millis() as u64,
+                "this node's clock is off the median of the cluster's clocks; past the limit it refuses to coordinate writes"
+            );
+        } else if skew.unsigned_abs() <= warn_at && *warned {
+            *warned = false;
+            tracing::info!(skew_ms = skew, "clock skew back within bounds");
+        }
+    }
+
+    /// A store that was out of touch with its cluster for longer than the
+    /// tombstone grace period may hold keys deleted since (their tombstones
+    /// purged): it is emptied and rebuilt from its co-owners (SPEC §3).
+    pub async fn check_store_age(&self) -> Result<(), StorageError> {
+        if self.store.catching_up() || self.cluster.epoch() == 0 {
+            return Ok(());
+        }
+        let Some(alive_at) = self.store.alive_at()? else {
+            return Ok(());
+        };
+        let now = self.hlc.wall_ms();
+        let grace = self.config.tombstone_grace.as_millis() as u64;
+        if now.saturating_sub(alive_at) > grace {
+            tracing::warn!(
+                out_of_touch_s = now.saturating_sub(alive_at) / 1000,
+                grace_s = grace / 1000,
+                "the store was out of touch with its cluster for longer than the tombstone grace period; rebuilding it from its co-owners"
+            );
+            let n = self.store.rebuild().await?;
+            self.metrics.store_catching_up.set(1);
+            tracing::info!(records = n, "store emptied; catching up");
+        }
+        Ok(())
+    }
+
     /// Refreshes the storage gauges: pending hints every 2 s, the key and
-    /// tombstone counts (a scan of the records) every 15 s.
+    /// tombstone counts (a scan of the records) every 15 s; measures clock
+    /// skew every 10 s and records that the store is in touch with its
+    /// cluster every minute.
     pub async fn refresh_gauges(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut round = 0u64;
+        let mut warned = false;
         loop {
+            if round.is_multiple_of(5) {
+                self.probe_clocks(&mut warned).await;
+            }
+            if round.is_multiple_of(30) && self.cluster.serving() && !self.store.catching_up() {
+                let store = self.store.clone();
+                let now = self.hlc.wall_ms();
+                let _ = tokio::task::spawn_blocking(move || store.touch_alive(now)).await;
+            }
             if round.is_multiple_of(8) {
                 let store = self.store.clone();
                 if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || store.stats()).await {

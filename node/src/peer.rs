@@ -16,12 +16,17 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kv_core::wire::{self, WireError};
-use kv_core::{Digest, Record, Topology};
+use kv_core::wire::{self, ApplyAnswer, WireError};
+use kv_core::{Applied, Consistency, Digest, Record, Topology};
+
+use crate::clock::SkewTracker;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 pub const EPOCH_HEADER: &str = "x-kv-epoch";
 pub const NODE_HEADER: &str = "x-kv-node";
+/// The sender's wall clock (ms since the Unix epoch), on every peer request
+/// and answer: how nodes measure clock skew between them.
+pub const CLOCK_HEADER: &str = "x-kv-clock";
 
 /// Most items one batched request carries.
 const MAX_BATCH: usize = 256;
@@ -127,9 +132,18 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
     }
 }
 
+/// One owner's answer about one record it was asked to apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApplyReply {
+    pub outcome: Applied,
+    /// The owner's store is still catching up: its acknowledgement does not
+    /// count towards a quorum of the committed placement.
+    pub catching_up: bool,
+}
+
 struct Link {
     address: String,
-    apply: Batcher<Record, bool>,
+    apply: Batcher<Record, ApplyReply>,
     read: Batcher<Vec<u8>, Option<Record>>,
 }
 
@@ -146,15 +160,20 @@ struct Inner {
     epoch: std::sync::atomic::AtomicU64,
     seen: mpsc::UnboundedSender<EpochSeen>,
     timeout: Duration,
+    skew: Arc<SkewTracker>,
+    wall_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
 }
 
 impl Peers {
-    /// `seen` receives every higher epoch a peer answers with.
+    /// `seen` receives every higher epoch a peer answers with; `skew` every
+    /// clock offset measured from an answer; `wall_ms` reads this node's clock.
     pub fn new(
         me: u32,
         token: String,
         timeout: Duration,
         seen: mpsc::UnboundedSender<EpochSeen>,
+        skew: Arc<SkewTracker>,
+        wall_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Peers {
         let http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(60))
@@ -172,6 +191,8 @@ impl Peers {
                 epoch: std::sync::atomic::AtomicU64::new(0),
                 seen,
                 timeout,
+                skew,
+                wall_ms,
             }),
             links: Mutex::new(HashMap::new()),
         }
@@ -199,7 +220,18 @@ impl Peers {
             address: address.to_string(),
             apply: Batcher::spawn(move |records: Vec<Record>| {
                 let (h, i, a) = (h1.clone(), i1.clone(), a1.clone());
-                async move { apply_batch(&h, &i, ordinal, &a, &records).await }
+                async move {
+                    let answer = apply_batch(&h, &i, ordinal, &a, &records).await?;
+                    let catching_up = answer.catching_up;
+                    Ok(answer
+                        .outcomes
+                        .into_iter()
+                        .map(|outcome| ApplyReply {
+                            outcome,
+                            catching_up,
+                        })
+                        .collect())
+                }
             }),
             read: Batcher::spawn(move |keys: Vec<Vec<u8>>| {
                 let (h, i, a) = (h2.clone(), i2.clone(), a2.clone());
@@ -221,7 +253,7 @@ impl Peers {
         ordinal: u32,
         address: &str,
         record: Record,
-    ) -> Result<bool, PeerError> {
+    ) -> Result<ApplyReply, PeerError> {
         self.link(ordinal, address)
             .apply
             .call(record, ordinal)
@@ -244,8 +276,54 @@ impl Peers {
         ordinal: u32,
         address: &str,
         records: &[Record],
-    ) -> Result<Vec<bool>, PeerError> {
+    ) -> Result<ApplyAnswer, PeerError> {
         apply_batch(&self.http, &self.inner, ordinal, address, records).await
+    }
+
+    /// Asks the key's create leader to run a create-only write of `record`
+    /// (its version is ignored) at `level`. `Ok(Err(status, message))` is the
+    /// leader's refusal (412 when the key exists).
+    pub async fn create(
+        &self,
+        ordinal: u32,
+        address: &str,
+        record: &Record,
+        level: Consistency,
+    ) -> Result<Record, PeerError> {
+        let body = post(
+            &self.http,
+            &self.inner,
+            ordinal,
+            address,
+            &format!("create?consistency={level}"),
+            wire::encode_records([record]),
+        )
+        .await?;
+        let mut records = wire::decode_records(&body).map_err(|e| PeerError::Decode(ordinal, e))?;
+        match records.pop() {
+            Some(r) if records.is_empty() => Ok(r),
+            _ => Err(PeerError::ShortAnswer(ordinal)),
+        }
+    }
+
+    /// A request that carries nothing but clocks: measures the skew to `ordinal`.
+    pub async fn ping(&self, ordinal: u32, address: &str) -> Result<(), PeerError> {
+        get(&self.http, &self.inner, ordinal, address, "clock")
+            .await
+            .map(|_| ())
+    }
+
+    /// A peer's bucket digests and whether its own store is still catching
+    /// up (new or rebuilt).
+    pub async fn store_digests(
+        &self,
+        ordinal: u32,
+        address: &str,
+    ) -> Result<(bool, Vec<Digest>), PeerError> {
+        let body = get(&self.http, &self.inner, ordinal, address, "store-digests").await?;
+        let (flag, rest) = body.split_first().ok_or(PeerError::ShortAnswer(ordinal))?;
+        let d = wire::decode_digests(rest).map_err(|e| PeerError::Decode(ordinal, e))?;
+        Ok((*flag == 1, d))
     }
 
     pub async fn digests(&self, ordinal: u32, address: &str) -> Result<Vec<Digest>, PeerError> {
@@ -329,13 +407,26 @@ async fn send(
     req: reqwest::RequestBuilder,
 ) -> Result<bytes::Bytes, PeerError> {
     let epoch = inner.epoch.load(std::sync::atomic::Ordering::Acquire);
+    let sent_at = (inner.wall_ms)();
+    let started = std::time::Instant::now();
     let resp = req
         .bearer_auth(&inner.token)
         .header(EPOCH_HEADER, epoch)
         .header(NODE_HEADER, inner.me)
+        .header(CLOCK_HEADER, sent_at)
         .send()
         .await
         .map_err(|e| PeerError::Unreachable(ordinal, e.to_string()))?;
+    if let Some(theirs) = resp
+        .headers()
+        .get(CLOCK_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        // their clock against ours at the middle of the round trip
+        let mid = sent_at as i64 + started.elapsed().as_millis() as i64 / 2;
+        inner.skew.record(ordinal, theirs as i64 - mid);
+    }
     if let Some(theirs) = resp
         .headers()
         .get(EPOCH_HEADER)
@@ -386,7 +477,7 @@ async fn apply_batch(
     ordinal: u32,
     address: &str,
     records: &[Record],
-) -> Result<Vec<bool>, PeerError> {
+) -> Result<ApplyAnswer, PeerError> {
     let body = post(
         http,
         inner,
@@ -396,10 +487,11 @@ async fn apply_batch(
         wire::encode_records(records),
     )
     .await?;
-    if body.len() != records.len() {
+    let answer = wire::decode_apply_answer(&body).map_err(|e| PeerError::Decode(ordinal, e))?;
+    if answer.outcomes.len() != records.len() {
         return Err(PeerError::ShortAnswer(ordinal));
     }
-    Ok(body.iter().map(|b| *b == 1).collect())
+    Ok(answer)
 }
 
 async fn read_batch(

@@ -18,7 +18,7 @@ use crate::api::{
 };
 use crate::cluster::Source;
 use crate::node::{ApiError, Node};
-use crate::peer::{EPOCH_HEADER, NODE_HEADER};
+use crate::peer::{CLOCK_HEADER, EPOCH_HEADER, NODE_HEADER};
 
 /// Largest batch body a peer accepts.
 pub fn batch_limit(max_value: usize) -> usize {
@@ -45,6 +45,9 @@ pub fn routes(
                 let mut resp = serve(&node, req, body).await;
                 if let Ok(v) = HeaderValue::from_str(&node.cluster.epoch().to_string()) {
                     resp.headers_mut().insert(EPOCH_HEADER, v);
+                }
+                if let Ok(v) = HeaderValue::from_str(&node.hlc.wall_ms().to_string()) {
+                    resp.headers_mut().insert(CLOCK_HEADER, v);
                 }
                 resp
             }
@@ -102,6 +105,23 @@ fn decode_err(e: wire::WireError) -> ApiError {
     ApiError::bad_request(format!("bad batch: {e}"))
 }
 
+/// A store that is new or rebuilt does not answer replica reads: a missing
+/// key there means "not caught up yet", not "absent" (SPEC §3). The
+/// coordinator asks another owner.
+fn refuse_while_catching_up(node: &Node) -> Result<(), ApiError> {
+    if node.store.catching_up() {
+        return Err(ApiError::new(
+            503,
+            "catching_up",
+            format!(
+                "node {}'s store is new or rebuilt and still catching up; it serves no reads yet",
+                node.me()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Most keys of a peer read batch served on the async worker itself.
 const INLINE_READS: usize = 16;
 
@@ -142,10 +162,53 @@ async fn handle(
             if let Some(max) = records.iter().map(|r| r.version).max() {
                 node.hlc.observe(max);
             }
-            let applied = node.store.apply(records).await.map_err(ApiError::storage)?;
-            Ok(binary(applied.into_iter().map(u8::from).collect()))
+            let outcomes = node.store.apply(records).await.map_err(ApiError::storage)?;
+            for o in &outcomes {
+                if let kv_core::Applied::Newer(v) = o {
+                    node.hlc.observe(*v);
+                }
+            }
+            Ok(binary(wire::encode_apply_answer(&wire::ApplyAnswer {
+                catching_up: node.store.catching_up(),
+                outcomes,
+            })))
         }
+        (Method::POST, "create") => {
+            let q = parse_query(query)?;
+            let level = q
+                .get("consistency")
+                .and_then(|v| {
+                    std::str::from_utf8(v)
+                        .ok()?
+                        .parse::<kv_core::Consistency>()
+                        .ok()
+                })
+                .ok_or_else(|| {
+                    ApiError::bad_request("consistency must be one of: one, quorum, all")
+                })?;
+            let mut records = wire::decode_records(&body).map_err(decode_err)?;
+            let record = match (records.pop(), records.is_empty()) {
+                (Some(r), true) => r,
+                _ => return Err(ApiError::bad_request("a create carries exactly one record")),
+            };
+            kv_core::record::validate_key(&record.key)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let Some(value) = record.value else {
+                return Err(ApiError::bad_request("a create carries a value"));
+            };
+            if value.len() > node.config.max_value_bytes {
+                return Err(ApiError::new(
+                    413,
+                    "payload_too_large",
+                    "the value is over this node's limit".into(),
+                ));
+            }
+            let stored = node.create_as_leader(record.key, value, level).await?;
+            Ok(binary(wire::encode_records([&stored])))
+        }
+        (Method::GET, "clock") => Ok(binary(Vec::new())),
         (Method::POST, "read") => {
+            refuse_while_catching_up(node)?;
             let keys = wire::decode_keys(&body).map_err(decode_err)?;
             let key_count = keys.len();
             let store = node.store.clone();
@@ -168,12 +231,21 @@ async fn handle(
             };
             Ok(binary(wire::encode_records(&found)))
         }
+        (Method::GET, "store-digests") => {
+            let catching_up = node.store.catching_up();
+            let store = node.store.clone();
+            let d = blocking(move || store.bucket_digests()).await?;
+            let mut body = vec![u8::from(catching_up)];
+            body.extend(wire::encode_digests(&d));
+            Ok(binary(body))
+        }
         (Method::GET, "digests") => {
             let store = node.store.clone();
             let d = blocking(move || store.bucket_digests()).await?;
             Ok(binary(wire::encode_digests(&d)))
         }
         (Method::GET, "scan") => {
+            refuse_while_catching_up(node)?;
             let q = parse_query(query)?;
             let prefix = q.get("prefix").cloned().unwrap_or_default();
             let after = q.get("after").cloned();
@@ -247,10 +319,14 @@ async fn handle(
             let records = blocking(move || store.bucket_records(b)).await?;
             Ok(binary(wire::encode_records(&records)))
         }
-        (_, r @ ("apply" | "read" | "digests" | "scan" | "topology" | "buckets")) => {
+        (
+            _,
+            r @ ("apply" | "read" | "digests" | "store-digests" | "scan" | "topology" | "buckets"
+            | "create" | "clock"),
+        ) => {
             // error_response turns "this route takes ..." into the Allow header a 405 needs.
             let allowed = match r {
-                "apply" | "read" | "buckets" => "POST",
+                "apply" | "read" | "buckets" | "create" => "POST",
                 "topology" => "GET or PUT",
                 _ => "GET",
             };

@@ -35,8 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kv_core::record::supersedes;
-use kv_core::{BUCKETS, Digest, Record, Version, bucket_of};
+use kv_core::{Applied, BUCKETS, Digest, Record, Version, bucket_of};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -125,7 +124,7 @@ enum WriteOp {
 }
 
 enum WriteDone {
-    Applied(Vec<bool>),
+    Applied(Vec<Applied>),
     Count(u64),
 }
 
@@ -145,6 +144,13 @@ struct Shared {
     /// Set when an fsync of the log failed: the kernel may have dropped the
     /// unsynced pages, so no later write can be promised durable.
     poisoned: AtomicBool,
+    /// The store may lack records its owner should hold (it is new, or was
+    /// rebuilt): it serves no reads until a full catch-up clears this
+    /// (SPEC §3, store identity). Persisted as the meta row `catching_up`.
+    catching_up: AtomicBool,
+    /// The highest record or hint version on disk when the store opened: the
+    /// clock starts above it.
+    max_version: Version,
 }
 
 /// A handle on one node's database. Cheap to clone.
@@ -164,7 +170,28 @@ impl Store {
         let path = dir.join(DB_FILE);
         let writer_conn = Connection::open(&path)?;
         writer_conn.execute_batch(SCHEMA)?;
-        let digests = digests_from_records(&writer_conn)?;
+        let (digests, max_version) = digests_from_records(&writer_conn)?;
+        let max_hint: Option<(i64, u32)> = writer_conn
+            .query_row(
+                "SELECT ts, node FROM hints ORDER BY ts DESC, node DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let max_version = max_hint
+            .map(|(ts, node)| Version::new(ts as u64, node))
+            .map_or(max_version, |h| h.max(max_version));
+        let meta = |name: &str| -> Result<Option<String>, StorageError> {
+            Ok(writer_conn
+                .query_row("SELECT value FROM meta WHERE name = ?1", [name], |r| {
+                    r.get(0)
+                })
+                .optional()?)
+        };
+        // Set when the store claimed its identity (it was new) or was rebuilt,
+        // cleared by a full catch-up; a store that has never joined a cluster
+        // is the only copy of its data and has nothing to catch up with.
+        let catching_up = meta("catching_up")?.is_some();
         let mut readers = Vec::with_capacity(opts.readers.max(1));
         for _ in 0..opts.readers.max(1) {
             readers.push(open_reader(&path)?);
@@ -177,6 +204,8 @@ impl Store {
             write_requests: AtomicU64::new(0),
             syncs: AtomicU64::new(0),
             poisoned: AtomicBool::new(false),
+            catching_up: AtomicBool::new(catching_up),
+            max_version,
         });
         let wal = WalFile::open(&shared.path)?;
         let (tx, rx) = mpsc::unbounded_channel();
@@ -204,9 +233,10 @@ impl Store {
         rx.await.map_err(|_| StorageError::Closed)?
     }
 
-    /// Last-writer-wins apply-if-newer. Returns, per record, whether it
-    /// replaced what was stored. Durable (fsync'd) when it returns.
-    pub async fn apply(&self, records: Vec<Record>) -> Result<Vec<bool>, StorageError> {
+    /// Last-writer-wins apply-if-newer. Returns, per record, what it did
+    /// (stored it, had it, or holds a newer version). Durable (fsync'd) when
+    /// it returns.
+    pub async fn apply(&self, records: Vec<Record>) -> Result<Vec<Applied>, StorageError> {
         match self.write(WriteOp::Apply(records)).await? {
             WriteDone::Applied(v) => Ok(v),
             WriteDone::Count(_) => Err(StorageError::Sqlite(
@@ -351,7 +381,81 @@ impl Store {
     /// Every bucket's digest recomputed from the records themselves: what
     /// [`Store::bucket_digests`] must always equal.
     pub fn recompute_digests(&self) -> Result<Vec<Digest>, StorageError> {
-        self.read(digests_from_records)
+        self.read(|c| digests_from_records(c).map(|(d, _)| d))
+    }
+
+    /// The highest version on disk when the store opened.
+    pub fn max_version_at_open(&self) -> Version {
+        self.shared.max_version
+    }
+
+    /// Whether the store may lack records it should hold (new, or rebuilt)
+    /// and must not serve reads until a full catch-up.
+    pub fn catching_up(&self) -> bool {
+        self.shared.catching_up.load(Ordering::Acquire)
+    }
+
+    /// Records that a full catch-up completed: the store holds its data.
+    pub fn mark_caught_up(&self) -> Result<(), StorageError> {
+        if !self.catching_up() {
+            return Ok(());
+        }
+        let conn = self.meta_conn()?;
+        conn.execute("DELETE FROM meta WHERE name = 'catching_up'", [])?;
+        self.shared.catching_up.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// When the store was last known to be in contact with its cluster (ms
+    /// since the Unix epoch), if ever recorded.
+    pub fn alive_at(&self) -> Result<Option<u64>, StorageError> {
+        let conn = self.meta_conn()?;
+        let v: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE name = 'alive_at'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        Ok(v.and_then(|v| v.parse().ok()))
+    }
+
+    /// Records that the store is in contact with its cluster now.
+    pub fn touch_alive(&self, now_ms: u64) -> Result<(), StorageError> {
+        let conn = self.meta_conn()?;
+        conn.execute(
+            "INSERT INTO meta (name, value) VALUES ('alive_at', ?1)
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            [now_ms.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Empties a store that may hold data its cluster has since deleted for
+    /// good (older than the tombstone grace period): it is rebuilt from its
+    /// co-owners like a new one, so nothing deleted comes back.
+    pub async fn rebuild(&self) -> Result<u64, StorageError> {
+        {
+            let conn = self.meta_conn()?;
+            conn.execute(
+                "INSERT INTO meta (name, value) VALUES ('catching_up', 'rebuild')
+                 ON CONFLICT (name) DO NOTHING",
+                [],
+            )?;
+        }
+        self.shared.catching_up.store(true, Ordering::Release);
+        let n = self.drop_buckets((0..BUCKETS).collect()).await?;
+        let ids: Vec<i64> = self.read(|c| {
+            let mut stmt = c.prepare("SELECT id FROM hints")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.map(|r| r.map_err(StorageError::from)).collect()
+        })?;
+        self.delete_hints(ids).await?;
+        Ok(n)
+    }
+
+    fn meta_conn(&self) -> Result<Connection, StorageError> {
+        let conn = Connection::open(&self.shared.path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
     }
 
     /// Every record of `bucket`, tombstones included, ascending by key.
@@ -436,8 +540,7 @@ impl Store {
     /// identity on its volume and never takes over another node's data.
     pub fn claim_identity(&self, cluster_id: &str, ordinal: u32) -> Result<(), StorageError> {
         let requested = format!("{cluster_id}/{ordinal}");
-        let conn = Connection::open(&self.shared.path)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut conn = self.meta_conn()?;
         let stored: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE name = 'identity'", [], |r| {
                 r.get(0)
@@ -447,10 +550,20 @@ impl Store {
             Some(s) if s == requested => Ok(()),
             Some(stored) => Err(StorageError::WrongIdentity { stored, requested }),
             None => {
-                conn.execute(
+                // A new store joins catching up, and stays so across restarts
+                // until a full catch-up clears it.
+                let tx = conn.transaction()?;
+                tx.execute(
                     "INSERT INTO meta (name, value) VALUES ('identity', ?1)",
                     [&requested],
                 )?;
+                tx.execute(
+                    "INSERT INTO meta (name, value) VALUES ('catching_up', 'new')
+                     ON CONFLICT (name) DO NOTHING",
+                    [],
+                )?;
+                tx.commit()?;
+                self.shared.catching_up.store(true, Ordering::Release);
                 Ok(())
             }
         }
@@ -494,8 +607,10 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
 
 /// Every bucket's digest, from a scan of the records' keys and versions.
-fn digests_from_records(conn: &Connection) -> Result<Vec<Digest>, StorageError> {
+/// Also returns the highest version among them.
+fn digests_from_records(conn: &Connection) -> Result<(Vec<Digest>, Version), StorageError> {
     let mut out = vec![Digest::EMPTY; BUCKETS as usize];
+    let mut max = Version::ZERO;
     let mut stmt = conn.prepare("SELECT key, ts, node FROM records")?;
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
@@ -507,8 +622,9 @@ fn digests_from_records(conn: &Connection) -> Result<Vec<Digest>, StorageError> 
         if let Some(slot) = out.get_mut(bucket_of(key) as usize) {
             slot.add(kv_core::record::entry_digest(key, version));
         }
+        max = max.max(version);
     }
-    Ok(out)
+    Ok((out, max))
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StorageError> {
@@ -796,15 +912,16 @@ fn apply_one(
     tx: &rusqlite::Transaction<'_>,
     digests: &mut Touched<'_>,
     r: &Record,
-) -> Result<bool, StorageError> {
+) -> Result<Applied, StorageError> {
     let stored: Option<Version> = tx
         .prepare_cached("SELECT ts, node FROM records WHERE key = ?1")?
         .query_row([&r.key], |row| {
             Ok(Version::new(row.get::<_, i64>(0)? as u64, row.get(1)?))
         })
         .optional()?;
-    if !supersedes(r.version, stored) {
-        return Ok(false);
+    let outcome = Applied::of(r.version, stored);
+    if outcome != Applied::Stored {
+        return Ok(outcome);
     }
     let bucket = bucket_of(&r.key);
     tx.prepare_cached(
@@ -817,7 +934,7 @@ fn apply_one(
         digest.remove(kv_core::record::entry_digest(&r.key, old));
     }
     digest.add(r.digest());
-    Ok(true)
+    Ok(Applied::Stored)
 }
 
 /// The bucket digests one transaction has touched.

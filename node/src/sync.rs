@@ -101,8 +101,25 @@ impl Node {
             let view = self.cluster.view();
             let epoch = view.topology.epoch;
             if self.cluster.synced_epoch() < epoch && self.cluster.confirmed() {
+                // a store that is new or rebuilt pulls every bucket it keeps
+                let full = self.store.catching_up();
                 match self.catch_up(&view).await {
                     Ok(true) => {
+                        if full && self.cluster.epoch() == epoch {
+                            match self.store.mark_caught_up() {
+                                Ok(()) => {
+                                    self.metrics.store_catching_up.set(0);
+                                    tracing::info!(
+                                        epoch,
+                                        "the store has caught up: it serves reads from now on"
+                                    );
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "cannot record that the store caught up; retrying");
+                                    continue;
+                                }
+                            }
+                        }
                         self.cluster.set_synced(epoch);
                         tracing::info!(epoch, "sync complete for this epoch");
                         self.drop_unowned(&view).await;
@@ -135,6 +152,9 @@ impl Node {
             Some(NodeState::Recovering | NodeState::Joining) => {
                 (0..BUCKETS).filter(|b| view.layout.keeps(me, *b)).collect()
             }
+            Some(_) if self.store.catching_up() => {
+                (0..BUCKETS).filter(|b| view.layout.keeps(me, *b)).collect()
+            }
             Some(_) if view.layout.pending.is_some() => view.layout.incoming_buckets(me),
             _ => Vec::new(),
         }
@@ -162,14 +182,27 @@ impl Node {
         tracing::info!(epoch, buckets = buckets.len(), "catching up");
         let sources = self.sources(view, &buckets);
         let mut peer_digests = std::collections::BTreeMap::new();
+        let mut unreachable = Vec::new();
+        let mut all_new = true;
         for o in sources.iter().copied() {
             let addr = peer_address(view, o).map_err(|e| e.to_string())?;
-            let d = self
-                .peers
-                .digests(o, &addr)
-                .await
-                .map_err(|e| format!("digests of node {o}: {e}"))?;
-            peer_digests.insert(o, (addr, d));
+            match self.peers.store_digests(o, &addr).await {
+                Ok((new, d)) => {
+                    all_new &= new || d.iter().all(|b| b.count == 0);
+                    peer_digests.insert(o, (addr, d));
+                }
+                Err(e) => unreachable.push(format!("digests of node {o}: {e}")),
+            }
+        }
+        // Every co-owner must have been compared, so that nothing acknowledged
+        // is missed — except in a new cluster: when this store is new and every
+        // co-owner that answers is new or empty too, no acknowledged write can
+        // exist that only the silent ones hold (unless more volumes than a
+        // write quorum were lost at once), and waiting for them would leave a
+        // new cluster with one node down unable to serve.
+        let new_cluster = self.store.catching_up() && all_new && !peer_digests.is_empty();
+        if !unreachable.is_empty() && !new_cluster {
+            return Err(unreachable.join("; "));
         }
         // Chunks are compared and pulled a few at a time: while one chunk's
         // records are applied (the writer is busy), the next ones are on the
@@ -244,7 +277,7 @@ impl Node {
                 .apply(part.to_vec())
                 .await
                 .map_err(|e| e.to_string())?;
-            moved += applied.iter().filter(|a| **a).count() as u64;
+            moved += applied.iter().filter(|a| a.stored()).count() as u64;
         }
         self.metrics.resync_keys_moved.inc_by(moved);
         self.cluster.update_resync(|r| r.keys_moved += moved);
@@ -293,7 +326,7 @@ impl Node {
         let mut moved = 0;
         if !theirs.is_empty() {
             let applied = self.store.apply(theirs).await.map_err(|e| e.to_string())?;
-            moved = applied.iter().filter(|a| **a).count() as u64;
+            moved = applied.iter().filter(|a| a.stored()).count() as u64;
         }
         if push {
             let store = self.store.clone();

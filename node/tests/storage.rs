@@ -33,28 +33,40 @@ fn newer_versions_win_and_older_or_equal_ones_are_ignored() {
             store
                 .apply(vec![rec("k", Some("v2"), 20, 1)])
                 .await
-                .expect("apply"),
+                .expect("apply")
+                .iter()
+                .map(|a| a.stored())
+                .collect::<Vec<_>>(),
             [true]
         );
         assert_eq!(
             store
                 .apply(vec![rec("k", Some("old"), 10, 9)])
                 .await
-                .expect("apply"),
+                .expect("apply")
+                .iter()
+                .map(|a| a.stored())
+                .collect::<Vec<_>>(),
             [false]
         );
         assert_eq!(
             store
                 .apply(vec![rec("k", Some("same"), 20, 1)])
                 .await
-                .expect("apply"),
+                .expect("apply")
+                .iter()
+                .map(|a| a.stored())
+                .collect::<Vec<_>>(),
             [false]
         );
         assert_eq!(
             store
                 .apply(vec![rec("k", Some("tie"), 20, 2)])
                 .await
-                .expect("apply"),
+                .expect("apply")
+                .iter()
+                .map(|a| a.stored())
+                .collect::<Vec<_>>(),
             [true]
         );
     });
@@ -82,7 +94,10 @@ fn a_delete_is_a_tombstone_that_hides_the_key_from_listing_but_keeps_its_version
             store
                 .apply(vec![rec("a", Some("late"), 1, 5)])
                 .await
-                .expect("apply"),
+                .expect("apply")
+                .iter()
+                .map(|a| a.stored())
+                .collect::<Vec<_>>(),
             [false]
         );
     });
@@ -177,7 +192,13 @@ fn concurrent_writes_share_transactions() {
             }
         });
         for r in futures_join_all(writes).await {
-            assert_eq!(r.expect("apply"), [true]);
+            assert_eq!(
+                r.expect("apply")
+                    .iter()
+                    .map(|a| a.stored())
+                    .collect::<Vec<_>>(),
+                [true]
+            );
         }
     });
     let stats = store.stats().expect("stats");

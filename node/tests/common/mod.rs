@@ -289,8 +289,27 @@ pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// Waits until every running node in `nodes` holds `epoch`.
+/// Waits until every running node in `nodes` holds `epoch` and none of
+/// their stores is still catching up (a new store pulls from its co-owners
+/// before its reads and acknowledgements count, SPEC §3).
 pub fn wait_epoch(nodes: &[&NodeProc], epoch: u64) {
+    wait_epoch_only(nodes, epoch);
+    for n in nodes.iter().filter(|n| n.running()) {
+        let c = n.client();
+        eventually(
+            &format!("node {}'s store caught up", n.ordinal),
+            Duration::from_secs(30),
+            || {
+                c.send(c.req(reqwest::Method::GET, "/v1/cluster"))
+                    .ok()
+                    .is_some_and(|a| a.json()["storeCatchingUp"] != true)
+            },
+        );
+    }
+}
+
+/// Waits until every running node in `nodes` holds `epoch`.
+pub fn wait_epoch_only(nodes: &[&NodeProc], epoch: u64) {
     for n in nodes.iter().filter(|n| n.running()) {
         let c = n.client();
         eventually(
