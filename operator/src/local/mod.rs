@@ -200,6 +200,9 @@ pub struct Platform {
     /// peer port; empty unless a fault harness puts a proxy on the peer
     /// links ([`Platform::route_peer_traffic`]).
     peer_routes: Arc<Mutex<BTreeMap<u32, String>>>,
+    /// Extra environment of a node's process from its next start on; empty
+    /// unless a fault harness sets some ([`Platform::set_node_env`]).
+    node_env: Mutex<BTreeMap<u32, BTreeMap<String, String>>>,
 }
 
 impl Platform {
@@ -316,6 +319,7 @@ impl Platform {
             metrics: metrics::LocalMetrics::new(),
             ports: ports.clone(),
             peer_routes,
+            node_env: Mutex::default(),
             opts,
         };
         // Ports are looked up by the planner's address function.
@@ -424,6 +428,24 @@ impl Platform {
             .insert(ordinal, address);
     }
 
+    /// Sets (`Some`) or removes (`None`) an environment variable of node
+    /// `ordinal`'s process from its next start on; the running process keeps
+    /// its own. For a fault harness only: it restarts a node with
+    /// `KV_CLOCK_OFFSET_MS` to skew its clock.
+    pub fn set_node_env(&self, ordinal: u32, name: &str, value: Option<String>) {
+        let mut env = self.node_env.lock().unwrap_or_else(|p| p.into_inner());
+        let vars = env.entry(ordinal).or_default();
+        match value {
+            Some(v) => vars.insert(name.to_string(), v),
+            None => vars.remove(name),
+        };
+    }
+
+    /// Node `ordinal`'s database directory (`node-N/`; its volume).
+    pub fn node_data_dir(&self, ordinal: u32) -> PathBuf {
+        self.opts.data_dir.join(format!("node-{ordinal}"))
+    }
+
     /// The process id of a running node (for a harness that kills it).
     pub fn node_pid(&self, o: u32) -> Option<u32> {
         self.lock().procs.get(&o).and_then(|p| p.child.id())
@@ -520,17 +542,22 @@ impl Platform {
             }
         });
         for (o, v) in futures::future::join_all(futs).await {
-            answers.push((o, v.and_then(|v| parse_report(&v))));
+            // a node whose store is new or rebuilt gets no client traffic
+            // until it has caught up (its acknowledgements do not count yet)
+            let catching_up = v.as_ref().is_some_and(|v| v["storeCatchingUp"] == true);
+            answers.push((o, v.and_then(|v| parse_report(&v)), catching_up));
         }
         let mut inner = self.lock();
         let now = now_ms();
-        for (o, report) in answers {
+        for (o, report, catching_up) in answers {
             match report {
                 Some(r) => {
                     inner.down_since.remove(&o);
                     // Unless it was killed or restarted while it was asked.
-                    if inner.procs.contains_key(&o) {
+                    if inner.procs.contains_key(&o) && !catching_up {
                         inner.answered.insert(o);
+                    } else if catching_up {
+                        inner.answered.remove(&o);
                     }
                     inner.reports.insert(o, r);
                 }
@@ -650,7 +677,7 @@ impl Platform {
             tracing::error!(node = o, "no ports assigned");
             return;
         };
-        let dir = self.opts.data_dir.join(format!("node-{o}"));
+        let dir = self.node_data_dir(o);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -670,6 +697,14 @@ impl Platform {
             .arg(self.opts.anti_entropy_secs.to_string())
             .env("KV_TOKEN", &inner.saved.token)
             .env("KV_CLUSTER_TOKEN", &inner.saved.cluster_token)
+            .envs(
+                self.node_env
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&o)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true);
