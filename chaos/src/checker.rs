@@ -19,6 +19,22 @@
 //! - **no final read**: a key with acknowledged mutations could not be read
 //!   at all after heal.
 //!
+//! Creates (create-only writes) are writes to every rule above: an
+//! acknowledged create must be seen as an acknowledged write must, and a
+//! create answered "exists" wrote nothing. A create succeeds only on an
+//! absent key, so besides:
+//!
+//! - **double create**: two creates of a key were both acknowledged and no
+//!   delete that may have taken effect can be ordered between them, in
+//!   either order: at most one acknowledged create per key per absence;
+//! - **create over a value**: a create was acknowledged although an
+//!   acknowledged write of the key was over before it began and no delete
+//!   that may have taken effect can be ordered between them;
+//! - **create refused on an absent key**: a create was answered "exists"
+//!   although nothing that could have given the key a value was invoked
+//!   before it completed (since the last acknowledged delete over before it
+//!   began, if any).
+//!
 //! Digest divergence (co-owners disagree after heal) is checked by
 //! [`crate::run`] with `kvctl verify`'s comparison and reported here too.
 
@@ -35,6 +51,9 @@ pub enum ViolationKind {
     ResurrectedDelete,
     RefusedWriteVisible,
     NoFinalRead,
+    DoubleCreate,
+    CreateOverValue,
+    CreateRefusedOnAbsentKey,
 }
 
 impl fmt::Display for ViolationKind {
@@ -46,6 +65,9 @@ impl fmt::Display for ViolationKind {
             ViolationKind::ResurrectedDelete => "resurrected delete",
             ViolationKind::RefusedWriteVisible => "refused write visible",
             ViolationKind::NoFinalRead => "no final read",
+            ViolationKind::DoubleCreate => "double create",
+            ViolationKind::CreateOverValue => "create over a value",
+            ViolationKind::CreateRefusedOnAbsentKey => "create refused on an absent key",
         })
     }
 }
@@ -55,8 +77,9 @@ impl fmt::Display for ViolationKind {
 pub struct Violation {
     pub kind: ViolationKind,
     pub key: String,
-    /// The read that saw it (op id), if any.
-    pub read: Option<usize>,
+    /// The operation that shows it (op id): the read that saw it, or the
+    /// create that should not have succeeded (or failed).
+    pub witness: Option<usize>,
     /// The acknowledged operation it contradicts (op id), if any.
     pub against: Option<usize>,
     pub message: String,
@@ -76,6 +99,9 @@ pub struct Verdict {
     pub reads_checked: usize,
     /// Acknowledged writes and deletes whose key had a final read.
     pub acknowledged_checked: usize,
+    /// Creates checked against the create rules: acknowledged, or refused
+    /// because the key had a value.
+    pub creates_checked: usize,
     /// Keys checked.
     pub keys: usize,
 }
@@ -127,6 +153,7 @@ pub fn check(history: &[Op], finals: &[Op]) -> Verdict {
             verdict.reads_checked += 1;
             check_read(r, ops, &acked, false, &mut verdict.violations);
         }
+        verdict.creates_checked += check_creates(ops, &mut verdict.violations);
         match fin {
             Some(f) if is_answered_read(f) => {
                 verdict.reads_checked += 1;
@@ -136,7 +163,7 @@ pub fn check(history: &[Op], finals: &[Op]) -> Verdict {
             Some(f) if !acked.is_empty() => verdict.violations.push(Violation {
                 kind: ViolationKind::NoFinalRead,
                 key: key.to_string(),
-                read: Some(f.id),
+                witness: Some(f.id),
                 against: None,
                 message: format!(
                     "{} acknowledged writes/deletes and the final read failed ({})",
@@ -147,7 +174,7 @@ pub fn check(history: &[Op], finals: &[Op]) -> Verdict {
             None if !acked.is_empty() => verdict.violations.push(Violation {
                 kind: ViolationKind::NoFinalRead,
                 key: key.to_string(),
-                read: None,
+                witness: None,
                 against: None,
                 message: format!(
                     "{} acknowledged writes/deletes, never read back",
@@ -167,10 +194,158 @@ fn is_answered_read(o: &Op) -> bool {
 /// Could `x` have produced what `r` returned?
 fn produces(x: &Op, result: &Option<String>) -> bool {
     match (&x.kind, result) {
-        (OpKind::Write(v), Some(seen)) => v == seen,
+        (OpKind::Write(_) | OpKind::Create { .. }, Some(seen)) => x.kind.value() == Some(seen),
         (OpKind::Delete, None) => true,
         _ => false,
     }
+}
+
+/// How an operation is named in a violation's message.
+fn describe(x: &Op) -> String {
+    match &x.kind {
+        OpKind::Write(v) => format!("write #{} of {v:?}", x.id),
+        OpKind::Create { value, .. } => format!("create #{} of {value:?}", x.id),
+        OpKind::Read => format!("read #{}", x.id),
+        OpKind::Delete => format!("delete #{}", x.id),
+    }
+}
+
+/// The deletes of one key that may have taken effect (acknowledged and not
+/// a 404, or unknown), sorted by invocation, with the running maximum of
+/// their completion times (an unknown one never completes).
+struct Deletes {
+    invoked: Vec<u64>,
+    latest_done: Vec<u64>,
+}
+
+impl Deletes {
+    fn of(ops: &[&Op]) -> Deletes {
+        let mut ds: Vec<(u64, u64)> = ops
+            .iter()
+            .filter(|o| o.kind == OpKind::Delete && o.outcome != Outcome::Fail && !o.absent)
+            .map(|o| (o.invoke, o.complete.unwrap_or(u64::MAX)))
+            .collect();
+        ds.sort();
+        let mut latest = 0;
+        Deletes {
+            invoked: ds.iter().map(|d| d.0).collect(),
+            latest_done: ds
+                .iter()
+                .map(|d| {
+                    latest = latest.max(d.1);
+                    latest
+                })
+                .collect(),
+        }
+    }
+
+    /// Can some delete be ordered after `a` and before `b`? One that did
+    /// not complete before `a` was invoked, invoked before `b` completed.
+    fn between(&self, a: &Op, b: &Op) -> bool {
+        let until = b.complete.unwrap_or(u64::MAX);
+        let n = self.invoked.partition_point(|&t| t <= until);
+        n > 0 && self.latest_done[n - 1] >= a.invoke
+    }
+}
+
+/// The create rules over one key's operations; returns the creates checked.
+fn check_creates(ops: &[&Op], out: &mut Vec<Violation>) -> usize {
+    let deletes = Deletes::of(ops);
+    let created: Vec<&Op> = ops
+        .iter()
+        .copied()
+        .filter(|o| o.acknowledged_create())
+        .collect();
+    let refused: Vec<&Op> = ops
+        .iter()
+        .copied()
+        .filter(|o| matches!(o.kind, OpKind::Create { .. }) && o.exists)
+        .collect();
+    let violation = |kind, b: &Op, a: Option<&Op>, message| Violation {
+        kind,
+        key: b.key.clone(),
+        witness: Some(b.id),
+        against: a.map(|a| a.id),
+        message,
+    };
+    // Two acknowledged creates need an absence between them.
+    for (j, b) in created.iter().copied().enumerate() {
+        let first = created[..j].iter().copied().find(|a| {
+            let a_then_b = !b.precedes(a) && deletes.between(a, b);
+            let b_then_a = !a.precedes(b) && deletes.between(b, a);
+            !a_then_b && !b_then_a
+        });
+        if let Some(a) = first {
+            out.push(violation(
+                ViolationKind::DoubleCreate,
+                b,
+                Some(a),
+                format!(
+                    "{} and {} were both acknowledged, and no delete that may have taken effect can be ordered between them",
+                    describe(a),
+                    describe(b)
+                ),
+            ));
+        }
+    }
+    // An acknowledged write over before a create began needs an absence
+    // between them; the latest such write is the hardest to excuse.
+    for c in created.iter().copied() {
+        let w = ops
+            .iter()
+            .copied()
+            .filter(|w| matches!(w.kind, OpKind::Write(_)) && w.outcome == Outcome::Ok)
+            .filter(|w| w.precedes(c))
+            .max_by_key(|w| w.invoke);
+        if let Some(w) = w
+            && !deletes.between(w, c)
+        {
+            out.push(violation(
+                ViolationKind::CreateOverValue,
+                c,
+                Some(w),
+                format!(
+                    "{} was acknowledged, but {} was acknowledged before it began and no delete that may have taken effect can be ordered between them",
+                    describe(c),
+                    describe(w)
+                ),
+            ));
+        }
+    }
+    // A create answered "exists" needs something that may have given the
+    // key a value, invoked before the create completed and not over before
+    // the latest acknowledged delete that was over before the create began.
+    for c in refused.iter().copied() {
+        let d = ops
+            .iter()
+            .copied()
+            .filter(|d| d.acknowledged_mutation() && d.kind == OpKind::Delete)
+            .filter(|d| d.precedes(c))
+            .max_by_key(|d| d.invoke);
+        let explained = ops.iter().copied().any(|s| {
+            s.kind.value().is_some()
+                && s.outcome != Outcome::Fail
+                && !c.precedes(s)
+                && d.is_none_or(|d| !s.precedes(d))
+        });
+        if !explained {
+            let since = match d {
+                Some(d) => format!(" since {} was acknowledged before it began", describe(d)),
+                None => String::new(),
+            };
+            out.push(violation(
+                ViolationKind::CreateRefusedOnAbsentKey,
+                c,
+                d,
+                format!(
+                    "{} was answered \"exists\" ({}), but nothing that may have given the key a value was invoked{since} before it completed",
+                    describe(c),
+                    c.note
+                ),
+            ));
+        }
+    }
+    created.len() + refused.len()
 }
 
 fn check_read(r: &Op, ops: &[&Op], acked: &[&Op], is_final: bool, out: &mut Vec<Violation>) {
@@ -186,13 +361,11 @@ fn check_read(r: &Op, ops: &[&Op], acked: &[&Op], is_final: bool, out: &mut Vec<
         .collect();
     if let Some(v) = result {
         if all_producers.is_empty() {
-            let later = ops
-                .iter()
-                .any(|x| matches!(&x.kind, OpKind::Write(w) if w == v));
+            let later = ops.iter().any(|x| x.kind.value() == Some(v.as_str()));
             out.push(Violation {
                 kind: ViolationKind::PhantomValue,
                 key,
-                read: Some(r.id),
+                witness: Some(r.id),
                 against: None,
                 message: if later {
                     format!(
@@ -209,7 +382,7 @@ fn check_read(r: &Op, ops: &[&Op], acked: &[&Op], is_final: bool, out: &mut Vec<
             out.push(Violation {
                 kind: ViolationKind::RefusedWriteVisible,
                 key,
-                read: Some(r.id),
+                witness: Some(r.id),
                 against: all_producers.first().map(|x| x.id),
                 message: format!(
                     "read #{} returned {v:?}, carried only by write #{} which was refused ({})",
@@ -241,10 +414,7 @@ fn check_read(r: &Op, ops: &[&Op], acked: &[&Op], is_final: bool, out: &mut Vec<
             Some(v) => format!("{v:?}"),
             None => "not found".to_string(),
         };
-        let what = match &w.kind {
-            OpKind::Write(v) => format!("write #{} of {v:?}", w.id),
-            _ => format!("delete #{}", w.id),
-        };
+        let what = describe(w);
         let who = if r.client == FINAL_CLIENT {
             "the final read".to_string()
         } else {
@@ -253,7 +423,7 @@ fn check_read(r: &Op, ops: &[&Op], acked: &[&Op], is_final: bool, out: &mut Vec<
         out.push(Violation {
             kind,
             key: key.clone(),
-            read: Some(r.id),
+            witness: Some(r.id),
             against: Some(w.id),
             message: format!(
                 "{who} returned {seen}, but {what} was acknowledged before it began and nothing that could produce {seen} was invoked after {what} began"
@@ -304,6 +474,7 @@ mod tests {
             outcome,
             read: None,
             absent: false,
+            exists: false,
             target: "gateway".into(),
             note: String::new(),
         }
@@ -320,6 +491,37 @@ mod tests {
             let id = self.ops.len();
             self.ops
                 .push(op(id, c, OpKind::Write(v.into()), from, to, o));
+            self
+        }
+        /// A create through the v1 API; `exists` = answered 412.
+        fn create(mut self, c: usize, v: &str, from: u64, to: Option<u64>, o: Outcome) -> H {
+            let id = self.ops.len();
+            let kind = OpKind::Create {
+                value: v.into(),
+                classic: false,
+            };
+            self.ops.push(op(id, c, kind, from, to, o));
+            self
+        }
+        fn exists(mut self, c: usize, v: &str, from: u64, to: u64) -> H {
+            self = self.create(c, v, from, Some(to), Outcome::Fail);
+            if let Some(last) = self.ops.last_mut() {
+                last.exists = true;
+                last.note = "412".into();
+            }
+            self
+        }
+        fn unknown_delete(mut self, c: usize, from: u64) -> H {
+            let id = self.ops.len();
+            self.ops
+                .push(op(id, c, OpKind::Delete, from, None, Outcome::Unknown));
+            self
+        }
+        fn absent_delete(mut self, c: usize, from: u64, to: u64) -> H {
+            self = self.delete(c, from, to);
+            if let Some(last) = self.ops.last_mut() {
+                last.absent = true;
+            }
             self
         }
         fn delete(mut self, c: usize, from: u64, to: u64) -> H {
@@ -473,6 +675,162 @@ mod tests {
         assert_eq!(h.kinds(), vec![ViolationKind::NoFinalRead]);
         let h = H::new().write(0, "a", 0, Some(10), Outcome::Ok);
         assert_eq!(h.kinds(), vec![ViolationKind::NoFinalRead]);
+    }
+
+    #[test]
+    fn two_acknowledged_creates_with_no_delete_between_are_a_double_create() {
+        let h = H::new()
+            .create(0, "a", 0, Some(10), Outcome::Ok)
+            .create(1, "b", 20, Some(30), Outcome::Ok)
+            .fin(100, Some("b"));
+        assert_eq!(h.kinds(), vec![ViolationKind::DoubleCreate]);
+        let v = h.check();
+        assert_eq!(
+            (v.violations[0].witness, v.violations[0].against),
+            (Some(1), Some(0))
+        );
+        assert_eq!(v.creates_checked, 2);
+    }
+
+    #[test]
+    fn concurrent_creates_that_both_succeed_are_a_double_create() {
+        let h = H::new()
+            .create(0, "a", 0, Some(10), Outcome::Ok)
+            .create(1, "b", 1, Some(9), Outcome::Ok)
+            .create(2, "c", 2, Some(8), Outcome::Ok)
+            .fin(100, Some("a"));
+        assert_eq!(
+            h.kinds(),
+            vec![ViolationKind::DoubleCreate, ViolationKind::DoubleCreate]
+        );
+    }
+
+    #[test]
+    fn create_delete_create_passes() {
+        let h = H::new()
+            .create(0, "a", 0, Some(10), Outcome::Ok)
+            .read(2, 11, 12, Some("a"))
+            .delete(1, 20, 30)
+            .create(2, "b", 40, Some(50), Outcome::Ok)
+            .exists(0, "c", 60, 70)
+            .fin(100, Some("b"));
+        let v = h.check();
+        assert!(v.ok(), "{:?}", v.violations);
+        assert_eq!(v.creates_checked, 3);
+    }
+
+    #[test]
+    fn a_delete_concurrent_with_both_creates_may_come_between_them() {
+        let h = H::new()
+            .create(0, "a", 0, Some(10), Outcome::Ok)
+            .delete(1, 5, 25)
+            .create(2, "b", 20, Some(30), Outcome::Ok)
+            .fin(100, Some("b"));
+        assert!(h.check().ok(), "{:?}", h.check().violations);
+        // The delete may also come between them in the other order.
+        let h = H::new()
+            .create(0, "a", 0, Some(30), Outcome::Ok)
+            .create(2, "b", 1, Some(5), Outcome::Ok)
+            .delete(1, 10, 20)
+            .fin(100, Some("a"));
+        assert!(h.check().ok(), "{:?}", h.check().violations);
+    }
+
+    #[test]
+    fn an_unknown_delete_may_have_come_between_two_creates() {
+        let h = H::new()
+            .create(0, "a", 0, Some(10), Outcome::Ok)
+            .unknown_delete(1, 12)
+            .create(2, "b", 20, Some(30), Outcome::Ok)
+            .fin(100, Some("b"));
+        assert!(h.check().ok(), "{:?}", h.check().violations);
+    }
+
+    #[test]
+    fn a_delete_that_found_nothing_or_ended_too_early_does_not_excuse_a_double_create() {
+        let h = H::new()
+            .delete(1, 0, 2)
+            .create(0, "a", 5, Some(10), Outcome::Ok)
+            .absent_delete(1, 12, 14)
+            .create(2, "b", 20, Some(30), Outcome::Ok)
+            .fin(100, Some("b"));
+        assert_eq!(h.kinds(), vec![ViolationKind::DoubleCreate]);
+    }
+
+    #[test]
+    fn a_create_that_timed_out_and_one_that_succeeded_pass() {
+        let h = H::new()
+            .create(0, "a", 0, None, Outcome::Unknown)
+            .create(1, "b", 1, Some(10), Outcome::Ok)
+            .create(2, "c", 2, Some(3), Outcome::Fail)
+            .fin(100, Some("b"));
+        assert!(h.check().ok(), "{:?}", h.check().violations);
+    }
+
+    #[test]
+    fn a_create_acknowledged_after_an_acknowledged_write_is_a_create_over_a_value() {
+        let h = H::new()
+            .write(0, "a", 0, Some(10), Outcome::Ok)
+            .create(1, "b", 20, Some(30), Outcome::Ok)
+            .fin(100, Some("b"));
+        assert_eq!(h.kinds(), vec![ViolationKind::CreateOverValue]);
+        // A write concurrent with the create may be ordered after it.
+        let h = H::new()
+            .write(0, "a", 0, Some(25), Outcome::Ok)
+            .create(1, "b", 20, Some(30), Outcome::Ok)
+            .fin(100, Some("b"));
+        assert!(h.check().ok(), "{:?}", h.check().violations);
+    }
+
+    #[test]
+    fn a_create_refused_on_a_key_nothing_wrote_is_reported() {
+        let h = H::new().exists(0, "a", 0, 10);
+        assert_eq!(h.kinds(), vec![ViolationKind::CreateRefusedOnAbsentKey]);
+        let h = H::new()
+            .write(0, "a", 0, Some(10), Outcome::Ok)
+            .delete(1, 20, 30)
+            .exists(2, "b", 40, 50)
+            .fin(100, None);
+        assert_eq!(h.kinds(), vec![ViolationKind::CreateRefusedOnAbsentKey]);
+        // A write that may have landed after the delete explains it.
+        let h = H::new()
+            .write(0, "a", 0, Some(10), Outcome::Ok)
+            .write(0, "x", 15, None, Outcome::Unknown)
+            .delete(1, 20, 30)
+            .exists(2, "b", 40, 50)
+            .fin(100, Some("x"));
+        assert!(h.check().ok(), "{:?}", h.check().violations);
+    }
+
+    #[test]
+    fn an_acknowledged_create_counts_as_a_write_for_reads() {
+        let h = H::new()
+            .create(0, "a", 0, Some(10), Outcome::Ok)
+            .read(1, 11, 12, None)
+            .fin(100, Some("a"));
+        assert_eq!(h.kinds(), vec![ViolationKind::StaleRead]);
+        let h = H::new()
+            .create(0, "a", 0, Some(10), Outcome::Ok)
+            .fin(100, None);
+        assert_eq!(h.kinds(), vec![ViolationKind::LostWrite]);
+        // An older value after an acknowledged create is stale too.
+        let h = H::new()
+            .write(0, "a", 0, Some(10), Outcome::Ok)
+            .delete(1, 20, 30)
+            .create(2, "b", 40, Some(50), Outcome::Ok)
+            .read(1, 60, 70, Some("a"))
+            .fin(100, Some("b"));
+        assert_eq!(h.kinds(), vec![ViolationKind::StaleRead]);
+    }
+
+    #[test]
+    fn the_value_of_a_create_answered_exists_must_never_show() {
+        let h = H::new()
+            .write(0, "a", 0, Some(10), Outcome::Ok)
+            .exists(1, "b", 20, 30)
+            .read(2, 40, 50, Some("b"))
+            .fin(100, Some("a"));
+        assert_eq!(h.kinds(), vec![ViolationKind::RefusedWriteVisible]);
     }
 
     #[test]

@@ -11,8 +11,25 @@ use std::time::Instant;
 pub enum OpKind {
     /// `PUT` of a value unique to this write.
     Write(String),
+    /// A create-only write of a value unique to it: `PUT` with
+    /// `If-None-Match: *`, or (`classic`) the original store's `POST /write`.
+    /// It succeeds only if the key has no value.
+    Create {
+        value: String,
+        classic: bool,
+    },
     Read,
     Delete,
+}
+
+impl OpKind {
+    /// The value a write or create carries.
+    pub fn value(&self) -> Option<&str> {
+        match self {
+            OpKind::Write(v) | OpKind::Create { value: v, .. } => Some(v),
+            OpKind::Read | OpKind::Delete => None,
+        }
+    }
 }
 
 /// What came of a request.
@@ -56,6 +73,9 @@ pub struct Op {
     pub read: Option<String>,
     /// An acknowledged delete answered 404: there was nothing to delete.
     pub absent: bool,
+    /// A create refused because the key had a value (412, or 409 on the
+    /// classic route): nothing was written (the outcome is `Fail`).
+    pub exists: bool,
     /// Where it was sent (`gateway` or `node N`).
     pub target: String,
     /// The error, for failed and unknown operations.
@@ -76,6 +96,11 @@ impl Op {
         self.outcome == Outcome::Ok && self.is_mutation() && !self.absent
     }
 
+    /// A create the store acknowledged.
+    pub fn acknowledged_create(&self) -> bool {
+        self.outcome == Outcome::Ok && matches!(self.kind, OpKind::Create { .. })
+    }
+
     /// Did this operation complete before `other` was invoked?
     pub fn precedes(&self, other: &Op) -> bool {
         self.complete.is_some_and(|c| c < other.invoke)
@@ -91,6 +116,14 @@ impl fmt::Display for Op {
         };
         let what = match &self.kind {
             OpKind::Write(v) => format!("write {v:?}"),
+            OpKind::Create {
+                value,
+                classic: false,
+            } => format!("create {value:?}"),
+            OpKind::Create {
+                value,
+                classic: true,
+            } => format!("create (POST /write) {value:?}"),
             OpKind::Read => "read".to_string(),
             OpKind::Delete => "delete".to_string(),
         };
@@ -112,6 +145,9 @@ impl fmt::Display for Op {
                 (OpKind::Delete, _) if self.absent => write!(f, " -> not found")?,
                 _ => {}
             }
+        }
+        if self.exists {
+            write!(f, " -> exists")?;
         }
         write!(f, " via {}", self.target)?;
         if !self.note.is_empty() {

@@ -30,6 +30,8 @@ pub struct RunOptions {
     pub nodes: u32,
     pub factor: u32,
     pub clients: usize,
+    /// Creates sent at the same moment in each create race (0: no races).
+    pub create_race_width: usize,
     pub keys: usize,
     pub node_binary: PathBuf,
     pub request_timeout: Duration,
@@ -54,6 +56,7 @@ impl RunOptions {
             nodes: 5,
             factor: 3,
             clients: 8,
+            create_race_width: 3,
             keys: 8,
             node_binary,
             request_timeout: Duration::from_secs(4),
@@ -103,6 +106,8 @@ impl RunReport {
         for op in &self.ops {
             let k = match op.kind {
                 OpKind::Write(_) => "write",
+                OpKind::Create { .. } if op.exists => "create (exists)",
+                OpKind::Create { .. } => "create",
                 OpKind::Read => "read",
                 OpKind::Delete => "delete",
             };
@@ -112,15 +117,15 @@ impl RunReport {
     }
 
     /// The operations on `key` around a violation: from 5 s before the
-    /// acknowledged operation it contradicts to the read that saw it, and
-    /// the final read.
+    /// acknowledged operation it contradicts to the operation that shows
+    /// it, and the final read.
     fn minimal_history(&self, v: &checker::Violation) -> Vec<&Op> {
         let all = checker::history_of(&v.key, &self.ops, &self.finals);
         let find = |id: Option<usize>| id.and_then(|i| all.iter().find(|o| o.id == i).copied());
         let from = find(v.against)
-            .or_else(|| find(v.read))
+            .or_else(|| find(v.witness))
             .map_or(0, |o| o.invoke.saturating_sub(5_000_000));
-        let to = find(v.read).and_then(|o| o.complete).unwrap_or(u64::MAX);
+        let to = find(v.witness).and_then(|o| o.complete).unwrap_or(u64::MAX);
         all.into_iter()
             .filter(|o| {
                 (o.invoke >= from && o.invoke <= to)
@@ -136,13 +141,14 @@ impl fmt::Display for RunReport {
         let o = &self.options;
         writeln!(
             f,
-            "seed {}: {} nodes (ConsistentHashing, factor {}, reads {} / writes {}), {} clients on {} keys for {:.0}s; run took {:.1}s",
+            "seed {}: {} nodes (ConsistentHashing, factor {}, reads {} / writes {}), {} clients and create races {} wide on {} keys for {:.0}s; run took {:.1}s",
             self.seed,
             o.nodes,
             o.factor,
             o.read_consistency.unwrap_or("quorum"),
             o.write_consistency.unwrap_or("quorum"),
             o.clients,
+            o.create_race_width,
             o.keys,
             o.duration.as_secs_f64(),
             self.elapsed.as_secs_f64()
@@ -190,14 +196,20 @@ impl fmt::Display for RunReport {
         }
         writeln!(
             f,
-            "checker: {} reads and {} acknowledged writes/deletes on {} keys checked — {}",
+            "checker: {} reads, {} acknowledged writes/deletes and {} creates on {} keys checked — {}",
             self.verdict.reads_checked,
             self.verdict.acknowledged_checked,
+            self.verdict.creates_checked,
             self.verdict.keys,
             if self.passed() { "PASS" } else { "FAIL" }
         )?;
         if !self.passed() {
-            writeln!(f, "replay with --seed {}; nemesis schedule:", self.seed)?;
+            writeln!(
+                f,
+                "replay with --seed {} --duration {}s; nemesis schedule:",
+                self.seed,
+                o.duration.as_secs()
+            )?;
             for e in &self.events {
                 writeln!(f, "  {e}")?;
             }
@@ -278,6 +290,15 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, ClusterError> {
             ))
         })
         .collect();
+    let races = tokio::spawn(client::run_create_races(
+        opts.clients,
+        opts.create_race_width,
+        opts.seed,
+        targets.clone(),
+        work.clone(),
+        rec.clone(),
+        deadline,
+    ));
     let nemesis = tokio::spawn(nemesis::run(
         cluster.clone(),
         schedule.clone(),
@@ -287,6 +308,7 @@ pub async fn run(opts: RunOptions) -> Result<RunReport, ClusterError> {
     for c in clients {
         let _ = c.await;
     }
+    let _ = races.await;
     let events = nemesis.await.unwrap_or_default();
     if opts.verbose {
         for e in &events {
