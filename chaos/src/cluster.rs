@@ -5,8 +5,10 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
 
 use kv_core::{Consistency, NodeState, Strategy, Topology};
 use kv_operator::local::{Platform, UpOptions, gateway};
@@ -56,6 +58,8 @@ pub struct Cluster {
     /// The factor the cluster started with (heals go back to it).
     pub factor: u32,
     pub data_dir: PathBuf,
+    /// Clock offsets (ms) nodes start with ([`Cluster::set_clock_offset`]).
+    clock_offsets: Mutex<BTreeMap<u32, i64>>,
     _proxies: Vec<Proxy>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -116,6 +120,7 @@ impl Cluster {
             nodes: opts.nodes,
             factor: opts.factor,
             data_dir,
+            clock_offsets: Mutex::default(),
             _proxies: proxies,
             stop,
             tasks: vec![supervisor, gw],
@@ -207,6 +212,72 @@ impl Cluster {
         }
     }
 
+    /// Sets (`Some`) or clears node `o`'s clock offset, from its next start
+    /// on: the node adds `KV_CLOCK_OFFSET_MS` to the wall clock its hybrid
+    /// logical clock reads.
+    pub fn set_clock_offset(&self, o: u32, offset_ms: Option<i64>) {
+        let mut offsets = self.clock_offsets.lock().unwrap_or_else(|p| p.into_inner());
+        match offset_ms {
+            Some(ms) => offsets.insert(o, ms),
+            None => offsets.remove(&o),
+        };
+        self.platform
+            .set_node_env(o, "KV_CLOCK_OFFSET_MS", offset_ms.map(|ms| ms.to_string()));
+    }
+
+    /// Nodes started (or to be started) with a clock offset.
+    pub fn skewed_nodes(&self) -> Vec<u32> {
+        let offsets = self.clock_offsets.lock().unwrap_or_else(|p| p.into_inner());
+        offsets.keys().copied().collect()
+    }
+
+    fn signal(&self, o: u32, signal: Signal) -> Result<u32, String> {
+        let pid = self
+            .platform
+            .node_pid(o)
+            .ok_or_else(|| format!("node {o} is not running"))?;
+        let raw = i32::try_from(pid).map_err(|e| e.to_string())?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal)
+            .map_err(|e| format!("{signal} to node {o} (pid {pid}): {e}"))?;
+        Ok(pid)
+    }
+
+    /// Kills node `o` with SIGKILL; the platform restarts it.
+    pub fn kill_node(&self, o: u32) -> Result<(), String> {
+        self.signal(o, Signal::SIGKILL).map(|_| ())
+    }
+
+    /// Stops node `o` with SIGTERM and waits (bounded) until the platform
+    /// has started it again, as after a crash (Failed, then Recovering until
+    /// caught up). The new process reads its environment afresh.
+    pub async fn restart_node(&self, o: u32, limit: Duration) -> Result<(), String> {
+        let old = self.signal(o, Signal::SIGTERM)?;
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.platform.node_pid(o) {
+                Some(pid) if pid != old => return Ok(()),
+                _ if Instant::now() >= deadline => {
+                    return Err(format!(
+                        "node {o} was not started again within {}s",
+                        limit.as_secs()
+                    ));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Loses node `o`'s volume: freezes its process (SIGSTOP) so that it
+    /// writes nothing more, removes everything in its data directory, then
+    /// kills it (SIGKILL). The platform restarts it on an empty store.
+    pub fn wipe_node(&self, o: u32) -> Result<(), String> {
+        self.signal(o, Signal::SIGSTOP)?;
+        let dir = self.platform.node_data_dir(o);
+        let removed = remove_contents(&dir).map_err(|e| format!("wiping {}: {e}", dir.display()));
+        self.signal(o, Signal::SIGKILL)?;
+        removed
+    }
+
     /// `GET path` on the node at `addr` with the client token, as JSON;
     /// `None` when it does not answer or the body does not parse.
     async fn get_json(
@@ -250,6 +321,20 @@ impl Cluster {
         }
         drop(self.dir.take());
     }
+}
+
+/// Removes everything in `dir`, keeping `dir` (an empty volume).
+fn remove_contents(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        } else {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 /// The kv-node binary: `KV_NODE_BIN` when set, else built by cargo into the
