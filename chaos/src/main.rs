@@ -1,9 +1,12 @@
 //! `kv-chaos`: the soak run of the fault harness.
 //!
 //! `cargo run -p kv-chaos --release -- --seed 42 --duration 10m` runs one
-//! seed for ten minutes (`--runs N` runs seeds 42, 43, … one after another)
-//! and prints operations by outcome, faults injected by kind, the seeds run
-//! and the checker's verdict; it exits 1 when any seed fails.
+//! seed for ten minutes (`--runs N` runs seeds 42, 43, … one after another;
+//! without `--seed`, N fresh seeds whose first faults between them cover
+//! every kind) and prints operations by outcome, faults injected by kind,
+//! the seeds run and the checker's verdict; it exits 1 when any seed fails.
+//! A seed replays with `--seed N --duration D` (the schedule depends on
+//! both).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -21,13 +24,14 @@ use kv_chaos::run::{RunOptions, run};
     about = "Fault-inject a local kvstore cluster and check its history"
 )]
 struct Cli {
-    /// Seed of the nemesis schedule and the clients' choices.
-    #[arg(long, default_value_t = 42)]
-    seed: u64,
+    /// Seed of the nemesis schedule and the clients' choices (of the first
+    /// run; default: fresh seeds, printed).
+    #[arg(long)]
+    seed: Option<u64>,
     /// How long clients and nemesis run per seed: 90s, 10m, 1h.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     duration: Duration,
-    /// Seeds to run, from --seed up.
+    /// Seeds to run, from --seed up (or fresh).
     #[arg(long, default_value_t = 1)]
     runs: u64,
     #[arg(long, default_value_t = 5)]
@@ -46,7 +50,7 @@ struct Cli {
     #[arg(long)]
     keep_data: bool,
     /// Kinds of fault to inject, comma-separated: kill, fail, partition,
-    /// slow, factor, strategy (default: all).
+    /// slow, factor, strategy, skew, wipe (default: all).
     #[arg(long, value_delimiter = ',', value_parser = parse_fault)]
     faults: Vec<&'static str>,
     /// Consistency of client reads (one, quorum, all). Below quorum the
@@ -111,8 +115,21 @@ async fn soak(cli: Cli) -> anyhow::Result<bool> {
     if cli.nodes < 3 || cli.replication_factor < 2 || cli.replication_factor > cli.nodes {
         bail!("need at least 3 nodes and a factor between 2 and the node count");
     }
+    let seeds: Vec<u64> = match cli.seed {
+        Some(first) => (first..first.saturating_add(cli.runs)).collect(),
+        None => nemesis::fresh_seeds(
+            || u64::from(rand::random::<u32>()),
+            usize::try_from(cli.runs).unwrap_or(usize::MAX),
+            cli.duration,
+            cli.nodes,
+            cli.replication_factor,
+            &cli.faults,
+        ),
+    };
+    let secs = cli.duration.as_secs();
+    println!("seeds: {seeds:?} ({secs}s each; replay one with --seed N --duration {secs}s)");
     if cli.schedule_only {
-        for seed in cli.seed..cli.seed.saturating_add(cli.runs) {
+        for &seed in &seeds {
             println!("seed {seed}:");
             for s in nemesis::schedule_of(
                 seed,
@@ -133,7 +150,7 @@ async fn soak(cli: Cli) -> anyhow::Result<bool> {
     let mut passed = Vec::new();
     let mut failed = Vec::new();
     let (mut ops, mut faults) = (0usize, std::collections::BTreeMap::new());
-    for seed in cli.seed..cli.seed.saturating_add(cli.runs) {
+    for &seed in &seeds {
         let mut opts = RunOptions::new(seed, cli.duration, node_binary.clone());
         opts.nodes = cli.nodes;
         opts.factor = cli.replication_factor;
@@ -170,11 +187,7 @@ async fn soak(cli: Cli) -> anyhow::Result<bool> {
         }
     }
     println!(
-        "seeds run: {:?}; passed {:?}; failed {:?}; {ops} operations; faults {:?}",
-        (cli.seed..cli.seed.saturating_add(cli.runs)).collect::<Vec<_>>(),
-        passed,
-        failed,
-        faults
+        "seeds run: {seeds:?}; passed {passed:?}; failed {failed:?}; {ops} operations; faults {faults:?}"
     );
     println!(
         "verdict: {}",
