@@ -133,7 +133,10 @@ impl Cluster {
         };
         let limit = Duration::from_secs(60);
         if !cluster.wait_all_up(limit).await {
-            let why = cluster.describe();
+            let mut why = cluster.describe();
+            if opts.keep_data {
+                why.push_str(&format!("; node logs in {}", cluster.data_dir.display()));
+            }
             cluster.stop().await;
             return Err(ClusterError::NotReady(limit, why));
         }

@@ -161,9 +161,15 @@ async fn soak(cli: Cli) -> anyhow::Result<bool> {
         opts.read_consistency = cli.read_consistency;
         opts.write_consistency = cli.write_consistency;
         opts.verbose = true;
-        let report = run(opts)
-            .await
-            .with_context(|| format!("seed {seed}: starting the cluster"))?;
+        // A cluster that does not start fails the seed; the others still run.
+        let report = match run(opts).await {
+            Ok(r) => r,
+            Err(e) => {
+                println!("seed {seed}: the cluster did not start: {e}\nverdict: FAIL");
+                failed.push(seed);
+                continue;
+            }
+        };
         println!("{report}");
         if let Some(dir) = &cli.history_dir {
             let path = dir.join(format!("history-{seed}.txt"));
