@@ -222,11 +222,22 @@ impl Gateway {
                     .address
                     .rsplit_once(':')
                     .and_then(|(_, p)| p.parse::<u16>().ok());
+                // a store still catching up serves no reads and its
+                // acknowledgements do not count: Recovering, whatever the
+                // topology says (SPEC §3)
+                let state = if n.state == kv_core::NodeState::Up
+                    && inner.catching_up.contains(&n.ordinal)
+                {
+                    kv_core::NodeState::Recovering
+                } else {
+                    n.state
+                };
                 json!({
                     "ordinal": n.ordinal,
                     "address": n.address,
                     "port": port,
-                    "state": n.state,
+                    "state": state,
+                    "storeCatchingUp": inner.catching_up.contains(&n.ordinal),
                     "running": inner.procs.contains_key(&n.ordinal),
                     "heldDown": inner.saved.failed_nodes.contains(&n.ordinal),
                     "syncedEpoch": report.map(|r| r.synced_epoch),

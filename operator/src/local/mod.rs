@@ -185,6 +185,9 @@ pub struct Inner {
     /// started: only they get client traffic (a node just spawned is Up in
     /// a new cluster's topology before it listens).
     answered: BTreeSet<u32>,
+    /// Nodes whose store is new or rebuilt and still catching up (their
+    /// report's `storeCatchingUp`): shown as Recovering, given no clients.
+    pub catching_up: BTreeSet<u32>,
 }
 
 pub struct Platform {
@@ -314,6 +317,7 @@ impl Platform {
                 last_plan: None,
                 printed_progress: BTreeMap::new(),
                 answered: BTreeSet::new(),
+                catching_up: BTreeSet::new(),
             }),
             config,
             metrics: metrics::LocalMetrics::new(),
@@ -558,6 +562,11 @@ impl Platform {
                         inner.answered.insert(o);
                     } else if catching_up {
                         inner.answered.remove(&o);
+                    }
+                    if catching_up {
+                        inner.catching_up.insert(o);
+                    } else {
+                        inner.catching_up.remove(&o);
                     }
                     inner.reports.insert(o, r);
                 }
