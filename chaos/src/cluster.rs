@@ -137,6 +137,15 @@ impl Cluster {
             if opts.keep_data {
                 why.push_str(&format!("; node logs in {}", cluster.data_dir.display()));
             }
+            for o in cluster.nodes_not_up() {
+                let log = cluster.data_dir.join(format!("node-{o}.log"));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                why.push_str(&format!("\nnode {o}'s log ends:"));
+                for l in &lines[lines.len().saturating_sub(5)..] {
+                    why.push_str(&format!("\n  {l}"));
+                }
+            }
             cluster.stop().await;
             return Err(ClusterError::NotReady(limit, why));
         }
@@ -170,6 +179,29 @@ impl Cluster {
             && t.nodes.len() == self.nodes as usize
             && t.nodes.iter().all(|n| n.state == NodeState::Up)
             && self.platform.serving_nodes().len() == self.nodes as usize
+    }
+
+    /// Nodes not Up in the topology or not serving.
+    fn nodes_not_up(&self) -> Vec<u32> {
+        let serving: Vec<u32> = self
+            .platform
+            .serving_nodes()
+            .iter()
+            .map(|(o, _)| *o)
+            .collect();
+        let up: Vec<u32> = self
+            .topology()
+            .map(|t| {
+                t.nodes
+                    .iter()
+                    .filter(|n| n.state == NodeState::Up)
+                    .map(|n| n.ordinal)
+                    .collect()
+            })
+            .unwrap_or_default();
+        (0..self.nodes)
+            .filter(|o| !serving.contains(o) || !up.contains(o))
+            .collect()
     }
 
     /// Waits (bounded) until [`Cluster::all_up`].
