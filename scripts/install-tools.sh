@@ -12,7 +12,10 @@
 #     etcd driver of `kvctl bench`, generates its gRPC stubs with it at build
 #     time) and the well-known types it imports (libprotobuf-dev), redis-server
 #     and etcd (etcd-server), the peers `kvctl bench` and its tests measure
-#     against.
+#     against;
+#   - from Debian too, when dockerd is missing: docker.io (dockerd, containerd,
+#     runc; the machine may have only the docker CLI): scripts/dockerd.sh starts
+#     a daemon of it for the image checks and the multi-container test.
 # A second run with the same pins does nothing but print versions.
 # Source it or read $KV_TOOLS_DIR/bin: scripts/test-deploy.sh puts that on PATH.
 set -euo pipefail
@@ -90,6 +93,9 @@ command -v protoc >/dev/null 2>&1 || debs+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || debs+=(libprotobuf-dev)
 command -v redis-server >/dev/null 2>&1 || debs+=(redis-server)
 command -v etcd >/dev/null 2>&1 || debs+=(etcd-server)
+# the container engine: dockerd + containerd + runc (+ iptables); the images
+# are FROM scratch, so no registry is ever asked for one
+command -v dockerd >/dev/null 2>&1 || debs+=(docker.io)
 if [ "${#debs[@]}" -gt 0 ]; then
   echo "installing Debian packages: ${debs[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -116,3 +122,4 @@ promtool --version 2>&1 | sed -n 1p
 protoc --version
 redis-server --version
 etcd --version 2>&1 | sed -n 1p
+dockerd --version
