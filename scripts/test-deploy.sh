@@ -11,8 +11,13 @@
 #   - yamllint on the chart's static YAML, deploy/ and observability/;
 #   - promtool check rules / test rules (a unit test for every alert), and every
 #     dashboard query parses and uses only metrics named in docs/design.md;
-#   - scripts/build-images.sh and image smoke tests when a Docker daemon answers
-#     (loud SKIP otherwise; KV_REQUIRE_DOCKER=1 turns the skip into a failure).
+#   - scripts/build-images.sh and image checks (entry point, user, no shell:
+#     only the binary in the image, FROM scratch layers, OCI title; kv-node's
+#     /healthz as non-root on a read-only root filesystem), then the 3-container
+#     test operator/tests/docker_cluster.rs. Against the Docker daemon that
+#     answers, or else one that scripts/dockerd.sh starts here (Debian's
+#     docker.io, from scripts/install-tools.sh) and stops at the end; when none
+#     can run: a loud SKIP, or a failure with KV_REQUIRE_DOCKER=1 (.ci/run).
 #   - scripts/test-prometheus.sh: a real Prometheus scraping `kvctl up` answers
 #     every dashboard query and alert expression (KvNodeFailed with a node down).
 set -euo pipefail
@@ -23,7 +28,10 @@ export PATH="$tools/bin:$PATH"
 chart=charts/kvstore
 kube_versions=(1.33.0 1.37.0)
 work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
+# a Docker daemon started by this script (scripts/dockerd.sh) is stopped by pid
+own_dockerd=0
+stop_dockerd() { if [ "$own_dockerd" = 1 ]; then own_dockerd=0; unset DOCKER_HOST; scripts/dockerd.sh stop || true; fi; }
+trap 'stop_dockerd; rm -rf "$work"' EXIT
 
 failures=()
 fail() { printf 'FAIL: %s\n' "$*" >&2; failures+=("$*"); }
@@ -232,9 +240,18 @@ EOF
 
 # --- images ---------------------------------------------------------------------
 step "container images"
-# free space where the images are written (a CI run once filled the disk here)
-df -Ph . /var/lib/docker 2>/dev/null | awk 'NR>1 {print "[disk] " $6 ": " $4 " free"}' || true
-if docker info >/dev/null 2>&1; then
+images_t0=$SECONDS
+# the daemon that answers, or one of our own (CI's machine has only the CLI)
+docker_ok=0
+if docker_env="$(scripts/dockerd.sh start)"; then
+  docker_ok=1
+  if [ -n "$docker_env" ]; then eval "$docker_env"; own_dockerd=1; fi
+  echo "Docker daemon: $(docker version -f '{{.Server.Version}}' 2>&1) at ${DOCKER_HOST:-the default socket}"
+  # free space where the images are written (a CI run once filled the disk here)
+  df -Ph . "$(docker info -f '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)" 2>/dev/null \
+    | awk 'NR>1 {print "[disk] " $6 ": " $4 " free"}' || true
+fi
+if [ "$docker_ok" = 1 ]; then
   # an image is built once its crate has its binary (kv-node lands in steps:
   # storage first, the server later); a missing one is reported loudly
   members="$(cargo metadata --no-deps --format-version 1 --locked 2>/dev/null \
@@ -263,6 +280,31 @@ if docker info >/dev/null 2>&1; then
       [ "$layers" = "$want" ] || fail "kvstore/$img:$tag has $layers layers, expected $want (FROM scratch)"
       title="$(docker image inspect -f '{{index .Config.Labels "org.opencontainers.image.title"}}' "kvstore/$img:$tag")"
       [ "$title" = "$img" ] || fail "kvstore/$img:$tag: OCI label title is '$title'"
+      entry="$(docker image inspect -f '{{json .Config.Entrypoint}}' "kvstore/$img:$tag")"
+      [ "$entry" = "[\"/$img\"]" ] || fail "kvstore/$img:$tag: entry point is $entry, not [\"/$img\"]"
+      # no shell, nothing but the binary (and kv-node's empty /data): the files
+      # of every layer of the saved image
+      docker image save "kvstore/$img:$tag" -o "$work/$img.tar" \
+        && kv-python - "$work/$img.tar" "$img" <<'EOF' || fail "kvstore/$img:$tag holds more than its binary"
+import io, json, sys, tarfile
+path, img = sys.argv[1:3]
+want = {img: "file"} | ({"data": "dir"} if img == "kv-node" else {})
+files = {}
+with tarfile.open(path) as t:
+    for layer in json.load(t.extractfile("manifest.json"))[0]["Layers"]:
+        with tarfile.open(fileobj=io.BytesIO(t.extractfile(layer).read())) as lt:
+            for m in lt.getmembers():
+                name = m.name.strip("./").rstrip("/")
+                if name:
+                    files[name] = "dir" if m.isdir() else "file" if m.isfile() else m.type.decode()
+if files != want:
+    sys.exit(f"{img}: image files {files}, expected {want}")
+print(f"  {img}: image holds {sorted(files)} only")
+EOF
+      rm -f "$work/$img.tar"
+      if docker run --rm --entrypoint /bin/sh "kvstore/$img:$tag" -c true >/dev/null 2>&1; then
+        fail "kvstore/$img:$tag runs /bin/sh"
+      fi
     done
     if [[ " ${images[*]} " == *" kv-node "* ]]; then
       # the node serves its API as a non-root user on a read-only root filesystem
@@ -288,10 +330,12 @@ if docker info >/dev/null 2>&1; then
   else
     fail "scripts/build-images.sh ${images[*]}"
   fi
+  stop_dockerd
+  echo "container images and the multi-container test: $((SECONDS - images_t0)) s"
 elif [ "${KV_REQUIRE_DOCKER:-0}" = 1 ]; then
-  fail "no Docker daemon answers and KV_REQUIRE_DOCKER=1"
+  fail "no Docker daemon answers, scripts/dockerd.sh could not start one (why: above), and KV_REQUIRE_DOCKER=1"
 else
-  printf '\n!!!!!!!!\nSKIP: no Docker daemon answers: images are NOT built or tested (KV_REQUIRE_DOCKER=1 makes this fail)\n!!!!!!!!\n' >&2
+  printf '\n!!!!!!!!\nSKIP: no Docker daemon answers and scripts/dockerd.sh could not start one (why: above): images are NOT built or tested (KV_REQUIRE_DOCKER=1 makes this fail)\n!!!!!!!!\n' >&2
 fi
 
 # --- Prometheus ------------------------------------------------------------------
