@@ -4,8 +4,18 @@
 //!
 //! Needs the image built by `scripts/build-images.sh kv-node`, so it is
 //! `#[ignore]`d in `cargo test` and run by `scripts/test-deploy.sh` right
-//! after the images are built. Without a Docker daemon it prints a loud SKIP,
-//! or fails when `KV_REQUIRE_DOCKER=1`.
+//! after the images are built, against the daemon that answers or one that
+//! `scripts/dockerd.sh` started (`DOCKER_HOST`). By hand on a machine with
+//! no daemon running:
+//!
+//! ```text
+//! eval "$(scripts/dockerd.sh start)" && scripts/build-images.sh kv-node
+//! cargo test -p kv-operator --test docker_cluster -- --ignored --nocapture
+//! scripts/dockerd.sh stop
+//! ```
+//!
+//! Without a Docker daemon it prints a loud SKIP, or fails when
+//! `KV_REQUIRE_DOCKER=1`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -272,17 +282,19 @@ impl Harness {
 }
 
 fn docker_available() -> bool {
-    let ok = docker(&["info"]).is_ok();
-    if !ok {
+    let info = docker(&["info"]);
+    if let Err(e) = &info {
         assert!(
             std::env::var("KV_REQUIRE_DOCKER").as_deref() != Ok("1"),
-            "no Docker daemon answers and KV_REQUIRE_DOCKER=1"
+            "no Docker daemon answers and KV_REQUIRE_DOCKER=1 \
+             (start one: eval \"$(scripts/dockerd.sh start)\"): {e}"
         );
         eprintln!(
-            "\n!!!!!!!!\nSKIP: no Docker daemon answers: the multi-container test did not run\n!!!!!!!!\n"
+            "\n!!!!!!!!\nSKIP: no Docker daemon answers (start one: eval \"$(scripts/dockerd.sh start)\"): \
+             the multi-container test did not run: {e}\n!!!!!!!!\n"
         );
     }
-    ok
+    info.is_ok()
 }
 
 fn put(http: &reqwest::blocking::Client, ip: &str, key: &str, value: &str) -> bool {
