@@ -134,9 +134,10 @@ start() {
   local name=$1; shift
   local pidf="$dir/pids/$name.pid"
   # the process writes its own pid, then execs the binary (setsid may fork)
+  # shellcheck disable=SC2016 # $$ and $@ are the inner shell's
   setsid bash -c 'echo $$ > "$0"; exec "$@"' "$pidf" "$bin/$name" "$@" \
     > "$dir/logs/$name.log" 2>&1 < /dev/null &
-  local i; for i in $(seq 1 50); do [ -s "$pidf" ] && break; sleep 0.1; done
+  for _ in $(seq 1 50); do [ -s "$pidf" ] && break; sleep 0.1; done
   [ -s "$pidf" ] || die "$name: no pid recorded"
   log "$name started (pid $(cat "$pidf"), log $dir/logs/$name.log)"
 }

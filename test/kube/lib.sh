@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by test/kube/*.sh: the pinned versions and the Go environment the
 # wrapper modules are resolved and built with.
 #   KV_KUBE_CACHE   Go caches (default: <repo>/.tools/go); GOMODCACHE=$KV_KUBE_CACHE/mod,
@@ -15,6 +16,7 @@ REPO_ROOT=$(cd "$KUBE_TEST_DIR/../.." && pwd)
 
 # v1.37.2 -> v0.37.2: the version the staging modules (k8s.io/api, ...) are
 # published at for a k8s.io/kubernetes release.
+# shellcheck disable=SC2034 # used by gen-replaces.sh
 K8S_STAGING_VERSION="v0.${K8S_VERSION#v1.}"
 
 KV_KUBE_CACHE=${KV_KUBE_CACHE:-$REPO_ROOT/.tools/go}

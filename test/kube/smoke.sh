@@ -17,7 +17,6 @@
 #   KV_KUBE_KEEP=1  leave the control plane running (stop: scripts/kube-down.sh)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-root=$PWD
 # only the versions and paths: lib.sh's build environment (GOMAXPROCS=1, ...)
 # must not reach the control plane's processes
 eval "$(. test/kube/lib.sh && declare -p K8S_VERSION KV_KUBE_BIN)"
@@ -67,11 +66,12 @@ if k version -o json | grep -q "\"gitVersion\": \"$want\""; then
 else fail "version is not $want"; fi
 
 step "/readyz"
-if out=$(k get --raw '/readyz'); then echo "$out"; [ "$out" = ok ] && pass "/readyz: ok" || fail "/readyz: $out"
-else fail "/readyz"; fi
+out=$(k get --raw '/readyz' 2>&1) || true
+echo "$out"
+if [ "$out" = ok ]; then pass "/readyz: ok"; else fail "/readyz: $out"; fi
 
 step "namespace $ns"
-k create namespace "$ns" && pass "namespace created" || fail "namespace"
+if k create namespace "$ns"; then pass "namespace created"; else fail "namespace"; fi
 poll "default ServiceAccount in $ns (serviceaccount controller)" k -n "$ns" get serviceaccount default || true
 poll "kube-root-ca.crt ConfigMap in $ns (root-ca-cert-publisher)" k -n "$ns" get configmap kube-root-ca.crt || true
 
@@ -89,7 +89,7 @@ for f in deploy/examples/*.yaml; do
 done
 k -n "$ns" get kvclusters
 echo "stored spec of the first one (defaults applied by the API server):"
-k -n "$ns" get kvcluster demo -o jsonpath='{.spec}' 2>/dev/null && echo || true
+k -n "$ns" get kvcluster demo -o jsonpath='{.spec}{"\n"}' || true
 
 step "invalid examples (deploy/examples/invalid/*.yaml) must be refused"
 accepted=()
