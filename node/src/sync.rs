@@ -105,24 +105,30 @@ impl Node {
                 let full = self.store.catching_up();
                 match self.catch_up(&view).await {
                     Ok(true) => {
-                        if full && self.cluster.epoch() == epoch {
-                            match self.store.mark_caught_up() {
-                                Ok(()) => {
+                        let mark = full && self.cluster.epoch() == epoch;
+                        let recorded = if mark {
+                            self.store.mark_caught_up()
+                        } else {
+                            Ok(())
+                        };
+                        match recorded {
+                            Ok(()) => {
+                                if mark {
                                     self.metrics.store_catching_up.set(0);
                                     tracing::info!(
                                         epoch,
                                         "the store has caught up: it serves reads from now on"
                                     );
                                 }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "cannot record that the store caught up; retrying");
-                                    continue;
-                                }
+                                self.cluster.set_synced(epoch);
+                                tracing::info!(epoch, "sync complete for this epoch");
+                                self.drop_unowned(&view).await;
+                            }
+                            // not synced: the next round (after the wait below) tries again
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot record that the store caught up; retrying")
                             }
                         }
-                        self.cluster.set_synced(epoch);
-                        tracing::info!(epoch, "sync complete for this epoch");
-                        self.drop_unowned(&view).await;
                     }
                     Ok(false) => {}
                     Err(e) => tracing::info!(error = %e, "catch-up incomplete; retrying"),
