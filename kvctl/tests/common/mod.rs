@@ -2,7 +2,6 @@
 //! process, and real redis-server / etcd processes when they are installed.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -15,10 +14,10 @@ pub fn kvctl_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kvctl"))
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, below the ephemeral range (see
+/// `kv_operator::local::free_port`).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    kv_operator::local::free_port().expect("a free loopback port")
 }
 
 /// Finds `kv-node` beside the kvctl binary (`target/<profile>/kv-node`),

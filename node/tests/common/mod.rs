@@ -12,12 +12,27 @@ use serde_json::Value;
 pub const TOKEN: &str = "client-secret";
 pub const CLUSTER_TOKEN: &str = "cluster-secret";
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago, below Linux's default
+/// ephemeral range (32768 and up): a port the kernel hands out for `bind :0`
+/// can be taken by an outgoing connection's source port before the node we
+/// start binds it (a cluster test failed so, "Address already in use").
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + seed.wrapping_add(n.wrapping_mul(7_919)) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port between {LOW} and {}", LOW + SPAN)
 }
 
 pub struct NodeProc {

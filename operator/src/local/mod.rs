@@ -145,7 +145,29 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn free_port() -> Result<u16, LocalError> {
+/// A loopback port that was free a moment ago, for a process started next to
+/// listen on. Taken below Linux's default ephemeral range (32768 and up), from
+/// which outgoing connections draw their source ports: a port handed out by
+/// the kernel (`bind :0`) can be taken by a connection before the node binds it
+/// (seen as "Address already in use" at start under test load).
+pub fn free_port() -> Result<u16, LocalError> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // a start that differs between processes picking at the same time
+    let seed = std::process::id().wrapping_mul(2_654_435_761)
+        ^ SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = LOW + seed.wrapping_add(n.wrapping_mul(7_919)) % SPAN;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
+            drop(l);
+            return Ok(port as u16);
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
