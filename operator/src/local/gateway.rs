@@ -433,6 +433,22 @@ impl Gateway {
                 classic,
             );
         }
+        // A create or a delete that may have reached a node is not sent to
+        // another: a second try would answer "exists" / "not found" for the
+        // first try's own effect. Its outcome is then unknown (503).
+        let once = method == Method::DELETE
+            || (method == Method::POST && path == "/write")
+            || headers.contains_key("if-none-match");
+        let unknown = |o: &u32, e: &dyn std::fmt::Display| {
+            error(
+                503,
+                "unavailable",
+                format!(
+                    "node {o} failed while it had the request ({e}); it may or may not have taken effect"
+                ),
+                classic,
+            )
+        };
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last_error = String::new();
         for i in 0..nodes.len() {
@@ -454,6 +470,7 @@ impl Gateway {
                     let resp_headers = resp.headers().clone();
                     let bytes = match resp.bytes().await {
                         Ok(b) => b,
+                        Err(e) if once => return unknown(o, &e),
                         Err(e) => {
                             last_error = format!("node {o}: {e}");
                             continue;
@@ -475,6 +492,7 @@ impl Gateway {
                     }
                     return out;
                 }
+                Err(e) if once && !e.is_connect() => return unknown(o, &e),
                 Err(e) => last_error = format!("node {o}: {e}"),
             }
         }
