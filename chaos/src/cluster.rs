@@ -140,7 +140,25 @@ impl Cluster {
             for o in cluster.nodes_not_up() {
                 let log = cluster.data_dir.join(format!("node-{o}.log"));
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
+                // a backtrace can fill the tail: the error and panic lines
+                // themselves say why, so they are shown first
                 let lines: Vec<&str> = text.lines().collect();
+                let said: Vec<&&str> = lines
+                    .iter()
+                    .filter(|l| {
+                        l.starts_with("Error:")
+                            || l.contains("panicked at")
+                            || l.trim_start().starts_with(|c: char| c.is_ascii_digit())
+                                && l.contains(": ")
+                                && !l.contains(" at ")
+                                && !l.contains("::")
+                            || l.contains(" ERROR ")
+                    })
+                    .collect();
+                why.push_str(&format!("\nnode {o}'s log, errors:"));
+                for l in &said[said.len().saturating_sub(12)..] {
+                    why.push_str(&format!("\n  {l}"));
+                }
                 why.push_str(&format!("\nnode {o}'s log ends:"));
                 for l in &lines[lines.len().saturating_sub(5)..] {
                     why.push_str(&format!("\n  {l}"));
