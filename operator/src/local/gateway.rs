@@ -581,17 +581,82 @@ where
     Ok(Bytes::from(out))
 }
 
-/// Serves the gateway until `stop` flips.
+/// Serves the gateway until `stop` flips, then drains in-flight requests.
+///
+/// A connection that ends because its client went away is logged at debug,
+/// any other connection error as a warning (warp's own loop logs both at
+/// ERROR); the nodes serve the same way (`kv_node::node::serve`).
 pub async fn serve(
     gateway: Arc<Gateway>,
     listener: tokio::net::TcpListener,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    warp::serve(gateway.routes())
-        .incoming(listener)
-        .graceful(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .run()
-        .await;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let routes = gateway.routes();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let io = match accepted {
+            Ok((io, _)) => io,
+            Err(e) if is_disconnect_kind(e.kind()) => continue,
+            Err(e) => {
+                // out of file descriptors, most likely: wait for some to close
+                tracing::warn!(error = %e, "gateway: cannot accept a connection; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                if is_client_disconnect(&*e) {
+                    tracing::debug!(error = %e, "gateway: client went away");
+                } else {
+                    tracing::warn!(error = %e, "gateway: connection ended with an error");
+                }
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// A connection error that only means the client went away (closed the
+/// connection mid-request or mid-answer, reset it, stopped reading).
+pub fn is_client_disconnect(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled() || h.is_closed() || h.is_timeout())
+        {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && is_disconnect_kind(io.kind())
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn is_disconnect_kind(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        kind,
+        K::ConnectionReset
+            | K::ConnectionAborted
+            | K::BrokenPipe
+            | K::UnexpectedEof
+            | K::NotConnected
+            | K::TimedOut
+    )
 }
