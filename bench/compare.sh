@@ -51,7 +51,7 @@ if [[ "${BENCH_SKIP_BUILD:-0}" == 1 ]]; then
     log "BENCH_SKIP_BUILD=1: using the binaries in $TARGET_DIR/release as they are"
 else
     log "building release binaries (CARGO_TARGET_DIR=$TARGET_DIR)"
-    (cd "$REPO" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release -q -p kv-node -p kvctl) \
+    (cd "$REPO" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --release -q -p kv-node -p kvctl --features kvctl/etcd) \
         || die "cargo build failed"
 fi
 KV_NODE="$TARGET_DIR/release/kv-node"

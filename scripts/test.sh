@@ -27,10 +27,10 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 
 step "cargo clippy (all targets, warnings are errors)"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features kvctl/etcd -- -D warnings
 
 step "cargo test (workspace)"
-cargo test --workspace --locked --no-fail-fast
+cargo test --workspace --locked --no-fail-fast --features kvctl/etcd
 disk "after cargo test"
 step "cargo fuzz: every target for ${FUZZ_SECONDS:-20} s from fuzz/corpus (scripts/fuzz.sh, dev build)"
 FUZZ_BUILD="${FUZZ_BUILD:-dev}" scripts/fuzz.sh

@@ -168,8 +168,17 @@ pub enum Command {
     Verify,
     /// Load generator against kvstore, etcd or Redis.
     Bench(BenchArgs),
-    /// Run a whole cluster on this machine: kv-node processes, the planner, and a gateway.
+    /// Run a whole cluster on this machine: node processes, the planner, and a gateway.
     Up(UpArgs),
+    /// Run one kvstore node in this process: the same flags and environment
+    /// as the kv-node binary (`kvctl node --help`); `kvctl up` runs each
+    /// node so. Give `node` as the first argument.
+    #[command(disable_help_flag = true)]
+    Node {
+        /// The node's flags (see `kvctl node --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// `--cluster NAME [-n NAMESPACE] [--context CONTEXT]`: act on a KvCluster
@@ -218,7 +227,8 @@ pub struct UpArgs {
     /// Gateway address.
     #[arg(long, env = "KV_LISTEN", default_value = "127.0.0.1:5000")]
     pub listen: std::net::SocketAddr,
-    /// The kv-node binary (default: next to kvctl, then on PATH).
+    /// Run each node with this kv-node binary instead of as `kvctl node`
+    /// (a subprocess of this executable, the default).
     #[arg(long, env = "KV_NODE_BIN")]
     pub node_binary: Option<PathBuf>,
     /// Milliseconds a node may be unreachable before it is Failed.

@@ -81,6 +81,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Verify => verify_cmd(&client, json_out).await,
         Command::Up(args) => crate::cmd_up::run(args, cli.token).await,
+        // main.rs runs `kvctl node` before parsing kvctl's own flags
+        Command::Node { .. } => Err(anyhow!(
+            "give `node` as the first argument (kvctl node --help)"
+        )),
         Command::Bench(args) => {
             crate::cmd_bench::run(&cli.endpoint, cli.token, cli.consistency, args, json_out).await
         }

@@ -1,9 +1,10 @@
 //! `kvctl up`: a whole cluster on this machine (see `kv_operator::local`).
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use kv_core::Strategy;
 use kv_operator::k8s::crd::KvCluster;
 use kv_operator::local::{UpOptions, up};
@@ -16,6 +17,7 @@ pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
+    let (node_binary, node_args) = node_program(args.node_binary.as_deref())?;
     let mut opts = UpOptions {
         replicas: args.nodes,
         strategy: args.strategy.map(|s| match s {
@@ -29,7 +31,7 @@ pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
         data_dir: args.data_dir.clone(),
         listen: args.listen,
         token,
-        node_binary: node_binary(args.node_binary.as_deref())?,
+        node_binary,
         failure_detection_ms: args.failure_detection_ms,
         anti_entropy_secs: args.anti_entropy_secs,
         verbose: true,
@@ -47,36 +49,21 @@ pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
         opts.write_consistency = opts.write_consistency.or(Some(d.write_consistency));
         opts.failed_nodes = Some(d.failed_nodes);
     }
-    up(opts, shutdown_signal()).await?;
+    up(opts, node_args, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// `--node-binary`, else `kv-node` next to this executable, else on PATH.
-fn node_binary(given: Option<&Path>) -> Result<PathBuf> {
+/// The program each node runs as, and the arguments before its flags:
+/// `--node-binary` (a kv-node binary) when given, else this executable as
+/// `kvctl node`, so `cargo run -p kvctl -- up` needs no second binary.
+fn node_program(given: Option<&Path>) -> Result<(PathBuf, Vec<OsString>)> {
     if let Some(p) = given {
-        return Ok(p.to_path_buf());
+        return Ok((p.to_path_buf(), Vec::new()));
     }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        for candidate in [dir.join("kv-node"), dir.join("../kv-node")] {
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    if let Some(paths) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&paths) {
-            let c = dir.join("kv-node");
-            if c.is_file() {
-                return Ok(c);
-            }
-        }
-    }
-    bail!(
-        "cannot find the kv-node binary next to kvctl or on PATH; build it with `cargo build --release -p kv-node` or pass --node-binary"
-    )
+    let me = std::env::current_exe().context(
+        "cannot find this executable to run the nodes as `kvctl node`; pass --node-binary",
+    )?;
+    Ok((me, vec![OsString::from("node")]))
 }
 
 async fn shutdown_signal() {

@@ -365,6 +365,9 @@ async fn op_mix_against_a_real_redis_server() {
     check_op_mix(DriverKind::Redis, format!("redis://127.0.0.1:{port}")).await;
 }
 
+// The etcd driver is built with `--features kvctl/etcd` (scripts/test.sh
+// and bench/compare.sh ask for it; it needs protoc).
+#[cfg(feature = "etcd")]
 #[tokio::test]
 async fn op_mix_against_a_real_etcd() {
     let Some((_p, port)) = common::start_etcd("op_mix_against_a_real_etcd") else {
@@ -382,6 +385,21 @@ async fn op_mix_against_a_real_etcd() {
     let r = bench::run(c).await.unwrap();
     assert_eq!((r.errors, r.reads), (0, 100));
     assert_eq!(r.consistency.as_deref(), Some("serializable"));
+}
+
+#[cfg(not(feature = "etcd"))]
+#[tokio::test]
+async fn etcd_driver_not_built_says_which_feature_to_build() {
+    let e = bench::run(cfg(
+        DriverKind::Etcd,
+        "http://127.0.0.1:1".to_string(),
+        10,
+        1.0,
+        false,
+    ))
+    .await
+    .expect_err("the etcd driver ran in a build without it");
+    assert!(e.to_string().contains("feature `etcd`"), "{e}");
 }
 
 #[tokio::test]

@@ -1,6 +1,8 @@
-//! End-to-end tests of `kvctl up`: the local platform runs real kv-node
-//! processes on loopback; the tests drive it only through the gateway's HTTP
-//! API and the kvctl binary, and read the state changes it prints.
+//! End-to-end tests of `kvctl up`: the local platform runs real node
+//! processes on loopback (`kvctl node`, subprocesses of the kvctl binary
+//! itself, unless a test passes `--node-binary`); the tests drive it only
+//! through the gateway's HTTP API and the kvctl binary, and read the state
+//! changes it prints.
 
 mod common;
 
@@ -39,8 +41,6 @@ impl Up {
             .arg(dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--token", token])
-            .arg("--node-binary")
-            .arg(kv_node_bin())
             .args(["--failure-detection-ms", DETECT_MS])
             .args(extra)
             .env_remove("KV_ENDPOINT")
@@ -274,6 +274,20 @@ fn pgrep(pattern: &str) -> Vec<u32> {
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// The command line of node `o` of the cluster in `dir`.
+fn node_argv(dir: &Path, o: u32) -> Vec<String> {
+    let pids = pgrep(&format!("{}/node-{o} ", dir.display()));
+    let [pid] = pids[..] else {
+        panic!("expected one process of node {o}, found {pids:?}");
+    };
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .unwrap_or_default()
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).to_string())
         .collect()
 }
 
@@ -663,7 +677,9 @@ fn strategy_changes_under_writes() {
 }
 
 // 4. Restarting `kvctl up` on the same data directory keeps data and the
-// held-down set, and leaves no node process behind when stopped.
+// held-down set, and leaves no node process behind when stopped. The first
+// run's nodes are `kvctl node` subprocesses, the second's a kv-node binary
+// (`--node-binary`): the same node either way.
 #[test]
 fn restart_keeps_data_and_held_down_nodes() {
     let dir = tempfile::tempdir().unwrap();
@@ -671,6 +687,12 @@ fn restart_keeps_data_and_held_down_nodes() {
     {
         let mut up = Up::start(dir.path(), "t4", &[]);
         up.wait_up(&[0, 1, 2]);
+        let argv = node_argv(dir.path(), 0);
+        assert_eq!(
+            argv.get(..2),
+            Some(&[kvctl_bin().display().to_string(), "node".to_string()][..]),
+            "node 0 is not a `kvctl node` subprocess: {argv:?}"
+        );
         put_all(&up, &data);
         ok(&up.kvctl(&["fail", "2"]), "kvctl fail 2");
         up.wait_state(2, "Failed");
@@ -680,9 +702,11 @@ fn restart_keeps_data_and_held_down_nodes() {
         let left = pgrep(&dir.path().display().to_string());
         assert!(left.is_empty(), "processes left behind: {left:?}");
     }
-    let up = Up::start(dir.path(), "t4", &[]);
+    let bin = kv_node_bin().display().to_string();
+    let up = Up::start(dir.path(), "t4", &["--node-binary", &bin]);
     up.wait_line(&["held down: {2}"]);
     up.wait_up(&[0, 1]);
+    assert_eq!(node_argv(dir.path(), 0).first(), Some(&bin));
     let v = up.cluster();
     assert_eq!(Up::state(&v, 2), "Failed", "{v:#}");
     assert_eq!(v["nodes"][2]["running"], false);

@@ -12,6 +12,8 @@
 //! - [`sync`]: hinted handoff, catch-up and rebalance streaming,
 //!   anti-entropy, tombstone GC.
 //! - [`cluster`]: the topology this node holds and its catch-up progress.
+//! - [`process`]: the node as a whole process (logging, runtime, signals),
+//!   shared by the `kv-node` binary and `kvctl node`.
 
 pub mod api;
 pub mod clock;
@@ -22,6 +24,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod peer_api;
+pub mod process;
 pub mod storage;
 pub mod sync;
 

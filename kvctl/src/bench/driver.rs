@@ -143,7 +143,7 @@ impl Connector {
             #[cfg(not(feature = "etcd"))]
             DriverKind::Etcd => Err(OpError::new(
                 "config",
-                "this kvctl was built without the etcd driver (cargo feature `etcd`)",
+                "this kvctl was built without the etcd driver (cargo feature `etcd`: cargo build --release -p kvctl --features etcd, which needs protoc)",
             )),
         }
     }

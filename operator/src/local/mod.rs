@@ -53,7 +53,7 @@ pub enum LocalError {
     #[error("cannot find a free port on loopback: {0}")]
     Port(std::io::Error),
     #[error(
-        "the kv-node binary {0} does not exist (build it with `cargo build --release -p kv-node`, or pass --node-binary)"
+        "the node binary {0} does not exist (leave out --node-binary to run nodes as `kvctl node`, or build kv-node with `cargo build --release -p kv-node`)"
     )]
     NoBinary(PathBuf),
     #[error("the cluster cannot be planned: {0}")]
@@ -80,6 +80,8 @@ pub struct UpOptions {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub token: Option<String>,
+    /// The program each node runs as: a kv-node binary, or kvctl's own
+    /// executable with the leading arguments `node` ([`Platform::open_with`]).
     pub node_binary: PathBuf,
     pub failure_detection_ms: u64,
     /// Passed to every node (`--anti-entropy-secs`).
@@ -228,11 +230,25 @@ pub struct Platform {
     /// Extra environment of a node's process from its next start on; empty
     /// unless a fault harness sets some ([`Platform::set_node_env`]).
     node_env: Mutex<BTreeMap<u32, BTreeMap<String, String>>>,
+    /// Arguments given to `node_binary` before the node's own flags
+    /// (`node` when it is `kvctl` itself).
+    node_args: Vec<std::ffi::OsString>,
 }
 
 impl Platform {
-    /// Loads or creates the state in the data directory.
+    /// Loads or creates the state in the data directory; nodes run as
+    /// `opts.node_binary` with the node's flags.
     pub fn open(opts: UpOptions) -> Result<Arc<Platform>, LocalError> {
+        Platform::open_with(opts, Vec::new())
+    }
+
+    /// [`Platform::open`], with `node_args` given to `opts.node_binary`
+    /// before the node's flags: `kvctl up` runs each node as `kvctl node
+    /// ...`, a subprocess of its own executable.
+    pub fn open_with(
+        opts: UpOptions,
+        node_args: Vec<std::ffi::OsString>,
+    ) -> Result<Arc<Platform>, LocalError> {
         if !opts.node_binary.exists() {
             return Err(LocalError::NoBinary(opts.node_binary.clone()));
         }
@@ -346,6 +362,7 @@ impl Platform {
             ports: ports.clone(),
             peer_routes,
             node_env: Mutex::default(),
+            node_args,
             opts,
         };
         // Ports are looked up by the planner's address function.
@@ -714,7 +731,8 @@ impl Platform {
             .append(true)
             .open(self.opts.data_dir.join(format!("node-{o}.log")));
         let mut cmd = Command::new(&self.opts.node_binary);
-        cmd.arg("--listen")
+        cmd.args(&self.node_args)
+            .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--peer-listen")
             .arg(format!("127.0.0.1:{peer}"))
@@ -864,12 +882,14 @@ pub fn parse_report(v: &serde_json::Value) -> Option<NodeReport> {
 
 /// Runs the local cluster until `shutdown` resolves: the supervisor and the
 /// gateway; then stops every node cleanly.
+/// `node_args` come before each node's flags (see [`Platform::open_with`]).
 pub async fn up(
     opts: UpOptions,
+    node_args: Vec<std::ffi::OsString>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), LocalError> {
     let listen = opts.listen;
-    let platform = Platform::open(opts)?;
+    let platform = Platform::open_with(opts, node_args)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| LocalError::Listen {
