@@ -11,6 +11,7 @@
 #   - a ConfigMap change reaches the volume after --configmap-sync-delay;
 #   - an image outside --image-map is reported as ErrImagePull;
 #   - deleting the pod ends its process and removes the object;
+#   - a killed process is restarted (restartPolicy Always), restartCount 1;
 #   - stopping the kubelet (by pid) ends every process it started;
 # and scripts/kube-down.sh at the end, whatever happened.
 # Prints 'N passed, N failed'; exits non-zero on any failure.
@@ -72,7 +73,8 @@ k() { "$KV_KUBE_BIN/kubectl" "$@"; }
 poll() {
   local what=$1 t0=$SECONDS; shift
   until "$@" >/dev/null 2>&1; do
-    [ $((SECONDS - t0)) -lt "$wait_s" ] || { fail "$what (not within ${wait_s} s)"; return 1; }
+    # a failure is counted and the run goes on
+    [ $((SECONDS - t0)) -lt "$wait_s" ] || { fail "$what (not within ${wait_s} s)"; return 0; }
     sleep 1
   done
   pass "$what ($((SECONDS - t0)) s)"
@@ -80,8 +82,12 @@ poll() {
 check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
 
 step "start the kubelet"
-kroot=$KV_KUBE_DIR/kubelet
-log=$KV_KUBE_DIR/logs/kv-test-kubelet.log
+# the kubelet's root (pods, PVs) and log outlive kube-down, for reading after
+# a failure; the next run removes them
+kdir=${KV_KUBELET_DIR:-${TMPDIR:-/tmp}/kvstore-kubelet-smoke-kubelet}
+rm -rf "$kdir" && mkdir -p "$kdir"
+kroot=$kdir/root
+log=$kdir/kv-test-kubelet.log
 "$kubelet_bin" --kubeconfig "$KUBECONFIG" --node-name "$node" --root "$kroot" \
   --image-map "kvstore/kv-node:dev=$kv_node" --configmap-sync-delay 5 --restart-backoff 1 \
   >"$log" 2>&1 &
@@ -91,7 +97,8 @@ echo "kubelet pid $kubelet_pid, log $log"
 poll "node $node is Ready" k wait --for=condition=Ready "node/$node" --timeout=5s
 renew() { k -n kube-node-lease get lease "$node" -o jsonpath='{.spec.renewTime}'; }
 first=$(renew)
-poll "node Lease renewed (first renewTime $first)" test "$(renew)" != "$first"
+lease_renewed() { [ "$(renew)" != "$first" ]; }
+poll "node Lease renewed (first renewTime $first)" lease_renewed
 
 step "namespace, ConfigMap, Secret, PVC"
 k create namespace "$ns" >/dev/null
@@ -173,7 +180,7 @@ check "kv-0 runs kv-node as pid $pid0" test "$(basename "$(readlink "/proc/$pid0
 check "kv-node listens on $ip0:7400 (0.0.0.0 rewritten), not on 0.0.0.0" \
   bash -c "curl -fsS http://$ip0:7400/healthz >/dev/null && ! curl -fsS -m 2 http://127.0.0.1:7400/healthz >/dev/null 2>&1"
 check "the Secret env is the client token (PUT with it)" \
-  curl -fsS -X PUT -H 'Authorization: Bearer smoke-token' --data-binary v1 "http://$ip0:7400/v1/kv/smoke"
+  curl -fsS -o /dev/null -X PUT -H 'Authorization: Bearer smoke-token' --data-binary v1 "http://$ip0:7400/v1/kv/smoke"
 check "GET answers the value" test "$(curl -fsS -H 'Authorization: Bearer smoke-token' "http://$ip0:7400/v1/kv/smoke")" = v1
 check "the data dir (/data) is the PV's directory" bash -c "ls '$pv_dir' | grep -q ."
 ls -l "$pv_dir"
@@ -199,6 +206,16 @@ check "kubectl delete pod kv-0 returns once it is gone" k -n "$ns" delete pod kv
 echo "deleted in $((SECONDS - t0)) s"
 check "kv-node pid $pid0 is gone" bash -c "! [ -e /proc/$pid0 ] || [ \"\$(cat /proc/$pid0/stat | cut -d' ' -f3)\" = Z ]"
 check "the PV directory keeps the data" bash -c "ls '$pv_dir' | grep -q ."
+
+step "kill -9 kv-1's process: restarted (restartPolicy Always), Ready again"
+pid1=$(jp kv-1 '{.status.containerStatuses[0].containerID}'); pid1=${pid1#kv-test-kubelet://}
+kill -KILL "$pid1"
+restarted() { [ "$(jp kv-1 '{.status.containerStatuses[0].restartCount}')" = 1 ]; }
+poll "kv-1 restartCount 1" restarted
+echo "lastState: $(jp kv-1 '{.status.containerStatuses[0].lastState.terminated.exitCode} {.status.containerStatuses[0].lastState.terminated.reason}')"
+poll "kv-1 Ready again" k -n "$ns" wait --for=condition=Ready pod/kv-1 --timeout=5s
+check "kv-1's last termination is exit code 137 (SIGKILL)" \
+  test "$(jp kv-1 '{.status.containerStatuses[0].lastState.terminated.exitCode}')" = 137
 
 step "stopping the kubelet ends its processes"
 pid1=$(jp kv-1 '{.status.containerStatuses[0].containerID}'); pid1=${pid1#kv-test-kubelet://}

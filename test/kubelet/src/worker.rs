@@ -68,6 +68,8 @@ struct Worker {
     volumes: Option<BTreeMap<String, PathBuf>>,
     setup_error: Option<String>,
     next_volume_sync: Instant,
+    /// Service-account tokens are re-requested at 80% of their lifetime, not every sync.
+    next_token_refresh: Instant,
     ctrs: Vec<Ctr>,
     start_time: String,
     transitions: BTreeMap<&'static str, (bool, String)>,
@@ -166,6 +168,7 @@ impl Worker {
             volumes: None,
             setup_error: None,
             next_volume_sync: Instant::now(),
+            next_token_refresh: Instant::now(),
             ctrs,
             start_time,
             transitions: BTreeMap::new(),
@@ -292,6 +295,15 @@ impl Worker {
                         .await?,
                 )
             } else if let Some(p) = &v.projected {
+                let has_token = p
+                    .sources
+                    .iter()
+                    .flatten()
+                    .any(|s| s.service_account_token.is_some());
+                if has_token && !first && Instant::now() < self.next_token_refresh {
+                    dirs.insert(v.name.clone(), dir);
+                    continue;
+                }
                 let mut all = Payload::new();
                 for src in p.sources.iter().flatten() {
                     let part = if let Some(cm) = &src.config_map {
@@ -432,7 +444,7 @@ impl Worker {
 
     /// A service-account token bound to this pod (TokenRequest API).
     async fn token_file(
-        &self,
+        &mut self,
         path: &str,
         audience: Option<String>,
         expiration: Option<i64>,
@@ -453,7 +465,19 @@ impl Worker {
             .create_subresource("token", &sa, &PostParams::default(), &req)
             .await
             .with_context(|| format!("token for serviceaccount {sa:?}"))?;
-        let token = answer.status.map(|s| s.token).unwrap_or_default();
+        let status = answer
+            .status
+            .ok_or_else(|| anyhow!("TokenRequest for serviceaccount {sa:?}: no status"))?;
+        let lifetime = status
+            .expiration_timestamp
+            .0
+            .duration_since(Timestamp::now())
+            .as_secs_f64()
+            .max(60.0);
+        self.next_token_refresh = self
+            .next_token_refresh
+            .max(Instant::now() + Duration::from_secs_f64(lifetime * 0.8));
+        let token = status.token;
         Ok([(
             path.to_string(),
             (token.into_bytes(), mode.unwrap_or(0o644) as u32 & 0o777),
