@@ -143,6 +143,8 @@ pub enum Command {
         #[arg(long)]
         force: bool,
         #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
         kube: KubeArgs,
     },
     /// Recover node N through the control plane.
@@ -154,6 +156,8 @@ pub enum Command {
         /// Node ordinal.
         node: u32,
         #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
         kube: KubeArgs,
     },
     /// Change the replication strategy through the control plane.
@@ -163,6 +167,8 @@ pub enum Command {
         /// Replicas of each key (consistent-hashing).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         replication_factor: Option<u32>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Compare replica digests cluster-wide; exit 1 when co-owners differ.
     Verify,
@@ -179,6 +185,50 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<std::ffi::OsString>,
     },
+}
+
+/// `--no-wait` / `--wait-timeout SECS` of `fail`, `recover` and `strategy`
+/// against a gateway: by default the command returns once the change is
+/// visible (the node listed Failed, or Up and caught up; the new placement
+/// committed), or says it is still in progress after the bound.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// Return as soon as the control plane has accepted the change, without
+    /// waiting for it to take effect.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Seconds to wait for the change to take effect; past them the answer
+    /// says it is still in progress (HTTP 202, with its progress).
+    #[arg(long, default_value_t = 30.0, value_parser = parse_wait, conflicts_with = "no_wait")]
+    pub wait_timeout: f64,
+}
+
+fn parse_wait(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
+    }
+}
+
+impl WaitArgs {
+    /// The control route's query: `wait=false` or `timeout=SECS`.
+    pub fn query(&self) -> String {
+        if self.no_wait {
+            "wait=false".into()
+        } else {
+            format!("timeout={}", self.wait_timeout)
+        }
+    }
+
+    /// How long the HTTP request may take: the wait plus `answer` (the
+    /// `--timeout` for an answer).
+    pub fn request_timeout(&self, answer: std::time::Duration) -> std::time::Duration {
+        if self.no_wait {
+            answer
+        } else {
+            answer + std::time::Duration::from_secs_f64(self.wait_timeout)
+        }
+    }
 }
 
 /// `--cluster NAME [-n NAMESPACE] [--context CONTEXT]`: act on a KvCluster

@@ -444,13 +444,19 @@ impl Client {
             .0)
     }
 
-    /// A classic control route (`POST /fail/<id>`, ...), with an optional JSON body.
+    /// A classic control route (`POST /fail/<id>`, ...), with an optional
+    /// JSON body and a request timeout of its own (a control call waits for
+    /// its effect). A 202 (still in progress) is an answer like a 200.
     pub async fn classic_post(
         &self,
         path: &str,
         body: Option<&Value>,
+        timeout: Option<Duration>,
     ) -> Result<Value, ClientError> {
         let mut rb = self.request(Method::POST, path, false);
+        if let Some(t) = timeout {
+            rb = rb.timeout(t);
+        }
         if let Some(b) = body {
             rb = rb.json(b);
         }

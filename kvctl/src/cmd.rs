@@ -22,8 +22,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     let json_out = cli.output == Output::Json;
     // `--cluster NAME`: the KvCluster through the kube API; no endpoint involved.
     let kube = match &cli.command {
-        Command::Fail { node, force, kube } => Some((Kube::Fail(*node, *force), kube)),
-        Command::Recover { node, kube } => Some((Kube::Recover(*node), kube)),
+        Command::Fail {
+            node, force, kube, ..
+        } => Some((Kube::Fail(*node, *force), kube)),
+        Command::Recover { node, kube, .. } => Some((Kube::Recover(*node), kube)),
         Command::Nodes { kube } => Some((Kube::Nodes, kube)),
         _ => None,
     };
@@ -58,26 +60,31 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let (p, raw) = client.placement(key.as_bytes()).await?;
             emit(json_out, &raw, || output::render_placement(&p))
         }
-        Command::Fail { node, force, .. } => {
-            let path = if force {
-                format!("/fail/{node}?force=true")
-            } else {
-                format!("/fail/{node}")
-            };
-            classic(&client, &path, None, json_out).await
+        Command::Fail {
+            node, force, wait, ..
+        } => {
+            let force = if force { "&force=true" } else { "" };
+            let path = format!("/fail/{node}?{}{force}", wait.query());
+            let t = wait.request_timeout(timeout);
+            classic(&client, &path, None, t, json_out).await
         }
-        Command::Recover { node, .. } => {
-            classic(&client, &format!("/recover/{node}"), None, json_out).await
+        Command::Recover { node, wait, .. } => {
+            let path = format!("/recover/{node}?{}", wait.query());
+            let t = wait.request_timeout(timeout);
+            classic(&client, &path, None, t, json_out).await
         }
         Command::Strategy {
             strategy,
             replication_factor,
+            wait,
         } => {
             let mut body = json!({ "strategy": strategy.classic_name() });
             if let Some(f) = replication_factor {
                 body["replication_factor"] = json!(f);
             }
-            classic(&client, "/set_replication_strategy", Some(&body), json_out).await
+            let path = format!("/set_replication_strategy?{}", wait.query());
+            let t = wait.request_timeout(timeout);
+            classic(&client, &path, Some(&body), t, json_out).await
         }
         Command::Verify => verify_cmd(&client, json_out).await,
         Command::Up(args) => crate::cmd_up::run(args, cli.token).await,
@@ -253,13 +260,16 @@ async fn list(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A control call through the gateway; prints its message (the change done,
+/// or, after a 202, still in progress and how far).
 async fn classic(
     client: &Client,
     path: &str,
     body: Option<&Value>,
+    timeout: Duration,
     json_out: bool,
 ) -> Result<ExitCode> {
-    let raw = client.classic_post(path, body).await?;
+    let raw = client.classic_post(path, body, Some(timeout)).await?;
     emit(json_out, &raw, || {
         let msg = raw
             .get("message")

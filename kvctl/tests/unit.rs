@@ -182,12 +182,44 @@ fn control_commands_parse() {
         Command::Strategy {
             strategy,
             replication_factor,
+            wait,
         } => {
             assert_eq!(strategy, StrategyArg::ConsistentHashing);
             assert_eq!(strategy.classic_name(), "consistent");
             assert_eq!(replication_factor, Some(2));
+            assert_eq!(wait.query(), "timeout=30");
         }
         other => panic!("{other:?}"),
+    }
+    // Control calls wait for their effect unless told not to.
+    match parse(&["recover", "1", "--no-wait"]).command {
+        Command::Recover { wait, .. } => {
+            assert_eq!(wait.query(), "wait=false");
+            assert_eq!(
+                wait.request_timeout(std::time::Duration::from_secs(10)),
+                std::time::Duration::from_secs(10)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    match parse(&["fail", "1", "--wait-timeout", "2.5"]).command {
+        Command::Fail { wait, .. } => {
+            assert_eq!(wait.query(), "timeout=2.5");
+            assert_eq!(
+                wait.request_timeout(std::time::Duration::from_secs(10)),
+                std::time::Duration::from_millis(12_500)
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    for bad in [
+        &["fail", "1", "--wait-timeout", "0"][..],
+        &["fail", "1", "--no-wait", "--wait-timeout", "5"][..],
+    ] {
+        assert!(
+            Cli::try_parse_from(std::iter::once("kvctl").chain(bad.iter().copied())).is_err(),
+            "{bad:?} was accepted"
+        );
     }
     match parse(&["strategy", "consistent"]).command {
         Command::Strategy { strategy, .. } => assert_eq!(strategy, StrategyArg::ConsistentHashing),

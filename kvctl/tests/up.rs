@@ -29,11 +29,18 @@ struct Up {
     port: u16,
     token: String,
     lines: Arc<Mutex<Vec<String>>>,
+    /// What kvctl up wrote on stderr (also passed through to the test's).
+    err_lines: Arc<Mutex<Vec<String>>>,
     http: Client,
 }
 
 impl Up {
     fn start(dir: &Path, token: &str, extra: &[&str]) -> Up {
+        Up::start_env(dir, token, extra, &[])
+    }
+
+    /// [`Up::start`] with extra environment (inherited by its nodes).
+    fn start_env(dir: &Path, token: &str, extra: &[&str], env: &[(&str, &str)]) -> Up {
         let port = free_port();
         let mut child = Command::new(kvctl_bin())
             .arg("up")
@@ -48,11 +55,22 @@ impl Up {
             .env_remove("KV_DATA_DIR")
             .env_remove("KV_LISTEN")
             .env_remove("KV_NODE_BIN")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("cannot run kvctl up");
+        let err_lines = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().unwrap();
+        let err_sink = err_lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                err_sink.lock().unwrap().push(line);
+            }
+        });
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().unwrap();
         let sink = lines.clone();
@@ -68,6 +86,7 @@ impl Up {
             port,
             token: token.to_string(),
             lines,
+            err_lines,
             http: Client::builder()
                 .timeout(Duration::from_secs(20))
                 .pool_max_idle_per_host(16)
@@ -919,4 +938,315 @@ fn classic_client_flow() {
     assert_eq!(v["status"], "success");
     let (s, _) = up.call(M::GET, "/read/alpha", None);
     assert_eq!(s, 404);
+}
+
+/// GET /nodes: each node's classic status (`alive` / `dead`) by id.
+fn classic_nodes(up: &Up) -> BTreeMap<u64, String> {
+    let (s, v) = up.call(reqwest::Method::GET, "/nodes", None);
+    assert_eq!(s, 200, "GET /nodes: {v}");
+    v["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("GET /nodes has no nodes: {v}"))
+        .iter()
+        .map(|n| {
+            (
+                n["node_id"].as_u64().unwrap(),
+                n["status"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+// 7. The original store's client acts on each answer at once, with no
+// polling: fail node 1, list nodes, recover every node listed dead, switch
+// to consistent hashing with factor 2, ask for a key's owners. Each control
+// call answers after its effect is visible.
+#[test]
+fn original_client_sequence_sees_each_effect_in_the_next_answer() {
+    use reqwest::Method as M;
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), "t7", &[]);
+    up.wait_up(&[0, 1, 2]);
+    let (s, v) = up.call(
+        M::POST,
+        "/write",
+        Some(&json!({"key": "beta", "value": "b"})),
+    );
+    assert_eq!(s, 200, "{v}");
+
+    let (s, v) = up.call(M::POST, "/fail/1", None);
+    assert_eq!((s, &v["status"]), (200, &json!("success")), "{v}");
+    assert!(
+        pgrep(&format!("{}/node-1 ", dir.path().display())).is_empty(),
+        "node 1's process still runs after POST /fail/1 answered: {v}"
+    );
+    let nodes = classic_nodes(&up);
+    let dead: Vec<u64> = nodes
+        .iter()
+        .filter(|(_, s)| *s == "dead")
+        .map(|(o, _)| *o)
+        .collect();
+    assert_eq!(
+        dead,
+        vec![1],
+        "GET /nodes right after POST /fail/1: {nodes:?}"
+    );
+
+    for o in &dead {
+        let (s, v) = up.call(M::POST, &format!("/recover/{o}"), None);
+        assert_eq!((s, &v["status"]), (200, &json!("success")), "{v}");
+        assert!(v["message"].as_str().unwrap_or("").contains("is Up"), "{v}");
+    }
+    let nodes = classic_nodes(&up);
+    assert!(
+        nodes.values().all(|s| s == "alive"),
+        "GET /nodes right after recovering every dead node: {nodes:?}"
+    );
+
+    let (s, v) = up.call(
+        M::POST,
+        "/set_replication_strategy",
+        Some(&json!({"strategy": "consistent", "replication_factor": 2})),
+    );
+    assert_eq!((s, &v["status"]), (200, &json!("success")), "{v}");
+    assert_eq!(v["strategy"], "ConsistentHashing", "{v}");
+    assert_eq!(v["replication_factor"], 2, "{v}");
+    let (s, v) = up.call(M::GET, "/nodes_for_key/beta", None);
+    assert_eq!(s, 200, "{v}");
+    let owners = v["nodes"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        owners.len(),
+        2,
+        "the old owners right after the switch: {v}"
+    );
+    let t = up.cluster()["topology"].clone();
+    assert!(t["pending"].is_null(), "still pending: {t}");
+    assert_eq!(t["placement"]["strategy"], "ConsistentHashing", "{t}");
+    let (s, v) = up.call(M::GET, "/read/beta", None);
+    assert_eq!((s, &v["value"]), (200, &json!("b")), "{v}");
+
+    // kvctl waits the same way (seen through the v1 view).
+    let out = ok(&up.kvctl(&["strategy", "full"]), "kvctl strategy full");
+    assert!(out.contains("committed"), "{out}");
+    let t = up.cluster()["topology"].clone();
+    assert!(
+        t["pending"].is_null() && t["placement"]["strategy"] == "Full",
+        "{t}"
+    );
+
+    let out = ok(&up.kvctl(&["fail", "2"]), "kvctl fail 2");
+    assert!(out.contains("Failed"), "{out}");
+    let v = up.cluster();
+    assert_eq!(Up::state(&v, 2), "Failed", "{v:#}");
+    assert_eq!(v["nodes"][2]["running"], false, "{v:#}");
+    let out = ok(&up.kvctl(&["recover", "2"]), "kvctl recover 2");
+    assert!(out.contains("is Up"), "{out}");
+    let v = up.cluster();
+    assert_eq!(Up::state(&v, 2), "Up", "{v:#}");
+    assert_eq!(v["nodes"][2]["running"], true, "{v:#}");
+    // Past the bound: 202 with the progress, and /nodes does not claim it Up.
+    let (s, v) = up.call(M::POST, "/fail/1", None);
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = up.call(M::POST, "/recover/1?timeout=0.01", None);
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(
+        (&v["status"], &v["done"]),
+        (&json!("accepted"), &json!(false)),
+        "{v}"
+    );
+    assert!(v["progress"]["state"].is_string(), "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("not Up yet"),
+        "{v}"
+    );
+    assert_eq!(classic_nodes(&up)[&1], "dead");
+    up.wait_up(&[0, 1, 2]);
+    // wait=false answers at once, as before: accepted, not done.
+    let (s, v) = up.call(M::POST, "/v1/nodes/1/fail?wait=false", None);
+    assert_eq!((s, &v["done"]), (200, &json!(false)), "{v}");
+    assert!(
+        v["status"].is_null(),
+        "a v1 answer has no classic status: {v}"
+    );
+    up.wait_state(1, "Failed");
+    for bad in [
+        "/recover/1?timeout=0",
+        "/recover/1?timeout=x",
+        "/recover/1?wait=maybe",
+        "/recover/1?force=true",
+    ] {
+        let (s, v) = up.call(M::POST, bad, None);
+        assert_eq!(s, 400, "{bad}: {v}");
+        assert_eq!(v["status"], "error", "{bad}: {v}");
+    }
+}
+
+// 8. Replication input is checked: each kind of mistake gets one 400 that
+// names it and changes nothing; a success describes the state that holds.
+#[test]
+fn replication_input_is_checked_and_answers_say_what_holds() {
+    use reqwest::Method as M;
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), "t8", &[]);
+    up.wait_up(&[0, 1, 2]);
+    let epoch = up.cluster()["topology"]["epoch"].clone();
+    let send = |method: M, path: &str, body: &str| {
+        let resp = up
+            .req(method, path)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .unwrap();
+        let s = resp.status().as_u16();
+        (s, resp.json::<Value>().unwrap_or(Value::Null))
+    };
+    for (body, says) in [
+        (r#"{"strategy":1}"#, "strategy must be a string"),
+        ("[]", "must be a JSON object"),
+        ("7", "must be a JSON object"),
+        (
+            r#"{"strategy":"consistent","replication_factor":-1}"#,
+            "at least 1",
+        ),
+        (
+            r#"{"strategy":"consistent","replication_factor":0}"#,
+            "at least 1",
+        ),
+        (
+            r#"{"strategy":"consistent","replication_factor":1.5}"#,
+            "whole number",
+        ),
+        (
+            r#"{"strategy":"consistent","replication_factor":"two"}"#,
+            "whole number",
+        ),
+        (r#"{"strategy":"ring"}"#, "unknown strategy"),
+        (
+            r#"{"strategy":"full","replication_factor":1}"#,
+            "applies only to consistent hashing",
+        ),
+        (
+            r#"{"replication_factor":2}"#,
+            "applies only to consistent hashing",
+        ),
+        (r#"{"strateg":"full"}"#, "unknown field"),
+        (
+            r#"{"strategy":"full","writeConsistency":2}"#,
+            "writeConsistency must be a string",
+        ),
+        ("{}", "nothing to change"),
+    ] {
+        let (s, v) = send(M::POST, "/set_replication_strategy", body);
+        assert_eq!(s, 400, "{body}: {v}");
+        assert_eq!(v["status"], "error", "{body}: {v}");
+        let msg = v["message"].as_str().unwrap_or("");
+        assert!(msg.contains(says), "{body}: expected {says:?} in {v}");
+        let (s, v) = send(M::PUT, "/v1/replication", body);
+        assert_eq!(
+            (s, &v["error"]),
+            (400, &json!("bad_request")),
+            "{body}: {v}"
+        );
+    }
+    let v = up.cluster();
+    assert_eq!(
+        v["topology"]["epoch"], epoch,
+        "a refused change moved the epoch"
+    );
+    assert_eq!(v["desired"]["strategy"], "Full", "{v:#}");
+    assert_eq!(v["desired"]["factor"], 3, "{v:#}");
+
+    // Full with its own factor (every node) is true, and said so.
+    let (s, v) = send(
+        M::POST,
+        "/set_replication_strategy",
+        r#"{"strategy":"full","replication_factor":3}"#,
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (&v["strategy"], &v["replication_factor"]),
+        (&json!("Full"), &json!(3)),
+        "{v}"
+    );
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Full (every key on all 3 nodes)"),
+        "{v}"
+    );
+    let (s, v) = send(
+        M::PUT,
+        "/v1/replication",
+        r#"{"strategy":"consistent","factor":2}"#,
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("ConsistentHashing with factor 2"),
+        "{v}"
+    );
+    let t = up.cluster()["topology"].clone();
+    assert_eq!(
+        (&t["placement"]["strategy"], &t["placement"]["factor"]),
+        (&json!("ConsistentHashing"), &json!(2)),
+        "{t}"
+    );
+}
+
+// 9. Clients that go away (mid-headers, mid-body, or without reading the
+// answer) are ordinary: neither the gateway nor a node logs them as errors.
+#[test]
+fn client_disconnects_are_not_logged_as_errors() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    // Debug lines of the two accept loops show that the disconnects did end
+    // connections with errors (warp's own loop logged each at ERROR).
+    let up = Up::start_env(
+        dir.path(),
+        "t9",
+        &[],
+        &[(
+            "RUST_LOG",
+            "info,kv_node::node=debug,kv_operator::local::gateway=debug",
+        )],
+    );
+    let v = up.wait_up(&[0, 1, 2]);
+    let node0: u16 = v["nodes"][0]["port"].as_u64().unwrap() as u16;
+    let token = up.token.clone();
+    let requests = [
+        "GET /v1/kv/a HTTP/1.1\r\nHost: x\r\nAuthori".to_string(),
+        format!(
+            "PUT /v1/kv/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 100\r\n\r\nonly-part"
+        ),
+        format!("GET /v1/cluster HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"),
+    ];
+    for port in [up.port, node0] {
+        for i in 0..60 {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(requests[i % requests.len()].as_bytes())
+                .unwrap();
+            drop(s);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // both still serve
+    assert_eq!(up.put("after-disconnects", "x", None), 200);
+    assert_eq!(common::http_status(node0, "/healthz"), Some(200));
+    let gateway_log = up.err_lines.lock().unwrap().join("\n");
+    let node_log = std::fs::read_to_string(dir.path().join("node-0.log")).unwrap();
+    for (who, log) in [("the gateway", &gateway_log), ("node 0", &node_log)] {
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(errors.is_empty(), "{who} logged errors: {errors:#?}");
+        let gone = log
+            .lines()
+            .filter(|l| l.contains("DEBUG") && l.contains("client went away"))
+            .count();
+        assert!(
+            gone >= 20,
+            "{who} saw {gone} clients go away, expected most of 60:\n{log}"
+        );
+    }
 }

@@ -163,30 +163,80 @@ impl Gateway {
         body: &Bytes,
     ) -> Option<Response> {
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-        let force = query
-            .split('&')
-            .any(|p| p == "force=true" || p == "force=1");
-        let resp = match (method.clone(), segs.as_slice()) {
-            (Method::GET, ["nodes"]) => self.nodes_classic(),
+        let classic = !path.starts_with("/v1/");
+        let change = match (method.clone(), segs.as_slice()) {
+            (Method::GET, ["nodes"]) => return Some(self.nodes_classic()),
             (Method::GET, ["v1", "nodes"]) | (Method::GET, ["v1", "cluster"]) => {
-                json_response(200, &self.cluster_view())
+                return Some(json_response(200, &self.cluster_view()));
             }
-            (Method::POST, ["fail", id]) => self.hold(id, true, force, true),
-            (Method::POST, ["recover", id]) => self.hold(id, false, false, true),
-            (Method::POST, ["v1", "nodes", id, "fail"]) => self.hold(id, true, force, false),
-            (Method::POST, ["v1", "nodes", id, "recover"]) => self.hold(id, false, false, false),
-            (Method::POST, ["set_replication_strategy"]) => self.set_strategy(body, true),
-            (Method::PUT, ["v1", "replication"]) => self.set_strategy(body, false),
-            (Method::GET, ["nodes_for_key", key]) => self.nodes_for_key(key),
-            (_, ["nodes"] | ["fail", _] | ["recover", _] | ["set_replication_strategy"]) => error(
-                405,
-                "method_not_allowed",
-                "wrong method for this control route",
-                true,
-            ),
+            (Method::GET, ["nodes_for_key", key]) => return Some(self.nodes_for_key(key)),
+            (Method::POST, ["fail", id]) | (Method::POST, ["v1", "nodes", id, "fail"]) => {
+                ControlQuery::parse(query, true).and_then(|q| self.hold(id, true, q))
+            }
+            (Method::POST, ["recover", id]) | (Method::POST, ["v1", "nodes", id, "recover"]) => {
+                ControlQuery::parse(query, false).and_then(|q| self.hold(id, false, q))
+            }
+            (Method::POST, ["set_replication_strategy"]) | (Method::PUT, ["v1", "replication"]) => {
+                ControlQuery::parse(query, false).and_then(|q| self.set_strategy(body, q))
+            }
+            (_, ["nodes"] | ["fail", _] | ["recover", _] | ["set_replication_strategy"]) => {
+                return Some(error(
+                    405,
+                    "method_not_allowed",
+                    "wrong method for this control route",
+                    true,
+                ));
+            }
             _ => return None,
         };
-        Some(resp)
+        Some(match change {
+            Ok((effect, wait)) => self.settle(effect, wait, classic).await,
+            Err(Refused::Bad(m)) => error(400, "bad_request", m, classic),
+            Err(Refused::NotFound(m)) => error(404, "not_found", m, classic),
+            Err(Refused::Conflict(m)) => error(409, "conflict", m, classic),
+        })
+    }
+
+    /// Answers a control call once its effect is visible (`/nodes`,
+    /// `/v1/cluster`, `/nodes_for_key` show it), or past the call's bound
+    /// with 202 and its progress; at once with `wait=false`.
+    async fn settle(&self, effect: Effect, wait: Option<Duration>, classic: bool) -> Response {
+        let started = std::time::Instant::now();
+        let (status, done, message, progress) = match wait {
+            None => (200, false, effect.accepted(), Value::Null),
+            Some(limit) => loop {
+                let view = self.cluster_view();
+                match effect.check(&view) {
+                    Ok(message) => break (200, true, message, Value::Null),
+                    Err(progress) if started.elapsed() >= limit => {
+                        let message = effect.pending(limit, &progress);
+                        break (202, false, message, progress);
+                    }
+                    Err(_) => tokio::time::sleep(WAIT_POLL).await,
+                }
+            },
+        };
+        let mut body = json!({"message": message, "done": done});
+        if classic {
+            body["status"] = json!(if status == 200 { "success" } else { "accepted" });
+        }
+        if !progress.is_null() {
+            body["progress"] = progress;
+        }
+        if let Effect::Placement {
+            strategy, factor, ..
+        } = effect
+        {
+            // what holds now when done; otherwise what is asked for
+            let fields = json!({"strategy": strategy, "replication_factor": factor});
+            if done {
+                body["strategy"] = fields["strategy"].clone();
+                body["replication_factor"] = fields["replication_factor"].clone();
+            } else {
+                body["desired"] = fields;
+            }
+        }
+        json_response(status, &body)
     }
 
     fn nodes_classic(&self) -> Response {
@@ -263,135 +313,81 @@ impl Gateway {
         })
     }
 
-    fn hold(&self, id: &str, down: bool, force: bool, classic: bool) -> Response {
+    fn hold(
+        &self,
+        id: &str,
+        down: bool,
+        q: ControlQuery,
+    ) -> Result<(Effect, Option<Duration>), Refused> {
         let Ok(o) = id.parse::<u32>() else {
-            return error(
-                400,
-                "bad_request",
-                format!("node id {id:?} is not a number"),
-                classic,
-            );
+            return Err(Refused::Bad(format!("node id {id:?} is not a number")));
         };
         let replicas = self.platform.lock().saved.replicas;
         if o >= replicas {
-            return error(
-                404,
-                "not_found",
-                format!("node {o} does not exist (the cluster has nodes 0..{replicas})"),
-                classic,
-            );
+            return Err(Refused::NotFound(format!(
+                "node {o} does not exist (the cluster has nodes 0..{replicas})"
+            )));
         }
-        let r = self.platform.change(|d| {
-            d.force = force;
-            if down {
-                d.failed_nodes.insert(o);
-            } else {
-                d.failed_nodes.remove(&o);
-            }
-        });
-        match r {
-            Ok(_) if down => json_response(
-                200,
-                &json!({"status": "success", "message": format!("Node {o} failed: its process is killed and it is held down until recovered")}),
-            ),
-            Ok(_) => json_response(
-                200,
-                &json!({"status": "success", "message": format!("Node {o} recovering: it restarts, catches up, and serves again once Up")}),
-            ),
-            Err(reason) => error(409, "conflict", reason, classic),
-        }
+        self.platform
+            .change(|d| {
+                d.force = q.force;
+                if down {
+                    d.failed_nodes.insert(o);
+                } else {
+                    d.failed_nodes.remove(&o);
+                }
+            })
+            .map_err(Refused::Conflict)?;
+        let effect = if down {
+            Effect::Failed(o)
+        } else {
+            Effect::Up(o)
+        };
+        Ok((effect, q.wait))
     }
 
-    fn set_strategy(&self, body: &Bytes, classic: bool) -> Response {
-        let v: Value = match serde_json::from_slice(body) {
-            Ok(v) => v,
-            Err(e) => {
-                return error(
-                    400,
-                    "bad_request",
-                    format!("body is not valid JSON: {e}"),
-                    classic,
-                );
-            }
+    fn set_strategy(
+        &self,
+        body: &Bytes,
+        q: ControlQuery,
+    ) -> Result<(Effect, Option<Duration>), Refused> {
+        let v: Value = serde_json::from_slice(body)
+            .map_err(|e| Refused::Bad(format!("body is not valid JSON: {e}")))?;
+        let (replicas, current) = {
+            let inner = self.platform.lock();
+            (inner.saved.replicas, inner.saved.desired())
         };
-        let strategy = match v.get("strategy").and_then(Value::as_str) {
-            Some(s) => match s.parse::<Strategy>() {
-                Ok(s) => Some(s),
-                Err(_) => {
-                    return error(
-                        400,
-                        "bad_request",
-                        format!("unknown strategy {s:?} (full or consistent)"),
-                        classic,
-                    );
+        let change =
+            ReplicationChange::parse(&v, current.strategy, replicas).map_err(Refused::Bad)?;
+        let d = self
+            .platform
+            .change(|d| {
+                if let Some(s) = change.strategy {
+                    d.strategy = s;
+                    if s == Strategy::Full {
+                        d.factor = d.replicas;
+                    }
                 }
+                if let Some(f) = change.factor {
+                    d.factor = f;
+                }
+                if let Some(r) = change.read {
+                    d.read_consistency = r;
+                }
+                if let Some(w) = change.write {
+                    d.write_consistency = w;
+                }
+            })
+            .map_err(Refused::Conflict)?;
+        Ok((
+            Effect::Placement {
+                strategy: d.strategy,
+                factor: d.factor,
+                read: d.read_consistency,
+                write: d.write_consistency,
             },
-            None => None,
-        };
-        let factor = match v.get("replication_factor").or_else(|| v.get("factor")) {
-            None | Some(Value::Null) => None,
-            Some(f) => match f.as_u64().and_then(|f| u32::try_from(f).ok()) {
-                Some(f) => Some(f),
-                None => {
-                    return error(
-                        400,
-                        "bad_request",
-                        "replication_factor must be a positive integer",
-                        classic,
-                    );
-                }
-            },
-        };
-        let level = |name: &str| -> Result<Option<Consistency>, String> {
-            match v.get(name).and_then(Value::as_str) {
-                None => Ok(None),
-                Some(s) => s
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| format!("{name} must be One, Quorum or All")),
-            }
-        };
-        let (read, write) = match (level("readConsistency"), level("writeConsistency")) {
-            (Ok(r), Ok(w)) => (r, w),
-            (Err(e), _) | (_, Err(e)) => return error(400, "bad_request", e, classic),
-        };
-        if strategy.is_none() && factor.is_none() && read.is_none() && write.is_none() {
-            return error(
-                400,
-                "bad_request",
-                "nothing to change: give strategy and/or replication_factor",
-                classic,
-            );
-        }
-        let r = self.platform.change(|d| {
-            if let Some(s) = strategy {
-                d.strategy = s;
-                if s == Strategy::Full && factor.is_none() {
-                    d.factor = d.replicas;
-                }
-            }
-            if let Some(f) = factor {
-                d.factor = f;
-            }
-            if let Some(r) = read {
-                d.read_consistency = r;
-            }
-            if let Some(w) = write {
-                d.write_consistency = w;
-            }
-        });
-        match r {
-            Ok(d) => json_response(
-                200,
-                &json!({
-                    "status": "success",
-                    "message": format!("Replication set to {} with factor {}; data is rebalanced in the background", d.strategy, d.factor),
-                    "strategy": d.strategy,
-                    "replication_factor": d.factor,
-                }),
-            ),
-            Err(reason) => error(409, "conflict", reason, classic),
-        }
+            q.wait,
+        ))
     }
 
     fn nodes_for_key(&self, raw: &str) -> Response {
@@ -502,6 +498,359 @@ impl Gateway {
             format!("no node could serve the request (last: {last_error})"),
             classic,
         )
+    }
+}
+
+/// How often a waiting control call looks at the platform's view.
+const WAIT_POLL: Duration = Duration::from_millis(50);
+/// How long a control call waits for its effect unless told (`?timeout=`).
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// The longest `?timeout=` accepted.
+const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// Why a control call changed nothing.
+enum Refused {
+    /// 400: the request itself is wrong.
+    Bad(String),
+    /// 404: no such node.
+    NotFound(String),
+    /// 409: the planner refuses the change now.
+    Conflict(String),
+}
+
+/// A control call's query: `force=true|false` (fail only),
+/// `wait=true|false`, `timeout=SECONDS`.
+struct ControlQuery {
+    force: bool,
+    /// `None`: answer as soon as the change is accepted (`wait=false`).
+    wait: Option<Duration>,
+}
+
+impl ControlQuery {
+    fn parse(query: &str, force_allowed: bool) -> Result<ControlQuery, Refused> {
+        let flag = |name: &str, v: &str| match v {
+            "true" | "1" | "" => Ok(true),
+            "false" | "0" => Ok(false),
+            _ => Err(Refused::Bad(format!(
+                "{name} must be true or false, not {v:?}"
+            ))),
+        };
+        let (mut force, mut wait, mut timeout) = (false, true, None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "force" if force_allowed => force = flag(name, value)?,
+                "wait" => wait = flag(name, value)?,
+                "timeout" => {
+                    let secs = value
+                        .strip_suffix('s')
+                        .unwrap_or(value)
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0 && *s <= MAX_WAIT.as_secs_f64())
+                        .ok_or_else(|| {
+                            Refused::Bad(format!(
+                                "timeout must be a number of seconds in (0, {}], not {value:?}",
+                                MAX_WAIT.as_secs()
+                            ))
+                        })?;
+                    timeout = Some(Duration::from_secs_f64(secs));
+                }
+                _ => {
+                    let known = if force_allowed {
+                        "force, wait, timeout"
+                    } else {
+                        "wait, timeout"
+                    };
+                    return Err(Refused::Bad(format!(
+                        "unknown query parameter {name:?} (this route takes {known})"
+                    )));
+                }
+            }
+        }
+        Ok(ControlQuery {
+            force,
+            wait: wait.then(|| timeout.unwrap_or(DEFAULT_WAIT)),
+        })
+    }
+}
+
+/// A replication change as `/set_replication_strategy` and `PUT
+/// /v1/replication` take it: `{"strategy": "full"|"consistent",
+/// "replication_factor": N, "readConsistency": .., "writeConsistency": ..}`
+/// (`factor` is accepted for `replication_factor`). Every mistake is refused
+/// with a message naming it; nothing is half-applied.
+#[derive(Debug, Default, PartialEq)]
+pub struct ReplicationChange {
+    pub strategy: Option<Strategy>,
+    pub factor: Option<u32>,
+    pub read: Option<Consistency>,
+    pub write: Option<Consistency>,
+}
+
+impl ReplicationChange {
+    /// Checks `v` against a cluster of `replicas` nodes whose strategy is
+    /// `current`.
+    pub fn parse(v: &Value, current: Strategy, replicas: u32) -> Result<ReplicationChange, String> {
+        const FIELDS: &str = "strategy, replication_factor, readConsistency, writeConsistency";
+        let Some(obj) = v.as_object() else {
+            return Err(format!(
+                "the body must be a JSON object such as {{\"strategy\": \"consistent\", \"replication_factor\": 2}}, not {}",
+                kind_of(v)
+            ));
+        };
+        if let Some(k) = obj.keys().find(|k| {
+            !matches!(
+                k.as_str(),
+                "strategy"
+                    | "replication_factor"
+                    | "factor"
+                    | "readConsistency"
+                    | "writeConsistency"
+            )
+        }) {
+            return Err(format!("unknown field {k:?} (the fields are {FIELDS})"));
+        }
+        if obj.contains_key("replication_factor") && obj.contains_key("factor") {
+            return Err("give replication_factor or factor, not both".into());
+        }
+        let mut change = ReplicationChange::default();
+        match obj.get("strategy") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(s)) => {
+                change.strategy =
+                    Some(s.parse::<Strategy>().map_err(|_| {
+                        format!("unknown strategy {s:?} (\"full\" or \"consistent\")")
+                    })?)
+            }
+            Some(other) => {
+                return Err(format!(
+                    "strategy must be a string, \"full\" or \"consistent\", not {}",
+                    kind_of(other)
+                ));
+            }
+        }
+        match obj.get("replication_factor").or_else(|| obj.get("factor")) {
+            None | Some(Value::Null) => {}
+            Some(Value::Number(n)) => {
+                let f = match (n.as_i64(), n.as_u64()) {
+                    (_, Some(f)) => f,
+                    (Some(f), None) => {
+                        return Err(format!("replication_factor must be at least 1, not {f}"));
+                    }
+                    (None, None) => {
+                        return Err(format!(
+                            "replication_factor must be a whole number, not {n}"
+                        ));
+                    }
+                };
+                if f == 0 {
+                    return Err("replication_factor must be at least 1, not 0".into());
+                }
+                change.factor = Some(u32::try_from(f).map_err(|_| {
+                    format!("replication_factor {f} is larger than the cluster ({replicas} nodes)")
+                })?);
+            }
+            Some(other) => {
+                return Err(format!(
+                    "replication_factor must be a whole number, not {}",
+                    kind_of(other)
+                ));
+            }
+        }
+        for (name, slot) in [
+            ("readConsistency", &mut change.read),
+            ("writeConsistency", &mut change.write),
+        ] {
+            match obj.get(name) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) => {
+                    *slot = Some(
+                        s.parse()
+                            .map_err(|_| format!("{name} must be One, Quorum or All, not {s:?}"))?,
+                    )
+                }
+                Some(other) => {
+                    return Err(format!(
+                        "{name} must be a string, One, Quorum or All, not {}",
+                        kind_of(other)
+                    ));
+                }
+            }
+        }
+        if change == ReplicationChange::default() {
+            return Err(format!("nothing to change: give at least one of {FIELDS}"));
+        }
+        // Full keeps every key on every node: a factor means something only
+        // with consistent hashing.
+        let strategy = change.strategy.unwrap_or(current);
+        if let (Strategy::Full, Some(f)) = (strategy, change.factor)
+            && f != replicas
+        {
+            return Err(format!(
+                "replication_factor applies only to consistent hashing: Full keeps every key on all {replicas} nodes (give \"strategy\": \"consistent\" with a factor)"
+            ));
+        }
+        Ok(change)
+    }
+}
+
+/// A JSON value's kind, for messages.
+fn kind_of(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("the boolean {b}"),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+/// What a control call waits for.
+#[derive(Clone, Copy, Debug)]
+enum Effect {
+    /// The node's process is gone and it is listed Failed (classic `dead`).
+    Failed(u32),
+    /// The node runs, caught up, and is listed Up (classic `alive`).
+    Up(u32),
+    /// The placement is committed (nothing pending) with this strategy and
+    /// factor, and these consistency levels are in the topology.
+    Placement {
+        strategy: Strategy,
+        factor: u32,
+        read: Consistency,
+        write: Consistency,
+    },
+}
+
+impl Effect {
+    /// `Ok(message)` when the effect is visible in the platform's view
+    /// ([`Gateway::cluster_view`]); otherwise the progress so far.
+    fn check(&self, view: &Value) -> Result<String, Value> {
+        let node = |o: u32| {
+            view["nodes"]
+                .as_array()
+                .and_then(|ns| ns.iter().find(|n| n["ordinal"] == o))
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        match *self {
+            Effect::Failed(o) => {
+                let n = node(o);
+                if n["state"] == "Failed" && n["running"] == false {
+                    Ok(format!(
+                        "Node {o} failed: its process is killed and it is held down (Failed) until recovered"
+                    ))
+                } else {
+                    Err(json!({"node": o, "state": n["state"], "running": n["running"]}))
+                }
+            }
+            Effect::Up(o) => {
+                let n = node(o);
+                if n["state"] == "Up" && n["running"] == true && !n["syncedEpoch"].is_null() {
+                    Ok(format!("Node {o} recovered: it has caught up and is Up"))
+                } else {
+                    Err(json!({
+                        "node": o,
+                        "state": n["state"],
+                        "running": n["running"],
+                        "resyncProgress": n["resyncProgress"],
+                    }))
+                }
+            }
+            Effect::Placement {
+                strategy,
+                factor,
+                read,
+                write,
+            } => {
+                let t = &view["topology"];
+                let p = &t["placement"];
+                let committed = t["pending"].is_null()
+                    && p["strategy"] == json!(strategy)
+                    && (strategy == Strategy::Full || p["factor"] == factor)
+                    && t["readConsistency"] == json!(read)
+                    && t["writeConsistency"] == json!(write);
+                if committed {
+                    Ok(format!(
+                        "Replication is {} (epoch {}, reads {read}, writes {write}): the placement is committed and every key has its new owners",
+                        describe(
+                            strategy,
+                            factor,
+                            p["members"].as_array().map_or(0, Vec::len)
+                        ),
+                        t["epoch"]
+                    ))
+                } else {
+                    let syncing: Vec<Value> = view["nodes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|n| json!({"node": n["ordinal"], "state": n["state"], "resyncProgress": n["resyncProgress"]}))
+                        .collect();
+                    Err(json!({
+                        "epoch": t["epoch"],
+                        "committed": p,
+                        "pending": t["pending"],
+                        "nodes": syncing,
+                    }))
+                }
+            }
+        }
+    }
+
+    /// The answer with `wait=false`: the change is accepted, not yet visible.
+    fn accepted(&self) -> String {
+        match *self {
+            Effect::Failed(o) => format!(
+                "Node {o} is held down: its process is killed and it is listed Failed within a moment (not waited for)"
+            ),
+            Effect::Up(o) => format!(
+                "Node {o} is released: it restarts, catches up (Recovering) and serves again once Up (not waited for)"
+            ),
+            Effect::Placement {
+                strategy, factor, ..
+            } => format!(
+                "Replication will be {}: the new placement is streamed and committed in the background (not waited for; GET /v1/cluster shows it pending until then)",
+                describe(strategy, factor, factor as usize)
+            ),
+        }
+    }
+
+    /// The answer past the bound: still in progress, and how far.
+    fn pending(&self, waited: Duration, progress: &Value) -> String {
+        let secs = waited.as_secs_f64();
+        match *self {
+            Effect::Failed(o) => format!(
+                "Node {o} is held down but not yet listed Failed after {secs:.1} s (state {}); it will be",
+                progress["state"]
+            ),
+            Effect::Up(o) => {
+                let pct = progress["resyncProgress"]
+                    .as_f64()
+                    .map(|p| format!(", caught up {:.0}%", p * 100.0))
+                    .unwrap_or_default();
+                format!(
+                    "Node {o} is not Up yet after {secs:.1} s (state {}{pct}); GET /nodes lists it until it is",
+                    progress["state"]
+                )
+            }
+            Effect::Placement {
+                strategy, factor, ..
+            } => format!(
+                "Replication is changing to {} but the new placement is not committed after {secs:.1} s; keys keep their old owners until it is (progress in this answer and GET /v1/cluster)",
+                describe(strategy, factor, factor as usize)
+            ),
+        }
+    }
+}
+
+/// `Full (every key on all N nodes)` or `ConsistentHashing with factor F`.
+fn describe(strategy: Strategy, factor: u32, members: usize) -> String {
+    match strategy {
+        Strategy::Full => format!("Full (every key on all {members} nodes)"),
+        Strategy::ConsistentHashing => format!("ConsistentHashing with factor {factor}"),
     }
 }
 
@@ -659,4 +1008,134 @@ fn is_disconnect_kind(kind: std::io::ErrorKind) -> bool {
             | K::NotConnected
             | K::TimedOut
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str, current: Strategy) -> Result<ReplicationChange, String> {
+        ReplicationChange::parse(&serde_json::from_str(body).unwrap(), current, 3)
+    }
+
+    #[test]
+    fn each_kind_of_replication_mistake_is_named() {
+        use Strategy::{ConsistentHashing as Ch, Full};
+        for (body, current, says) in [
+            (r#"{"strategy":1}"#, Full, "strategy must be a string"),
+            (r#"{"strategy":true}"#, Full, "not the boolean true"),
+            ("[]", Full, "not an array"),
+            ("null", Full, "not null"),
+            (r#"{"strategy":"ring"}"#, Full, "unknown strategy \"ring\""),
+            (
+                r#"{"replication_factor":-1,"strategy":"consistent"}"#,
+                Full,
+                "at least 1, not -1",
+            ),
+            (
+                r#"{"replication_factor":0,"strategy":"consistent"}"#,
+                Full,
+                "at least 1, not 0",
+            ),
+            (r#"{"replication_factor":2.5}"#, Ch, "whole number, not 2.5"),
+            (
+                r#"{"replication_factor":"2"}"#,
+                Ch,
+                "whole number, not the string",
+            ),
+            (
+                r#"{"replication_factor":5000000000}"#,
+                Ch,
+                "larger than the cluster",
+            ),
+            (r#"{"replication_factor":2,"factor":2}"#, Ch, "not both"),
+            (
+                r#"{"strategy":"full","replication_factor":1}"#,
+                Full,
+                "only to consistent",
+            ),
+            (
+                r#"{"strategy":"full","replication_factor":2}"#,
+                Ch,
+                "only to consistent",
+            ),
+            (r#"{"replication_factor":2}"#, Full, "only to consistent"),
+            (
+                r#"{"readConsistency":"most"}"#,
+                Full,
+                "One, Quorum or All, not \"most\"",
+            ),
+            (
+                r#"{"writeConsistency":[]}"#,
+                Full,
+                "writeConsistency must be a string",
+            ),
+            (r#"{"replicas":5}"#, Full, "unknown field \"replicas\""),
+            ("{}", Full, "nothing to change"),
+            (r#"{"strategy":null}"#, Full, "nothing to change"),
+        ] {
+            match parse(body, current) {
+                Ok(c) => panic!("{body} was accepted as {c:?}"),
+                Err(m) => assert!(m.contains(says), "{body}: {m:?} does not say {says:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn valid_replication_changes_are_read_as_given() {
+        let c = parse(
+            r#"{"strategy":"consistent","replication_factor":2}"#,
+            Strategy::Full,
+        );
+        assert_eq!(
+            c,
+            Ok(ReplicationChange {
+                strategy: Some(Strategy::ConsistentHashing),
+                factor: Some(2),
+                ..Default::default()
+            })
+        );
+        // Full with its own factor (every node) is true, so accepted.
+        let c = parse(
+            r#"{"strategy":"full","replication_factor":3}"#,
+            Strategy::ConsistentHashing,
+        );
+        assert_eq!(c.map(|c| c.factor), Ok(Some(3)));
+        let c = parse(r#"{"factor":1}"#, Strategy::ConsistentHashing);
+        assert_eq!(c.map(|c| c.factor), Ok(Some(1)));
+        let c = parse(r#"{"writeConsistency":"all"}"#, Strategy::Full);
+        assert_eq!(c.map(|c| c.write), Ok(Some(Consistency::All)));
+    }
+
+    #[test]
+    fn control_queries_bound_the_wait() {
+        let q = |s: &str| ControlQuery::parse(s, true).map(|q| (q.force, q.wait));
+        assert!(matches!(q(""), Ok((false, Some(DEFAULT_WAIT)))));
+        assert!(matches!(q("wait=false"), Ok((false, None))));
+        assert!(
+            matches!(q("force=true&timeout=2.5"), Ok((true, Some(d))) if d == Duration::from_millis(2500))
+        );
+        assert!(matches!(q("timeout=5s"), Ok((false, Some(d))) if d == Duration::from_secs(5)));
+        for bad in [
+            "timeout=0",
+            "timeout=-1",
+            "timeout=x",
+            "timeout=99999",
+            "wait=maybe",
+            "forse=true",
+        ] {
+            assert!(q(bad).is_err(), "{bad} accepted");
+        }
+        assert!(ControlQuery::parse("force=true", false).is_err());
+    }
+
+    #[test]
+    fn disconnects_are_told_apart_from_other_errors() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(is_client_disconnect(&reset));
+        let pipe = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "write");
+        assert!(is_client_disconnect(&pipe));
+        let other = std::io::Error::other("no space left");
+        assert!(!is_client_disconnect(&other));
+    }
 }
