@@ -215,10 +215,10 @@ impl Worker {
                     self.setup_error = Some(msg);
                 }
             }
-        } else if Instant::now() >= self.next_volume_sync {
-            if let Err(e) = self.sync_volumes(false).await {
-                tracing::warn!(pod = %self.who(), "refreshing volumes: {e:#}");
-            }
+        } else if Instant::now() >= self.next_volume_sync
+            && let Err(e) = self.sync_volumes(false).await
+        {
+            tracing::warn!(pod = %self.who(), "refreshing volumes: {e:#}");
         }
         if self.volumes.is_some() {
             for i in 0..self.ctrs.len() {
