@@ -9,6 +9,7 @@
 //! `env`), its probes (`probe`) and its status. What it does not emulate is
 //! listed in docs/kubernetes-tests.md.
 
+mod dns;
 mod env;
 mod node;
 mod paths;
@@ -47,6 +48,10 @@ pub struct Args {
     #[arg(long = "image-map", value_parser = parse_image_map)]
     pub image_map: Vec<(String, PathBuf)>,
     /// First three octets of the pod IPs (127.0.1 gives 127.0.1.2 .. 127.0.1.254).
+    /// The API server refuses loopback addresses in EndpointSlices, so a
+    /// cluster whose Services must list pods needs a non-loopback /24 that is
+    /// local (on `lo`): scripts/test-kubernetes.sh uses 198.18.0 in a network
+    /// namespace of its own.
     #[arg(long, default_value = "127.0.1")]
     pub pod_ip_prefix: String,
     /// Seconds before a changed ConfigMap or Secret reaches a running pod's
@@ -76,6 +81,12 @@ pub struct Args {
     /// Delete the Node (and its Lease) when stopping.
     #[arg(long)]
     pub delete_node_on_exit: bool,
+    /// Do not emulate cluster DNS. By default `<root>/hosts` lists every
+    /// EndpointSlice's names (`<pod>.<svc>.<ns>.svc[.cluster.local]`,
+    /// `<svc>.<ns>.svc[...]`) and each pod process sees it as `/etc/hosts`
+    /// in its own mount namespace (needs root or CAP_SYS_ADMIN).
+    #[arg(long)]
+    pub no_cluster_dns: bool,
 }
 
 fn parse_image_map(s: &str) -> Result<(String, PathBuf), String> {
@@ -103,8 +114,16 @@ impl IpPool {
         let [a, b, c] = octets[..] else {
             bail!("--pod-ip-prefix needs three octets, got {prefix:?}")
         };
+        // Loopback is local without setup, but the API server refuses it in
+        // EndpointSlices; another prefix must be local too (an address of
+        // that /24 on `lo`, e.g. in a network namespace of its own).
         if a != 127 {
-            bail!("--pod-ip-prefix must be in 127.0.0.0/8 (loopback), got {prefix:?}");
+            let probe = std::net::SocketAddr::from(([a, b, c, 2], 0));
+            if std::net::TcpListener::bind(probe).is_err() {
+                bail!(
+                    "--pod-ip-prefix {prefix}: {a}.{b}.{c}.2 is not a local address; add the /24 to lo (ip addr add {a}.{b}.{c}.1/24 dev lo) or use 127.0.x"
+                );
+            }
         }
         Ok(IpPool {
             prefix: [a, b, c],
@@ -146,6 +165,8 @@ pub struct Ctx {
     pub ips: Mutex<IpPool>,
     /// `KUBERNETES_SERVICE_HOST`/`_PORT` for pods: the API server from the kubeconfig.
     pub api_host_port: Option<(String, u16)>,
+    /// The mount namespace with the cluster-DNS hosts file, unless disabled.
+    pub dns: Option<Arc<dns::Namespace>>,
 }
 
 impl Ctx {
@@ -190,17 +211,36 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&args.root)
         .with_context(|| format!("creating {}", args.root.display()))?;
     let root = std::fs::canonicalize(&args.root)?;
+    let hosts = dns::hosts_path(&root);
+    let base_hosts = dns::base_hosts();
+    let dns = if args.no_cluster_dns {
+        None
+    } else if !dns::namespaces_work() {
+        tracing::warn!(
+            "cannot make mount namespaces (not root, no CAP_SYS_ADMIN?): no cluster DNS for pods"
+        );
+        None
+    } else {
+        dns::write_in_place(&hosts, &base_hosts)?;
+        tracing::info!(hosts = %hosts.display(), "cluster DNS: pods see this file as /etc/hosts");
+        Some(Arc::new(dns::Namespace::new(&hosts)?))
+    };
     let ctx = Arc::new(Ctx {
         client,
         ips: Mutex::new(IpPool::new(&args.pod_ip_prefix)?),
         args: Args { root, ..args },
         api_host_port,
+        dns,
     });
 
     node::register(&ctx).await.context("registering the Node")?;
     tracing::info!(node = %ctx.args.node_name, root = %ctx.args.root.display(), "node registered");
     let heartbeat = tokio::spawn(node::heartbeat(ctx.clone()));
     let provisioner = tokio::spawn(provisioner::run(ctx.clone()));
+    let cluster_dns = ctx
+        .dns
+        .is_some()
+        .then(|| tokio::spawn(dns::run(ctx.clone(), base_hosts)));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut pods = tokio::spawn(pods::run(ctx.clone(), stop_rx));
 
@@ -212,6 +252,9 @@ async fn main() -> Result<()> {
     }
     heartbeat.abort();
     provisioner.abort();
+    if let Some(t) = cluster_dns {
+        t.abort();
+    }
     let _ = stop_tx.send(true);
     match tokio::time::timeout(Duration::from_secs(60), pods).await {
         Ok(_) => tracing::info!("every pod's processes stopped"),
@@ -251,6 +294,9 @@ mod tests {
             pool.allocate("d", Some(Ipv4Addr::new(10, 0, 0, 2))),
             Some(Ipv4Addr::new(127, 0, 1, 2))
         );
-        assert!(IpPool::new("10.0.0").is_err());
+        assert!(
+            IpPool::new("192.0.2").is_err(),
+            "TEST-NET-1 is not local here"
+        );
     }
 }

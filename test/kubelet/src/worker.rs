@@ -726,9 +726,17 @@ impl Worker {
             .kill_on_drop(true);
         // SAFETY: prctl is async-signal-safe; it only asks the kernel to
         // SIGKILL the child when this kubelet dies, even by SIGKILL.
+        // With cluster DNS, also a mount namespace of its own with the
+        // kubelet's hosts file as /etc/hosts (dns::Namespace::enter: only
+        // system calls on strings prepared before the fork).
+        let dns = self.ctx.dns.clone();
         unsafe {
-            cmd.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+                match &dns {
+                    Some(ns) => ns.enter(),
+                    None => Ok(()),
+                }
             });
         }
         let child = cmd
