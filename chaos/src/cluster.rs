@@ -361,7 +361,7 @@ impl Cluster {
             let d: DigestsResponse = serde_json::from_value(d).ok()?;
             digests.insert(o, d.parse().ok()?);
             let c = self.get_json(http, &addr, "/v1/cluster").await?;
-            hints += c["hintsPending"].as_u64().unwrap_or(0);
+            hints += kv_core::NodeReport::from_json(&c).map_or(0, |r| r.hints_pending);
         }
         Some((verify::compare(&topology, &digests), hints))
     }

@@ -203,7 +203,8 @@ pub struct Topology {
     pub nodes: Vec<NodeInfo>,
 }
 
-/// Most nodes a topology may have (the KvCluster CRD's `replicas` maximum).
+/// Most nodes a cluster may have: a topology's limit, the planner's and the
+/// KvCluster CRD's `replicas` maximum.
 pub const MAX_NODES: usize = 128;
 
 /// Why a topology (or a change to it) is refused.

@@ -200,36 +200,15 @@ pub struct ListPage {
     pub next: Option<ListedKey>,
 }
 
-/// Resync counters of `GET /v1/cluster`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ResyncInfo {
-    #[serde(default)]
-    pub buckets_total: u64,
-    #[serde(default)]
-    pub buckets_done: u64,
-    #[serde(default)]
-    pub keys_moved: u64,
-}
-
-/// `GET /v1/cluster`.
+/// `GET /v1/cluster` of the endpoint, as far as every endpoint answers it:
+/// a node (its [`kv_core::NodeReport`]) or the `kvctl up` gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterInfo {
     /// Absent when the endpoint is a `kvctl up` gateway, not a node.
     #[serde(default)]
     pub node_id: Option<u32>,
-    #[serde(default)]
-    pub state: Option<kv_core::NodeState>,
     pub topology: Topology,
-    #[serde(default)]
-    pub synced_epoch: Option<u64>,
-    #[serde(default)]
-    pub resync_progress: Option<f64>,
-    #[serde(default)]
-    pub resync: Option<ResyncInfo>,
-    #[serde(default)]
-    pub hints_pending: Option<u64>,
 }
 
 /// An owner in `GET /v1/placement/{key}`.

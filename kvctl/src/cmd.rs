@@ -6,9 +6,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
+use kv_core::NodeReport;
 use kv_core::NodeState;
 use kvctl::cli::{Cli, Command, KubeArgs, Output, PutArgs, ValueSource};
-use kvctl::client::{Client, ClusterInfo};
+use kvctl::client::Client;
 use kvctl::k8s::{self, Target};
 use kvctl::output::{self, NodeRow};
 use kvctl::verify::{self, NodeDigests};
@@ -280,22 +281,27 @@ async fn classic(
     })
 }
 
+/// A node's `/v1/cluster` body as its report.
+fn node_report(raw: &Value) -> Result<NodeReport, String> {
+    NodeReport::from_json(raw).ok_or_else(|| "its /v1/cluster is not a node report".to_string())
+}
+
 /// Asks one node at its own address for its `/v1/cluster`.
-async fn node_cluster(client: &Client, address: &str) -> Result<ClusterInfo, String> {
+async fn node_cluster(client: &Client, address: &str) -> Result<NodeReport, String> {
     let c = client.at(address).map_err(|e| e.to_string())?;
     match tokio::time::timeout(PER_NODE_TIMEOUT, c.cluster()).await {
-        Ok(Ok((info, _))) => Ok(info),
+        Ok(Ok((_, raw))) => node_report(&raw),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("timed out".into()),
     }
 }
 
 async fn nodes(client: &Client, json_out: bool) -> Result<ExitCode> {
-    let (info, _) = client.cluster().await?;
+    let (info, raw) = client.cluster().await?;
     let topology = info.topology.clone();
     let answers = futures::future::join_all(topology.nodes.iter().map(|n| async {
         if Some(n.ordinal) == info.node_id {
-            Ok(info.clone())
+            node_report(&raw)
         } else {
             node_cluster(client, &n.address).await
         }
@@ -307,11 +313,11 @@ async fn nodes(client: &Client, json_out: bool) -> Result<ExitCode> {
         .zip(answers)
         .map(|(n, a)| {
             let (reachable, progress, synced, hints, error) = match a {
-                Ok(i) => (
+                Ok(r) => (
                     true,
-                    i.resync_progress,
-                    i.synced_epoch,
-                    i.hints_pending,
+                    Some(r.resync_progress),
+                    Some(r.synced_epoch),
+                    Some(r.hints_pending),
                     None,
                 ),
                 Err(e) => (false, None, None, None, Some(e)),

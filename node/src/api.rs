@@ -582,7 +582,9 @@ async fn handle(
                 &json!({"keys": keys, "next": page.next.as_deref().map(key_json)}),
             ))
         }
-        Route::Cluster => Ok(json_response(200, &cluster_report(node))),
+        Route::Cluster => serde_json::to_value(cluster_report(node))
+            .map(|v| json_response(200, &v))
+            .map_err(|e| ApiError::new(500, "internal", e.to_string())),
         Route::Placement(key) => {
             let view = node.cluster.view();
             let b = bucket_of(key);
@@ -737,8 +739,8 @@ async fn handle(
     }
 }
 
-/// What `GET /v1/cluster` answers (and the planner reads).
-pub fn cluster_report(node: &Node) -> Value {
+/// What `GET /v1/cluster` answers (and the control plane and `kvctl nodes` read).
+pub fn cluster_report(node: &Node) -> kv_core::NodeReport {
     let view = node.cluster.view();
     let resync = node.cluster.resync();
     let hints: u64 = node
@@ -746,19 +748,19 @@ pub fn cluster_report(node: &Node) -> Value {
         .pending_hints()
         .map(|h| h.values().sum())
         .unwrap_or(0);
-    json!({
-        "nodeId": node.me(),
-        "state": view.state_of(node.me()),
-        "confirmed": node.cluster.confirmed(),
-        "topology": view.topology,
-        "syncedEpoch": node.cluster.synced_epoch(),
-        "resyncProgress": resync_progress(node, &resync),
-        "storeCatchingUp": node.store.catching_up(),
-        "clockSkewMs": node.skew.skew_ms(),
-        "resync": resync,
-        "hintsPending": hints,
-        "uptimeSeconds": node.started.elapsed().as_secs(),
-    })
+    kv_core::NodeReport {
+        node_id: node.me(),
+        state: view.state_of(node.me()),
+        confirmed: node.cluster.confirmed(),
+        topology: view.topology.clone(),
+        synced_epoch: node.cluster.synced_epoch(),
+        resync_progress: resync_progress(node, &resync),
+        store_catching_up: node.store.catching_up(),
+        clock_skew_ms: node.skew.skew_ms(),
+        resync,
+        hints_pending: hints,
+        uptime_seconds: node.started.elapsed().as_secs(),
+    }
 }
 
 /// 1 once synced at the current epoch; the pull's progress while it runs;

@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use kv_core::{Layout, NodeState, Topology, TopologyError};
-use serde::Serialize;
 use tokio::sync::watch;
 
 /// File in the data directory holding the last accepted topology.
@@ -49,25 +48,7 @@ pub enum Source {
     Saved,
 }
 
-/// Progress of the current catch-up or rebalance pull.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Resync {
-    pub epoch: u64,
-    pub buckets_total: u64,
-    pub buckets_done: u64,
-    pub keys_moved: u64,
-}
-
-impl Resync {
-    pub fn progress(&self) -> f64 {
-        if self.buckets_total == 0 {
-            1.0
-        } else {
-            self.buckets_done as f64 / self.buckets_total as f64
-        }
-    }
-}
+pub use kv_core::report::Resync;
 
 pub struct ClusterState {
     me: u32,

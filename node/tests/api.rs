@@ -504,3 +504,24 @@ fn tokens_come_from_files_and_bad_configuration_is_refused() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// The report contract: what a real node writes on `/v1/cluster` is exactly
+/// a `kv_core::NodeReport` (every field it writes is one the readers know, by
+/// the same name and type), so the controller, the local platform and
+/// `kvctl nodes` read what the node meant.
+#[test]
+fn the_cluster_report_reads_back_as_the_node_wrote_it() {
+    let (_d, n) = node(&[]);
+    let a = n.client().call(Method::GET, "/v1/cluster");
+    assert_eq!(a.status, 200, "{}", a.text());
+    let written = a.json();
+    let read = kv_core::NodeReport::from_json(&written)
+        .unwrap_or_else(|| panic!("not a NodeReport: {written:#}"));
+    assert_eq!(read.node_id, 0);
+    assert_eq!(read.resync_progress, 1.0, "{written:#}");
+    assert_eq!(
+        serde_json::to_value(&read).unwrap(),
+        written,
+        "a field the node writes is lost or renamed by the readers"
+    );
+}

@@ -46,8 +46,10 @@ use kv_core::{
     BUCKETS, Consistency, NodeInfo, NodeState, Placement, PlacementSpec, Strategy, Topology,
 };
 
-/// The largest cluster the planner plans for (the CRD allows 128).
-pub const MAX_NODES: u32 = 1024;
+/// The largest cluster the planner plans for: the topology's limit
+/// ([`kv_core::MAX_NODES`]), so a larger request is refused here with its
+/// reason rather than failing later as an invalid topology.
+pub const MAX_NODES: u32 = kv_core::MAX_NODES as u32;
 
 /// What the user asked for: the KvCluster spec, or `kvctl up`'s flags and
 /// control routes.
@@ -102,9 +104,10 @@ impl Desired {
     }
 }
 
-/// What a node says about itself on `GET /v1/cluster`.
+/// What the planner needs of a node's report ([`kv_core::NodeReport`], its
+/// `GET /v1/cluster`): how far it has caught up with which topology.
 #[derive(Clone, Debug, PartialEq)]
-pub struct NodeReport {
+pub struct NodeProgress {
     /// `topology.epoch`: the epoch of the topology the node holds.
     pub epoch: u64,
     /// `syncedEpoch`: the highest epoch for which the node has pulled every
@@ -112,6 +115,16 @@ pub struct NodeReport {
     pub synced_epoch: u64,
     /// `resyncProgress` (0..1) of its current catch-up or streaming.
     pub resync_progress: f64,
+}
+
+impl From<&kv_core::NodeReport> for NodeProgress {
+    fn from(r: &kv_core::NodeReport) -> Self {
+        NodeProgress {
+            epoch: r.epoch(),
+            synced_epoch: r.synced_epoch,
+            resync_progress: r.resync_progress,
+        }
+    }
 }
 
 /// What the platform saw of one ordinal.
@@ -126,7 +139,7 @@ pub struct NodeObservation {
     /// added, not started) is not Failed before it had a chance to start.
     pub down_since_ms: Option<u64>,
     /// The node's report, when it answered.
-    pub report: Option<NodeReport>,
+    pub report: Option<NodeProgress>,
 }
 
 impl NodeObservation {

@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use kv_core::{NodeState, Strategy, Topology};
-use kv_operator::local::parse_report;
 use kv_operator::planner::{self, Action, Desired, NodeObservation, Observed, PlannerConfig};
 
 const TOKEN: &str = "docker-test-token";
@@ -143,7 +142,7 @@ impl Harness {
         .map(|_| ())
     }
 
-    fn report(&self, o: u32) -> Option<planner::NodeReport> {
+    fn report(&self, o: u32) -> Option<planner::NodeProgress> {
         let ip = self.ip(o)?;
         let v: serde_json::Value = self
             .http
@@ -153,7 +152,7 @@ impl Harness {
             .ok()?
             .json()
             .ok()?;
-        parse_report(&v)
+        kv_core::NodeReport::from_json(&v).map(|r| planner::NodeProgress::from(&r))
     }
 
     /// One platform round: observe, plan, act.

@@ -62,9 +62,10 @@ async fn run(kvc: KvCluster, calls: Vec<Call>) -> (Action, Vec<Seen>) {
     run_with(kvc, calls, None).await
 }
 
-/// Serve node reports on loopback: `GET /<ordinal>/v1/cluster` answers
-/// `{"topology": {"epoch": E}, "syncedEpoch": S, "resyncProgress": P}` from
-/// `reports` (E, S, P), but only with the client token of `secret()` ("token").
+/// Serve node reports on loopback: `GET /<ordinal>/v1/cluster` answers a
+/// [`kv_core::NodeReport`] at epoch E with `syncedEpoch` S and
+/// `resyncProgress` P from `reports` (E, S, P), but only with the client
+/// token of `secret()` ("token").
 async fn report_server(reports: Vec<(u64, u64, f64)>) -> NodeReports {
     use warp::Filter;
     let routes = warp::path!(u32 / "v1" / "cluster")
@@ -72,7 +73,8 @@ async fn report_server(reports: Vec<(u64, u64, f64)>) -> NodeReports {
         .map(move |ordinal: u32, auth: String| {
             let body = match reports.get(ordinal as usize) {
                 Some((epoch, synced, progress)) if auth == "Bearer token" => {
-                    json!({"topology": {"epoch": epoch}, "syncedEpoch": synced, "resyncProgress": progress})
+                    serde_json::to_value(node_report(ordinal, *epoch, *synced, *progress))
+                        .expect("a report serialises")
                 }
                 _ => json!({"error": "forbidden"}),
             };
@@ -86,6 +88,35 @@ async fn report_server(reports: Vec<(u64, u64, f64)>) -> NodeReports {
     NodeReports {
         http: reqwest::Client::new(),
         url: Box::new(move |_, ordinal| format!("http://{addr}/{ordinal}/v1/cluster")),
+    }
+}
+
+/// What node `ordinal` writes on `/v1/cluster`, as far as the controller reads it.
+fn node_report(ordinal: u32, epoch: u64, synced: u64, progress: f64) -> kv_core::NodeReport {
+    kv_core::NodeReport {
+        node_id: ordinal,
+        state: None,
+        confirmed: true,
+        topology: kv_core::Topology {
+            cluster_id: "demo".into(),
+            epoch,
+            read_consistency: kv_core::Consistency::Quorum,
+            write_consistency: kv_core::Consistency::Quorum,
+            placement: kv_core::PlacementSpec {
+                strategy: kv_core::Strategy::Full,
+                factor: 1,
+                members: vec![],
+            },
+            pending: None,
+            nodes: vec![],
+        },
+        synced_epoch: synced,
+        resync_progress: progress,
+        store_catching_up: false,
+        clock_skew_ms: 0,
+        resync: Default::default(),
+        hints_pending: 0,
+        uptime_seconds: 0,
     }
 }
 

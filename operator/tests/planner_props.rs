@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kv_core::{BUCKETS, Consistency, NodeState, Placement, Strategy as Placing, Topology};
 use kv_operator::planner::{
-    Action, Desired, NodeObservation, NodeReport, Observed, Plan, Rebalance, plan,
+    Action, Desired, NodeObservation, NodeProgress, Observed, Plan, Rebalance, plan,
 };
 use planner_support::config;
 use proptest::prelude::*;
@@ -87,7 +87,7 @@ impl Sim {
                         NodeObservation {
                             running: n.running,
                             down_since_ms: n.down_since,
-                            report: n.running.then_some(NodeReport {
+                            report: n.running.then_some(NodeProgress {
                                 epoch: n.epoch,
                                 synced_epoch: n.synced,
                                 resync_progress: if n.synced >= n.epoch { 1.0 } else { 0.3 },

@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use super::crd::{Condition, FORCE_FAULT_INJECTION, KvCluster, KvClusterStatus, NodeStatus, Phase};
 use super::metrics::Metrics;
 use super::objects;
-use crate::planner::{self, NodeObservation, NodeReport, Observed, PlannerConfig, Rebalance};
+use crate::planner::{self, NodeObservation, NodeProgress, Observed, PlannerConfig, Rebalance};
 
 /// Why a reconcile failed. Variant names are the `result` label of
 /// `kv_operator_reconciles_total` (see [`Error::metric_label`]).
@@ -625,11 +625,11 @@ fn secret_token(secret: Option<&Secret>) -> Option<String> {
     String::from_utf8(token.0.clone()).ok()
 }
 
-/// Ask a node for its own view (`GET /v1/cluster`). Expected shape:
-/// `{"topology": {"epoch": N, ...}, "syncedEpoch": E, "resyncProgress": 0..1}`; an unreachable
-/// node or an unexpected body gives no report (never a guess).
-async fn fetch_report(http: &reqwest::Client, url: &str, token: &str) -> Option<NodeReport> {
-    let body: serde_json::Value = http
+/// Ask a node for its own view (`GET /v1/cluster`, a [`kv_core::NodeReport`]);
+/// an unreachable node or a body that is not a report gives no report
+/// (never a guess).
+async fn fetch_report(http: &reqwest::Client, url: &str, token: &str) -> Option<NodeProgress> {
+    let report: kv_core::NodeReport = http
         .get(url)
         .bearer_auth(token)
         .send()
@@ -640,31 +640,7 @@ async fn fetch_report(http: &reqwest::Client, url: &str, token: &str) -> Option<
         .json()
         .await
         .ok()?;
-    parse_report(&body)
-}
-
-/// Read a node report from a `/v1/cluster` body.
-pub fn parse_report(body: &serde_json::Value) -> Option<NodeReport> {
-    let epoch = body
-        .pointer("/topology/epoch")
-        .or_else(|| body.get("epoch"))?
-        .as_u64()?;
-    let progress = body
-        .get("resyncProgress")
-        .or_else(|| body.pointer("/node/resyncProgress"))
-        .or_else(|| body.pointer("/resync/progress"))
-        .and_then(|p| p.as_f64())
-        .unwrap_or(0.0);
-    // Without `syncedEpoch` the node has not shown that it caught up: 0.
-    let synced_epoch = body
-        .get("syncedEpoch")
-        .and_then(|e| e.as_u64())
-        .unwrap_or(0);
-    Some(NodeReport {
-        epoch,
-        synced_epoch,
-        resync_progress: progress,
-    })
+    Some(NodeProgress::from(&report))
 }
 
 async fn publish(
@@ -1230,31 +1206,6 @@ mod tests {
         assert_eq!(ordinal_of("demo", "demo-x"), None);
         assert_eq!(ordinal_of("demo", "demo2-1"), None);
         assert_eq!(ordinal_of("demo", "other-1"), None);
-    }
-
-    #[test]
-    fn node_reports_need_an_epoch_and_default_to_no_progress() {
-        let r = parse_report(
-            &serde_json::json!({"topology": {"epoch": 7}, "syncedEpoch": 6, "resyncProgress": 0.5}),
-        );
-        assert_eq!(
-            r,
-            Some(NodeReport {
-                epoch: 7,
-                synced_epoch: 6,
-                resync_progress: 0.5
-            })
-        );
-        let r = parse_report(&serde_json::json!({"epoch": 3}));
-        assert_eq!(
-            r,
-            Some(NodeReport {
-                epoch: 3,
-                synced_epoch: 0,
-                resync_progress: 0.0
-            })
-        );
-        assert_eq!(parse_report(&serde_json::json!({"nodes": []})), None);
     }
 
     #[test]

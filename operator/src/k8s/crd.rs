@@ -19,9 +19,11 @@ use kv_core::{Consistency, Strategy};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Serialize};
 
-/// Largest cluster the schema accepts. Bounds the cost of the CEL rules over
-/// `failedNodes`, and is far beyond what one StatefulSet of kvstore nodes needs.
-pub const MAX_REPLICAS: u32 = 128;
+/// Largest cluster the schema accepts: [`kv_core::MAX_NODES`] (the
+/// `range(max = 128)` attributes below must repeat it as a literal; a test
+/// checks they agree). Bounds the cost of the CEL rules over `failedNodes`,
+/// and is far beyond what one StatefulSet of kvstore nodes needs.
+pub const MAX_REPLICAS: u32 = kv_core::MAX_NODES as u32;
 
 /// A kvstore cluster: N nodes of a StatefulSet, replicated by the given
 /// strategy and factor, reconciled by kv-operator.

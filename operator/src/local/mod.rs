@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
 use crate::planner::{
-    self, Action, Desired, NodeObservation, NodeReport, Observed, Plan, PlannerConfig,
+    self, Action, Desired, NodeObservation, NodeProgress, Observed, Plan, PlannerConfig,
 };
 
 /// How often the supervisor plans.
@@ -200,7 +200,7 @@ pub struct Inner {
     pub saved: SavedState,
     pub topology: Option<Topology>,
     procs: BTreeMap<u32, Proc>,
-    pub reports: BTreeMap<u32, NodeReport>,
+    pub reports: BTreeMap<u32, NodeProgress>,
     down_since: BTreeMap<u32, u64>,
     last_start: BTreeMap<u32, Instant>,
     pub last_plan: Option<Plan>,
@@ -577,7 +577,7 @@ impl Platform {
             async move {
                 let r = match req.send().await {
                     Ok(resp) if resp.status().is_success() => {
-                        resp.json::<serde_json::Value>().await.ok()
+                        resp.json::<kv_core::NodeReport>().await.ok()
                     }
                     _ => None,
                 };
@@ -587,8 +587,8 @@ impl Platform {
         for (o, v) in futures::future::join_all(futs).await {
             // a node whose store is new or rebuilt gets no client traffic
             // until it has caught up (its acknowledgements do not count yet)
-            let catching_up = v.as_ref().is_some_and(|v| v["storeCatchingUp"] == true);
-            answers.push((o, v.and_then(|v| parse_report(&v)), catching_up));
+            let catching_up = v.as_ref().is_some_and(|r| r.store_catching_up);
+            answers.push((o, v.as_ref().map(NodeProgress::from), catching_up));
         }
         let mut inner = self.lock();
         let now = now_ms();
@@ -869,15 +869,6 @@ async fn terminate(mut child: Child) {
         let _ = child.start_kill();
         let _ = child.wait().await;
     }
-}
-
-/// A node's `/v1/cluster` answer, as the planner reads it.
-pub fn parse_report(v: &serde_json::Value) -> Option<NodeReport> {
-    Some(NodeReport {
-        epoch: v["topology"]["epoch"].as_u64()?,
-        synced_epoch: v["syncedEpoch"].as_u64().unwrap_or(0),
-        resync_progress: v["resyncProgress"].as_f64().unwrap_or(1.0),
-    })
 }
 
 /// Runs the local cluster until `shutdown` resolves: the supervisor and the

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use kv_core::{NodeState, Topology};
 use kv_operator::planner::{
-    Desired, NodeObservation, NodeReport, Observed, Plan, PlannerConfig, plan,
+    Desired, NodeObservation, NodeProgress, Observed, Plan, PlannerConfig, plan,
 };
 
 pub fn config() -> PlannerConfig {
@@ -17,7 +17,7 @@ pub fn reporting(epoch: u64, synced: u64) -> NodeObservation {
     NodeObservation {
         running: true,
         down_since_ms: None,
-        report: Some(NodeReport {
+        report: Some(NodeProgress {
             epoch,
             synced_epoch: synced,
             resync_progress: if synced >= epoch { 1.0 } else { 0.5 },
