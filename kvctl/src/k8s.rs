@@ -36,9 +36,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::config::{Config, KubeConfigOptions};
 use kube::{Client, ResourceExt};
 use kv_core::{NodeState, Topology};
-use kv_operator::k8s::controller::planner_config;
 use kv_operator::k8s::crd::{FORCE_FAULT_INJECTION, KvCluster};
-use kv_operator::k8s::objects;
 use kv_operator::planner::{self, Observed};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -480,7 +478,7 @@ pub fn check_fail(kvc: &KvCluster, node: u32, force: bool) -> Result<(), KubeErr
     let mut desired = kvc.spec.desired();
     desired.failed_nodes.insert(node);
     let observed = observed_from_status(kvc);
-    let config = planner_config(kvc);
+    let config = kvc.planner_config();
     let Some(refusal) = planner::plan(&desired, &observed, &config).refusal else {
         return Ok(());
     };
@@ -525,7 +523,7 @@ pub fn status_topology(kvc: &KvCluster) -> Topology {
     let mut nodes: Vec<_> = status
         .nodes
         .iter()
-        .map(|n| objects::node_info(kvc, n.ordinal, n.state))
+        .map(|n| kvc.node_info(n.ordinal, n.state))
         .collect();
     nodes.sort_by_key(|n| n.ordinal);
     nodes.dedup_by_key(|n| n.ordinal);
@@ -552,7 +550,7 @@ pub fn node_rows(kvc: &KvCluster) -> Vec<NodeRow> {
         .iter()
         .map(|n| NodeRow {
             ordinal: n.ordinal,
-            address: objects::node_info(kvc, n.ordinal, n.state).address,
+            address: kvc.node_info(n.ordinal, n.state).address,
             state: n.state,
             reachable: n.state != NodeState::Failed,
             resync_progress: n.resync_progress,

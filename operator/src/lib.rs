@@ -6,8 +6,10 @@
 //! resource and its controller: it observes the cluster's objects and the
 //! nodes' reports, asks the planner, and applies the result with server-side
 //! apply. [`local`] is the platform behind `kvctl up`: kv-node processes on
-//! loopback and a gateway, driven by the same planner.
+//! loopback and a gateway, driven by the same planner. [`token`] makes the
+//! API tokens of both platforms.
 
 pub mod k8s;
 pub mod local;
 pub mod planner;
+pub mod token;

@@ -168,15 +168,9 @@ pub struct Decision {
     pub phase: Phase,
 }
 
-/// The planner's settings for a cluster: its failure detection time, and
-/// node addresses from the pods' stable DNS names.
+/// The planner's settings for a cluster ([`KvCluster::planner_config`]).
 pub fn planner_config(kvc: &KvCluster) -> PlannerConfig {
-    let named = kvc.clone();
-    PlannerConfig::new(move |o| {
-        let n = objects::node_info(&named, o, NodeState::Up);
-        (n.address, n.peer_address)
-    })
-    .with_failure_detection_ms(u64::from(kvc.spec.failure_detection_seconds).saturating_mul(1000))
+    kvc.planner_config()
 }
 
 /// Plan the next step of `kvc` from what was observed; `Err` carries the

@@ -492,6 +492,25 @@ impl KvCluster {
             ..self.spec.desired()
         }
     }
+
+    /// The planner's settings for this cluster: its failure detection time,
+    /// and node addresses from the pods' stable DNS names.
+    pub fn planner_config(&self) -> crate::planner::PlannerConfig {
+        let named = self.clone();
+        crate::planner::PlannerConfig::new(move |o| {
+            let n = named.node_info(o, kv_core::NodeState::Up);
+            (n.address, n.peer_address)
+        })
+        .with_failure_detection_ms(
+            u64::from(self.spec.failure_detection_seconds).saturating_mul(1000),
+        )
+    }
+
+    /// The topology's view of node `ordinal`: client and peer addresses by
+    /// the pod's DNS name.
+    pub fn node_info(&self, ordinal: u32, state: kv_core::NodeState) -> kv_core::NodeInfo {
+        super::objects::node_info(self, ordinal, state)
+    }
 }
 
 fn is_quantity(s: &str) -> bool {

@@ -451,13 +451,7 @@ pub fn auth_secret(kvc: &KvCluster, token: &str, cluster_token: &str) -> Secret 
     }
 }
 
-/// A fresh random token: 32 bytes from the OS-seeded CSPRNG, hex encoded.
-pub fn random_token() -> String {
-    use rand::Rng;
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::token::random_token;
 
 /// How many nodes a voluntary disruption (a drain) may take down at once
 /// without losing write availability: `factor − W`. `None` when that is 0

@@ -137,7 +137,7 @@ impl SavedState {
 }
 
 pub fn random_token() -> String {
-    crate::k8s::objects::random_token()
+    crate::token::random_token()
 }
 
 fn now_ms() -> u64 {
