@@ -437,7 +437,8 @@ fn sigterm_shuts_down_cleanly_and_data_survives_a_restart() {
     let (_d, mut n) = node(&[]);
     let c = n.client();
     for i in 0..50 {
-        assert_eq!(c.put(&format!("k{i}"), b"v", None).unwrap().status, 200);
+        let a = c.put(&format!("k{i}"), b"v", None).unwrap();
+        assert_eq!(a.status, 200, "put k{i}: {}", a.text());
     }
     let status = n.terminate().expect("node was running");
     assert!(status.success(), "exit status {status}");
