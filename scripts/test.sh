@@ -23,6 +23,14 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 step "tools for the artefact checks (scripts/install-tools.sh)"
 scripts/install-tools.sh
 
+# The control plane for scripts/test-kubernetes.sh is built from the Go
+# module proxy (test/kube/build.sh: ~16 min cold, seconds when .tools/go is
+# warm); started now, niced, so that it overlaps the Rust suites.
+kube_build_log=${TMPDIR:-/tmp}/kvstore-kube-build.log
+kube_build_t0=$SECONDS
+nice -n 19 test/kube/build.sh > "$kube_build_log" 2>&1 &
+kube_build_pid=$!
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -41,3 +49,22 @@ disk "after fuzzing"
 step "deployment artefacts (scripts/test-deploy.sh)"
 scripts/test-deploy.sh
 disk end
+
+# The end-to-end story on real Kubernetes components (docs/kubernetes-tests.md).
+# Under CI always; elsewhere with KV_TEST_KUBERNETES=1 (it needs root for the
+# network and mount namespaces, and the control plane's build).
+step "control plane build (test/kube/build.sh, started at the beginning)"
+if wait "$kube_build_pid"; then
+  echo "test/kube/build.sh finished $((SECONDS - kube_build_t0)) s after it started"
+else
+  tail -n 30 "$kube_build_log"; echo "test/kube/build.sh failed (log: $kube_build_log)"; exit 1
+fi
+if [ "${CI:-}" = true ] || [ "${KV_TEST_KUBERNETES:-0}" = 1 ]; then
+  step "end-to-end story on Kubernetes (scripts/test-kubernetes.sh)"
+  # The binaries and the kubelet `cargo test --workspace` built above (debug).
+  KV_E2E_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" KV_KUBELET_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" \
+    scripts/test-kubernetes.sh
+  disk "after test-kubernetes"
+else
+  step "SKIP scripts/test-kubernetes.sh: runs under CI (CI=true) or with KV_TEST_KUBERNETES=1"
+fi
