@@ -728,9 +728,11 @@ mod tests {
                     pod: format!("demo-{i}"),
                     state: *s,
                     resync_progress: None,
+                    unreachable_since: None,
                 })
                 .collect(),
             conditions: vec![],
+            accepted_spec: None,
         });
         kvc
     }

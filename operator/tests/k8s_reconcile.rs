@@ -12,6 +12,7 @@ use kube::client::Body;
 use kube::runtime::controller::Action;
 use kv_core::{NodeState, Topology};
 use kv_operator::k8s::controller::NodeReports;
+use kv_operator::k8s::crd::{AcceptedSpec, KvClusterStatus};
 use kv_operator::k8s::metrics::Metrics;
 use kv_operator::k8s::{Context, KvCluster, objects, reconcile};
 use serde_json::{Value, json};
@@ -1003,7 +1004,7 @@ async fn holding_down_so_many_nodes_that_writes_fail_is_refused_and_nothing_is_a
     )
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
-    assert_eq!(seen[4].body["reason"], "Refused");
+    assert_eq!(seen[4].body["reason"], "SpecRefused");
     assert_eq!(seen[4].body["type"], "Warning");
     let status = &seen[5].body["status"];
     assert_eq!(status["phase"], "Failed");
@@ -1011,12 +1012,24 @@ async fn holding_down_so_many_nodes_that_writes_fail_is_refused_and_nothing_is_a
         .as_array()
         .and_then(|cs| cs.iter().find(|c| c["type"] == "Progressing"))
         .expect("Progressing");
-    assert_eq!(progressing["reason"], "Refused");
+    assert_eq!(progressing["reason"], "SpecRefused");
     assert!(
         progressing["message"]
             .as_str()
             .is_some_and(|m| m.contains("writes at Quorum need 2")),
         "{progressing}"
+    );
+    // With no accepted spec to fall back on (a first reconcile), nothing is applied.
+    let refused = condition(status, "SpecRefused").expect("SpecRefused");
+    assert_eq!(
+        (&refused["status"], &refused["reason"]),
+        (&json!("True"), &json!("PlannerRefused"))
+    );
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.ends_with("(no accepted spec to carry out meanwhile)")),
+        "{refused}"
     );
 }
 
@@ -1090,7 +1103,7 @@ async fn the_force_annotation_gets_a_hold_down_applied_that_is_refused_without_i
         ),
     )
     .await;
-    assert_eq!(seen[4].body["reason"], "Refused");
+    assert_eq!(seen[4].body["reason"], "SpecRefused");
     let status = &seen[5].body["status"];
     assert_eq!(status["phase"], "Failed");
     assert_eq!(condition(status, "ForceFaultInjection"), None);
@@ -1188,7 +1201,7 @@ async fn an_invalid_force_annotation_is_planned_without_force_and_reported_once(
         "kvstore.dev/force-fault-injection is \"yes\"; only \"true\" or \"false\" are understood, \
          so the cluster is planned without force"
     );
-    assert_eq!(seen[5].body["reason"], "Refused");
+    assert_eq!(seen[5].body["reason"], "SpecRefused");
     let status = &seen[6].body["status"];
     assert_eq!(status["phase"], "Failed");
     let forced = condition(status, "ForceFaultInjection").expect("ForceFaultInjection");
@@ -1208,7 +1221,7 @@ async fn an_invalid_force_annotation_is_planned_without_force_and_reported_once(
     );
 
     // The next reconcile sees its own status: no second InvalidAnnotation,
-    // and no second Refused Event for the same generation.
+    // and no second SpecRefused Event for the same generation.
     kvc.status = Some(serde_json::from_value(status.clone()).expect("status"));
     let (_, seen) = run(
         kvc.clone(),
@@ -1282,4 +1295,373 @@ async fn a_node_whose_pod_is_gone_longer_than_failure_detection_is_failed() {
     assert_eq!(t.state_of(1), Some(NodeState::Failed));
     assert_eq!(seen[7].body["spec"]["replicas"], 3, "the pod comes back");
     assert_eq!(seen[9].body["reason"], "NodeFailed");
+}
+
+/// `secs` seconds before now, RFC 3339.
+fn ago(secs: i64) -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    k8s_openapi::jiff::Timestamp::from_second(now.as_second() - secs)
+        .expect("time")
+        .to_string()
+}
+
+/// The status a previous reconcile wrote: `phase`, each node's state (and,
+/// for those listed in `unreachable`, since when it is unreachable), and the
+/// spec of `accepted_yaml` accepted at generation 1.
+fn earlier_status(
+    phase: &str,
+    states: &[NodeState],
+    unreachable: &[(u32, String)],
+    accepted_yaml: &str,
+) -> KvClusterStatus {
+    let accepted = AcceptedSpec::of(&KvCluster {
+        metadata: kube::api::ObjectMeta {
+            generation: Some(1),
+            ..Default::default()
+        },
+        ..cluster(accepted_yaml)
+    });
+    let nodes: Vec<Value> = states
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let mut n = json!({"ordinal": i, "pod": format!("demo-{i}"), "state": s.to_string()});
+            if let Some((_, t)) = unreachable.iter().find(|(o, _)| *o as usize == i) {
+                n["unreachableSince"] = json!(t);
+            }
+            n
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "phase": phase, "observedGeneration": 1, "topologyEpoch": 4,
+        "nodes": nodes, "conditions": [], "acceptedSpec": accepted,
+    }))
+    .expect("status")
+}
+
+/// The calls of a reconcile that reads `current` from the ConfigMap, an old
+/// StatefulSet (created 2026-01-01) and the pods of `running`, then makes `rest`.
+fn observe_running(
+    kvc: &KvCluster,
+    current: &Topology,
+    running: &[u32],
+    rest: Vec<Call>,
+) -> Vec<Call> {
+    let cm = configmap(kvc, current);
+    let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "demo", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z"}});
+    let pods = pod_list(running.iter().map(|&o| running_pod(o)).collect());
+    let mut calls = vec![
+        call(
+            Method::GET,
+            &format!("{NS}/configmaps/demo-topology"),
+            move |_| (StatusCode::OK, cm),
+        ),
+        call(
+            Method::GET,
+            &format!("{APPS}/statefulsets/demo"),
+            move |_| (StatusCode::OK, sts),
+        ),
+        call(Method::GET, &format!("{NS}/pods"), move |_| {
+            (StatusCode::OK, pods)
+        }),
+        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+            (StatusCode::OK, secret())
+        }),
+    ];
+    calls.extend(rest);
+    calls
+}
+
+/// The ConfigMap, both Services, the StatefulSet and the budget.
+fn apply_objects() -> Vec<Call> {
+    vec![
+        call(
+            Method::PATCH,
+            &format!("{NS}/configmaps/demo-topology"),
+            echo,
+        ),
+        call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+        call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+        call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+        call(
+            Method::PATCH,
+            &format!("{POLICY}/poddisruptionbudgets/demo"),
+            echo,
+        ),
+    ]
+}
+
+fn then(mut calls: Vec<Call>, rest: Vec<Call>) -> Vec<Call> {
+    calls.extend(rest);
+    calls
+}
+
+fn write_status(kvc: &KvCluster) -> Call {
+    call(
+        Method::PATCH,
+        &format!("{KVC}/demo/status"),
+        status_answer(kvc.clone()),
+    )
+}
+
+fn with_status(kvc: &KvCluster, status: &Value) -> KvCluster {
+    let mut kvc = kvc.clone();
+    kvc.status = Some(serde_json::from_value(status.clone()).expect("status"));
+    kvc
+}
+
+#[tokio::test]
+async fn a_pod_missing_for_less_than_failure_detection_leaves_its_node_up_and_fails_it_after() {
+    // The StatefulSet is old: counting from its creation would fail node 1 at once.
+    let kvc = cluster("{failureDetectionSeconds: 10}");
+    let up3 = [NodeState::Up, NodeState::Up, NodeState::Up];
+    let current = topology(&kvc, 4, &up3);
+    let before = k8s_openapi::jiff::Timestamp::now();
+
+    // Pod 1 is gone; the last status saw every node reachable.
+    let kvc = with_status(
+        &kvc,
+        &serde_json::to_value(earlier_status("Running", &up3, &[], "{}")).expect("json"),
+    );
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_running(
+            &kvc,
+            &current,
+            &[0, 2],
+            then(apply_objects(), vec![write_status(&kvc)]),
+        ),
+    )
+    .await;
+    assert_eq!(topology_in(&seen[4]).epoch, 4, "nothing changes yet");
+    assert_eq!(topology_in(&seen[4]).state_of(1), Some(NodeState::Up));
+    let status = seen[9].body["status"].clone();
+    assert_eq!(status["phase"], "Running");
+    let since: k8s_openapi::jiff::Timestamp = status["nodes"][1]["unreachableSince"]
+        .as_str()
+        .expect("node 1 unreachable since")
+        .parse()
+        .expect("RFC 3339");
+    assert!(
+        since >= before - k8s_openapi::jiff::SignedDuration::from_secs(1),
+        "{since} counts from now"
+    );
+    assert_eq!(status["nodes"][0].get("unreachableSince"), None);
+
+    // A later reconcile (here also a new Context, as after an operator
+    // restart) counts from the time in the status, not from now again.
+    let kvc = with_status(&kvc, &status);
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_running(
+            &kvc,
+            &current,
+            &[0, 2],
+            then(apply_objects(), vec![write_status(&kvc)]),
+        ),
+    )
+    .await;
+    assert_eq!(topology_in(&seen[4]).state_of(1), Some(NodeState::Up));
+    assert_eq!(
+        seen[9].body["status"]["nodes"][1]["unreachableSince"],
+        status["nodes"][1]["unreachableSince"]
+    );
+
+    // Once that is failureDetectionSeconds ago, the node is Failed.
+    let mut status = status;
+    status["nodes"][1]["unreachableSince"] = json!(ago(11));
+    let kvc = with_status(&kvc, &status);
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_running(
+            &kvc,
+            &current,
+            &[0, 2],
+            then(
+                apply_objects(),
+                vec![call(Method::POST, EVENTS, echo), write_status(&kvc)],
+            ),
+        ),
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!((t.epoch, t.state_of(1)), (5, Some(NodeState::Failed)));
+    assert_eq!(seen[9].body["reason"], "NodeFailed");
+    let after = &seen[10].body["status"];
+    assert_eq!(after["phase"], "Degraded");
+    assert_eq!(
+        after["nodes"][1]["unreachableSince"],
+        status["nodes"][1]["unreachableSince"]
+    );
+}
+
+#[tokio::test]
+async fn a_refused_spec_keeps_the_last_accepted_one_reconciled_with_a_spec_refused_condition() {
+    // Holding down 0 and 2 leaves one live owner of three; Quorum needs two.
+    let kvc = cluster("{faultInjection: {failedNodes: [0, 2]}}");
+    let up3 = [NodeState::Up, NodeState::Up, NodeState::Up];
+    let current = topology(&kvc, 4, &up3);
+    // Meanwhile pod 1 was deleted a minute ago and has not come back.
+    let kvc = with_status(
+        &kvc,
+        &serde_json::to_value(earlier_status("Running", &up3, &[(1, ago(60))], "{}"))
+            .expect("json"),
+    );
+    let (action, seen) = run(
+        kvc.clone(),
+        observe_running(
+            &kvc,
+            &current,
+            &[0, 2],
+            then(
+                then(vec![call(Method::POST, EVENTS, echo)], apply_objects()),
+                vec![call(Method::POST, EVENTS, echo), write_status(&kvc)],
+            ),
+        ),
+    )
+    .await;
+    assert_eq!(seen[4].body["reason"], "SpecRefused");
+    assert_eq!(seen[4].body["type"], "Warning");
+    // The accepted spec (no hold-down) is still carried out: node 1 is
+    // detected Failed, 0 and 2 are not held down, the pod is asked back.
+    let t = topology_in(&seen[5]);
+    assert_eq!(t.epoch, 5);
+    assert_eq!(t.state_of(0), Some(NodeState::Up));
+    assert_eq!(t.state_of(1), Some(NodeState::Failed));
+    assert_eq!(t.state_of(2), Some(NodeState::Up));
+    assert_eq!(seen[8].body["spec"]["replicas"], 3);
+    assert_eq!(seen[10].body["reason"], "NodeFailed");
+    let status = seen[11].body["status"].clone();
+    assert_eq!(status["phase"], "Degraded", "not Failed: the cluster runs");
+    assert_eq!(status["observedGeneration"], 2);
+    assert_eq!(status["acceptedSpec"]["generation"], 1);
+    let refused = condition(&status, "SpecRefused").expect("SpecRefused");
+    assert_eq!(
+        (
+            &refused["status"],
+            &refused["reason"],
+            &refused["observedGeneration"]
+        ),
+        (&json!("True"), &json!("PlannerRefused"), &json!(2))
+    );
+    let message = refused["message"].as_str().expect("message");
+    assert!(
+        message.starts_with(
+            "holding down node(s) [0, 2] would leave some keys with 1 of 3 owners live"
+        ) && message.ends_with("(still carrying out the spec of generation 1)"),
+        "{message}"
+    );
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(5)),
+        "looks again soon"
+    );
+
+    // The next reconcile carries on without a second Event, although the
+    // planner's message now counts node 1 as down too.
+    let kvc = with_status(&kvc, &status);
+    let current = topology_in(&seen[5]);
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_running(
+            &kvc,
+            &current,
+            &[0, 2],
+            then(apply_objects(), vec![write_status(&kvc)]),
+        ),
+    )
+    .await;
+    let status = &seen[9].body["status"];
+    assert_eq!(status["phase"], "Degraded");
+    let refused = condition(status, "SpecRefused").expect("still refused");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("0 of 3 owners live")),
+        "{refused}"
+    );
+}
+
+#[tokio::test]
+async fn a_hold_down_refused_while_another_node_is_down_is_carried_out_once_that_node_is_back() {
+    // Node 1 is Failed; holding down 2 as well would leave one owner of three.
+    let kvc = cluster("{faultInjection: {failedNodes: [2]}}");
+    let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Failed, NodeState::Up]);
+    let kvc = with_status(
+        &kvc,
+        &serde_json::to_value(earlier_status(
+            "Degraded",
+            &[NodeState::Up, NodeState::Failed, NodeState::Up],
+            &[(1, ago(600))],
+            "{}",
+        ))
+        .expect("json"),
+    );
+    // Pod 1 is back: under the accepted spec node 1 starts recovering.
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_running(
+            &kvc,
+            &current,
+            &[0, 1, 2],
+            then(
+                then(vec![call(Method::POST, EVENTS, echo)], apply_objects()),
+                vec![call(Method::POST, EVENTS, echo), write_status(&kvc)],
+            ),
+        ),
+    )
+    .await;
+    assert_eq!(seen[4].body["reason"], "SpecRefused");
+    let t = topology_in(&seen[5]);
+    assert_eq!(
+        (t.epoch, t.state_of(1), t.state_of(2)),
+        (5, Some(NodeState::Recovering), Some(NodeState::Up))
+    );
+    assert_eq!(seen[10].body["reason"], "NodeRecovering");
+    let status = seen[11].body["status"].clone();
+    assert_eq!(
+        condition(&status, "SpecRefused").expect("refused")["status"],
+        "True"
+    );
+    assert_eq!(
+        status["nodes"][1].get("unreachableSince"),
+        None,
+        "reachable again"
+    );
+
+    // With node 1 no longer Failed the hold-down of 2 is acceptable: it is
+    // carried out, the condition goes, and generation 2 is the accepted one.
+    let kvc = with_status(&kvc, &status);
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_running(
+            &kvc,
+            &t,
+            &[0, 1, 2],
+            then(
+                apply_objects(),
+                vec![
+                    call(Method::DELETE, &format!("{NS}/pods/demo-2"), |_| {
+                        (StatusCode::OK, running_pod(2))
+                    }),
+                    call(Method::POST, EVENTS, echo),
+                    call(Method::POST, EVENTS, echo),
+                    write_status(&kvc),
+                ],
+            ),
+        ),
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!((t.epoch, t.state_of(2)), (6, Some(NodeState::Failed)));
+    assert_eq!(seen[10].body["reason"], "FaultInjected");
+    assert_eq!(seen[11].body["reason"], "NodeFailed");
+    let status = &seen[12].body["status"];
+    assert_eq!(condition(status, "SpecRefused"), None);
+    assert_eq!(status["acceptedSpec"]["generation"], 2);
+    assert_eq!(
+        status["acceptedSpec"]["faultInjection"]["failedNodes"],
+        json!([2])
+    );
 }

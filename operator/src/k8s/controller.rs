@@ -13,6 +13,18 @@
 //! Everything is server-side apply with the field manager `kv-operator`. A
 //! spec the schema could not refuse becomes a condition: nothing is applied and
 //! the controller waits for the next edit instead of retrying in a loop.
+//!
+//! A spec the planner refuses (a hold-down that would leave keys short of W
+//! live owners, say) does not stop the cluster: the controller keeps
+//! reconciling the last spec the planner accepted (`status.acceptedSpec`),
+//! with failure detection, recoveries and rollouts, shows the refusal as the
+//! condition `SpecRefused` and a Warning Event, and carries the new spec out
+//! at the first reconcile where the planner accepts it.
+//!
+//! Failure detection: a node is unreachable when it neither runs nor reports;
+//! `status.nodes[].unreachableSince` keeps since when (across reconciles and
+//! operator restarts), and the planner makes it Failed once that is
+//! `spec.failureDetectionSeconds` ago.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,10 +42,14 @@ use kv_core::{NodeState, Topology};
 use serde::Serialize;
 use tracing::{info, warn};
 
-use super::crd::{Condition, FORCE_FAULT_INJECTION, KvCluster, KvClusterStatus, NodeStatus, Phase};
+use super::crd::{
+    AcceptedSpec, Condition, FORCE_FAULT_INJECTION, KvCluster, KvClusterStatus, NodeStatus, Phase,
+};
 use super::metrics::Metrics;
 use super::objects;
-use crate::planner::{self, NodeObservation, NodeProgress, Observed, PlannerConfig, Rebalance};
+use crate::planner::{
+    self, Desired, NodeObservation, NodeProgress, Observed, PlannerConfig, Rebalance,
+};
 
 /// Why a reconcile failed. Variant names are the `result` label of
 /// `kv_operator_reconciles_total` (see [`Error::metric_label`]).
@@ -178,16 +194,22 @@ pub fn planner_config(kvc: &KvCluster) -> PlannerConfig {
 /// The spec is planned with force when the [`FORCE_FAULT_INJECTION`]
 /// annotation is `"true"` (see [`KvCluster::desired`]).
 pub fn decide(kvc: &KvCluster, observed: &Observed) -> Result<Decision, String> {
-    let plan = planner::plan(&kvc.desired(), observed, &planner_config(kvc));
-    if let Some(r) = plan.refusal {
-        return Err(match kvc.force_fault_injection() {
+    decide_for(kvc, &kvc.desired(), observed).map_err(|reason| {
+        match kvc.force_fault_injection() {
             // The user probably meant to force it: say why it was not.
             Err(value) => format!(
-                "{}; the annotation {FORCE_FAULT_INJECTION} is {value:?}, not \"true\" or \"false\", so it was planned without force",
-                r.reason
+                "{reason}; the annotation {FORCE_FAULT_INJECTION} is {value:?}, not \"true\" or \"false\", so it was planned without force"
             ),
-            Ok(_) => r.reason,
-        });
+            Ok(_) => reason,
+        }
+    })
+}
+
+/// Plan `desired` for the cluster `kvc` (its names and failure detection).
+fn decide_for(kvc: &KvCluster, desired: &Desired, observed: &Observed) -> Result<Decision, String> {
+    let plan = planner::plan(desired, observed, &planner_config(kvc));
+    if let Some(r) = plan.refusal {
+        return Err(r.reason);
     }
     let topology = plan
         .topology_after(observed)
@@ -206,6 +228,7 @@ pub fn decide(kvc: &KvCluster, observed: &Observed) -> Result<Decision, String> 
                 pod: objects::pod_name(kvc, n.ordinal),
                 state: n.state,
                 resync_progress: n.resync_progress,
+                unreachable_since: None,
             })
             .collect(),
         transitions: plan.transitions,
@@ -273,7 +296,17 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
 
     if let Err(reason) = kvc.spec.validate() {
         warn!(kvcluster = %name, %reason, "invalid spec");
-        refuse(ctx, kvc, &kvcs, &previous, "InvalidSpec", &reason, now).await?;
+        refuse(
+            ctx,
+            kvc,
+            &kvcs,
+            &previous,
+            "InvalidSpec",
+            &reason,
+            vec![],
+            now,
+        )
+        .await?;
         ctx.metrics.observe_cluster(&key, Phase::Failed, vec![]);
         return Ok(Action::await_change());
     }
@@ -361,23 +394,64 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             }
         }
     }
+    let unreachable = track_unreachable(&mut observed, &previous);
     observed.epoch_floor = observed
         .nodes
         .values()
         .filter_map(|o| o.report.as_ref().map(|r| r.epoch))
         .fold(observed.epoch_floor, u64::max);
 
-    // Decide.
-    let decision = match decide(kvc, &observed) {
-        Ok(d) => d,
+    // Decide: the current spec, or while the planner refuses it, the last
+    // accepted one (the objects are then built for that one too).
+    let (decision, accepted, refused) = match decide(kvc, &observed) {
+        Ok(d) => (d, AcceptedSpec::of(kvc), None),
         Err(reason) => {
-            warn!(kvcluster = %name, %reason, "request refused");
-            refuse(ctx, kvc, &kvcs, &previous, "Refused", &reason, now).await?;
-            ctx.metrics.observe_cluster(&key, Phase::Failed, vec![]);
-            // The refusal may depend on nodes that are down: look again later.
-            return Ok(Action::requeue(Duration::from_secs(60)));
+            warn!(kvcluster = %name, %reason, "spec refused");
+            match carry_on(kvc, &previous, &observed) {
+                Some((d, accepted)) => (d, accepted, Some(reason)),
+                None => {
+                    let c = spec_refused(&reason, None, kvc.meta().generation);
+                    refuse(
+                        ctx,
+                        kvc,
+                        &kvcs,
+                        &previous,
+                        SPEC_REFUSED,
+                        &reason,
+                        vec![c],
+                        now,
+                    )
+                    .await?;
+                    ctx.metrics.observe_cluster(&key, Phase::Failed, vec![]);
+                    // The refusal may depend on nodes that are down: look again later.
+                    return Ok(Action::requeue(Duration::from_secs(60)));
+                }
+            }
         }
     };
+    let carried = accepted.applied_to(kvc);
+    let kvc = &carried;
+    if let Some(reason) = &refused {
+        let c = spec_refused(reason, Some(accepted.generation), kvc.meta().generation);
+        // One Event per refused generation; the condition follows the
+        // planner's message, which can change with the nodes' states.
+        let shown = previous.conditions.iter().any(|p| {
+            p.type_ == SPEC_REFUSED
+                && p.status == "True"
+                && p.observed_generation == c.observed_generation
+        });
+        if !shown {
+            publish(
+                ctx,
+                kvc,
+                EventType::Warning,
+                SPEC_REFUSED,
+                "Validate",
+                &c.message,
+            )
+            .await;
+        }
+    }
 
     // Apply.
     let mut problems = Vec::new();
@@ -453,7 +527,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     publish_transitions(ctx, kvc, &decision).await;
 
     // Status.
-    let status = status_of(
+    let mut status = status_of(
         kvc,
         &decision,
         &ready,
@@ -462,6 +536,24 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         problems,
         now,
     );
+    for n in &mut status.nodes {
+        n.unreachable_since = unreachable.get(&n.ordinal).map(|&ms| rfc3339(ms));
+    }
+    let generation = kvc.meta().generation;
+    status.conditions = match &refused {
+        Some(reason) => merge_conditions(
+            &status.conditions,
+            vec![spec_refused(reason, Some(accepted.generation), generation)],
+            generation,
+            now,
+        ),
+        None => {
+            let mut cs = status.conditions;
+            cs.retain(|c| c.type_ != SPEC_REFUSED);
+            cs
+        }
+    };
+    status.accepted_spec = Some(accepted);
     write_status(&kvcs, &name, &status).await?;
     let phase = status.phase.unwrap_or(decision.phase);
     ctx.metrics.observe_cluster(
@@ -471,8 +563,9 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     );
     info!(kvcluster = %name, phase = ?phase, epoch = decision.topology.epoch, "reconciled");
 
-    // Look again soon while anything is moving; node reports are polled, not watched.
-    let settled = phase == Phase::Running;
+    // Look again soon while anything is moving or a refused spec waits;
+    // node reports are polled, not watched.
+    let settled = phase == Phase::Running && refused.is_none();
     Ok(Action::requeue(Duration::from_secs(if settled {
         60
     } else {
@@ -507,7 +600,9 @@ async fn warn_invalid_annotation(ctx: &Context, kvc: &KvCluster, previous: &KvCl
     }
 }
 
-/// Nothing is applied: a condition and (once per generation) an Event say why.
+/// Nothing is applied: a condition and (once per generation) an Event say
+/// why; `extra` conditions are shown with it.
+#[allow(clippy::too_many_arguments)]
 async fn refuse(
     ctx: &Context,
     kvc: &KvCluster,
@@ -515,6 +610,7 @@ async fn refuse(
     previous: &KvClusterStatus,
     reason_code: &str,
     reason: &str,
+    extra: Vec<Condition>,
     now: Timestamp,
 ) -> Result<(), Error> {
     let generation = kvc.meta().generation;
@@ -541,7 +637,9 @@ async fn refuse(
         conditions: conditions_of(
             kvc,
             &previous.conditions,
-            vec![cond("Progressing", false, reason_code, reason, generation)],
+            std::iter::once(cond("Progressing", false, reason_code, reason, generation))
+                .chain(extra)
+                .collect(),
             generation,
             now,
         ),
@@ -563,6 +661,83 @@ async fn write_status(
     api.patch_status(name, &apply_params(), &Patch::Apply(&patch))
         .await?;
     Ok(())
+}
+
+/// The condition of a spec the planner refuses.
+pub const SPEC_REFUSED: &str = "SpecRefused";
+
+/// `SpecRefused` True with the planner's reason, and which generation is
+/// carried out meanwhile (`carried`; `None` when none is).
+fn spec_refused(reason: &str, carried: Option<Option<i64>>, generation: Option<i64>) -> Condition {
+    let message = match carried {
+        Some(Some(g)) => format!("{reason} (still carrying out the spec of generation {g})"),
+        Some(None) => format!("{reason} (still carrying out the last accepted spec)"),
+        None => format!("{reason} (no accepted spec to carry out meanwhile)"),
+    };
+    cond(SPEC_REFUSED, true, "PlannerRefused", &message, generation)
+}
+
+/// The plan of the last accepted spec (`status.acceptedSpec`), when the
+/// current one is refused: `None` when there is none, it is the current one,
+/// or it is refused as well.
+fn carry_on(
+    kvc: &KvCluster,
+    previous: &KvClusterStatus,
+    observed: &Observed,
+) -> Option<(Decision, AcceptedSpec)> {
+    let accepted = previous.accepted_spec.clone()?;
+    let now = AcceptedSpec::of(kvc);
+    let without_generation = |a: AcceptedSpec| AcceptedSpec {
+        generation: None,
+        ..a
+    };
+    if without_generation(accepted.clone()) == without_generation(now) {
+        return None;
+    }
+    let d = decide_for(&accepted.applied_to(kvc), &accepted.desired(), observed).ok()?;
+    Some((d, accepted))
+}
+
+/// Since when each node that neither runs nor reports has been unreachable
+/// (ms since the Unix epoch), and the same time in `observed` for the
+/// planner. Counted from the status when it already shows the node
+/// unreachable; from now when the last status showed it reachable (the
+/// controller reconciles on every pod change, so that is when it changed);
+/// otherwise (a node the status does not list: a new cluster, a new status)
+/// from the pod's own times or the StatefulSet's creation, as observed.
+fn track_unreachable(observed: &mut Observed, previous: &KvClusterStatus) -> BTreeMap<u32, u64> {
+    let now = observed.now_ms;
+    let mut out = BTreeMap::new();
+    for (&ordinal, obs) in observed.nodes.iter_mut() {
+        if obs.alive() {
+            continue;
+        }
+        let before = previous.nodes.iter().find(|n| n.ordinal == ordinal);
+        obs.down_since_ms = match before {
+            Some(n) => match n.unreachable_since.as_deref().and_then(parse_ms) {
+                Some(t) => Some(t.min(now)),
+                None => Some(now),
+            },
+            None => obs.down_since_ms,
+        };
+        if let Some(t) = obs.down_since_ms {
+            out.insert(ordinal, t);
+        }
+    }
+    out
+}
+
+fn parse_ms(rfc3339: &str) -> Option<u64> {
+    let t: Timestamp = rfc3339.parse().ok()?;
+    u64::try_from(t.as_millisecond()).ok()
+}
+
+fn rfc3339(ms: u64) -> String {
+    i64::try_from(ms)
+        .ok()
+        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+        .to_string()
 }
 
 /// `demo-2` of cluster `demo` → 2.
@@ -987,6 +1162,7 @@ fn status_of(
         topology_epoch: t.epoch,
         // Every node's pod name, also of a node whose pod does not exist now.
         nodes: d.nodes.clone(),
+        accepted_spec: previous.accepted_spec.clone(),
         conditions: conditions_of(
             kvc,
             &previous.conditions,

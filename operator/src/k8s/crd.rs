@@ -243,6 +243,90 @@ pub struct KvClusterStatus {
     pub nodes: Vec<NodeStatus>,
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The spec the operator carries out: the last one the planner accepted.
+    /// While a later edit is refused (condition `SpecRefused`) the operator
+    /// keeps reconciling this one, and a restarted operator finds it here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_spec: Option<AcceptedSpec>,
+}
+
+/// The part of a spec the planner decides on (`replicas`, `replication`,
+/// `faultInjection`, and the force annotation), as last accepted. The other
+/// fields (image, resources, scheduling) are never refused by the planner and
+/// always come from the current spec.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AcceptedSpec {
+    /// The generation whose spec this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
+    /// `spec.replicas` of that generation.
+    pub replicas: u32,
+    /// `spec.replication` of that generation.
+    pub replication: Replication,
+    /// `spec.faultInjection` of that generation.
+    #[serde(default, skip_serializing_if = "FaultInjection::is_empty")]
+    pub fault_injection: FaultInjection,
+    /// Planned with force: the annotation kvstore.dev/force-fault-injection was "true".
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+}
+
+impl AcceptedSpec {
+    /// What `kvc` asks of the planner now, at its current generation.
+    pub fn of(kvc: &KvCluster) -> AcceptedSpec {
+        AcceptedSpec {
+            generation: kvc.metadata.generation,
+            replicas: kvc.spec.replicas,
+            replication: kvc.spec.replication.clone(),
+            fault_injection: kvc.spec.fault_injection.clone(),
+            force: kvc.force_fault_injection() == Ok(true),
+        }
+    }
+
+    /// What this asks of the planner.
+    pub fn desired(&self) -> crate::planner::Desired {
+        let spec = KvClusterSpec {
+            replicas: self.replicas,
+            replication: self.replication.clone(),
+            fault_injection: self.fault_injection.clone(),
+            ..KvClusterSpec::default()
+        };
+        crate::planner::Desired {
+            force: self.force,
+            ..spec.desired()
+        }
+    }
+
+    /// `kvc` with its planner fields replaced by these: the cluster the
+    /// operator builds objects for while a later spec is refused.
+    pub fn applied_to(&self, kvc: &KvCluster) -> KvCluster {
+        let mut out = kvc.clone();
+        out.spec.replicas = self.replicas;
+        out.spec.replication = self.replication.clone();
+        out.spec.fault_injection = self.fault_injection.clone();
+        out
+    }
+}
+
+impl Default for KvClusterSpec {
+    /// The spec of `{}`: every field at its default.
+    fn default() -> Self {
+        KvClusterSpec {
+            replicas: default_replicas(),
+            replication: Replication::default(),
+            storage: Storage::default(),
+            fault_injection: FaultInjection::default(),
+            image: default_image(),
+            image_pull_policy: None,
+            resources: None,
+            auth_secret_name: None,
+            affinity: None,
+            tolerations: None,
+            node_selector: None,
+            failure_detection_seconds: default_failure_detection_seconds(),
+        }
+    }
 }
 
 /// The cluster as a whole, in one word.
@@ -304,6 +388,14 @@ pub struct NodeStatus {
     /// Catch-up progress (0..1) while Joining or Recovering.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_progress: Option<f64>,
+    /// Since when the node is unreachable (neither running nor reporting),
+    /// RFC 3339; absent while it is reachable. The operator's first
+    /// observation that found it unreachable (it reconciles on every pod
+    /// change, so that is when the pod changed), kept across reconciles and
+    /// operator restarts: the node is Failed once it is older than
+    /// `spec.failureDetectionSeconds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unreachable_since: Option<String>,
 }
 
 /// A standard Kubernetes condition (`Available`, `Progressing`, `Degraded`).
