@@ -25,6 +25,9 @@ root=$PWD
 # passes (the run says so). "step|reason (issue item)".
 # shellcheck disable=SC2034 # read by deploy/kind/steps.sh
 KNOWN_OPERATOR_GAPS=(
+  "failed-node|failedNodes does not hold the node down: the operator deletes pod demo-1 once ('fault injection: pod deleted and held down') and the StatefulSet controller recreates it within a second (new on the real API server; issue 17 item 4, failure handling on real Kubernetes semantics)"
+  "scale-and-factor|a scale-down removes pods before every node has the topology that no longer uses them: Quorum writes and reads fail for seconds with 'node 3 is unreachable ... /internal/v1/apply' (or /read) (issue 17 item 1)"
+  "delete-gc|spec.storage has no PVC retention policy; the StatefulSet's default (Retain) leaves every PVC after the KvCluster is deleted (issue 17 item 3)"
 )
 
 # shellcheck source=/dev/null
@@ -53,12 +56,16 @@ for t in unshare mount ip curl base64 jq; do
 done
 [ -x "$helm" ] || { echo "test-kubernetes: $helm missing: run scripts/install-tools.sh" >&2; exit 1; }
 
-say "build: kv-test-kubelet (debug) and kv-node, kvctl, kv-operator (release) in $target"
-CARGO_TARGET_DIR=$target cargo build -q -p kv-test-kubelet
-if [ ! -x "$bin_dir/kv-node" ] || [ ! -x "$bin_dir/kvctl" ] || [ ! -x "$bin_dir/kv-operator" ]; then
-  CARGO_TARGET_DIR=$target cargo build -q --release -p kv-node -p kvctl -p kv-operator
+# Built once, before the re-execution in the namespaces below.
+if [ "${KV_E2E_IN_NETNS:-0}" != 1 ]; then
+  say "build: kv-test-kubelet (debug) and kv-node, kvctl, kv-operator in $target"
+  CARGO_TARGET_DIR=$target cargo build -q -p kv-test-kubelet
+  if [ ! -x "$bin_dir/kv-node" ] || [ ! -x "$bin_dir/kvctl" ] || [ ! -x "$bin_dir/kv-operator" ]; then
+    if [ "$bin_dir" = "$target/debug" ]; then profile=(); else profile=(--release); fi
+    CARGO_TARGET_DIR=$target cargo build -q "${profile[@]}" -p kv-node -p kvctl -p kv-operator
+  fi
+  test/kube/build.sh >/dev/null
 fi
-test/kube/build.sh >/dev/null
 
 # The rest runs in a network namespace of its own (and a mount namespace,
 # private): the API server refuses loopback addresses in EndpointSlices, so
@@ -154,14 +161,20 @@ platform_pod_url() { echo "http://$story_name-$1.$story_name-peers.$ns.svc:7400"
 platform_extra_spec() { :; }
 
 # --- kv-operator as its ServiceAccount ---------------------------------------
-op_n=0
 sa_kubeconfig=$state/kv-operator.kubeconfig
+# Steps run in subshells: the replicas are counted in $state/operators.
 platform_operator_start() {
-  op_n=$((op_n + 1))
-  local id=e2e-operator-$op_n
-  KUBECONFIG="$sa_kubeconfig" RUST_LOG=info,kube=warn POD_NAMESPACE="$op_ns" \
-    with_cluster_dns "$bin_dir/kv-operator" run --metrics-listen 127.0.0.1:0 --identity "$id" --log-format text \
-    > "$state/operator-$id.log" 2>&1 &
+  local id
+  touch "$state/operators"
+  id=e2e-operator-$(( $(wc -l < "$state/operators") + 1 ))
+  # exec all the way down (subshell -> unshare -> sh -> kv-operator), so
+  # that $! is kv-operator's own pid: SIGKILL reaches it, stop_pid finds it.
+  (
+    export KUBECONFIG="$sa_kubeconfig" RUST_LOG=info,kube=warn POD_NAMESPACE="$op_ns"
+    # shellcheck disable=SC2016 # expanded by the inner sh
+    exec unshare -m --propagation private sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$hosts" \
+      "$bin_dir/kv-operator" run --metrics-listen 127.0.0.1:0 --identity "$id" --log-format text
+  ) > "$state/operator-$id.log" 2>&1 &
   echo "$! $id" >> "$state/operators"
   echo "$id"
 }
@@ -183,7 +196,10 @@ platform_operator_kill() {
   local pid id
   while read -r pid id; do
     if grep -q 'acquired leadership' "$state/operator-$id.log"; then
-      kill -KILL "$pid"; wait "$pid" 2>/dev/null || true; echo "$id"; return 0
+      [ "$(basename "$(readlink "/proc/$pid/exe")")" = kv-operator ] || { echo "pid $pid of $id is not kv-operator"; return 1; }
+      kill -KILL "$pid"
+      for _ in $(seq 1 50); do [ -e "/proc/$pid" ] || break; sleep 0.1; done
+      echo "$id"; return 0
     fi
   done < <(running_operators)
   echo "none leading"
@@ -244,7 +260,15 @@ step_helm_install() {
   k get crd kvclusters.kvstore.dev >/dev/null || { why "the CRD is gone after helm uninstall"; return 1; }
 }
 
+# Whatever the steps did, the operator never lacked a permission.
+step_operator_rbac_sufficient() {
+  local hits
+  hits=$(grep -h -i -E 'forbidden|cannot (list|get|watch|patch|create|delete)' "$state"/operator-*.log | head -n 3 || true)
+  [ -z "$hits" ] || { why "the operator was refused by RBAC: $hits"; return 1; }
+}
+
 step crd-established step_crd_established
 step operator-service-account step_operator_runs_as_its_service_account
 step helm-install step_helm_install
 run_story
+step operator-rbac-sufficient step_operator_rbac_sufficient
