@@ -66,6 +66,7 @@ if [ "${KV_E2E_IN_NETNS:-0}" != 1 ]; then
   fi
   test/kube/build.sh >/dev/null
 fi
+bin_dir=$(cd "$bin_dir" && pwd) # absolute: pods run in their own directories
 
 # The rest runs in a network namespace of its own (and a mount namespace,
 # private): the API server refuses loopback addresses in EndpointSlices, so

@@ -62,8 +62,9 @@ fi
 if [ "${CI:-}" = true ] || [ "${KV_TEST_KUBERNETES:-0}" = 1 ]; then
   step "end-to-end story on Kubernetes (scripts/test-kubernetes.sh)"
   # The binaries and the kubelet `cargo test --workspace` built above (debug).
-  KV_E2E_BIN_DIR="${CARGO_TARGET_DIR:-target}/debug" KV_KUBELET_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}" \
-    scripts/test-kubernetes.sh
+  e2e_target=${CARGO_TARGET_DIR:-target}
+  case $e2e_target in /*) ;; *) e2e_target=$PWD/$e2e_target ;; esac
+  KV_E2E_BIN_DIR="$e2e_target/debug" KV_KUBELET_TARGET_DIR="$e2e_target" scripts/test-kubernetes.sh
   disk "after test-kubernetes"
 else
   step "SKIP scripts/test-kubernetes.sh: runs under CI (CI=true) or with KV_TEST_KUBERNETES=1"
