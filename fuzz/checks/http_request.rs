@@ -2,7 +2,7 @@
 //! the bytes are an HTTP/1.1 request as text (request line, header lines, a
 //! blank line, the body). One real node per process (SQLite in a scratch
 //! directory) serves its client and peer ports on loopback with the very
-//! servers `kv-node` runs (`node::serve` over `api::routes` and
+//! servers `kv-node` runs (`kv_net::serve` over `api::routes` and
 //! `peer_api::routes`: hyper, warp, our router); the request goes to the peer
 //! port when its path is under `/internal/`, else to the client port. Shared
 //! by the cargo-fuzz target `http_request` and the stable replay in
@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use kv_node::api::Route;
 use kv_node::config::Config;
-use kv_node::{Node, api, node, peer_api};
+use kv_node::{Node, api, peer_api};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
 
@@ -92,12 +92,18 @@ fn fixture() -> &'static Fixture {
                 worker_threads: 1,
             };
             let (node, _seen) = Node::open(config).expect("a node opens in a scratch directory");
-            tokio::spawn(node::serve(
+            tokio::spawn(kv_net::serve(
+                "client",
                 api::routes(node.clone()),
                 client,
                 stopped.clone(),
             ));
-            tokio::spawn(node::serve(peer_api::routes(node.clone()), peer, stopped));
+            tokio::spawn(kv_net::serve(
+                "peer",
+                peer_api::routes(node.clone()),
+                peer,
+                stopped,
+            ));
             (node, client_addr, peer_addr)
         });
         Fixture {

@@ -62,8 +62,14 @@ pub async fn run(
     );
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(node::serve(api::routes(node.clone()), client, stop.clone()));
-    servers.spawn(node::serve(
+    servers.spawn(kv_net::serve(
+        "client",
+        api::routes(node.clone()),
+        client,
+        stop.clone(),
+    ));
+    servers.spawn(kv_net::serve(
+        "peer",
         peer_api::routes(node.clone()),
         peer,
         stop.clone(),

@@ -1,0 +1,14 @@
+//! Server plumbing that a kv-node and the `kvctl up` gateway share, so that
+//! both answer the same way: the accept loop ([`serve`]), the HTTP helpers
+//! ([`http`]: JSON answers, the bearer check, bodies read within a limit,
+//! strict percent-decoding, which paths are the original store's), and
+//! loopback ports for processes started next to us ([`free_port`]).
+//!
+//! Nothing here knows about keys, nodes or the planner.
+
+pub mod http;
+mod port;
+mod serve;
+
+pub use port::free_port;
+pub use serve::{is_client_disconnect, serve};

@@ -1,0 +1,239 @@
+//! The client HTTP API (docs/design.md, "Node HTTP API").
+//!
+//! warp hands every request to one router, [`dispatch`], that matches the
+//! method and the raw path itself: that way each failure — unknown route,
+//! wrong method, bad percent-encoding, missing token, oversized or malformed
+//! body — gets exactly the status and JSON error shape the contract names,
+//! and the whole request surface is one function that tests and property
+//! tests call directly. Bodies are bounded before they are read: the
+//! `Content-Length` is checked first and the stream is cut at the limit.
+//!
+//! One module per route group: [`route`] (parsing), [`kv`] (the v1 key
+//! routes), [`classic`] (the original store's routes), [`cluster`] (health,
+//! metrics, the node's report, placement, digests). The answer shapes, the
+//! bearer check, body reading and the classic-path rule are shared with the
+//! `kvctl up` gateway ([`kv_net::http`]).
+
+mod classic;
+mod cluster;
+mod kv;
+mod route;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use futures::Stream;
+use kv_core::Consistency;
+use warp::Filter;
+use warp::http::{HeaderMap, HeaderValue, Method, header};
+
+pub use cluster::cluster_report;
+pub use kv::key_json;
+use kv_net::http::error_body;
+pub use kv_net::http::{Response, authorized, is_classic_path, json_response};
+pub use route::{Route, percent_decode};
+
+use crate::node::{ApiError, Node};
+
+/// Largest classic `/write` body beyond the value limit (JSON overhead).
+const JSON_OVERHEAD: usize = 64 * 1024;
+/// Most keys one listing page returns.
+pub const MAX_LIST_LIMIT: usize = 1000;
+
+/// A request after warp: everything the router needs, body not yet read.
+pub struct Incoming {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+}
+
+/// A warp filter that hands every request to `handler` with its body read
+/// up to `limit(&request)` bytes (or the 413/400 error that reading it gave).
+/// Both ports use it, so each failure is answered by our own router with the
+/// contract's JSON error shape.
+pub fn request_filter<L, H, Fut>(
+    limit: L,
+    handler: H,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone
+where
+    L: Fn(&Incoming) -> usize + Clone + Send + Sync + 'static,
+    H: Fn(Incoming, Result<Bytes, ApiError>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send,
+{
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method, path: warp::path::FullPath, query, headers, body| {
+                let (limit, handler) = (limit.clone(), handler.clone());
+                let req = Incoming {
+                    method,
+                    path: path.as_str().to_string(),
+                    query,
+                    headers,
+                };
+                async move {
+                    let body = read_body(&req.headers, body, limit(&req)).await;
+                    // A body refused (too large, unreadable) is left unread on
+                    // the connection, which therefore cannot carry another
+                    // request: say so, or a client would reuse it and lose
+                    // its next request to the close.
+                    let refused = body.is_err();
+                    let mut resp = handler(req, body).await;
+                    if refused {
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    resp
+                }
+            },
+        )
+        .recover(|_| async {
+            Ok::<_, std::convert::Infallible>(error_response(
+                &ApiError::new(404, "not_found", "no such route".into()),
+                false,
+            ))
+        })
+        .unify()
+}
+
+/// The warp filter serving the client API on `node`.
+pub fn routes(
+    node: Arc<Node>,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    let (max_value, token) = (node.config.max_value_bytes, node.config.token.clone());
+    request_filter(
+        // No body is read for a request that will be refused anyway.
+        move |req: &Incoming| match Route::parse(&req.method, &req.path) {
+            Ok(r) if authorized(&req.headers, &token) => r.body_limit(max_value),
+            _ => 0,
+        },
+        move |req, body| {
+            let node = node.clone();
+            async move { serve(&node, req, body).await }
+        },
+    )
+}
+
+async fn serve(node: &Arc<Node>, req: Incoming, body: Result<Bytes, ApiError>) -> Response {
+    let started = Instant::now();
+    let route = Route::parse(&req.method, &req.path);
+    let name = route.as_ref().map_or("unknown", |r| r.name());
+    let classic = is_classic_path(&req.path);
+    let resp = match (route, body) {
+        (Err(e), _) => error_response(&e, classic),
+        (Ok(route), Err(e)) if route.is_open() || authorized(&req.headers, &node.config.token) => {
+            error_response(&e, classic)
+        }
+        (Ok(route), body) => dispatch(node, &route, &req, body.unwrap_or_default()).await,
+    };
+    node.metrics
+        .requests
+        .with_label_values(&[name, resp.status().as_str()])
+        .inc();
+    node.metrics
+        .request_duration
+        .with_label_values(&[name])
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Reads at most `limit` bytes of body; more is a 413 before or while reading.
+pub async fn read_body<S, B>(headers: &HeaderMap, body: S, limit: usize) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + Unpin,
+    B: Buf,
+{
+    kv_net::http::read_body(headers, body, limit)
+        .await
+        .map_err(|e| ApiError::new(e.status, e.code, e.message))
+}
+
+pub fn error_response(e: &ApiError, classic: bool) -> Response {
+    let mut resp = json_response(e.status, &error_body(e.code, &e.message, classic));
+    if e.status == 405
+        && let Some(allowed) = e.message.strip_prefix("this route takes ")
+    {
+        let allowed = allowed.replace(" or ", ", ");
+        if let Ok(v) = HeaderValue::from_str(&allowed) {
+            resp.headers_mut().insert(header::ALLOW, v);
+        }
+    }
+    resp
+}
+
+fn consistency(headers: &HeaderMap) -> Result<Option<Consistency>, ApiError> {
+    match headers.get("x-consistency") {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<Consistency>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError::bad_request("X-Consistency must be one of: one, quorum, all")),
+    }
+}
+
+/// Runs one routed request whose body has been read: the token check, then the route.
+pub async fn dispatch(node: &Arc<Node>, route: &Route, req: &Incoming, body: Bytes) -> Response {
+    let classic = is_classic_path(&req.path);
+    if !route.is_open() && !authorized(&req.headers, &node.config.token) {
+        return error_response(
+            &ApiError::new(
+                403,
+                "forbidden",
+                "missing or wrong bearer token (Authorization: Bearer <token>)".into(),
+            ),
+            classic,
+        );
+    }
+    match handle(node, route, req, body).await {
+        Ok(resp) => resp,
+        Err(e) => error_response(&e, classic),
+    }
+}
+
+/// The route, carried out by its group's module; this layer only maps.
+async fn handle(
+    node: &Arc<Node>,
+    route: &Route,
+    req: &Incoming,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let level = consistency(&req.headers)?;
+    match route {
+        Route::Healthz => cluster::healthz(),
+        Route::Readyz => cluster::readyz(node),
+        Route::Metrics => cluster::metrics(node),
+        Route::Cluster => cluster::cluster(node),
+        Route::Placement(key) => cluster::placement(node, key),
+        Route::Digests => cluster::digests(node).await,
+        Route::KvGet(key) => kv::get(node, key, level).await,
+        Route::KvPut(key) => kv::put(node, key, req, body, level).await,
+        Route::KvDelete(key) => kv::delete(node, key, level).await,
+        Route::KvList => kv::list(node, req).await,
+        Route::ClassicWrite => classic::write(node, &body, level).await,
+        Route::ClassicRead(key) => classic::read(node, key, level).await,
+        Route::ClassicDelete(key) => classic::delete(node, key, level).await,
+        Route::ClassicNodes => classic::nodes(node),
+        Route::ClassicNodesForKey(key) => classic::nodes_for_key(node, key),
+        Route::ClassicControl(what) => classic::control(what),
+    }
+}
+
+/// Query string to decoded byte values; bad encoding is a 400.
+pub fn parse_query(q: &str) -> Result<std::collections::HashMap<String, Vec<u8>>, ApiError> {
+    let mut out = std::collections::HashMap::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = String::from_utf8(percent_decode(&k.replace('+', " "))?)
+            .map_err(|_| ApiError::bad_request("query parameter names must be UTF-8"))?;
+        let v = percent_decode(&v.replace('+', " "))?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}

@@ -1,0 +1,149 @@
+//! The `kvctl up` gateway: one address for clients.
+//!
+//! Data routes (v1 and classic) are forwarded to a node that is Up and
+//! running, round-robin; when that node fails mid-request (connection error,
+//! or it answers that it does not serve clients) the next one is tried.
+//! Control routes act on the platform's desired cluster, after the planner
+//! has accepted the change in a dry run, so an unsafe request is refused
+//! with the planner's reason and changes nothing:
+//! classic `POST /fail/<id>`, `POST /recover/<id>`, `GET /nodes`,
+//! `POST /set_replication_strategy`, `GET /nodes_for_key/<key>`, and the v1
+//! equivalents `GET /v1/nodes`, `POST /v1/nodes/<id>/fail`,
+//! `POST /v1/nodes/<id>/recover`, `PUT /v1/replication`. `GET /metrics` (no
+//! auth) serves the control-plane metrics ([`super::metrics`]).
+
+//!
+//! The gateway's jobs, one module each: [`proxy`] forwards data routes to a
+//! serving node, [`control`] carries out the control routes and waits for
+//! their effect, [`input`] checks what a control call asks for. Bodies,
+//! tokens, the JSON shapes, the classic-path rule and the accept loop are a
+//! node's own ([`kv_net`]).
+
+mod control;
+mod input;
+mod proxy;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+
+use bytes::Bytes;
+use kv_net::http::{Response, error_body, is_classic_path, json_response, read_body};
+use serde_json::json;
+use warp::Filter;
+use warp::http::{HeaderMap, Method};
+
+pub use input::{DEFAULT_WAIT, ReplicationChange};
+
+use super::Platform;
+
+/// Largest body forwarded (values are limited by the nodes).
+const MAX_BODY: usize = 8 * 1024 * 1024;
+
+pub struct Gateway {
+    platform: Arc<Platform>,
+    http: reqwest::Client,
+    next: AtomicUsize,
+}
+
+fn error(status: u16, code: &str, message: impl Into<String>, classic: bool) -> Response {
+    json_response(status, &error_body(code, &message.into(), classic))
+}
+
+impl Gateway {
+    pub fn new(platform: Arc<Platform>) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            platform,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(64)
+                .tcp_nodelay(true)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap_or_default(),
+            next: AtomicUsize::new(0),
+        })
+    }
+
+    pub fn routes(
+        self: Arc<Self>,
+    ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+        warp::method()
+            .and(warp::path::full())
+            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+            .and(warp::header::headers_cloned())
+            .and(warp::body::stream())
+            .then(
+                move |method: Method,
+                      path: warp::path::FullPath,
+                      query: String,
+                      headers: HeaderMap,
+                      body| {
+                    let gw = self.clone();
+                    async move {
+                        let body = match read_body(&headers, body, MAX_BODY).await {
+                            Ok(b) => b,
+                            Err(e) => return error(e.status, e.code, e.message, false),
+                        };
+                        gw.handle(method, path.as_str(), &query, &headers, body)
+                            .await
+                    }
+                },
+            )
+            .recover(|_| async {
+                Ok::<_, std::convert::Infallible>(error(404, "not_found", "no such route", false))
+            })
+            .unify()
+    }
+
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        let token = self.platform.lock().saved.token.clone();
+        kv_net::http::authorized(headers, &token)
+    }
+
+    async fn handle(
+        &self,
+        method: Method,
+        path: &str,
+        query: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Response {
+        let classic = is_classic_path(path);
+        match (method.clone(), path) {
+            (Method::GET, "/healthz") => return json_response(200, &json!({"status": "ok"})),
+            // The control plane's metrics (local::metrics), not a node's.
+            (Method::GET, "/metrics") => return self.platform.metrics.response(),
+            (Method::GET, "/readyz") => {
+                return if self.platform.serving_nodes().is_empty() {
+                    error(503, "unavailable", "no node is Up yet", false)
+                } else {
+                    json_response(200, &json!({"status": "ready"}))
+                };
+            }
+            _ => {}
+        }
+        if !self.authorized(headers) {
+            return error(
+                403,
+                "forbidden",
+                "missing or wrong bearer token (Authorization: Bearer <token>)",
+                classic,
+            );
+        }
+        let control = self.control(&method, path, query, &body).await;
+        if let Some(resp) = control {
+            return resp;
+        }
+        self.forward(method, path, query, headers, body).await
+    }
+}
+
+/// Serves the gateway until `stop` flips, then drains in-flight requests
+/// (the nodes' accept loop: clients that go away are logged at debug).
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    listener: tokio::net::TcpListener,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    kv_net::serve("gateway", gateway.routes(), listener, stop).await;
+}

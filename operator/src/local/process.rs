@@ -1,0 +1,176 @@
+//! Node processes: started with the node's flags and the cluster's tokens,
+//! killed (SIGKILL) when held down, stopped (SIGTERM, bounded) when they
+//! leave or at shutdown.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+
+use super::state::now_ms;
+use super::{LocalError, Platform};
+
+/// Least time between two starts of the same node.
+const RESTART_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A client and a peer port for a new ordinal.
+pub(super) fn new_ports() -> Result<(u16, u16), LocalError> {
+    let port = || kv_net::free_port().map_err(LocalError::Port);
+    Ok((port()?, port()?))
+}
+
+pub(super) struct Proc {
+    pub(super) child: Child,
+    /// We killed it on purpose (held down or stopped): not a crash.
+    pub(super) expected_exit: bool,
+}
+
+impl Platform {
+    /// The process id of a running node (for a harness that kills it).
+    pub fn node_pid(&self, o: u32) -> Option<u32> {
+        self.lock().procs.get(&o).and_then(|p| p.child.id())
+    }
+
+    pub(super) fn start(&self, o: u32) {
+        let mut inner = self.lock();
+        if inner.procs.contains_key(&o) {
+            return;
+        }
+        if inner
+            .last_start
+            .get(&o)
+            .is_some_and(|t| t.elapsed() < RESTART_BACKOFF)
+        {
+            return;
+        }
+        let Some((port, peer)) = inner.saved.ports.get(&o).copied() else {
+            tracing::error!(node = o, "no ports assigned");
+            return;
+        };
+        let dir = self.node_data_dir(o);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.opts.data_dir.join(format!("node-{o}.log")));
+        let mut cmd = Command::new(&self.opts.node_binary);
+        cmd.args(&self.node_args)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--peer-listen")
+            .arg(format!("127.0.0.1:{peer}"))
+            .arg("--data-dir")
+            .arg(&dir)
+            .arg("--node-id")
+            .arg(o.to_string())
+            .arg("--topology-file")
+            .arg(self.opts.data_dir.join("topology.json"))
+            .arg("--anti-entropy-secs")
+            .arg(self.opts.anti_entropy_secs.to_string())
+            .env("KV_TOKEN", &inner.saved.token)
+            .env("KV_CLUSTER_TOKEN", &inner.saved.cluster_token)
+            .envs(
+                self.node_env
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&o)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true);
+        match log {
+            Ok(f) => {
+                cmd.stderr(f);
+            }
+            Err(_) => {
+                cmd.stderr(Stdio::null());
+            }
+        }
+        inner.last_start.insert(o, Instant::now());
+        inner.answered.remove(&o);
+        match cmd.spawn() {
+            Ok(child) => {
+                inner.procs.insert(
+                    o,
+                    Proc {
+                        child,
+                        expected_exit: false,
+                    },
+                );
+                drop(inner);
+                self.say(format!(
+                    "node {o}: started on 127.0.0.1:{port} (peer {peer})"
+                ));
+            }
+            Err(e) => {
+                drop(inner);
+                self.say(format!(
+                    "node {o}: cannot start {}: {e}",
+                    self.opts.node_binary.display()
+                ));
+            }
+        }
+    }
+
+    pub(super) async fn kill(&self, o: u32) {
+        let child = {
+            let mut inner = self.lock();
+            inner.reports.remove(&o);
+            inner.answered.remove(&o);
+            inner.down_since.insert(o, now_ms());
+            inner.procs.remove(&o)
+        };
+        if let Some(mut p) = child {
+            p.expected_exit = true;
+            let _ = p.child.start_kill();
+            let _ = p.child.wait().await;
+            self.say(format!("node {o}: killed (SIGKILL), held down"));
+        }
+    }
+
+    pub(super) async fn stop(&self, o: u32) {
+        let child = {
+            let mut inner = self.lock();
+            inner.reports.remove(&o);
+            inner.answered.remove(&o);
+            inner.down_since.remove(&o);
+            inner.procs.remove(&o)
+        };
+        if let Some(p) = child {
+            terminate(p.child).await;
+            self.say(format!("node {o}: stopped (left the cluster)"));
+        }
+    }
+
+    /// Stops every node with SIGTERM (bounded wait, then SIGKILL).
+    pub async fn shutdown(&self) {
+        let procs: Vec<(u32, Proc)> = {
+            let mut inner = self.lock();
+            std::mem::take(&mut inner.procs).into_iter().collect()
+        };
+        let waits = procs.into_iter().map(|(o, p)| async move {
+            terminate(p.child).await;
+            o
+        });
+        for o in futures::future::join_all(waits).await {
+            self.say(format!("node {o}: stopped"));
+        }
+    }
+}
+
+async fn terminate(mut child: Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    if tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+}
