@@ -1,0 +1,250 @@
+//! The API calls of `--cluster`: one KvCluster through a [`kube::Client`],
+//! each call bounded in time, writes retried on a conflict.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{Config, KubeConfigOptions};
+use kube::{Client, ResourceExt};
+use kv_operator::k8s::crd::KvCluster;
+use serde::Serialize;
+
+use super::*;
+
+/// One KvCluster, through the API of the client it was built with.
+pub struct Target {
+    api: Api<KvCluster>,
+    name: String,
+    namespace: String,
+    /// The API server's URL, for messages ("" when not known).
+    url: String,
+}
+
+/// What `fail` or `recover` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcome {
+    pub cluster: String,
+    pub namespace: String,
+    /// `fail` or `recover`.
+    pub action: &'static str,
+    pub node: u32,
+    /// Whether failedNodes was written (false: it already said so).
+    pub changed: bool,
+    /// failedNodes as read before the write that took effect.
+    pub failed_nodes_before: Vec<u32>,
+    /// failedNodes as the API server stored it.
+    pub failed_nodes: Vec<u32>,
+    /// The `kvstore.dev/force-fault-injection` annotation as read before
+    /// the write that took effect (`None`: absent).
+    pub force_annotation_before: Option<String>,
+    /// The annotation as the API server stored it.
+    pub force_annotation: Option<String>,
+    /// Reads of the resource it took (more than 1 after a 409 Conflict).
+    pub attempts: usize,
+}
+
+impl Target {
+    /// The KvCluster `name` in `namespace`, through `client`.
+    pub fn new(client: Client, namespace: &str, name: &str) -> Target {
+        Target {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            url: String::new(),
+        }
+    }
+
+    /// Finds the kubeconfig as kubectl does (`--context` picks a context of
+    /// it); the namespace defaults to the context's, else "default".
+    pub async fn connect(
+        context: Option<&str>,
+        namespace: Option<&str>,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Target, KubeError> {
+        let mut config = match context {
+            None => Config::infer()
+                .await
+                .map_err(|e| KubeError::NoConfig(error_chain(&e)))?,
+            Some(c) => {
+                let options = KubeConfigOptions {
+                    context: Some(c.to_string()),
+                    ..KubeConfigOptions::default()
+                };
+                Config::from_kubeconfig(&options)
+                    .await
+                    .map_err(|e| KubeError::Context {
+                        context: c.to_string(),
+                        detail: error_chain(&e),
+                    })?
+            }
+        };
+        config.connect_timeout = Some(timeout);
+        config.read_timeout = Some(timeout);
+        let namespace = match namespace {
+            Some(ns) => ns.to_string(),
+            None if config.default_namespace.is_empty() => "default".to_string(),
+            None => config.default_namespace.clone(),
+        };
+        let url = config.cluster_url.to_string();
+        let client = Client::try_from(config).map_err(|e| KubeError::Client(error_chain(&e)))?;
+        let mut target = Target::new(client, &namespace, name);
+        target.url = url;
+        Ok(target)
+    }
+
+    /// Bounds `what` (a call on this target) by `timeout`.
+    pub async fn within<T>(
+        &self,
+        timeout: Duration,
+        what: impl std::future::Future<Output = Result<T, KubeError>>,
+    ) -> Result<T, KubeError> {
+        match tokio::time::timeout(timeout, what).await {
+            Ok(r) => r,
+            Err(_) => Err(KubeError::Timeout {
+                url: if self.url.is_empty() {
+                    "(unknown)".into()
+                } else {
+                    self.url.clone()
+                },
+                secs: timeout.as_secs_f64(),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The KvCluster as stored, status included.
+    pub async fn get(&self) -> Result<KvCluster, KubeError> {
+        self.api
+            .get(&self.name)
+            .await
+            .map_err(|e| self.error("get", e))
+    }
+
+    /// Hold node `node` down: add it to spec.faultInjection.failedNodes;
+    /// with `force`, also set the force annotation (see [`fail_change`]).
+    pub async fn fail(&self, node: u32, force: bool) -> Result<Outcome, KubeError> {
+        self.update("fail", node, |kvc| fail_change(kvc, node, force))
+            .await
+    }
+
+    /// Release node `node`: remove it from spec.faultInjection.failedNodes,
+    /// and the force annotation with the last one (see [`recover_change`]).
+    pub async fn recover(&self, node: u32) -> Result<Outcome, KubeError> {
+        self.update("recover", node, |kvc| recover_change(kvc, node))
+            .await
+    }
+
+    /// Read, decide on what was read, write with that read's resourceVersion
+    /// as precondition; on 409 Conflict start over.
+    async fn update(
+        &self,
+        action: &'static str,
+        node: u32,
+        decide: impl Fn(&KvCluster) -> Result<Change, KubeError>,
+    ) -> Result<Outcome, KubeError> {
+        for attempt in 1..=MAX_ATTEMPTS {
+            let kvc = self.get().await?;
+            let before = kvc.spec.fault_injection.failed_nodes.clone();
+            let annotation_before = force_annotation(&kvc);
+            let change = decide(&kvc)?;
+            let mut outcome = Outcome {
+                cluster: self.name.clone(),
+                namespace: self.namespace.clone(),
+                action,
+                node,
+                changed: false,
+                failed_nodes_before: before.clone(),
+                failed_nodes: before.clone(),
+                force_annotation_before: annotation_before.clone(),
+                force_annotation: annotation_before,
+                attempts: attempt,
+            };
+            if change.failed_nodes == before && change.force == ForceEdit::Keep {
+                return Ok(outcome);
+            }
+            let rv = kvc
+                .resource_version()
+                .ok_or_else(|| KubeError::NoResourceVersion(self.name.clone()))?;
+            let params = PatchParams {
+                field_manager: Some(FIELD_MANAGER.to_string()),
+                ..PatchParams::default()
+            };
+            let patch = fault_injection_patch(&rv, &change);
+            match self
+                .api
+                .patch(&self.name, &params, &Patch::Merge(&patch))
+                .await
+            {
+                Ok(stored) => {
+                    outcome.changed = true;
+                    outcome.force_annotation = force_annotation(&stored);
+                    outcome.failed_nodes = stored.spec.fault_injection.failed_nodes;
+                    return Ok(outcome);
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(self.error("patch", e)),
+            }
+        }
+        Err(KubeError::Conflict {
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    fn error(&self, verb: &'static str, e: kube::Error) -> KubeError {
+        match e {
+            kube::Error::Api(s) if s.code == 404 => KubeError::NotFound {
+                name: self.name.clone(),
+                namespace: self.namespace.clone(),
+            },
+            kube::Error::Api(s) if s.code == 401 => KubeError::Unauthorized { message: s.message },
+            kube::Error::Api(s) if s.code == 403 => KubeError::Forbidden {
+                verb,
+                namespace: self.namespace.clone(),
+                message: s.message,
+            },
+            kube::Error::Api(s) => KubeError::Api {
+                verb,
+                name: self.name.clone(),
+                code: s.code,
+                reason: s.reason,
+                message: s.message,
+            },
+            other => KubeError::Transport {
+                verb,
+                name: self.name.clone(),
+                at: if self.url.is_empty() {
+                    String::new()
+                } else {
+                    format!(" at {}", self.url)
+                },
+                detail: error_chain(&other),
+            },
+        }
+    }
+}
+
+/// An error and its sources on one line (kube's errors nest the cause).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            let _ = write!(s, ": {text}");
+        }
+        cause = c.source();
+    }
+    s
+}
