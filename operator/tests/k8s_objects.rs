@@ -385,3 +385,35 @@ fn the_disruption_budget_allows_factor_minus_w_nodes_down_or_none_when_that_is_z
         }
     }
 }
+
+/// Volume claims are kept by default (a volume may hold the only copy of
+/// data); a KvCluster opts into deleting them, per event, and the
+/// StatefulSet carries exactly that policy.
+#[test]
+fn the_pvc_retention_policy_defaults_to_retain_and_reaches_the_statefulset() {
+    let policy = |kvc: &KvCluster| {
+        let p = objects::statefulset(kvc, 3)
+            .spec
+            .expect("spec")
+            .persistent_volume_claim_retention_policy
+            .expect("a retention policy");
+        (p.when_deleted, p.when_scaled)
+    };
+    assert_eq!(
+        policy(&cluster("{}")),
+        (Some("Retain".into()), Some("Retain".into()))
+    );
+    assert_eq!(
+        policy(&cluster(
+            "{storage: {size: 2Gi, persistentVolumeClaimRetentionPolicy: {whenDeleted: Delete}}}"
+        )),
+        (Some("Delete".into()), Some("Retain".into()))
+    );
+    assert!(
+        serde_yaml::from_str::<kv_operator::k8s::crd::KvClusterSpec>(
+            "{storage: {persistentVolumeClaimRetentionPolicy: {whenScaled: Sometimes}}}"
+        )
+        .is_err(),
+        "an unknown action is refused"
+    );
+}

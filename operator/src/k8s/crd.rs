@@ -178,6 +178,12 @@ pub struct Storage {
     /// Storage class of the claims; the cluster's default class when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+    /// What becomes of the nodes' volume claims when the KvCluster is
+    /// deleted or scaled down (the StatefulSet's policy of the same name).
+    /// Both default to `Retain`: a volume holds the only copy of data
+    /// until the cluster has re-replicated it, so deleting is opted into.
+    #[serde(default)]
+    pub persistent_volume_claim_retention_policy: PvcRetentionPolicy,
 }
 
 impl Default for Storage {
@@ -185,6 +191,38 @@ impl Default for Storage {
         Storage {
             size: default_storage_size(),
             storage_class_name: None,
+            persistent_volume_claim_retention_policy: PvcRetentionPolicy::default(),
+        }
+    }
+}
+
+/// The StatefulSet PVC retention policy of the nodes' volume claims.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcRetentionPolicy {
+    /// When the KvCluster (and so its StatefulSet) is deleted.
+    #[serde(default)]
+    pub when_deleted: RetentionAction,
+    /// When a scale-down removes a node: a retained claim is reused by a
+    /// later scale-up (the node then rebuilds a store older than the
+    /// tombstone grace from its co-owners, SPEC §3).
+    #[serde(default)]
+    pub when_scaled: RetentionAction,
+}
+
+/// Keep or delete a volume claim.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RetentionAction {
+    #[default]
+    Retain,
+    Delete,
+}
+
+impl RetentionAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetentionAction::Retain => "Retain",
+            RetentionAction::Delete => "Delete",
         }
     }
 }

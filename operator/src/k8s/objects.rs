@@ -15,7 +15,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::apps::v1::{
+    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
+};
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
@@ -154,6 +156,7 @@ fn meta(kvc: &KvCluster, name: String, component: &str) -> ObjectMeta {
 /// their pods until they have streamed their data out.
 pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
     let spec = &kvc.spec;
+    let retention = spec.storage.persistent_volume_claim_retention_policy;
     let args = vec![
         format!("--listen=0.0.0.0:{CLIENT_PORT}"),
         format!("--peer-listen=0.0.0.0:{PEER_PORT}"),
@@ -345,6 +348,12 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
                 spec: Some(pod),
             },
             volume_claim_templates: Some(vec![claim]),
+            persistent_volume_claim_retention_policy: Some(
+                StatefulSetPersistentVolumeClaimRetentionPolicy {
+                    when_deleted: Some(retention.when_deleted.as_str().to_string()),
+                    when_scaled: Some(retention.when_scaled.as_str().to_string()),
+                },
+            ),
             ..StatefulSetSpec::default()
         }),
         status: None,
