@@ -5,7 +5,8 @@ use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
-use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
+use warp::Filter;
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
 pub type Response = warp::reply::Response;
 
@@ -134,6 +135,67 @@ where
         }
     }
     Ok(Bytes::from(out))
+}
+
+/// A request after warp: everything a router needs, body not yet read.
+pub struct Incoming {
+    pub method: Method,
+    pub path: String,
+    pub query: String,
+    pub headers: HeaderMap,
+}
+
+/// A warp filter that hands every request to `handler` with its body read
+/// up to `limit(&request)` bytes (or the 413/400 error that reading it gave).
+/// A node's two ports and the gateway use it, so each failure is answered by
+/// their own router with the contract's JSON error shape; a path warp cannot
+/// route at all is a 404 `no such route`.
+pub fn request_filter<L, H, Fut>(
+    limit: L,
+    handler: H,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone
+where
+    L: Fn(&Incoming) -> usize + Clone + Send + Sync + 'static,
+    H: Fn(Incoming, Result<Bytes, BodyError>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response> + Send,
+{
+    warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .then(
+            move |method, path: warp::path::FullPath, query, headers, body| {
+                let (limit, handler) = (limit.clone(), handler.clone());
+                let req = Incoming {
+                    method,
+                    path: path.as_str().to_string(),
+                    query,
+                    headers,
+                };
+                async move {
+                    let body = read_body(&req.headers, body, limit(&req)).await;
+                    // A body refused (too large, unreadable) is left unread on
+                    // the connection, which therefore cannot carry another
+                    // request: say so, or a client would reuse it and lose
+                    // its next request to the close.
+                    let refused = body.is_err();
+                    let mut resp = handler(req, body).await;
+                    if refused {
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    resp
+                }
+            },
+        )
+        .recover(|_| async {
+            Ok::<_, std::convert::Infallible>(json_response(
+                404,
+                &error_body("not_found", "no such route", false),
+            ))
+        })
+        .unify()
 }
 
 #[cfg(test)]

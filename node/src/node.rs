@@ -49,6 +49,12 @@ impl ApiError {
     }
 }
 
+impl From<kv_net::http::BodyError> for ApiError {
+    fn from(e: kv_net::http::BodyError) -> ApiError {
+        ApiError::new(e.status, e.code, e.message)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
     #[error(transparent)]

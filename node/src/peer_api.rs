@@ -39,10 +39,10 @@ pub fn routes(
                 0
             }
         },
-        move |req, body| {
+        move |req, body: Result<Bytes, kv_net::http::BodyError>| {
             let node = node.clone();
             async move {
-                let mut resp = serve(&node, req, body).await;
+                let mut resp = serve(&node, req, body.map_err(ApiError::from)).await;
                 if let Ok(v) = HeaderValue::from_str(&node.cluster.epoch().to_string()) {
                     resp.headers_mut().insert(EPOCH_HEADER, v);
                 }

@@ -22,16 +22,17 @@ mod route;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{Buf, Bytes};
-use futures::Stream;
+use bytes::Bytes;
 use kv_core::Consistency;
 use warp::Filter;
-use warp::http::{HeaderMap, HeaderValue, Method, header};
+use warp::http::{HeaderMap, HeaderValue, header};
 
 pub use cluster::cluster_report;
 pub use kv::key_json;
-use kv_net::http::error_body;
-pub use kv_net::http::{Response, authorized, is_classic_path, json_response};
+use kv_net::http::{BodyError, error_body};
+pub use kv_net::http::{
+    Incoming, Response, authorized, is_classic_path, json_response, request_filter,
+};
 pub use route::{Route, percent_decode};
 
 use crate::node::{ApiError, Node};
@@ -40,66 +41,6 @@ use crate::node::{ApiError, Node};
 const JSON_OVERHEAD: usize = 64 * 1024;
 /// Most keys one listing page returns.
 pub const MAX_LIST_LIMIT: usize = 1000;
-
-/// A request after warp: everything the router needs, body not yet read.
-pub struct Incoming {
-    pub method: Method,
-    pub path: String,
-    pub query: String,
-    pub headers: HeaderMap,
-}
-
-/// A warp filter that hands every request to `handler` with its body read
-/// up to `limit(&request)` bytes (or the 413/400 error that reading it gave).
-/// Both ports use it, so each failure is answered by our own router with the
-/// contract's JSON error shape.
-pub fn request_filter<L, H, Fut>(
-    limit: L,
-    handler: H,
-) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone
-where
-    L: Fn(&Incoming) -> usize + Clone + Send + Sync + 'static,
-    H: Fn(Incoming, Result<Bytes, ApiError>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Response> + Send,
-{
-    warp::method()
-        .and(warp::path::full())
-        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .and(warp::header::headers_cloned())
-        .and(warp::body::stream())
-        .then(
-            move |method, path: warp::path::FullPath, query, headers, body| {
-                let (limit, handler) = (limit.clone(), handler.clone());
-                let req = Incoming {
-                    method,
-                    path: path.as_str().to_string(),
-                    query,
-                    headers,
-                };
-                async move {
-                    let body = read_body(&req.headers, body, limit(&req)).await;
-                    // A body refused (too large, unreadable) is left unread on
-                    // the connection, which therefore cannot carry another
-                    // request: say so, or a client would reuse it and lose
-                    // its next request to the close.
-                    let refused = body.is_err();
-                    let mut resp = handler(req, body).await;
-                    if refused {
-                        resp.headers_mut()
-                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    resp
-                }
-            },
-        )
-        .recover(|_| async {
-            Ok::<_, std::convert::Infallible>(error_response(
-                &ApiError::new(404, "not_found", "no such route".into()),
-                false,
-            ))
-        })
-        .unify()
-}
 
 /// The warp filter serving the client API on `node`.
 pub fn routes(
@@ -112,9 +53,9 @@ pub fn routes(
             Ok(r) if authorized(&req.headers, &token) => r.body_limit(max_value),
             _ => 0,
         },
-        move |req, body| {
+        move |req, body: Result<Bytes, BodyError>| {
             let node = node.clone();
-            async move { serve(&node, req, body).await }
+            async move { serve(&node, req, body.map_err(ApiError::from)).await }
         },
     )
 }
@@ -140,17 +81,6 @@ async fn serve(node: &Arc<Node>, req: Incoming, body: Result<Bytes, ApiError>) -
         .with_label_values(&[name])
         .observe(started.elapsed().as_secs_f64());
     resp
-}
-
-/// Reads at most `limit` bytes of body; more is a 413 before or while reading.
-pub async fn read_body<S, B>(headers: &HeaderMap, body: S, limit: usize) -> Result<Bytes, ApiError>
-where
-    S: Stream<Item = Result<B, warp::Error>> + Send + Unpin,
-    B: Buf,
-{
-    kv_net::http::read_body(headers, body, limit)
-        .await
-        .map_err(|e| ApiError::new(e.status, e.code, e.message))
 }
 
 pub fn error_response(e: &ApiError, classic: bool) -> Response {

@@ -28,7 +28,7 @@ use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
-use kv_net::http::{Response, error_body, is_classic_path, json_response, read_body};
+use kv_net::http::{BodyError, Incoming, Response, error_body, is_classic_path, json_response};
 use serde_json::json;
 use warp::Filter;
 use warp::http::{HeaderMap, Method};
@@ -67,32 +67,21 @@ impl Gateway {
     pub fn routes(
         self: Arc<Self>,
     ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
-        warp::method()
-            .and(warp::path::full())
-            .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-            .and(warp::header::headers_cloned())
-            .and(warp::body::stream())
-            .then(
-                move |method: Method,
-                      path: warp::path::FullPath,
-                      query: String,
-                      headers: HeaderMap,
-                      body| {
-                    let gw = self.clone();
-                    async move {
-                        let body = match read_body(&headers, body, MAX_BODY).await {
-                            Ok(b) => b,
-                            Err(e) => return error(e.status, e.code, e.message, false),
-                        };
-                        gw.handle(method, path.as_str(), &query, &headers, body)
-                            .await
+        kv_net::http::request_filter(
+            |_: &Incoming| MAX_BODY,
+            move |req: Incoming, body: Result<Bytes, BodyError>| {
+                let gw = self.clone();
+                async move {
+                    match body {
+                        Ok(body) => {
+                            gw.handle(req.method, &req.path, &req.query, &req.headers, body)
+                                .await
+                        }
+                        Err(e) => error(e.status, e.code, e.message, is_classic_path(&req.path)),
                     }
-                },
-            )
-            .recover(|_| async {
-                Ok::<_, std::convert::Infallible>(error(404, "not_found", "no such route", false))
-            })
-            .unify()
+                }
+            },
+        )
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
