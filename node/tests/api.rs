@@ -8,7 +8,7 @@ use serde_json::json;
 
 fn node(extra: &[&str]) -> (tempfile::TempDir, NodeProc) {
     let dir = tempfile::tempdir().unwrap();
-    let mut n = NodeProc::new(0, dir.path(), None);
+    let mut n = NodeProc::new(common::KV_NODE, 0, dir.path(), None);
     n.extra = extra.iter().map(|s| s.to_string()).collect();
     n.start();
     (dir, n)

@@ -50,8 +50,12 @@ impl Cluster {
         let topo_path = dir.path().join("topology.json");
         let nodes: Vec<NodeProc> = (0..n)
             .map(|i| {
-                let mut p =
-                    NodeProc::new(i, &dir.path().join(format!("node-{i}")), Some(&topo_path));
+                let mut p = NodeProc::new(
+                    common::KV_NODE,
+                    i,
+                    &dir.path().join(format!("node-{i}")),
+                    Some(&topo_path),
+                );
                 p.extra = extra.iter().map(|s| s.to_string()).collect();
                 p
             })

@@ -12,7 +12,7 @@ use common::NodeProc;
 #[test]
 fn acknowledged_writes_survive_kill_9_under_concurrent_load() {
     let dir = tempfile::tempdir().unwrap();
-    let mut n = NodeProc::new(0, dir.path(), None);
+    let mut n = NodeProc::new(common::KV_NODE, 0, dir.path(), None);
     n.start();
     let mut acked_total = 0;
     let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();

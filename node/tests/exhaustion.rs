@@ -4,8 +4,6 @@
 //! Everything runs on loopback, bounded in time and count.
 
 mod common;
-#[path = "common/proxy.rs"]
-mod proxy;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -18,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{Client, NodeProc, TOKEN, eventually, topology, wait_epoch, write_topology};
 use kv_core::{Consistency, NodeState, Strategy, Topology};
-use proxy::{Mode, Proxy};
+use kv_testkit::proxy::{Mode, Proxy};
 use reqwest::Method;
 
 // ---------------------------------------------------------------------------
@@ -27,7 +25,7 @@ use reqwest::Method;
 
 fn single_node(extra: &[&str]) -> (tempfile::TempDir, NodeProc) {
     let dir = tempfile::tempdir().unwrap();
-    let mut n = NodeProc::new(0, &dir.path().join("data"), None);
+    let mut n = NodeProc::new(common::KV_NODE, 0, &dir.path().join("data"), None);
     n.extra = extra.iter().map(|s| s.to_string()).collect();
     n.start();
     (dir, n)
@@ -219,7 +217,7 @@ fn a_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_when_it_grows() 
         }
     };
     // Declared after the mount guard: the node is killed before the unmount.
-    let mut n = NodeProc::new(0, &data, None);
+    let mut n = NodeProc::new(common::KV_NODE, 0, &data, None);
     n.start();
     let c = n.client();
 
@@ -611,6 +609,7 @@ impl Mesh {
         let nodes: Vec<NodeProc> = (0..3u32)
             .map(|i| {
                 let mut p = NodeProc::new(
+                    common::KV_NODE,
                     i,
                     &dir.path().join(format!("node-{i}")),
                     Some(&files[i as usize]),

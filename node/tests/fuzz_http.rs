@@ -664,7 +664,7 @@ struct FuzzNode {
 fn start_node() -> FuzzNode {
     let dir = tempfile::tempdir().unwrap();
     let topo = dir.path().join("topology.json");
-    let mut node = NodeProc::new(0, &dir.path().join("data"), Some(&topo));
+    let mut node = NodeProc::new(common::KV_NODE, 0, &dir.path().join("data"), Some(&topo));
     // Small values so the 413 paths are cheap to reach.
     node.extra = vec!["--max-value-bytes".into(), "4096".into()];
     let t = topology(

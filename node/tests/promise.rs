@@ -29,7 +29,12 @@ fn start(n: u32, strategy: Strategy, factor: u32, extra: impl Fn(u32) -> Vec<Str
     let topo = dir.path().join("topology.json");
     let mut nodes: Vec<NodeProc> = (0..n)
         .map(|i| {
-            let mut p = NodeProc::new(i, &dir.path().join(format!("node-{i}")), Some(&topo));
+            let mut p = NodeProc::new(
+                common::KV_NODE,
+                i,
+                &dir.path().join(format!("node-{i}")),
+                Some(&topo),
+            );
             p.extra = ["--anti-entropy-secs", "0"]
                 .iter()
                 .map(|s| s.to_string())
@@ -186,7 +191,7 @@ fn writes_after_a_restart_beat_a_skewed_nodes_writes() {
 #[test]
 fn the_clock_starts_above_the_newest_version_on_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = NodeProc::new(0, dir.path(), None);
+    let mut p = NodeProc::new(common::KV_NODE, 0, dir.path(), None);
     p.extra = vec![
         "--clock-offset-ms".into(),
         "3600000".into(),

@@ -14,11 +14,7 @@ pub fn kvctl_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kvctl"))
 }
 
-/// A port that was free a moment ago, below the ephemeral range (see
-/// `kv_operator::local::free_port`).
-pub fn free_port() -> u16 {
-    kv_operator::local::free_port().expect("a free loopback port")
-}
+pub use kv_testkit::free_port;
 
 /// Finds `kv-node` beside the kvctl binary (`target/<profile>/kv-node`),
 /// building it with cargo when it is missing. Panics with a clear message

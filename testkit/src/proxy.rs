@@ -1,7 +1,6 @@
 //! A loopback TCP proxy that a test switches between forwarding, refusing
 //! (accept and close at once) and hanging (accept, then never read or
 //! answer): a peer link that can be cut, healed or made to stall.
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,338 @@
+//! kvstore's dev-only test kit (never a dependency of a shipped crate):
+//! real `kv-node` processes on loopback ports ([`NodeProc`]) with a blocking
+//! client ([`Client`]), topology files, waiting helpers, free loopback ports
+//! ([`free_port`]) and a TCP fault proxy ([`proxy`]).
+
+pub mod proxy;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kv_core::{Consistency, NodeInfo, NodeState, PlacementSpec, Strategy, Topology};
+use serde_json::Value;
+
+pub const TOKEN: &str = "client-secret";
+pub const CLUSTER_TOKEN: &str = "cluster-secret";
+
+/// A loopback port that was free a moment ago, below Linux's default
+/// ephemeral range ([`kv_net::free_port`], which the local platform uses for
+/// its nodes too).
+pub fn free_port() -> u16 {
+    kv_net::free_port().expect("a free loopback port")
+}
+
+/// A kv-node process of a test: `bin` (a kv-node binary, e.g.
+/// `env!("CARGO_BIN_EXE_kv-node")`) with the test tokens, on free ports;
+/// killed on drop.
+pub struct NodeProc {
+    pub bin: PathBuf,
+    pub ordinal: u32,
+    pub port: u16,
+    pub peer_port: u16,
+    pub data_dir: PathBuf,
+    pub topology_file: Option<PathBuf>,
+    pub extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn new(
+        bin: impl AsRef<Path>,
+        ordinal: u32,
+        data_dir: &Path,
+        topology_file: Option<&Path>,
+    ) -> NodeProc {
+        NodeProc {
+            bin: bin.as_ref().to_path_buf(),
+            ordinal,
+            port: free_port(),
+            peer_port: free_port(),
+            data_dir: data_dir.to_path_buf(),
+            topology_file: topology_file.map(Path::to_path_buf),
+            extra: Vec::new(),
+            child: None,
+        }
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn peer_address(&self) -> String {
+        format!("127.0.0.1:{}", self.peer_port)
+    }
+
+    pub fn info(&self, state: NodeState) -> NodeInfo {
+        NodeInfo {
+            ordinal: self.ordinal,
+            address: self.address(),
+            peer_address: self.peer_address(),
+            state,
+        }
+    }
+
+    /// Starts the process and waits (bounded) for `/healthz`.
+    pub fn start(&mut self) {
+        let mut cmd = Command::new(&self.bin);
+        cmd.args([
+            "--listen",
+            &self.address(),
+            "--peer-listen",
+            &self.peer_address(),
+            "--data-dir",
+            self.data_dir.to_str().unwrap(),
+            "--node-id",
+            &self.ordinal.to_string(),
+            "--token",
+            TOKEN,
+            "--cluster-token",
+            CLUSTER_TOKEN,
+            "--peer-timeout-ms",
+            "1000",
+        ])
+        .args(&self.extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+        if let Some(t) = &self.topology_file {
+            cmd.args(["--topology-file", t.to_str().unwrap()]);
+        }
+        self.child = Some(cmd.spawn().expect("cannot start kv-node"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let http = reqwest::blocking::Client::new();
+        loop {
+            let ok = http
+                .get(format!("http://{}/healthz", self.address()))
+                .timeout(Duration::from_millis(500))
+                .send()
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("kv-node {} exited during start: {status}", self.ordinal);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kv-node {} did not start",
+                self.ordinal
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, waiting (bounded) for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                return c.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.address(), TOKEN)
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A blocking HTTP client for one node's client port.
+pub struct Client {
+    pub base: String,
+    pub token: String,
+    pub http: reqwest::blocking::Client,
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl Client {
+    pub fn new(address: &str, token: &str) -> Client {
+        Client {
+            base: format!("http://{address}"),
+            token: token.to_string(),
+            http: reqwest::blocking::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub fn send(&self, req: reqwest::blocking::RequestBuilder) -> Result<Answer, reqwest::Error> {
+        let r = req.send()?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let body = r.bytes()?.to_vec();
+        Ok(Answer {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    pub fn req(&self, method: reqwest::Method, path: &str) -> reqwest::blocking::RequestBuilder {
+        self.http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(&self.token)
+    }
+
+    pub fn call(&self, method: reqwest::Method, path: &str) -> Answer {
+        self.send(self.req(method, path)).expect("request failed")
+    }
+
+    pub fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        consistency: Option<&str>,
+    ) -> Result<Answer, reqwest::Error> {
+        let mut r = self
+            .req(reqwest::Method::PUT, &format!("/v1/kv/{}", enc(key)))
+            .body(value.to_vec());
+        if let Some(c) = consistency {
+            r = r.header("X-Consistency", c);
+        }
+        self.send(r)
+    }
+
+    pub fn get(&self, key: &str, consistency: Option<&str>) -> Result<Answer, reqwest::Error> {
+        let mut r = self.req(reqwest::Method::GET, &format!("/v1/kv/{}", enc(key)));
+        if let Some(c) = consistency {
+            r = r.header("X-Consistency", c);
+        }
+        self.send(r)
+    }
+
+    pub fn cluster(&self) -> Value {
+        self.call(reqwest::Method::GET, "/v1/cluster").json()
+    }
+}
+
+/// Percent-encodes every byte outside the unreserved set.
+pub fn enc(key: &str) -> String {
+    key.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A topology over `nodes`, each in the given state.
+pub fn topology(
+    epoch: u64,
+    nodes: &[(&NodeProc, NodeState)],
+    strategy: Strategy,
+    factor: u32,
+    consistency: Consistency,
+) -> Topology {
+    Topology {
+        cluster_id: "test".into(),
+        epoch,
+        read_consistency: consistency,
+        write_consistency: consistency,
+        placement: PlacementSpec {
+            strategy,
+            factor,
+            members: nodes.iter().map(|(n, _)| n.ordinal).collect(),
+        },
+        pending: None,
+        nodes: nodes.iter().map(|(n, s)| n.info(*s)).collect(),
+    }
+}
+
+pub fn write_topology(path: &Path, t: &Topology) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(t).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Waits (bounded) until `f` holds.
+pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until every running node in `nodes` holds `epoch` and none of
+/// their stores is still catching up (a new store pulls from its co-owners
+/// before its reads and acknowledgements count, SPEC §3).
+pub fn wait_epoch(nodes: &[&NodeProc], epoch: u64) {
+    wait_epoch_only(nodes, epoch);
+    for n in nodes.iter().filter(|n| n.running()) {
+        let c = n.client();
+        eventually(
+            &format!("node {}'s store caught up", n.ordinal),
+            Duration::from_secs(30),
+            || {
+                c.send(c.req(reqwest::Method::GET, "/v1/cluster"))
+                    .ok()
+                    .is_some_and(|a| a.json()["storeCatchingUp"] != true)
+            },
+        );
+    }
+}
+
+/// Waits until every running node in `nodes` holds `epoch`.
+pub fn wait_epoch_only(nodes: &[&NodeProc], epoch: u64) {
+    for n in nodes.iter().filter(|n| n.running()) {
+        let c = n.client();
+        eventually(
+            &format!("node {} at epoch {epoch}", n.ordinal),
+            Duration::from_secs(15),
+            || {
+                c.send(c.req(reqwest::Method::GET, "/v1/cluster"))
+                    .ok()
+                    .and_then(|a| a.json()["topology"]["epoch"].as_u64())
+                    == Some(epoch)
+            },
+        );
+    }
+}
