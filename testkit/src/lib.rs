@@ -33,6 +33,10 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
     pub topology_file: Option<PathBuf>,
     pub extra: Vec<String>,
+    /// The client and cluster tokens it starts with ([`TOKEN`] and
+    /// [`CLUSTER_TOKEN`] unless a test sets others).
+    pub token: String,
+    pub cluster_token: String,
     child: Option<Child>,
 }
 
@@ -51,6 +55,8 @@ impl NodeProc {
             data_dir: data_dir.to_path_buf(),
             topology_file: topology_file.map(Path::to_path_buf),
             extra: Vec::new(),
+            token: TOKEN.into(),
+            cluster_token: CLUSTER_TOKEN.into(),
             child: None,
         }
     }
@@ -72,8 +78,17 @@ impl NodeProc {
         }
     }
 
-    /// Starts the process and waits (bounded) for `/healthz`.
+    /// Starts the process and waits (bounded) for `/healthz`; panics when
+    /// it does not answer.
     pub fn start(&mut self) {
+        if let Err(e) = self.try_start() {
+            panic!("{e}");
+        }
+    }
+
+    /// [`NodeProc::start`], saying why it did not start instead of panicking
+    /// (the process is killed then).
+    pub fn try_start(&mut self) -> Result<(), String> {
         let mut cmd = Command::new(&self.bin);
         cmd.args([
             "--listen",
@@ -85,9 +100,9 @@ impl NodeProc {
             "--node-id",
             &self.ordinal.to_string(),
             "--token",
-            TOKEN,
+            &self.token,
             "--cluster-token",
-            CLUSTER_TOKEN,
+            &self.cluster_token,
             "--peer-timeout-ms",
             "1000",
         ])
@@ -100,24 +115,21 @@ impl NodeProc {
         }
         self.child = Some(cmd.spawn().expect("cannot start kv-node"));
         let deadline = Instant::now() + Duration::from_secs(20);
-        let http = reqwest::blocking::Client::new();
         loop {
-            let ok = http
-                .get(format!("http://{}/healthz", self.address()))
-                .timeout(Duration::from_millis(500))
-                .send()
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
-                return;
+            if healthy(&self.address()) {
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("kv-node {} exited during start: {status}", self.ordinal);
+                self.child = None;
+                return Err(format!(
+                    "kv-node {} exited during start: {status}",
+                    self.ordinal
+                ));
             }
-            assert!(
-                Instant::now() < deadline,
-                "kv-node {} did not start",
-                self.ordinal
-            );
+            if Instant::now() >= deadline {
+                self.kill9();
+                return Err(format!("kv-node {} did not start", self.ordinal));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -154,8 +166,31 @@ impl NodeProc {
     }
 
     pub fn client(&self) -> Client {
-        Client::new(&self.address(), TOKEN)
+        Client::new(&self.address(), &self.token)
     }
+}
+
+/// `GET /healthz` answers 2xx within 500 ms. Plain TCP, not reqwest's
+/// blocking client, so that async tests (inside a tokio runtime) can start
+/// nodes too.
+fn healthy(address: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(addr) = address.parse() else {
+        return false;
+    };
+    let limit = Duration::from_millis(500);
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, limit) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(limit));
+    let _ = s.set_write_timeout(Some(limit));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: kv\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 2")
 }
 
 impl Drop for NodeProc {

@@ -66,9 +66,10 @@ pub fn kv_node_bin() -> PathBuf {
     }
 }
 
-/// A running kv-node on loopback, killed on drop.
+/// A running kv-node on loopback with this file's tokens (the test kit's
+/// [`kv_testkit::NodeProc`]), killed on drop.
 pub struct Node {
-    pub child: Child,
+    pub proc: kv_testkit::NodeProc,
     pub port: u16,
     pub peer_port: u16,
     pub dir: tempfile::TempDir,
@@ -77,50 +78,29 @@ pub struct Node {
 impl Node {
     pub fn start() -> Node {
         let bin = kv_node_bin();
-        let mut last_log = String::new();
+        let mut last_error = String::new();
         for _attempt in 0..3 {
             let dir = tempfile::tempdir().unwrap();
-            let (port, peer_port) = (free_port(), free_port());
-            let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
-            let child = Command::new(&bin)
-                .args(["--listen", &format!("127.0.0.1:{port}")])
-                .args(["--peer-listen", &format!("127.0.0.1:{peer_port}")])
-                .arg("--data-dir")
-                .arg(dir.path().join("data"))
-                .args(["--node-id", "0", "--token", TOKEN])
-                .args(["--cluster-token", CLUSTER_TOKEN])
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .unwrap();
-            let mut node = Node {
-                child,
-                port,
-                peer_port,
-                dir,
-            };
-            if node.wait_healthy(Duration::from_secs(20)) {
-                return node;
+            let mut proc = kv_testkit::NodeProc::new(&bin, 0, &dir.path().join("data"), None);
+            proc.token = TOKEN.into();
+            proc.cluster_token = CLUSTER_TOKEN.into();
+            match proc.try_start() {
+                Ok(()) => {
+                    let (port, peer_port) = (proc.port, proc.peer_port);
+                    return Node {
+                        proc,
+                        port,
+                        peer_port,
+                        dir,
+                    };
+                }
+                Err(e) => {
+                    eprintln!("{e} on port {}; retrying", proc.port);
+                    last_error = e;
+                }
             }
-            last_log =
-                std::fs::read_to_string(node.dir.path().join("node.log")).unwrap_or_default();
-            eprintln!("kv-node did not become healthy on port {port}; retrying");
         }
-        panic!("kv-node never answered GET /healthz; its last log:\n{last_log}");
-    }
-
-    fn wait_healthy(&mut self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false;
-            }
-            if http_status(self.port, "/healthz") == Some(200) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+        panic!("kv-node never answered GET /healthz: {last_error}");
     }
 
     pub fn endpoint(&self) -> String {
@@ -138,13 +118,6 @@ impl Node {
             &[("KV_ENDPOINT", &self.endpoint()), ("KV_TOKEN", TOKEN)],
             stdin,
         )
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
