@@ -27,7 +27,6 @@ root=$PWD
 KNOWN_OPERATOR_GAPS=(
   "failed-node|failedNodes does not hold the node down: the operator deletes pod demo-1 once ('fault injection: pod deleted and held down') and the StatefulSet controller recreates it within a second (new on the real API server; issue 17 item 4, failure handling on real Kubernetes semantics)"
   "scale-and-factor|a scale-down removes pods before every node has the topology that no longer uses them: Quorum writes and reads fail for seconds with 'node 3 is unreachable ... /internal/v1/apply' (or /read) (issue 17 item 1)"
-  "delete-gc|spec.storage.persistentVolumeClaimRetentionPolicy is new (Retain by default, passed to the StatefulSet) and this step has not yet run against it on the real control plane; remove this entry once a run shows it passing (issue 17 item 3)"
 )
 
 # shellcheck source=/dev/null
