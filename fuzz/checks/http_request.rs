@@ -323,19 +323,9 @@ fn path_of(target: &str) -> &str {
 }
 
 /// A path of the original store's API, whose errors carry `"status": "error"`
-/// whatever went wrong (a bad key and a wrong method included).
-pub fn is_classic_path(path: &str) -> bool {
-    matches!(path, "/write" | "/nodes" | "/set_replication_strategy")
-        || [
-            "/read/",
-            "/delete/",
-            "/nodes_for_key/",
-            "/fail/",
-            "/recover/",
-        ]
-        .iter()
-        .any(|p| path.starts_with(p))
-}
+/// whatever went wrong (a bad key and a wrong method included): the node's
+/// own rule, so the check and the node cannot disagree on it.
+pub use kv_net::http::is_classic_path;
 
 /// Checks one answer to `req`; returns a description of what is wrong.
 pub fn violation(req: &Request, a: &Answer) -> Option<String> {
