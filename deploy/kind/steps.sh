@@ -234,16 +234,31 @@ ready_pods() {
     | jq -r ".items[] | select(any(.status.conditions[]?; .type == \"Ready\" and .status == \"True\")) | $1"
 }
 
-# The client Service's EndpointSlices list exactly the Ready pods as ready.
-check_endpointslices() {
+# endpointslices_match: the client Service's EndpointSlices list exactly the
+# Ready pods as ready; prints both lists.
+endpointslices_match() {
   local ready_pods ready_eps
   ready_pods=$(ready_pods '.status.podIP' | sort)
   ready_eps=$(kn get endpointslices -l "kubernetes.io/service-name=$story_name" \
     -o jsonpath='{range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{"\n"}{end}' | sort)
-  say "  ready pods: $(echo "$ready_pods" | tr '\n' ' ')| ready endpoints of Service $story_name: $(echo "$ready_eps" | tr '\n' ' ')"
-  if [ -z "$ready_pods" ] || [ "$ready_pods" != "$ready_eps" ]; then
-    why "EndpointSlices of Service $story_name do not list exactly the ready pods"
-  fi
+  echo "ready pods: $(echo "$ready_pods" | tr '\n' ' ')| ready endpoints of Service $story_name: $(echo "$ready_eps" | tr '\n' ' ')"
+  [ -n "$ready_pods" ] && [ "$ready_pods" = "$ready_eps" ]
+}
+
+# The EndpointSlice controller follows pod readiness asynchronously (a real
+# API server showed it a few seconds behind), so the lists must agree within
+# a bound, not at the first look.
+check_endpointslices() {
+  local t0=$SECONDS seen
+  until seen=$(endpointslices_match); do
+    if [ $((SECONDS - t0)) -ge 30 ]; then
+      say "  $seen"
+      why "EndpointSlices of Service $story_name do not list exactly the ready pods within 30 s"
+      return 1
+    fi
+    sleep 1
+  done
+  say "  $seen (agreed after $((SECONDS - t0)) s)"
 }
 
 step_read_write_levels() {
