@@ -26,9 +26,12 @@
 //! placement goes into `pending`, new ordinals are `Joining`, removed ones
 //! `Leaving`. It is committed only when every owner of the pending placement
 //! that is not `Failed` (and was not `Failed` before this plan) reports
-//! `syncedEpoch >=` the current epoch, and every bucket of the pending
-//! placement keeps at least one such owner. Then the Leaving nodes leave the
-//! topology (and are stopped after it is pushed) and the Joining ones are Up.
+//! `syncedEpoch >=` the current epoch, every node that answers (Leaving ones
+//! too: any node coordinates writes) reports at least the current epoch, and
+//! every bucket of the pending placement keeps at least one such owner. Then
+//! the Leaving nodes leave the topology and the Joining ones are Up; the
+//! Leaving nodes are stopped only once every node that stays reports the
+//! committed topology, so that no node routes to a stopped one.
 //! A new change while one is pending replaces the pending placement (a new
 //! epoch: streaming restarts), or cancels it when the committed placement is
 //! asked for again.
@@ -220,8 +223,9 @@ pub enum Action {
     /// learn a placement without the stopped ones before those go.
     PushTopology,
     /// Stop the node for good: it left the topology after a committed
-    /// scale-down (or a cancelled join). Kubernetes does this by lowering
-    /// the StatefulSet's replicas to [`Plan::node_count`].
+    /// scale-down (or a cancelled join), and every node that stays reports
+    /// that topology. Kubernetes does this by lowering the StatefulSet's
+    /// replicas to [`Plan::node_count`].
     Stop(u32),
     /// Start the node: it belongs to the topology, is not held down and is
     /// not running. Repeated every plan until it runs (a no-op on
@@ -298,7 +302,8 @@ pub struct Plan {
     pub removed: Vec<u32>,
     /// Processes or pods the platform must keep: highest ordinal of the
     /// topology after this plan + 1. Stays high during a scale-down until
-    /// the Leaving nodes are out of the committed topology.
+    /// the Leaving nodes are out of the committed topology and every node
+    /// that stays answers with that topology.
     pub node_count: u32,
 }
 
@@ -512,6 +517,13 @@ fn first(desired: &Desired, observed: &Observed, config: &PlannerConfig) -> Draf
     }
 }
 
+/// Does the node answer with a topology older than `epoch`? (A node that
+/// does not answer is not known to be behind.)
+fn reports_below(obs: Option<&NodeObservation>, epoch: u64) -> bool {
+    obs.and_then(|o| o.report.as_ref())
+        .is_some_and(|r| r.epoch < epoch)
+}
+
 /// Has the node pulled everything it must hold at `epoch`?
 fn synced(obs: Option<&NodeObservation>, epoch: u64) -> bool {
     obs.and_then(|o| o.report.as_ref())
@@ -599,13 +611,23 @@ fn next(
                 || (current.state_of(o) != Some(NodeState::Failed)
                     && synced(observed.nodes.get(&o), epoch))
         });
+        // Every node that coordinates (Leaving ones too) must write to the
+        // owners of both placements before the old owners are let go: a
+        // node still on an older epoch writes to the old owners only.
+        let everyone_knows = nodes
+            .iter()
+            .filter(|n| n.state != NodeState::Failed)
+            .all(|n| !reports_below(observed.nodes.get(&n.ordinal), epoch));
         let holders: BTreeSet<u32> = p
             .members
             .iter()
             .copied()
             .filter(|&o| state_of(o).is_some_and(|s| s != NodeState::Failed))
             .collect();
-        if ready && short_bucket(p, &complement(&p.members, &holders), Consistency::One).is_none() {
+        if ready
+            && everyone_knows
+            && short_bucket(p, &complement(&p.members, &holders), Consistency::One).is_none()
+        {
             rebalance = Some(Rebalance::Committed);
             placement = p.clone();
             next_pending = None;
@@ -786,11 +808,28 @@ fn finish(draft: Draft, observed: &Observed) -> Plan {
     if changed || behind {
         actions.push(Action::PushTopology);
     }
+    // A node out of the topology is stopped only once every node that stays
+    // answers with this topology: until then some node may still route to it
+    // (a node learns a topology by a push or, on Kubernetes, a ConfigMap sync
+    // that can take a minute).
     let in_topology = |o: u32| topology.node(o).is_some();
-    for (&o, obs) in &observed.nodes {
-        if !in_topology(o) && (obs.running || obs.report.is_some()) {
-            actions.push(Action::Stop(o));
-        }
+    let retired: Vec<u32> = observed
+        .nodes
+        .iter()
+        .filter(|(o, obs)| !in_topology(**o) && (obs.running || obs.report.is_some()))
+        .map(|(&o, _)| o)
+        .collect();
+    let everyone_knows = !changed
+        && topology
+            .nodes
+            .iter()
+            .filter(|n| n.state != NodeState::Failed)
+            .all(|n| !reports_below(observed.nodes.get(&n.ordinal), topology.epoch));
+    let mut count = node_count(&topology);
+    if everyone_knows {
+        actions.extend(retired.iter().map(|&o| Action::Stop(o)));
+    } else if let Some(&last) = retired.last() {
+        count = count.max(last.saturating_add(1));
     }
     for n in &topology.nodes {
         let obs = observed.nodes.get(&n.ordinal);
@@ -811,7 +850,7 @@ fn finish(draft: Draft, observed: &Observed) -> Plan {
     };
     Plan {
         nodes: statuses(&topology, observed),
-        node_count: node_count(&topology),
+        node_count: count,
         topology: changed.then_some(topology),
         actions,
         transitions,

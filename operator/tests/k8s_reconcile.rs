@@ -63,13 +63,26 @@ async fn run(kvc: KvCluster, calls: Vec<Call>) -> (Action, Vec<Seen>) {
     run_with(kvc, calls, None).await
 }
 
+/// Topologies pushed to the report server: (ordinal, topology), in order.
+type Pushes = Arc<Mutex<Vec<(u32, Topology)>>>;
+
 /// Serve node reports on loopback: `GET /<ordinal>/v1/cluster` answers a
 /// [`kv_core::NodeReport`] at epoch E with `syncedEpoch` S and
 /// `resyncProgress` P from `reports` (E, S, P), but only with the client
-/// token of `secret()` ("token").
+/// token of `secret()` ("token"). `PUT /<ordinal>/internal/v1/topology`
+/// with the cluster token ("cluster") records the pushed topology; it does
+/// not change what the node reports (a node's own install rules are tested
+/// in kv-node).
 async fn report_server(reports: Vec<(u64, u64, f64)>) -> NodeReports {
+    report_server_recording(reports).await.0
+}
+
+async fn report_server_recording(reports: Vec<(u64, u64, f64)>) -> (NodeReports, Pushes) {
     use warp::Filter;
-    let routes = warp::path!(u32 / "v1" / "cluster")
+    let pushes: Pushes = Arc::default();
+    let recorded = pushes.clone();
+    let report = warp::get()
+        .and(warp::path!(u32 / "v1" / "cluster"))
         .and(warp::header::<String>("authorization"))
         .map(move |ordinal: u32, auth: String| {
             let body = match reports.get(ordinal as usize) {
@@ -81,15 +94,31 @@ async fn report_server(reports: Vec<(u64, u64, f64)>) -> NodeReports {
             };
             warp::reply::json(&body)
         });
+    let push = warp::put()
+        .and(warp::path!(u32 / "internal" / "v1" / "topology"))
+        .and(warp::header::<String>("authorization"))
+        .and(warp::body::bytes())
+        .map(move |ordinal: u32, auth: String, body: bytes::Bytes| {
+            if auth != "Bearer cluster" {
+                return warp::reply::with_status("forbidden", warp::http::StatusCode::FORBIDDEN);
+            }
+            let t = Topology::from_json(&body).expect("the pushed topology parses");
+            recorded.lock().expect("pushes").push((ordinal, t));
+            warp::reply::with_status("ok", warp::http::StatusCode::OK)
+        });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(warp::serve(routes).incoming(listener).run());
-    NodeReports {
+    tokio::spawn(warp::serve(report.or(push)).incoming(listener).run());
+    let links = NodeReports {
         http: reqwest::Client::new(),
         url: Box::new(move |_, ordinal| format!("http://{addr}/{ordinal}/v1/cluster")),
-    }
+        topology_url: Box::new(move |_, ordinal| {
+            format!("http://{addr}/{ordinal}/internal/v1/topology")
+        }),
+    };
+    (links, pushes)
 }
 
 /// What node `ordinal` writes on `/v1/cluster`, as far as the controller reads it.
@@ -737,6 +766,18 @@ async fn a_recovering_node_whose_report_shows_its_catch_up_done_becomes_up() {
     assert_eq!(seen[10].body["status"]["phase"], "Running");
     assert_eq!(
         action,
+        Action::requeue(Duration::from_secs(5)),
+        "a topology was just pushed: the controller looks soon whether every node has it"
+    );
+    let reports = report_server(vec![(6, 6, 1.0); 3]).await;
+    let (action, _) = run_with(
+        kvc.clone(),
+        reconcile_calls(&kvc, &t, 3, false),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(
+        action,
         Action::requeue(Duration::from_secs(60)),
         "a settled cluster is looked at less often"
     );
@@ -797,8 +838,56 @@ async fn a_node_still_catching_up_stays_recovering_with_its_progress_in_the_stat
     assert_eq!(node["resyncProgress"], 0.25);
 }
 
+/// The calls of a reconcile of `kvc` that observes `current` with `pods`
+/// running pods and applies the objects (one Event when `event`).
+fn reconcile_calls(kvc: &KvCluster, current: &Topology, pods: u32, event: bool) -> Vec<Call> {
+    let cm = configmap(kvc, current);
+    let mut calls = vec![
+        call(
+            Method::GET,
+            &format!("{NS}/configmaps/demo-topology"),
+            move |_| (StatusCode::OK, cm),
+        ),
+        call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+            not_found()
+        }),
+        call(Method::GET, &format!("{NS}/pods"), move |_| {
+            (
+                StatusCode::OK,
+                pod_list((0..pods).map(running_pod).collect()),
+            )
+        }),
+        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+            (StatusCode::OK, secret())
+        }),
+        call(
+            Method::PATCH,
+            &format!("{NS}/configmaps/demo-topology"),
+            echo,
+        ),
+        call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+        call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+        call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+        call(
+            Method::PATCH,
+            &format!("{POLICY}/poddisruptionbudgets/demo"),
+            echo,
+        ),
+    ];
+    if event {
+        calls.push(call(Method::POST, EVENTS, echo));
+    }
+    calls.push(call(
+        Method::PATCH,
+        &format!("{KVC}/demo/status"),
+        status_answer(kvc.clone()),
+    ));
+    calls
+}
+
 #[tokio::test]
-async fn scaling_down_commits_the_topology_before_the_statefulset_drops_the_leaving_pods() {
+async fn scaling_down_commits_and_pushes_the_topology_but_keeps_the_leaving_pods_until_every_node_has_it()
+ {
     let kvc = cluster("{replicas: 3}");
     let five = cluster("{replicas: 5}");
     let mut current = topology(
@@ -813,57 +902,77 @@ async fn scaling_down_commits_the_topology_before_the_statefulset_drops_the_leav
         ],
     );
     current.pending = Some(kvc.spec.desired().placement());
-    let cm = configmap(&kvc, &current);
-    let reports = report_server(vec![(9, 9, 1.0); 5]).await;
-    let (_, seen) = run_with(
+    let (reports, pushes) = report_server_recording(vec![(9, 9, 1.0); 5]).await;
+    let (action, seen) = run_with(
         kvc.clone(),
-        vec![
-            call(
-                Method::GET,
-                &format!("{NS}/configmaps/demo-topology"),
-                move |_| (StatusCode::OK, cm),
-            ),
-            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
-                not_found()
-            }),
-            call(Method::GET, &format!("{NS}/pods"), |_| {
-                (StatusCode::OK, pod_list((0..5).map(running_pod).collect()))
-            }),
-            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-                (StatusCode::OK, secret())
-            }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
-            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
-            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
-            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
-            call(
-                Method::PATCH,
-                &format!("{POLICY}/poddisruptionbudgets/demo"),
-                echo,
-            ),
-            call(Method::POST, EVENTS, echo),
-            call(
-                Method::PATCH,
-                &format!("{KVC}/demo/status"),
-                status_answer(kvc.clone()),
-            ),
-        ],
+        reconcile_calls(&kvc, &current, 5, true),
         Some(reports),
     )
     .await;
-    // Call 4 (the ConfigMap) comes before call 7 (the StatefulSet): the nodes
-    // learn the placement without 3 and 4 before those pods go away.
     let t = topology_in(&seen[4]);
     assert_eq!(t.epoch, 10);
     assert_eq!(t.pending, None);
     assert_eq!(t.placement.members, [0, 1, 2]);
     assert_eq!(t.nodes.len(), 3);
-    assert_eq!(seen[7].body["spec"]["replicas"], 3);
+    // Every running pod, the leaving ones too, was told the new topology
+    // right away, with the cluster token (the ConfigMap reaches running
+    // pods only at the kubelet's next sync).
+    let pushed = pushes.lock().expect("pushes").clone();
+    let mut told: Vec<u32> = pushed.iter().map(|(o, _)| *o).collect();
+    told.sort_unstable();
+    assert_eq!(told, [0, 1, 2, 3, 4]);
+    assert!(pushed.iter().all(|(_, p)| *p == t));
+    // No node has reported epoch 10 yet: the StatefulSet keeps all five pods,
+    // and the controller looks again soon.
+    assert_eq!(seen[7].body["spec"]["replicas"], 5);
     assert_eq!(seen[9].body["reason"], "RebalanceCommitted");
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn the_leaving_pods_go_once_every_remaining_node_reports_the_committed_topology() {
+    let kvc = cluster("{replicas: 3}");
+    let committed = topology(&kvc, 10, &[NodeState::Up; 3]);
+    // Nodes 0 and 2 have epoch 10; node 1 still answers with 9.
+    let (reports, pushes) = report_server_recording(vec![
+        (10, 10, 1.0),
+        (9, 9, 1.0),
+        (10, 10, 1.0),
+        (9, 9, 1.0),
+        (9, 9, 1.0),
+    ])
+    .await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        reconcile_calls(&kvc, &committed, 5, false),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(seen[7].body["spec"]["replicas"], 5, "node 1 is behind");
+    let pushed = pushes.lock().expect("pushes").clone();
+    assert!(
+        pushed.iter().any(|(o, t)| *o == 1 && t.epoch == 10),
+        "the node behind is pushed to again: {pushed:?}"
+    );
+
+    let (reports, _) = report_server_recording(vec![
+        (10, 10, 1.0),
+        (10, 10, 1.0),
+        (10, 10, 1.0),
+        (9, 9, 1.0),
+        (9, 9, 1.0),
+    ])
+    .await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        reconcile_calls(&kvc, &committed, 5, false),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(
+        seen[7].body["spec"]["replicas"], 3,
+        "every remaining node has the topology without 3 and 4"
+    );
 }
 
 #[tokio::test]

@@ -266,19 +266,50 @@ fn scaling_3_to_5_to_3_commits_only_after_reports_and_stops_leavers_last() {
     let wait = step(&d3, &observed(Some(t.clone()), nodes));
     assert_eq!(wait.topology, None);
     assert!(!wait.actions.iter().any(|a| matches!(a, Action::Stop(_))));
+    // A leaving node that has not got the pending placement yet still
+    // coordinates writes to the old owners only: no commit, and it is
+    // pushed to again.
+    let mut nodes = all_synced(5, t.epoch);
+    nodes[4].1 = reporting(t.epoch - 1, t.epoch - 1);
+    let wait = step(&d3, &observed(Some(t.clone()), nodes));
+    assert_eq!(wait.topology, None);
+    assert_eq!(wait.actions, [Action::PushTopology]);
 
     let p = step(&d3, &observed(Some(t.clone()), all_synced(5, t.epoch)));
     let t3b = p.topology.clone().expect("committed");
     assert_eq!(t3b.placement.members, [0, 1, 2]);
     assert_eq!(states(&t3b), [(0, Up), (1, Up), (2, Up)]);
     assert_eq!(p.removed, [3, 4]);
-    assert_eq!(p.node_count, 3);
     assert_eq!(
         p.actions,
-        [Action::PushTopology, Action::Stop(3), Action::Stop(4)],
-        "the topology without them goes out before they stop"
+        [Action::PushTopology],
+        "the topology without them goes out; they run until every node has it"
     );
+    assert_eq!(p.node_count, 5);
     assert_eq!(p.phase, Phase::Running);
+
+    // Node 2 still answers with the pending topology: it may route to 3 or 4.
+    let mut nodes = all_synced(5, t.epoch);
+    for n in nodes.iter_mut().take(2) {
+        n.1 = reporting(t3b.epoch, t3b.epoch);
+    }
+    let wait = step(&d3, &observed(Some(t3b.clone()), nodes));
+    assert_eq!(wait.topology, None);
+    assert_eq!(
+        wait.actions,
+        [Action::PushTopology],
+        "pushed again to node 2"
+    );
+    assert_eq!(wait.node_count, 5);
+    // A retiring node behind does not matter: it is not routed to by anyone.
+    let mut nodes = all_synced(5, t.epoch);
+    for n in nodes.iter_mut().take(3) {
+        n.1 = reporting(t3b.epoch, t3b.epoch);
+    }
+    let p = step(&d3, &observed(Some(t3b.clone()), nodes));
+    assert_eq!(p.topology, None);
+    assert_eq!(p.actions, [Action::Stop(3), Action::Stop(4)]);
+    assert_eq!(p.node_count, 3);
 }
 
 #[test]
@@ -382,7 +413,13 @@ fn a_leaving_node_that_dies_is_failed_and_dropped_at_the_commit() {
     let t = p.topology.expect("committed");
     assert_eq!(t.placement.members, [0, 1, 2]);
     assert_eq!(t.state_of(4), None);
-    assert_eq!(p.actions, [Action::PushTopology, Action::Stop(3)]);
+    assert_eq!(p.actions, [Action::PushTopology]);
+    let mut nodes = all_synced(4, t.epoch);
+    nodes[3].1 = reporting(t.epoch - 1, t.epoch - 1);
+    nodes.push((4, down(0)));
+    let p = step(&desired(3), &observed(Some(t), nodes));
+    assert_eq!(p.actions, [Action::Stop(3)], "the dead one needs no stop");
+    assert_eq!(p.node_count, 3);
 }
 
 #[test]
@@ -468,7 +505,18 @@ fn a_new_request_replaces_a_pending_placement_and_restarts_streaming() {
     assert_eq!(t4.placement.members, [0, 1, 2]);
     assert_eq!(states(&t4), [(0, Up), (1, Up), (2, Up), (3, Joining)]);
     assert_eq!(p.removed, [4]);
-    assert!(p.actions.contains(&Action::Stop(4)));
+    assert!(
+        !p.actions.contains(&Action::Stop(4)),
+        "nodes still write to the cancelled joiner until they have this topology"
+    );
+    assert_eq!(p.node_count, 5);
+    let mut nodes = all_synced(5, t.epoch);
+    for n in nodes.iter_mut().take(4) {
+        n.1 = reporting(t4.epoch, t.epoch);
+    }
+    let stop = step(&desired(4), &observed(Some(t4.clone()), nodes));
+    assert!(stop.actions.contains(&Action::Stop(4)));
+    assert_eq!(stop.node_count, 4);
     // Synced at the old epoch is not enough any more.
     let p = step(
         &desired(4),
@@ -496,11 +544,15 @@ fn asking_for_the_committed_placement_again_cancels_the_rebalance() {
     assert_eq!(p.rebalance, Some(Rebalance::Cancelled));
     assert_eq!(t1.pending, None);
     assert_eq!(states(&t1), [(0, Up), (1, Up), (2, Up)]);
+    assert_eq!(p.node_count, 5);
+    assert_eq!(p.actions, [Action::PushTopology]);
+    let mut nodes = all_synced(5, t.epoch);
+    for n in nodes.iter_mut().take(3) {
+        n.1 = reporting(t1.epoch, t1.epoch);
+    }
+    let p = step(&desired(3), &observed(Some(t1.clone()), nodes));
     assert_eq!(p.node_count, 3);
-    assert_eq!(
-        p.actions,
-        [Action::PushTopology, Action::Stop(3), Action::Stop(4)]
-    );
+    assert_eq!(p.actions, [Action::Stop(3), Action::Stop(4)]);
 }
 
 #[test]

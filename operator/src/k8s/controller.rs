@@ -91,12 +91,16 @@ pub struct Context {
 /// The report URL of one node of a cluster.
 pub type ReportUrl = Box<dyn Fn(&KvCluster, u32) -> String + Send + Sync>;
 
-/// Where and how node reports are fetched.
+/// Where and how the controller talks to nodes: their reports, and the
+/// topology it pushes to them.
 pub struct NodeReports {
     pub http: reqwest::Client,
     /// The report URL of a node: `http://<pod>.<name>-peers.<ns>.svc:7400/v1/cluster`
     /// in a cluster; tests point it at a local server.
     pub url: ReportUrl,
+    /// Where a node takes a new topology (peer port, cluster token):
+    /// `http://<pod>.<name>-peers.<ns>.svc:7401/internal/v1/topology`.
+    pub topology_url: ReportUrl,
 }
 
 impl NodeReports {
@@ -113,6 +117,13 @@ impl NodeReports {
                     "http://{}:{}/v1/cluster",
                     objects::pod_host(kvc, ordinal),
                     objects::CLIENT_PORT
+                )
+            }),
+            topology_url: Box::new(|kvc, ordinal| {
+                format!(
+                    "http://{}:{}/internal/v1/topology",
+                    objects::pod_host(kvc, ordinal),
+                    objects::PEER_PORT
                 )
             }),
         })
@@ -177,6 +188,9 @@ pub struct Decision {
     pub pods: u32,
     /// Pods to delete now: nodes that were just held down.
     pub delete_pods: Vec<u32>,
+    /// Push the topology to every running node: it changed, or some node
+    /// reports an older one.
+    pub push_topology: bool,
     pub transitions: Vec<planner::Transition>,
     pub rebalance: Option<Rebalance>,
     /// Every node's status (pod names filled in).
@@ -220,6 +234,7 @@ fn decide_for(kvc: &KvCluster, desired: &Desired, observed: &Observed) -> Result
         topology,
         pods: plan.node_count,
         delete_pods: plan.kills().collect(),
+        push_topology: plan.actions.contains(&planner::Action::PushTopology),
         nodes: plan
             .nodes
             .iter()
@@ -467,6 +482,23 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     let cm = objects::topology_configmap(kvc, &decision.topology)
         .map_err(|e| Error::Serialization("topology", e))?;
     apply(&cms, &cm_name, &cm).await?;
+    // The ConfigMap is the copy a starting node reads; a running node sees a
+    // change of it only at the kubelet's next sync (a minute or more), so
+    // every running node is told at once. Nodes keep the newest epoch they
+    // are given; one that missed this push reports an older epoch and is
+    // pushed to again at the next reconcile.
+    if decision.push_topology
+        && let (Some(links), Some(cluster_token)) =
+            (&ctx.node_reports, secret_cluster_token(secret.as_ref()))
+    {
+        let running: Vec<u32> = observed
+            .nodes
+            .iter()
+            .filter(|(_, o)| o.running)
+            .map(|(&o, _)| o)
+            .collect();
+        push_topology(links, kvc, &running, &decision.topology, &cluster_token).await;
+    }
     let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     apply(
         &svcs,
@@ -565,7 +597,12 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
 
     // Look again soon while anything is moving or a refused spec waits;
     // node reports are polled, not watched.
-    let settled = phase == Phase::Running && refused.is_none();
+    let in_topology = decision.topology.nodes.last().map_or(0, |n| n.ordinal + 1);
+    let keeps_retired_pods = decision.pods > in_topology;
+    let settled = phase == Phase::Running
+        && refused.is_none()
+        && !decision.push_topology
+        && !keeps_retired_pods;
     Ok(Action::requeue(Duration::from_secs(if settled {
         60
     } else {
@@ -792,6 +829,54 @@ fn secret_token(secret: Option<&Secret>) -> Option<String> {
     data.get(objects::CLUSTER_TOKEN_KEY)?;
     let token = data.get(objects::TOKEN_KEY)?;
     String::from_utf8(token.0.clone()).ok()
+}
+
+/// The cluster token of the Secret, for the nodes' peer port.
+fn secret_cluster_token(secret: Option<&Secret>) -> Option<String> {
+    let token = secret?.data.as_ref()?.get(objects::CLUSTER_TOKEN_KEY)?;
+    String::from_utf8(token.0.clone()).ok()
+}
+
+/// `PUT` the topology to each of `ordinals` at once. A node that refuses or
+/// does not answer is logged and otherwise left alone: it reports its epoch,
+/// and the planner neither commits nor removes pods while a node that
+/// answers is behind.
+async fn push_topology(
+    links: &NodeReports,
+    kvc: &KvCluster,
+    ordinals: &[u32],
+    topology: &Topology,
+    cluster_token: &str,
+) {
+    let body = match serde_json::to_vec(topology) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!(error = %e, "cannot serialise the topology to push");
+            return;
+        }
+    };
+    let pushes = ordinals.iter().map(|&ordinal| {
+        let url = (links.topology_url)(kvc, ordinal);
+        let request = links
+            .http
+            .put(url)
+            .bearer_auth(cluster_token)
+            .header("x-kv-epoch", topology.epoch)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone());
+        async move { (ordinal, request.send().await) }
+    });
+    for (ordinal, result) in futures::future::join_all(pushes).await {
+        match result.map(|r| r.status()) {
+            Ok(status) if status.is_success() => {}
+            Ok(status) => {
+                warn!(kvcluster = %kvc.name_any(), ordinal, %status, epoch = topology.epoch, "node refused the topology")
+            }
+            Err(e) => {
+                info!(kvcluster = %kvc.name_any(), ordinal, error = %e, epoch = topology.epoch, "topology push failed; the node is pushed to again while it reports an older epoch")
+            }
+        }
+    }
 }
 
 /// Ask a node for its own view (`GET /v1/cluster`, a [`kv_core::NodeReport`]);
