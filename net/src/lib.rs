@@ -11,4 +11,4 @@ mod port;
 mod serve;
 
 pub use port::free_port;
-pub use serve::{is_client_disconnect, serve};
+pub use serve::{is_client_disconnect, refuse_before_routing, serve};

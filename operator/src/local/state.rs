@@ -147,16 +147,30 @@ pub(super) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Writes `path` whole or not at all (a temporary file renamed over it),
+/// readable by its owner only.
 pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LocalError> {
     let io = |source| LocalError::DataDir {
         path: path.to_path_buf(),
         source,
     };
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::File::open(&tmp)
-        .and_then(|f| f.sync_all())
-        .map_err(io)?;
+    // Owner-only: cluster.json holds both tokens. The mode is set on the file
+    // itself too, as a leftover .tmp from an older kvctl keeps its own mode.
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    write().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 

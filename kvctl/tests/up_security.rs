@@ -1,0 +1,210 @@
+//! What `kvctl up` keeps to itself and refuses: its state file is readable by
+//! its owner only, and its gateway refuses requests a node refuses (targets
+//! that are not paths, transfer codings we do not decode, almost-right
+//! tokens), sent as raw bytes over TCP.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, kvctl_bin, wait_port};
+
+const TOKEN: &str = "up-security-token";
+
+/// A running `kvctl up` of one node: SIGTERM on drop, then SIGKILL.
+struct Up {
+    child: Child,
+    port: u16,
+}
+
+impl Up {
+    fn start(dir: &Path, extra: &[&str]) -> Up {
+        let port = free_port();
+        let child = Command::new(kvctl_bin())
+            .arg("up")
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--token", TOKEN, "--nodes", "1"])
+            .args(extra)
+            .env_remove("KV_ENDPOINT")
+            .env_remove("KV_TOKEN")
+            .env_remove("KV_DATA_DIR")
+            .env_remove("KV_LISTEN")
+            .env_remove("KV_NODE_BIN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("cannot run kvctl up");
+        let up = Up { child, port };
+        assert!(
+            wait_port(port, Duration::from_secs(30)),
+            "the gateway never listened on {port}"
+        );
+        up
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Waits (bounded) until the gateway has a node to route to.
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let raw = b"GET /readyz HTTP/1.1\r\nHost: kv\r\nConnection: close\r\n\r\n";
+            if exchange(&self.address(), raw).0 == 200 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("kvctl up never became ready");
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends `raw` and reads until the server closes: the status and the body.
+fn exchange(address: &str, raw: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(address).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(raw).expect("send");
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        panic!(
+            "no complete answer to {:?}: {e}; read {:?}",
+            String::from_utf8_lossy(raw),
+            String::from_utf8_lossy(&out)
+        );
+    }
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| out[i + 4..].to_vec())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn error_code(body: &[u8]) -> String {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(body)));
+    v["error"].as_str().unwrap_or_default().to_string()
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn the_state_file_holding_the_tokens_is_readable_by_its_owner_only() {
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let state = dir.path().join("cluster.json");
+    {
+        let _up = Up::start(dir.path(), &[]);
+        let text = std::fs::read_to_string(&state).expect("cluster.json");
+        assert!(text.contains(TOKEN), "cluster.json holds the client token");
+        assert_eq!(mode(&state), 0o600, "a new cluster.json");
+    }
+    // A state file an older kvctl left world-readable is tightened on start.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let _up = Up::start(dir.path(), &[]);
+    assert_eq!(mode(&state), 0o600, "cluster.json after a restart");
+    // No other file of the data directory holds a token.
+    for entry in walk(dir.path()) {
+        if entry == state || entry.extension().is_some_and(|e| e == "tmp") {
+            continue;
+        }
+        let Ok(bytes) = std::fs::read(&entry) else {
+            continue;
+        };
+        let hay = String::from_utf8_lossy(&bytes);
+        assert!(!hay.contains(TOKEN), "{} holds the token", entry.display());
+    }
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_gateway_refuses_what_a_node_refuses() {
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let up = Up::start(dir.path(), &[]);
+    up.wait_ready();
+    let gw = up.address();
+
+    let raw =
+        format!("GET 127.0.0.1:80 HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
+    let (status, body) = exchange(&gw, raw.as_bytes());
+    assert_eq!(status, 400, "an authority-form target");
+    assert_eq!(error_code(&body), "bad_request");
+
+    let raw = format!(
+        "PUT /v1/kv/gz HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {TOKEN}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let (status, body) = exchange(&gw, raw.as_bytes());
+    assert_eq!(status, 501, "gzip, chunked");
+    assert_eq!(error_code(&body), "not_implemented");
+    let get = |token: &str| {
+        let raw = format!(
+            "GET /v1/kv/gz HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        exchange(&gw, raw.as_bytes())
+    };
+    assert_eq!(get(TOKEN).0, 404, "nothing was stored");
+
+    let mut almost = TOKEN.as_bytes().to_vec();
+    almost[0] ^= 1;
+    let almost = String::from_utf8(almost).expect("ASCII");
+    let (status, body) = get(&almost);
+    assert_eq!(status, 403, "a token of the right length, one byte off");
+    assert_eq!(error_code(&body), "forbidden");
+}
