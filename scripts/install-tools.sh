@@ -16,6 +16,9 @@
 #   - from Debian too, when dockerd is missing: docker.io (dockerd, containerd,
 #     runc; the machine may have only the docker CLI): scripts/dockerd.sh starts
 #     a daemon of it for the image checks and the multi-container test.
+#   - s3s-fs, an S3-compatible server over a directory, built from crates.io
+#     with `cargo install` (about 4 min cold on 2 cores): kvctl's backup test
+#     (kvctl/tests/backup.rs) runs `kvctl backup`/`restore` against it.
 # A second run with the same pins does nothing but print versions.
 # Source it or read $KV_TOOLS_DIR/bin: scripts/test-deploy.sh puts that on PATH.
 set -euo pipefail
@@ -111,6 +114,20 @@ if [ "${#debs[@]}" -gt 0 ]; then
   fi
 fi
 
+# --- s3s-fs: the S3-compatible server of kvctl's backup test -----------------
+s3s_pin="0.14.1"  # 0.15+ needs a newer rustc than the machine's 1.95
+if [ ! -x "$tools/bin/s3s-fs" ] || [ "$(cat "$tools/bin/.s3s-fs" 2>/dev/null)" != "$s3s_pin" ]; then
+  echo "building s3s-fs $s3s_pin from crates.io"
+  s3s_build="$(mktemp -d)"
+  # its own lock file (--locked) and a throwaway target directory, so the
+  # workspace's build and CARGO_TARGET_DIR are not touched
+  nice -n 10 cargo install --quiet s3s-fs --version "$s3s_pin" --features binary --locked \
+    --root "$tools/s3s-fs" --target-dir "$s3s_build"
+  rm -rf "$s3s_build"
+  ln -sf "$tools/s3s-fs/bin/s3s-fs" "$tools/bin/s3s-fs"
+  echo "$s3s_pin" > "$tools/bin/.s3s-fs"
+fi
+
 echo "tools in $tools/bin:"
 "$tools/bin/helm" version --short
 "$tools/bin/helm3" version --short
@@ -123,3 +140,4 @@ protoc --version
 redis-server --version
 etcd --version 2>&1 | sed -n 1p
 dockerd --version
+"$tools/bin/s3s-fs" --version

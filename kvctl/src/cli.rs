@@ -172,6 +172,31 @@ pub enum Command {
     },
     /// Compare replica digests cluster-wide; exit 1 when co-owners differ.
     Verify,
+    /// Back the cluster up (every record with its version, tombstones
+    /// included, and a manifest) to `file:///dir` or `s3://bucket/prefix`,
+    /// without stopping writes.
+    Backup {
+        /// Where to write it: file:///absolute/dir or s3://bucket/prefix
+        /// (S3 settings from the AWS_* environment; AWS_ENDPOINT_URL for an
+        /// S3-compatible server).
+        #[arg(long, value_name = "URL")]
+        to: String,
+        #[command(flatten)]
+        access: ClusterAccess,
+    },
+    /// Restore a backup into a new, empty cluster with the records' original
+    /// versions, then check every bucket's digest against the manifest.
+    Restore {
+        /// Where the backup is: file:///absolute/dir or s3://bucket/prefix.
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// Apply even where the cluster already holds other data (the
+        /// newest version of each key wins; the digest check then fails).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        access: ClusterAccess,
+    },
     /// Load generator against kvstore, etcd or Redis.
     Bench(BenchArgs),
     /// Run a whole cluster on this machine: node processes, the planner, and a gateway.
@@ -248,6 +273,19 @@ pub struct KubeArgs {
     /// Kubeconfig context to use (default: the current context).
     #[arg(long, value_name = "CONTEXT", requires = "cluster")]
     pub context: Option<String>,
+}
+
+/// The node-to-node token `backup` and `restore` need: given, or read with
+/// the client token from a `kvctl up` data directory's `cluster.json`.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterAccess {
+    /// Node-to-node (cluster) token.
+    #[arg(long, env = "KV_CLUSTER_TOKEN", hide_env_values = true)]
+    pub cluster_token: Option<String>,
+    /// A `kvctl up` data directory to read the tokens from when they are
+    /// not given.
+    #[arg(long, env = "KV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// `kvctl up`.

@@ -88,6 +88,26 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             classic(&client, &path, Some(&body), t, json_out).await
         }
         Command::Verify => verify_cmd(&client, json_out).await,
+        Command::Backup { to, access } => {
+            crate::cmd_backup::backup(&cli.endpoint, cli.token, &access, &to, timeout, json_out)
+                .await
+        }
+        Command::Restore {
+            from,
+            force,
+            access,
+        } => {
+            crate::cmd_backup::restore(
+                &cli.endpoint,
+                cli.token,
+                &access,
+                &from,
+                force,
+                timeout,
+                json_out,
+            )
+            .await
+        }
         Command::Up(args) => crate::cmd_up::run(args, cli.token).await,
         // main.rs runs `kvctl node` before parsing kvctl's own flags
         Command::Node { .. } => Err(anyhow!(

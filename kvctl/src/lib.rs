@@ -3,10 +3,12 @@
 //! The binary (`src/main.rs`) parses [`cli::Cli`] and runs one command; the
 //! pieces that can be tested on their own live here: key encoding and the HTTP
 //! client ([`client`]), human and JSON rendering ([`output`]), `kvctl verify`'s
-//! replica comparison ([`verify`]), the load generator ([`bench`]), and
+//! replica comparison ([`verify`]), `kvctl backup`/`restore` ([`backup`]),
+//! the load generator ([`bench`]), and
 //! `fail`/`recover`/`nodes --cluster NAME` through the KvCluster resource on
 //! Kubernetes ([`k8s`]).
 
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -1,6 +1,7 @@
 //! kvctl: the kvstore command-line client.
 
 mod cmd;
+mod cmd_backup;
 mod cmd_bench;
 mod cmd_up;
 
