@@ -88,6 +88,7 @@ fn fixture() -> &'static Fixture {
                 tombstone_grace: Duration::from_secs(86_400),
                 max_clock_skew: Duration::from_secs(5),
                 clock_offset_ms: 0,
+                tls: None,
                 // not read by Node::open: the runtime here is the check's own
                 worker_threads: 1,
             };

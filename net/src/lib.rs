@@ -2,13 +2,16 @@
 //! both answer the same way: the accept loop ([`serve`]), the HTTP helpers
 //! ([`http`]: JSON answers, the bearer check, bodies read within a limit,
 //! strict percent-decoding, which paths are the original store's), and
-//! loopback ports for processes started next to us ([`free_port`]).
+//! loopback ports for processes started next to us ([`free_port`]), and TLS
+//! from certificate files that may be replaced while we run ([`tls`]).
 //!
 //! Nothing here knows about keys, nodes or the planner.
 
 pub mod http;
+pub mod pki;
 mod port;
 mod serve;
+pub mod tls;
 
 pub use port::free_port;
-pub use serve::{is_client_disconnect, refuse_before_routing, serve};
+pub use serve::{is_client_disconnect, refuse_before_routing, serve, serve_tls};

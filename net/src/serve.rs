@@ -1,12 +1,14 @@
 //! The accept loop of every HTTP server we run (a node's client and peer
-//! ports, the `kvctl up` gateway).
+//! ports, the `kvctl up` gateway), plaintext or TLS.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use warp::http::{HeaderMap, HeaderValue, header};
 
 use crate::http::{Response, error_body, is_classic_path, json_response};
+use crate::tls::ServerTls;
 
 /// Serves a warp filter until `stop` flips, then drains in-flight requests.
 ///
@@ -19,6 +21,28 @@ pub async fn serve<F>(
     server: &'static str,
     filter: F,
     listener: tokio::net::TcpListener,
+    stop: watch::Receiver<bool>,
+) where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    serve_tls(server, filter, listener, None, stop).await
+}
+
+/// How long a client has to complete its TLS handshake: a connection that
+/// never does holds no more than a task and a socket for that long.
+const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
+
+/// [`serve`], over TLS when `tls` is given: each connection's handshake uses
+/// the configuration of that moment, so certificate files replaced on disk
+/// are served from the next connection on. A failed handshake (a client
+/// that does not trust our certificate, or without a certificate the client
+/// CA issued) is logged at debug and the connection closed.
+pub async fn serve_tls<F>(
+    server: &'static str,
+    filter: F,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<ServerTls>>,
     mut stop: watch::Receiver<bool>,
 ) where
     F: warp::Filter + Clone + Send + Sync + 'static,
@@ -40,12 +64,24 @@ pub async fn serve<F>(
                 continue;
             }
         };
-        tokio::spawn(serve_connection(
-            server,
-            filter.clone(),
-            io,
-            graceful.watcher(),
-        ));
+        let (filter, watcher) = (filter.clone(), graceful.watcher());
+        match &tls {
+            None => {
+                tokio::spawn(serve_connection(server, filter, io, watcher));
+            }
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(io)).await {
+                        Ok(Ok(io)) => serve_connection(server, filter, io, watcher).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(server, error = %e, "TLS handshake refused")
+                        }
+                        Err(_) => tracing::debug!(server, "TLS handshake timed out"),
+                    }
+                });
+            }
+        }
     }
     drop(listener);
     graceful.shutdown().await;

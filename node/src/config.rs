@@ -84,6 +84,19 @@ pub struct Args {
         hide = true
     )]
     pub clock_offset_ms: i64,
+    /// TLS certificate (PEM chain) served on both ports and presented to
+    /// peers; read again when the file changes. Needs --tls-key and
+    /// --tls-cluster-ca.
+    #[arg(long, env = "KV_TLS_CERT", requires_all = ["tls_key", "tls_cluster_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert; read again when it changes.
+    #[arg(long, env = "KV_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): the peer port serves only peers presenting a
+    /// certificate it issued (mutual TLS, on top of the cluster token), and
+    /// peers' certificates are checked against it.
+    #[arg(long, env = "KV_TLS_CLUSTER_CA", requires = "tls_cert")]
+    pub tls_cluster_ca: Option<PathBuf>,
     /// Log format.
     #[arg(long, env = "KV_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -104,6 +117,45 @@ pub enum ConfigError {
     MissingToken(&'static str),
     #[error("cannot take a node ordinal from host name {0:?} (expected a name ending in -N)")]
     Hostname(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] kv_net::tls::TlsError),
+}
+
+/// TLS on both ports and towards peers, from one certificate and key and the
+/// cluster CA (files read again when they change).
+#[derive(Clone, Debug)]
+pub struct Tls {
+    /// The client port: the node's certificate.
+    pub client: std::sync::Arc<kv_net::tls::ServerTls>,
+    /// The peer port: the node's certificate; a peer must present one the
+    /// cluster CA issued.
+    pub peer: std::sync::Arc<kv_net::tls::ServerTls>,
+    /// Calls to peers: trusting the cluster CA, presenting the node's
+    /// certificate.
+    pub peer_client: rustls::ClientConfig,
+}
+
+impl Tls {
+    pub fn load(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        cluster_ca: &std::path::Path,
+    ) -> Result<Tls, kv_net::tls::TlsError> {
+        use kv_net::tls::{Identity, ServerFiles, ServerTls, client_config};
+        let files = ServerFiles {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            client_ca: None,
+        };
+        Ok(Tls {
+            client: ServerTls::load(&files)?,
+            peer: ServerTls::load(&ServerFiles {
+                client_ca: Some(cluster_ca.to_path_buf()),
+                ..files
+            })?,
+            peer_client: client_config(cluster_ca, Some(Identity::load(cert, key)?))?,
+        })
+    }
 }
 
 /// The settings the node runs with, after files are read.
@@ -127,6 +179,8 @@ pub struct Config {
     pub max_clock_skew: Duration,
     /// Fault testing only: offset of the wall clock the HLC reads, in ms.
     pub clock_offset_ms: i64,
+    /// TLS on both ports and to peers; `None`: plaintext.
+    pub tls: Option<Tls>,
 }
 
 /// Async worker threads for `cpus` available CPUs: the storage writer and the
@@ -212,6 +266,10 @@ impl Args {
             tombstone_grace: Duration::from_secs(self.tombstone_grace_secs),
             max_clock_skew: Duration::from_millis(self.max_clock_skew_ms.max(1)),
             clock_offset_ms: self.clock_offset_ms,
+            tls: match (&self.tls_cert, &self.tls_key, &self.tls_cluster_ca) {
+                (Some(cert), Some(key), Some(ca)) => Some(Tls::load(cert, key, ca)?),
+                _ => None,
+            },
             worker_threads: match self.worker_threads {
                 Some(n) => usize::from(n),
                 None => default_worker_threads(

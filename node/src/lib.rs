@@ -58,20 +58,24 @@ pub async fn run(
         peer_listen = %node.config.peer_listen,
         epoch = node.cluster.epoch(),
         state = ?node.cluster.my_state(),
+        tls = node.config.tls.is_some(),
         "kv-node serving"
     );
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
-    servers.spawn(kv_net::serve(
+    let tls = node.config.tls.clone();
+    servers.spawn(kv_net::serve_tls(
         "client",
         api::routes(node.clone()),
         client,
+        tls.as_ref().map(|t| t.client.clone()),
         stop.clone(),
     ));
-    servers.spawn(kv_net::serve(
+    servers.spawn(kv_net::serve_tls(
         "peer",
         peer_api::routes(node.clone()),
         peer,
+        tls.map(|t| t.peer),
         stop.clone(),
     ));
     // Background work is stopped, not waited for, at shutdown: every store

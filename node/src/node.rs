@@ -133,6 +133,7 @@ impl Node {
             config.node_id,
             config.cluster_token.clone(),
             config.peer_timeout,
+            config.tls.as_ref().map(|t| t.peer_client.clone()),
             seen_tx,
             skew.clone(),
             Arc::new(move || wall.wall_ms()),

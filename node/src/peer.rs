@@ -157,6 +157,8 @@ pub struct Peers {
 struct Inner {
     me: u32,
     token: String,
+    /// `http` or `https` (when the peers serve TLS).
+    scheme: &'static str,
     epoch: std::sync::atomic::AtomicU64,
     seen: mpsc::UnboundedSender<EpochSeen>,
     timeout: Duration,
@@ -167,27 +169,39 @@ struct Inner {
 impl Peers {
     /// `seen` receives every higher epoch a peer answers with; `skew` every
     /// clock offset measured from an answer; `wall_ms` reads this node's clock.
+    /// With `tls` (trusting the cluster CA, presenting this node's
+    /// certificate) peers are called over https.
     pub fn new(
         me: u32,
         token: String,
         timeout: Duration,
+        tls: Option<rustls::ClientConfig>,
         seen: mpsc::UnboundedSender<EpochSeen>,
         skew: Arc<SkewTracker>,
         wall_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Peers {
-        let http = reqwest::Client::builder()
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut http = reqwest::Client::builder()
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .connect_timeout(timeout)
-            .timeout(timeout)
-            .build()
-            .unwrap_or_default();
+            .timeout(timeout);
+        if let Some(tls) = tls {
+            http = http.tls_backend_preconfigured(tls);
+        }
+        let http = http.build().unwrap_or_else(|e| {
+            // Only a TLS setup reqwest cannot use gets here; a client
+            // without it would fail every peer call as unreachable.
+            tracing::error!(error = %e, "cannot build the peer client");
+            reqwest::Client::default()
+        });
         Peers {
             http,
             inner: Arc::new(Inner {
                 me,
                 token,
+                scheme,
                 epoch: std::sync::atomic::AtomicU64::new(0),
                 seen,
                 timeout,
@@ -395,8 +409,8 @@ impl Peers {
     }
 }
 
-fn url(address: &str, path: &str) -> String {
-    format!("http://{address}/internal/v1/{path}")
+fn url(scheme: &str, address: &str, path: &str) -> String {
+    format!("{scheme}://{address}/internal/v1/{path}")
 }
 
 async fn send(
@@ -455,7 +469,7 @@ async fn get(
     address: &str,
     path: &str,
 ) -> Result<bytes::Bytes, PeerError> {
-    send(inner, ordinal, http.get(url(address, path))).await
+    send(inner, ordinal, http.get(url(inner.scheme, address, path))).await
 }
 
 async fn post(
@@ -466,7 +480,7 @@ async fn post(
     path: &str,
     body: Vec<u8>,
 ) -> Result<bytes::Bytes, PeerError> {
-    send(inner, ordinal, http.post(url(address, path)).body(body)).await
+    send(inner, ordinal, http.post(url(inner.scheme, address, path)).body(body)).await
 }
 
 async fn apply_batch(

@@ -115,8 +115,15 @@ impl NodeProc {
         }
         self.child = Some(cmd.spawn().expect("cannot start kv-node"));
         let deadline = Instant::now() + Duration::from_secs(20);
+        // A TLS node's /healthz needs a TLS client: its port open is enough.
+        let tls = self.extra.iter().any(|a| a == "--tls-cert");
         loop {
-            if healthy(&self.address()) {
+            let up = if tls {
+                std::net::TcpStream::connect(self.address()).is_ok()
+            } else {
+                healthy(&self.address())
+            };
+            if up {
                 return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
