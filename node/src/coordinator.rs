@@ -410,8 +410,15 @@ impl Node {
         if let Some(v) = newer {
             return Ok(Replicated::Superseded(v));
         }
+        // While a placement is pending both quorums are needed: say which fell short.
+        let short = match need_pend {
+            Some(n) if acked_pend < n => format!(
+                "{acked_pend} of the {n} owners the pending placement (a rebalance) needs, and {acked_cur} of the {need_cur} the committed placement needs"
+            ),
+            _ => format!("{acked_cur} of the {need_cur} owners it needs"),
+        };
         let msg = format!(
-            "write at {level} was acknowledged by {acked_cur} of the {need_cur} owners it needs ({}); it is not reported as written and may or may not become visible",
+            "write at {level} was acknowledged by {short} ({}); it is not reported as written and may or may not become visible",
             failures.join("; ")
         );
         if disk_full {

@@ -24,7 +24,9 @@
 //!
 //! Placement changes (replicas, factor, strategy) are two-phase: the new
 //! placement goes into `pending`, new ordinals are `Joining`, removed ones
-//! `Leaving`. It is committed only when every owner of the pending placement
+//! `Leaving`. New ordinals are started first and enter the pending placement
+//! only once each answers (an owner that is not there yet would fail the
+//! pending quorum of every write to its keys). It is committed only when every owner of the pending placement
 //! that is not `Failed` (and was not `Failed` before this plan) reports
 //! `syncedEpoch >=` the current epoch, every node that answers (Leaving ones
 //! too: any node coordinates writes) reports at least the current epoch, and
@@ -343,6 +345,9 @@ struct Draft {
     removed: Vec<u32>,
     creating: bool,
     held: BTreeSet<u32>,
+    /// New members of the desired placement that must run and answer before
+    /// they become owners: started, kept, not in the topology yet.
+    starting: Vec<u32>,
 }
 
 fn refused(reason: String, observed: &Observed) -> Plan {
@@ -514,6 +519,7 @@ fn first(desired: &Desired, observed: &Observed, config: &PlannerConfig) -> Draf
         removed: Vec::new(),
         creating: true,
         held: desired.failed_nodes.clone(),
+        starting: Vec::new(),
     }
 }
 
@@ -541,13 +547,44 @@ fn next(
     let committed = current.placement.clone();
 
     // 1. The placement to move to.
-    let (pending, mut rebalance) = match &current.pending {
-        None if target != committed => (Some(target), Some(Rebalance::Started)),
+    let (mut pending, mut rebalance) = match &current.pending {
+        None if target != committed => (Some(target.clone()), Some(Rebalance::Started)),
         None => (None, None),
-        Some(p) if *p == target => (Some(target), None),
+        Some(p) if *p == target => (Some(target.clone()), None),
         Some(_) if target == committed => (None, Some(Rebalance::Cancelled)),
-        Some(_) => (Some(target), Some(Rebalance::Replaced)),
+        Some(_) => (Some(target.clone()), Some(Rebalance::Replaced)),
     };
+    // A new member becomes an owner only once it runs and answers: an owner
+    // of the pending placement takes writes at once, and one that is not
+    // there yet (a pod being scheduled, a process starting) would fail the
+    // pending quorum of every write it owns. Until then it is started and
+    // the placement waits.
+    let known = |o: &u32| {
+        committed.members.contains(o)
+            || current
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.members.contains(o))
+    };
+    let starting: Vec<u32> = target
+        .members
+        .iter()
+        .copied()
+        .filter(|o| !known(o) && !desired.failed_nodes.contains(o))
+        .collect();
+    let waiting = matches!(rebalance, Some(Rebalance::Started | Rebalance::Replaced))
+        && starting.iter().any(|o| {
+            observed
+                .nodes
+                .get(o)
+                .and_then(|n| n.report.as_ref())
+                .is_none()
+        });
+    if waiting {
+        pending = current.pending.clone();
+        rebalance = None;
+    }
+    let starting = if waiting { starting } else { Vec::new() };
     let pending_unchanged = pending.is_some() && pending == current.pending;
     let in_c = |o: u32| committed.members.contains(&o);
     let in_p = |o: u32| pending.as_ref().is_some_and(|p| p.members.contains(&o));
@@ -671,6 +708,7 @@ fn next(
         removed,
         creating: false,
         held: desired.failed_nodes.clone(),
+        starting,
     }
 }
 
@@ -775,6 +813,7 @@ fn finish(draft: Draft, observed: &Observed) -> Plan {
         removed,
         creating,
         held,
+        starting,
     } = draft;
     let current_epoch = observed.topology.as_ref().map_or(0, |t| t.epoch);
     let reported = observed
@@ -816,7 +855,9 @@ fn finish(draft: Draft, observed: &Observed) -> Plan {
     let retired: Vec<u32> = observed
         .nodes
         .iter()
-        .filter(|(o, obs)| !in_topology(**o) && (obs.running || obs.report.is_some()))
+        .filter(|(o, obs)| {
+            !in_topology(**o) && !starting.contains(o) && (obs.running || obs.report.is_some())
+        })
         .map(|(&o, _)| o)
         .collect();
     let everyone_knows = !changed
@@ -831,6 +872,13 @@ fn finish(draft: Draft, observed: &Observed) -> Plan {
     } else if let Some(&last) = retired.last() {
         count = count.max(last.saturating_add(1));
     }
+    for &o in &starting {
+        let obs = observed.nodes.get(&o);
+        if !obs.is_some_and(|o| o.running || o.report.is_some()) {
+            actions.push(Action::Start(o));
+        }
+        count = count.max(o.saturating_add(1));
+    }
     for n in &topology.nodes {
         let obs = observed.nodes.get(&n.ordinal);
         let runs = obs.is_some_and(|o| o.running || o.report.is_some());
@@ -841,7 +889,7 @@ fn finish(draft: Draft, observed: &Observed) -> Plan {
 
     let phase = if creating {
         Phase::Creating
-    } else if topology.pending.is_some() {
+    } else if topology.pending.is_some() || !starting.is_empty() {
         Phase::Rebalancing
     } else if topology.nodes.iter().all(|n| n.state == NodeState::Up) {
         Phase::Running

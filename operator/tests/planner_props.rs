@@ -246,7 +246,10 @@ fn check_step(
             Action::Kill(o) => prop_assert!(d.failed_nodes.contains(&o)),
             Action::Start(o) => {
                 prop_assert!(!d.failed_nodes.contains(&o));
-                prop_assert!(nodes.contains(&o));
+                // A member of the topology, or a new one started before it
+                // may own anything.
+                prop_assert!(nodes.contains(&o) || o < d.replicas);
+                prop_assert!(o < p.node_count);
             }
             Action::Stop(o) => {
                 prop_assert!(
@@ -254,8 +257,21 @@ fn check_step(
                     "node {} stopped while in the topology",
                     o
                 );
-                if before.and_then(|b| state(b, o)) == Some(NodeState::Leaving) {
-                    prop_assert_eq!(p.rebalance, Some(Rebalance::Committed));
+                // Only once no node can still route to it: the topology
+                // without it is the one every staying node answers with.
+                prop_assert!(p.topology.is_none(), "node {} stopped as it left", o);
+                for n in after.nodes.iter().filter(|n| n.state != NodeState::Failed) {
+                    let behind = observed
+                        .nodes
+                        .get(&n.ordinal)
+                        .and_then(|x| x.report.as_ref())
+                        .is_some_and(|r| r.epoch < after.epoch);
+                    prop_assert!(
+                        !behind,
+                        "node {} stopped while node {} is behind",
+                        o,
+                        n.ordinal
+                    );
                 }
             }
             Action::PushTopology => {}
@@ -266,6 +282,24 @@ fn check_step(
         return Ok(());
     };
     let report = |o: u32| observed.nodes.get(&o).and_then(|n| n.report.as_ref());
+
+    // A node new to the pending placement answered before it became an owner.
+    if let Some(pending) = &after.pending {
+        for &o in &pending.members {
+            let known = before.placement.members.contains(&o)
+                || before
+                    .pending
+                    .as_ref()
+                    .is_some_and(|bp| bp.members.contains(&o));
+            if !known && !d.failed_nodes.contains(&o) {
+                prop_assert!(
+                    report(o).is_some(),
+                    "node {} owns data before it answers",
+                    o
+                );
+            }
+        }
+    }
 
     // Up from Recovering or Joining only with a report synced at the entry epoch.
     for n in &after.nodes {
