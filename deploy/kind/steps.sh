@@ -288,20 +288,22 @@ step_failed_node() {
   held_down_node || { kn patch kvc "$story_name" --type json -p '[{"op":"remove","path":"/spec/faultInjection"}]' >/dev/null 2>&1 || true; return 1; }
 }
 held_down_node() {
-  local t0 seen_recovering=0 s old_ip
+  local t0 seen_recovering=0 s old_uid
   story_token=$(token)
-  old_ip=$(kn get pod "$story_name-1" -o jsonpath='{.status.podIP}')
+  old_uid=$(kn get pod "$story_name-1" -o jsonpath='{.metadata.uid}')
   load_start fail
   sleep 3
   kn patch kvc "$story_name" --type merge -p '{"spec":{"faultInjection":{"failedNodes":[1]}}}' >/dev/null
   wait_for 60 "node 1 Failed in status" node_state_is 1 Failed || { load_stop fail || true; return 1; }
-  wait_for 60 "pod $story_name-1 deleted" pod_gone "$story_name-1" || { load_stop fail || true; return 1; }
+  # The StatefulSet recreates a deleted pod at once: the node is killed (a
+  # new pod) and the new pod waits fenced on the held list it mounts.
+  wait_for 60 "pod $story_name-1 killed (replaced)" pod_replaced "$story_name-1" "$old_uid" || { load_stop fail || true; return 1; }
+  wait_for 60 "the new pod $story_name-1 waits held down" held_fenced 1 || { load_stop fail || true; return 1; }
   phase_is Degraded || why "phase $(kvc_field '{.status.phase}') with a held-down node, not Degraded" || true
   say "  holding for 15 s"
   sleep 15
-  if kn get pod "$story_name-1" -o name >/dev/null 2>&1; then load_stop fail || true; why "pod $story_name-1 came back while node 1 is held down"; return 1; fi
-  # fenced: nothing answers at its old address
-  if curl -fsS -m 2 -o /dev/null "http://$old_ip:7400/healthz" 2>/dev/null; then load_stop fail || true; why "held-down node 1 still answers on $old_ip"; return 1; fi
+  held_fenced 1 || { load_stop fail || true; why "node 1 serves while held down ($(held_view 1))"; return 1; }
+  if pod_ready "$story_name-1"; then load_stop fail || true; why "pod $story_name-1 is Ready while node 1 is held down"; return 1; fi
   check_endpointslices || { load_stop fail || true; return 1; }
   kn patch kvc "$story_name" --type json -p '[{"op":"remove","path":"/spec/faultInjection"}]' >/dev/null
   t0=$SECONDS
@@ -317,6 +319,28 @@ held_down_node() {
   wait_for 60 "phase Running" settled 3 || return 1
   verify_clean
 }
+
+pod_replaced() {
+  local uid
+  uid=$(kn get pod "$1" -o jsonpath='{.metadata.uid}' 2>/dev/null) || return 1
+  [ -n "$uid" ] && [ "$uid" != "$2" ]
+}
+pod_ready() {
+  [ "$(kn get pod "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" = True ]
+}
+# held_view N: what node N's pod answers: the client port's /v1/cluster
+# error code and the curl exit code of its peer port (7: refused).
+held_view() {
+  local ip err peer
+  ip=$(kn get pod "$story_name-$1" -o jsonpath='{.status.podIP}' 2>/dev/null)
+  [ -n "$ip" ] || { echo "no pod IP"; return; }
+  err=$(curl -s -m 2 "http://$ip:7400/v1/cluster" | jq -r '.error // "none"' 2>/dev/null)
+  peer=0; curl -s -m 2 -o /dev/null "http://$ip:7401/" || peer=$?
+  echo "client port error ${err:-no answer}, peer port curl exit $peer"
+}
+# held_fenced N: node N's pod runs, answers 503 held_down on its client port
+# (nothing but /healthz is served) and its peer port is closed.
+held_fenced() { [ "$(held_view "$1")" = "client port error held_down, peer port curl exit 7" ]; }
 
 # change JSON-merge-patch N: patch the spec, wait for N nodes Up and Running.
 change() {

@@ -82,6 +82,7 @@ fn fixture() -> &'static Fixture {
                 token: TOKEN.into(),
                 cluster_token: CLUSTER_TOKEN.into(),
                 topology_file: None,
+                held_file: None,
                 max_value_bytes: MAX_VALUE_BYTES,
                 peer_timeout: Duration::from_millis(100),
                 anti_entropy_every: None,

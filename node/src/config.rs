@@ -52,6 +52,11 @@ pub struct Args {
     /// Topology JSON to watch (the mounted ConfigMap); missing = a one-node cluster.
     #[arg(long, env = "KV_TOPOLOGY_FILE")]
     pub topology_file: Option<PathBuf>,
+    /// File listing the ordinals the control plane holds down (whitespace
+    /// or comma separated; the operator's ConfigMap). A node listed there
+    /// waits, fenced, until it is not.
+    #[arg(long, env = "KV_HELD_FILE")]
+    pub held_file: Option<PathBuf>,
     /// Largest value accepted, in bytes.
     #[arg(long, env = "KV_MAX_VALUE_BYTES", default_value_t = kv_core::record::DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_bytes: usize,
@@ -170,6 +175,8 @@ pub struct Config {
     pub token: String,
     pub cluster_token: String,
     pub topology_file: Option<PathBuf>,
+    /// The control plane's held-down list ([`crate::held`]).
+    pub held_file: Option<PathBuf>,
     pub max_value_bytes: usize,
     pub peer_timeout: Duration,
     pub anti_entropy_every: Option<Duration>,
@@ -259,6 +266,7 @@ impl Args {
                 "cluster token",
             )?,
             topology_file: self.topology_file.clone(),
+            held_file: self.held_file.clone(),
             max_value_bytes: self.max_value_bytes,
             peer_timeout: Duration::from_millis(self.peer_timeout_ms.max(1)),
             anti_entropy_every: (self.anti_entropy_secs > 0)

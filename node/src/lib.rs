@@ -12,6 +12,7 @@
 //! - [`sync`]: hinted handoff, catch-up and rebalance streaming,
 //!   anti-entropy, tombstone GC.
 //! - [`cluster`]: the topology this node holds and its catch-up progress.
+//! - [`held`]: waiting, fenced, while the control plane holds the node down.
 //! - [`process`]: the node as a whole process (logging, runtime, signals),
 //!   shared by the `kv-node` binary and `kvctl node`.
 
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod coordinator;
+pub mod held;
 pub mod metrics;
 pub mod node;
 pub mod peer;
@@ -37,6 +39,10 @@ pub async fn run(
     config: config::Config,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), NodeError> {
+    let mut shutdown = Box::pin(shutdown);
+    if !held::wait_while_held(&config, &mut shutdown).await? {
+        return Ok(());
+    }
     let (node, seen) = Node::open(config)?;
     node.load_topology_file();
     node.check_store_age().await?;

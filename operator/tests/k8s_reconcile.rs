@@ -78,6 +78,15 @@ async fn report_server(reports: Vec<(u64, u64, f64)>) -> NodeReports {
 }
 
 async fn report_server_recording(reports: Vec<(u64, u64, f64)>) -> (NodeReports, Pushes) {
+    report_server_holding(reports, None).await
+}
+
+/// [`report_server_recording`], every node reporting `held` as the topology
+/// it holds (when given).
+async fn report_server_holding(
+    reports: Vec<(u64, u64, f64)>,
+    held: Option<Topology>,
+) -> (NodeReports, Pushes) {
     use warp::Filter;
     let pushes: Pushes = Arc::default();
     let recorded = pushes.clone();
@@ -87,8 +96,11 @@ async fn report_server_recording(reports: Vec<(u64, u64, f64)>) -> (NodeReports,
         .map(move |ordinal: u32, auth: String| {
             let body = match reports.get(ordinal as usize) {
                 Some((epoch, synced, progress)) if auth == "Bearer token" => {
-                    serde_json::to_value(node_report(ordinal, *epoch, *synced, *progress))
-                        .expect("a report serialises")
+                    let mut r = node_report(ordinal, *epoch, *synced, *progress);
+                    if let Some(t) = &held {
+                        r.topology = t.clone();
+                    }
+                    serde_json::to_value(r).expect("a report serialises")
                 }
                 _ => json!({"error": "forbidden"}),
             };
@@ -265,8 +277,22 @@ fn secret() -> Value {
            "data": {"token": "dG9rZW4=", "cluster-token": "Y2x1c3Rlcg=="}})
 }
 
+/// The ConfigMap the operator would have written for `t`: its held list
+/// names the ordinals of `kvc`'s failedNodes that `t` shows Failed (an
+/// ordinal the operator did not hold down yet is not listed).
 fn configmap(kvc: &KvCluster, t: &Topology) -> Value {
-    serde_json::to_value(objects::topology_configmap(kvc, t).expect("configmap")).expect("json")
+    let mut cm = objects::topology_configmap(kvc, t).expect("configmap");
+    let held: String = kvc
+        .desired()
+        .failed_nodes
+        .iter()
+        .filter(|&&o| t.state_of(o) == Some(NodeState::Failed))
+        .map(|o| format!("{o}\n"))
+        .collect();
+    if let Some(data) = cm.data.as_mut() {
+        data.insert(objects::HELD_KEY.to_string(), held);
+    }
+    serde_json::to_value(cm).expect("json")
 }
 
 fn status_answer(kvc: KvCluster) -> impl FnOnce(&Value) -> (StatusCode, Value) {
@@ -311,11 +337,7 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
                 not_found()
             }),
             call(Method::POST, &format!("{NS}/secrets"), echo),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
+            call(Method::POST, &format!("{NS}/configmaps"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
             call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -344,7 +366,12 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
         "two distinct random tokens"
     );
 
-    for applied in &seen[5..=10] {
+    assert!(
+        seen[5].query.is_empty() || !seen[5].query.contains("force"),
+        "the topology ConfigMap is created, not applied over whatever is there: {}",
+        seen[5].query
+    );
+    for applied in &seen[6..=10] {
         assert!(
             applied.query.contains("fieldManager=kv-operator")
                 && applied.query.contains("force=true"),
@@ -408,11 +435,7 @@ async fn an_ordinal_added_to_failed_nodes_deletes_that_pod_and_raises_the_topolo
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
+            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
             call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -470,11 +493,7 @@ async fn a_node_already_held_down_is_not_deleted_again() {
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
+            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
             call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -532,48 +551,29 @@ async fn an_invalid_spec_gets_a_condition_and_an_event_and_nothing_is_applied() 
 }
 
 #[tokio::test]
-async fn scaling_up_starts_a_rebalance_with_joining_nodes_and_more_pods() {
+async fn scaling_up_starts_the_new_pods_first_and_rebalances_once_they_answer() {
     let kvc = cluster("{replicas: 5}");
     let three = cluster("{replicas: 3}");
     let current = topology(&three, 7, &[NodeState::Up, NodeState::Up, NodeState::Up]);
-    let cm = configmap(&kvc, &current);
-    let (_, seen) = run(
+    // Pods 3 and 4 do not exist yet: an owner that is not there would fail
+    // the pending quorum of every write to its keys.
+    let reports = report_server(vec![(7, 7, 1.0); 3]).await;
+    let (_, seen) = run_with(
         kvc.clone(),
-        vec![
-            call(
-                Method::GET,
-                &format!("{NS}/configmaps/demo-topology"),
-                move |_| (StatusCode::OK, cm),
-            ),
-            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
-                not_found()
-            }),
-            call(Method::GET, &format!("{NS}/pods"), |_| {
-                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
-            }),
-            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-                (StatusCode::OK, secret())
-            }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
-            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
-            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
-            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
-            call(
-                Method::PATCH,
-                &format!("{POLICY}/poddisruptionbudgets/demo"),
-                echo,
-            ),
-            call(Method::POST, EVENTS, echo),
-            call(
-                Method::PATCH,
-                &format!("{KVC}/demo/status"),
-                status_answer(kvc.clone()),
-            ),
-        ],
+        reconcile_calls(&kvc, &current, 3, false),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(topology_in(&seen[4]), current, "no placement change yet");
+    assert_eq!(seen[7].body["spec"]["replicas"], 5);
+    assert_eq!(seen[9].body["status"]["phase"], "Rebalancing");
+
+    // Both answer (as non-members): the rebalance starts.
+    let reports = report_server(vec![(7, 7, 1.0); 5]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        reconcile_calls(&kvc, &current, 5, true),
+        Some(reports),
     )
     .await;
     let t = topology_in(&seen[4]);
@@ -610,11 +610,7 @@ async fn factor_one_removes_the_disruption_budget_and_warns_with_a_degraded_cond
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
+            call(Method::POST, &format!("{NS}/configmaps"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
             call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -670,11 +666,7 @@ async fn an_ordinal_removed_from_failed_nodes_whose_pod_is_back_starts_recoverin
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
+            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
             call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -736,11 +728,7 @@ async fn a_recovering_node_whose_report_shows_its_catch_up_done_becomes_up() {
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
+            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
             call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -810,11 +798,7 @@ async fn a_node_still_catching_up_stays_recovering_with_its_progress_in_the_stat
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
+            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
             call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -860,11 +844,7 @@ fn reconcile_calls(kvc: &KvCluster, current: &Topology, pods: u32, event: bool) 
         call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
             (StatusCode::OK, secret())
         }),
-        call(
-            Method::PATCH,
-            &format!("{NS}/configmaps/demo-topology"),
-            echo,
-        ),
+        call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
         call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
         call(Method::PATCH, &format!("{NS}/services/demo"), echo),
         call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -1047,11 +1027,7 @@ async fn a_lost_topology_is_rewritten_above_the_epoch_the_nodes_already_hold() {
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
+            call(Method::POST, &format!("{NS}/configmaps"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
             call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -1077,6 +1053,55 @@ async fn a_lost_topology_is_rewritten_above_the_epoch_the_nodes_already_hold() {
     assert_eq!(
         t.cluster_id, "ns/demo",
         "the same cluster: the nodes keep their data"
+    );
+}
+
+#[tokio::test]
+async fn a_configmap_deleted_mid_rebalance_is_rebuilt_from_the_topology_the_nodes_hold() {
+    // 3 -> 5 was pending at epoch 9 when the ConfigMap was deleted; nodes 3
+    // and 4 have not streamed their data in yet.
+    let kvc = cluster("{replicas: 5}");
+    let three = cluster("{replicas: 3}");
+    let mut held = topology(
+        &kvc,
+        9,
+        &[
+            NodeState::Up,
+            NodeState::Up,
+            NodeState::Up,
+            NodeState::Joining,
+            NodeState::Joining,
+        ],
+    );
+    held.placement = three.spec.desired().placement();
+    held.pending = Some(kvc.spec.desired().placement());
+    held.cluster_id = "ns/demo".into();
+    assert_eq!(held.validate(), Ok(()));
+    let (reports, _) = report_server_holding(
+        vec![
+            (9, 9, 1.0),
+            (9, 9, 1.0),
+            (9, 9, 1.0),
+            (9, 0, 0.5),
+            (9, 0, 0.5),
+        ],
+        Some(held.clone()),
+    )
+    .await;
+    let mut calls = reconcile_calls(&kvc, &held, 5, false);
+    calls[0] = call(
+        Method::GET,
+        &format!("{NS}/configmaps/demo-topology"),
+        |_| not_found(),
+    );
+    calls[4] = call(Method::POST, &format!("{NS}/configmaps"), echo);
+    calls.insert(4, call(Method::POST, EVENTS, echo));
+    let (_, seen) = run_with(kvc.clone(), calls, Some(reports)).await;
+    assert_eq!(seen[4].body["reason"], "TopologyAdopted");
+    let t = topology_in(&seen[5]);
+    assert_eq!(
+        t, held,
+        "carried on unchanged: the joiners are not Up, nothing is committed"
     );
 }
 
@@ -1226,11 +1251,7 @@ async fn the_force_annotation_gets_a_hold_down_applied_that_is_refused_without_i
             &kvc,
             &current,
             vec![
-                call(
-                    Method::PATCH,
-                    &format!("{NS}/configmaps/demo-topology"),
-                    echo,
-                ),
+                call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
                 call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
                 call(Method::PATCH, &format!("{NS}/services/demo"), echo),
                 call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -1377,11 +1398,7 @@ async fn a_node_whose_pod_is_gone_longer_than_failure_detection_is_failed() {
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
-            call(
-                Method::PATCH,
-                &format!("{NS}/configmaps/demo-topology"),
-                echo,
-            ),
+            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
             call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
@@ -1485,11 +1502,7 @@ fn observe_running(
 /// The ConfigMap, both Services, the StatefulSet and the budget.
 fn apply_objects() -> Vec<Call> {
     vec![
-        call(
-            Method::PATCH,
-            &format!("{NS}/configmaps/demo-topology"),
-            echo,
-        ),
+        call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
         call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
         call(Method::PATCH, &format!("{NS}/services/demo"), echo),
         call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),

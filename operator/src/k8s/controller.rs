@@ -26,7 +26,7 @@
 //! operator restarts), and the planner makes it Failed once that is
 //! `spec.failureDetectionSeconds` ago.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -334,7 +334,24 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
     let cm_name = objects::topology_configmap_name(kvc);
-    let topology = get_opt(&cms, &cm_name).await?.and_then(|cm| {
+    let stored = get_opt(&cms, &cm_name).await?;
+    // Ordinals whose pods may be waiting fenced on the held list they read
+    // at start (see the release below).
+    let was_held: BTreeSet<u32> = stored
+        .as_ref()
+        .and_then(|cm| cm.data.as_ref()?.get(objects::HELD_KEY).cloned())
+        .map(|list| {
+            list.split_whitespace()
+                .filter_map(|o| o.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // The version read, for a conditional write below: a topology is
+    // written only over the ConfigMap it was planned from.
+    let stored_version = stored
+        .as_ref()
+        .map(|cm| cm.metadata.resource_version.clone());
+    let topology = stored.and_then(|cm| {
         let json = cm.data?.remove(objects::TOPOLOGY_KEY)?;
         match Topology::from_json(json.as_bytes()) {
             Ok(t) => Some(t),
@@ -384,10 +401,35 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
                 let (http, token) = (&reports.http, &token);
                 async move { (ordinal, fetch_report(http, &url, token).await) }
             });
+        let mut held_by_nodes: Vec<Topology> = Vec::new();
         for (ordinal, report) in futures::future::join_all(asks).await {
             if let Some(obs) = observed.nodes.get_mut(&ordinal) {
-                obs.report = report;
+                obs.report = report.as_ref().map(NodeProgress::from);
             }
+            held_by_nodes.extend(report.map(|r| r.topology));
+        }
+        // No valid ConfigMap (deleted, or edited into garbage): the nodes
+        // keep the topology they were given, so the newest one of this
+        // cluster is carried on from. Planning from nothing would commit
+        // the target placement with every node Up, and new owners would
+        // serve keys they never received.
+        if observed.topology.is_none()
+            && let Some(t) = adopt(held_by_nodes, &observed.cluster_id)
+        {
+            warn!(kvcluster = %name, epoch = t.epoch, "no valid topology ConfigMap: carrying on from the newest topology the nodes hold");
+            publish(
+                ctx,
+                kvc,
+                EventType::Warning,
+                "TopologyAdopted",
+                "Observe",
+                &format!(
+                    "the topology ConfigMap was missing or invalid; carried on from epoch {} held by the nodes",
+                    t.epoch
+                ),
+            )
+            .await;
+            observed.topology = Some(t);
         }
     }
     // A node of the topology without a pod (deleted, or not schedulable)
@@ -481,7 +523,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     }
     let cm = objects::topology_configmap(kvc, &decision.topology)
         .map_err(|e| Error::Serialization("topology", e))?;
-    apply(&cms, &cm_name, &cm).await?;
+    write_topology(&cms, &cm_name, cm, stored_version).await?;
     // The ConfigMap is the copy a starting node reads; a running node sees a
     // change of it only at the kubelet's next sync (a minute or more), so
     // every running node is told at once. Nodes keep the newest epoch they
@@ -553,6 +595,32 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             "FaultInjected",
             "DeletePod",
             &note,
+        )
+        .await;
+    }
+    // A released node's pod waits on the held list it read at start; its
+    // mounted copy changes only at the kubelet's next sync (a minute or
+    // more), so the pod is deleted once, and the new one reads the list
+    // just written.
+    let held_now = kvc.desired().failed_nodes;
+    for &ordinal in was_held.difference(&held_now) {
+        let pod = objects::pod_name(kvc, ordinal);
+        if !observed.nodes.get(&ordinal).is_some_and(|o| o.running) {
+            continue;
+        }
+        match pods.delete(&pod, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => continue,
+            Err(e) => return Err(e.into()),
+        }
+        info!(kvcluster = %name, %pod, "hold-down released: pod deleted to restart with the current list");
+        publish(
+            ctx,
+            kvc,
+            EventType::Normal,
+            "HoldReleased",
+            "DeletePod",
+            &format!("node {ordinal} ({pod}) released from faultInjection.failedNodes: its pod restarts and the node catches up"),
         )
         .await;
     }
@@ -882,7 +950,11 @@ async fn push_topology(
 /// Ask a node for its own view (`GET /v1/cluster`, a [`kv_core::NodeReport`]);
 /// an unreachable node or a body that is not a report gives no report
 /// (never a guess).
-async fn fetch_report(http: &reqwest::Client, url: &str, token: &str) -> Option<NodeProgress> {
+async fn fetch_report(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+) -> Option<kv_core::NodeReport> {
     let report: kv_core::NodeReport = http
         .get(url)
         .bearer_auth(token)
@@ -894,7 +966,37 @@ async fn fetch_report(http: &reqwest::Client, url: &str, token: &str) -> Option<
         .json()
         .await
         .ok()?;
-    Some(NodeProgress::from(&report))
+    Some(report)
+}
+
+/// The newest valid topology of `cluster_id` among those the nodes hold.
+pub fn adopt(held: Vec<Topology>, cluster_id: &str) -> Option<Topology> {
+    held.into_iter()
+        .filter(|t| t.cluster_id == cluster_id && t.validate().is_ok())
+        .max_by_key(|t| t.epoch)
+}
+
+/// Write the topology ConfigMap only over the version it was planned from
+/// (`stored`: `None` when there was none, then it is created): two
+/// controllers overlapping across a leader change cannot both publish the
+/// next epoch with different contents; the loser gets a conflict, and its
+/// reconcile is retried from what the winner wrote.
+async fn write_topology(
+    cms: &Api<ConfigMap>,
+    name: &str,
+    mut cm: ConfigMap,
+    stored: Option<Option<String>>,
+) -> Result<(), Error> {
+    match stored {
+        Some(version) => {
+            cm.metadata.resource_version = version;
+            cms.replace(name, &PostParams::default(), &cm).await?;
+        }
+        None => {
+            cms.create(&PostParams::default(), &cm).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn publish(

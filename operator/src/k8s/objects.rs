@@ -49,6 +49,11 @@ pub const TOPOLOGY_DIR: &str = "/etc/kvstore/topology";
 pub const SECRET_DIR: &str = "/etc/kvstore/secret";
 /// ConfigMap key of the topology.
 pub const TOPOLOGY_KEY: &str = "topology.json";
+/// ConfigMap key of the held-down ordinals (`--held-file`): the nodes of
+/// `faultInjection.failedNodes`, one a line. A pod that starts while listed
+/// waits fenced (kv-node's `held` module): its StatefulSet recreates a
+/// deleted pod at once, so deleting it cannot hold a node down alone.
+pub const HELD_KEY: &str = "held-down";
 /// Secret key of the client bearer token.
 pub const TOKEN_KEY: &str = "token";
 /// Secret key of the node-to-node bearer token.
@@ -170,6 +175,7 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
         format!("--token-file={SECRET_DIR}/{TOKEN_KEY}"),
         format!("--cluster-token-file={SECRET_DIR}/{CLUSTER_TOKEN_KEY}"),
         format!("--topology-file={TOPOLOGY_DIR}/{TOPOLOGY_KEY}"),
+        format!("--held-file={TOPOLOGY_DIR}/{HELD_KEY}"),
     ];
     let http_probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
@@ -436,9 +442,18 @@ pub fn topology_configmap(
     topology: &Topology,
 ) -> Result<ConfigMap, serde_json::Error> {
     let json = serde_json::to_string_pretty(topology)?;
+    let held: String = kvc
+        .desired()
+        .failed_nodes
+        .iter()
+        .map(|o| format!("{o}\n"))
+        .collect();
     Ok(ConfigMap {
         metadata: meta(kvc, topology_configmap_name(kvc), "topology"),
-        data: Some(BTreeMap::from([(TOPOLOGY_KEY.to_string(), json)])),
+        data: Some(BTreeMap::from([
+            (TOPOLOGY_KEY.to_string(), json),
+            (HELD_KEY.to_string(), held),
+        ])),
         ..ConfigMap::default()
     })
 }
