@@ -365,8 +365,15 @@ fn prove(root: &Path, keys: usize, location: &str, env: &[(&str, &str)]) -> Proo
             "2",
         ],
     );
+    let t = Instant::now();
     let o = b.kvctl(&["restore", "--from", location, "-o", "json"], env);
     let report: Value = serde_json::from_str(&ok(&o, "kvctl restore")).unwrap();
+    eprintln!(
+        "restore of {} records ({} copies) in {:.1} s",
+        report["records"],
+        report["applied"],
+        t.elapsed().as_secs_f64()
+    );
     assert_eq!(report["records"], summary["records"]);
     assert_eq!(report["heldNewer"], 0);
     assert_eq!(report["replicasChecked"], 4096 * 2);
