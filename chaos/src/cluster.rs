@@ -88,6 +88,7 @@ impl Cluster {
             node_binary: opts.node_binary.clone(),
             failure_detection_ms: opts.failure_detection_ms,
             anti_entropy_secs: opts.anti_entropy_secs,
+            tls: false,
             verbose: false,
         })?;
         let net = Net::new();

@@ -36,6 +36,16 @@ pub struct Cli {
     #[arg(long, default_value_t = 10.0, global = true, value_parser = parse_timeout)]
     pub timeout: f64,
 
+    /// CA certificate(s) (PEM) to trust for an https endpoint, instead of
+    /// the system's (`kvctl up --tls` prints its own: <data-dir>/tls/ca.crt).
+    #[arg(long, env = "KV_CACERT", global = true)]
+    pub cacert: Option<PathBuf>,
+
+    /// Accept any certificate from an https endpoint (no verification:
+    /// anyone on the path can read and change the traffic). Only when asked.
+    #[arg(long, global = true)]
+    pub insecure: bool,
+
     #[command(subcommand)]
     pub command: Command,
 }
@@ -325,6 +335,11 @@ pub struct UpArgs {
     /// Seconds between background anti-entropy rounds on each node (0 = off).
     #[arg(long, default_value_t = 30)]
     pub anti_entropy_secs: u64,
+    /// TLS everywhere: a local CA and certificates in <data-dir>/tls/ (kept
+    /// across restarts), the nodes' ports (mutual TLS between nodes) and the
+    /// gateway over TLS. Clients then use https and --cacert <data-dir>/tls/ca.crt.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(Debug, Args)]

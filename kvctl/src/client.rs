@@ -61,14 +61,12 @@ pub fn base_url(endpoint: &str) -> Result<String, ClientError> {
         format!("http://{e}")
     };
     let url = with_scheme.trim_end_matches('/').to_string();
-    if url.starts_with("https://") {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"));
+    if rest.is_none_or(str::is_empty) {
         return Err(ClientError::Invalid(format!(
-            "{url}: this kvctl speaks plain HTTP only (put TLS in front of it with a proxy or use http://)"
-        )));
-    }
-    if !url.starts_with("http://") || url.len() == "http://".len() {
-        return Err(ClientError::Invalid(format!(
-            "{endpoint:?} is not an endpoint (expected http://host:port or host:port)"
+            "{endpoint:?} is not an endpoint (expected http://host:port, https://host:port or host:port)"
         )));
     }
     Ok(url)
@@ -250,6 +248,43 @@ pub fn consistency_header(c: Consistency) -> &'static str {
     }
 }
 
+/// How an https endpoint is trusted: `--cacert` (its CA, instead of the
+/// system's) or `--insecure` (not at all, only when asked).
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    pub cacert: Option<std::path::PathBuf>,
+    pub insecure: bool,
+}
+
+impl TlsOptions {
+    /// `builder` set up to trust as asked.
+    pub fn apply(
+        &self,
+        builder: reqwest::ClientBuilder,
+    ) -> Result<reqwest::ClientBuilder, ClientError> {
+        let mut builder = builder;
+        if let Some(path) = &self.cacert {
+            let pem = std::fs::read(path).map_err(|e| {
+                ClientError::Invalid(format!("cannot read --cacert {}: {e}", path.display()))
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|c| !c.is_empty())
+                .ok_or_else(|| {
+                    ClientError::Invalid(format!(
+                        "--cacert {} holds no PEM certificate",
+                        path.display()
+                    ))
+                })?;
+            builder = builder.tls_certs_only(certs);
+        }
+        if self.insecure {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        Ok(builder)
+    }
+}
+
 impl Client {
     /// A client of `endpoint` (see [`base_url`]) with a request timeout.
     pub fn new(
@@ -258,7 +293,25 @@ impl Client {
         consistency: Option<Consistency>,
         timeout: Duration,
     ) -> Result<Client, ClientError> {
-        let http = reqwest::Client::builder()
+        Client::with_tls(
+            endpoint,
+            token,
+            consistency,
+            timeout,
+            &TlsOptions::default(),
+        )
+    }
+
+    /// [`Client::new`], trusting an https endpoint as `tls` says.
+    pub fn with_tls(
+        endpoint: &str,
+        token: Option<String>,
+        consistency: Option<Consistency>,
+        timeout: Duration,
+        tls: &TlsOptions,
+    ) -> Result<Client, ClientError> {
+        let http = tls
+            .apply(reqwest::Client::builder())?
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .build()

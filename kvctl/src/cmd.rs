@@ -42,11 +42,16 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         let (namespace, context) = (namespace.as_deref(), context.as_deref());
         return kube_cmd(action, name, namespace, context, timeout, json_out).await;
     }
-    let client = Client::new(
+    let tls = kvctl::client::TlsOptions {
+        cacert: cli.cacert.clone(),
+        insecure: cli.insecure,
+    };
+    let client = Client::with_tls(
         &cli.endpoint,
         cli.token.clone(),
         cli.consistency.map(Into::into),
         timeout,
+        &tls,
     )?;
     match cli.command {
         Command::Put(args) => put(&client, &args, json_out).await,

@@ -35,6 +35,7 @@ pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
         failure_detection_ms: args.failure_detection_ms,
         anti_entropy_secs: args.anti_entropy_secs,
         verbose: true,
+        tls: args.tls,
     };
     if let Some(file) = &args.file {
         let text = std::fs::read_to_string(file)

@@ -1,7 +1,8 @@
 //! What `kvctl up` keeps to itself and refuses: its state file is readable by
-//! its owner only, and its gateway refuses requests a node refuses (targets
+//! its owner only, its gateway refuses requests a node refuses (targets
 //! that are not paths, transfer codings we do not decode, almost-right
-//! tokens), sent as raw bytes over TCP.
+//! tokens), sent as raw bytes over TCP, and with `--tls` everything is served
+//! over TLS from a CA of its own that kvctl must be told to trust.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, kvctl_bin, wait_port};
+use common::{free_port, kvctl_bin, run_kvctl, stderr, stdout, wait_port};
 
 const TOKEN: &str = "up-security-token";
 
@@ -207,4 +208,93 @@ fn the_gateway_refuses_what_a_node_refuses() {
     let (status, body) = get(&almost);
     assert_eq!(status, 403, "a token of the right length, one byte off");
     assert_eq!(error_code(&body), "forbidden");
+}
+
+#[test]
+fn with_tls_the_gateway_serves_https_and_kvctl_needs_the_ca() {
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let ca_file = dir.path().join("tls").join("ca.crt");
+    let first_ca;
+    {
+        let up = Up::start(dir.path(), &["--tls"]);
+        let pem = std::fs::read(&ca_file).expect("kvctl up --tls wrote its CA");
+        first_ca = pem.clone();
+        let https = reqwest::blocking::Client::builder()
+            .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("PEM")])
+            .timeout(Duration::from_secs(10))
+            .build()
+            .expect("a client");
+        let ready = format!("https://{}/readyz", up.address());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while https
+            .get(&ready)
+            .send()
+            .map_or(true, |r| r.status() != 200)
+        {
+            assert!(Instant::now() < deadline, "the TLS gateway never became ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let endpoint = format!("https://{}", up.address());
+        let ca = ca_file.display().to_string();
+        let kvctl = |extra: &[&str]| {
+            let mut args = vec!["--endpoint", &endpoint, "--token", TOKEN];
+            args.extend_from_slice(extra);
+            run_kvctl(&args, &[], None)
+        };
+        // The write goes gateway -> node -> its peers, all over TLS.
+        let put = kvctl(&["--cacert", &ca, "put", "k", "v"]);
+        assert!(put.status.success(), "{}", stderr(&put));
+        let get = kvctl(&["--cacert", &ca, "get", "k"]);
+        assert!(get.status.success(), "{}", stderr(&get));
+        assert_eq!(stdout(&get).trim(), "v");
+        let env = run_kvctl(
+            &["--endpoint", &endpoint, "--token", TOKEN, "get", "k"],
+            &[("KV_CACERT", ca.as_str())],
+            None,
+        );
+        assert!(env.status.success(), "KV_CACERT: {}", stderr(&env));
+
+        let untrusted = kvctl(&["get", "k"]);
+        assert_eq!(untrusted.status.code(), Some(1), "without --cacert");
+        assert!(
+            stderr(&untrusted).to_lowercase().contains("certificate"),
+            "{}",
+            stderr(&untrusted)
+        );
+        let insecure = kvctl(&["--insecure", "get", "k"]);
+        assert!(insecure.status.success(), "--insecure: {}", stderr(&insecure));
+        let plain = run_kvctl(
+            &["--endpoint", &format!("http://{}", up.address()), "--token", TOKEN, "get", "k"],
+            &[],
+            None,
+        );
+        assert!(!plain.status.success(), "plaintext to the TLS gateway");
+
+        for key in ["ca.key", "platform.key", "node-0.key"] {
+            assert_eq!(mode(&dir.path().join("tls").join(key)), 0o600, "{key}");
+        }
+    }
+    // A restart keeps the CA, so clients keep trusting it, and the data.
+    let up = Up::start(dir.path(), &["--tls"]);
+    assert_eq!(std::fs::read(&ca_file).expect("CA"), first_ca);
+    let endpoint = format!("https://{}", up.address());
+    let ca = ca_file.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let get = run_kvctl(
+            &["--endpoint", &endpoint, "--token", TOKEN, "--cacert", &ca, "get", "k"],
+            &[],
+            None,
+        );
+        if get.status.success() {
+            assert_eq!(stdout(&get).trim(), "v");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after a restart: {}",
+            stderr(&get)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -29,6 +29,7 @@ pub mod metrics;
 mod process;
 mod state;
 mod supervisor;
+mod tls;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -92,6 +93,9 @@ pub struct UpOptions {
     pub anti_entropy_secs: u64,
     /// Print state changes and progress on stdout.
     pub verbose: bool,
+    /// TLS everywhere (`kvctl up --tls`): a local CA and certificates in
+    /// `<data-dir>/tls/`, nodes' ports and the gateway over TLS.
+    pub tls: bool,
 }
 
 /// What the supervisor and the gateway share.
@@ -132,6 +136,8 @@ pub struct Platform {
     /// Arguments given to `node_binary` before the node's own flags
     /// (`node` when it is `kvctl` itself).
     node_args: Vec<std::ffi::OsString>,
+    /// `kvctl up --tls`'s CA and certificates.
+    pub tls: Option<tls::LocalTls>,
 }
 
 impl Platform {
@@ -170,11 +176,16 @@ impl Platform {
             )
         })
         .with_failure_detection_ms(opts.failure_detection_ms);
+        let tls = match opts.tls {
+            true => Some(tls::LocalTls::prepare(&opts.data_dir)?),
+            false => None,
+        };
         let platform = Platform {
-            http: reqwest::Client::builder()
+            http: tls::client_builder(tls.as_ref())
                 .timeout(Duration::from_millis(800))
                 .build()
                 .unwrap_or_default(),
+            tls,
             inner: Mutex::new(Inner {
                 saved,
                 topology,
@@ -207,6 +218,11 @@ impl Platform {
             platform.save(&inner)?;
         }
         Ok(platform)
+    }
+
+    /// `https` with `--tls`, else `http`: how the platform calls its nodes.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -287,7 +303,13 @@ pub async fn up(
             s.write_consistency,
             platform.opts.data_dir.display()
         ));
-        platform.say(format!("gateway: http://{local}"));
+        match &platform.tls {
+            Some(tls) => {
+                platform.say(format!("gateway: https://{local}"));
+                platform.say(format!("CA:      {}", tls.ca_file().display()));
+            }
+            None => platform.say(format!("gateway: http://{local}")),
+        }
         platform.say(format!("token:   {}", s.token));
         if !s.failed_nodes.is_empty() {
             platform.say(format!("held down: {:?}", s.failed_nodes));

@@ -52,6 +52,14 @@ impl Platform {
             .create(true)
             .append(true)
             .open(self.opts.data_dir.join(format!("node-{o}.log")));
+        let tls = match self.tls.as_ref().map(|t| t.node_files(o).map(|f| (f, t.ca_file()))) {
+            Some(Err(e)) => {
+                tracing::error!(node = o, error = %e, "cannot issue the node's certificate");
+                return;
+            }
+            Some(Ok(files)) => Some(files),
+            None => None,
+        };
         let mut cmd = Command::new(&self.opts.node_binary);
         cmd.args(&self.node_args)
             .arg("--listen")
@@ -68,6 +76,13 @@ impl Platform {
             .arg(self.opts.anti_entropy_secs.to_string())
             .env("KV_TOKEN", &inner.saved.token)
             .env("KV_CLUSTER_TOKEN", &inner.saved.cluster_token)
+            .envs(tls.iter().flat_map(|((cert, key), ca)| {
+                [
+                    ("KV_TLS_CERT", cert.clone()),
+                    ("KV_TLS_KEY", key.clone()),
+                    ("KV_TLS_CLUSTER_CA", ca.clone()),
+                ]
+            }))
             .envs(
                 self.node_env
                     .lock()

@@ -125,7 +125,7 @@ impl Platform {
         let targets: Vec<(u32, String)> = self
             .running_ports()
             .into_iter()
-            .map(|(o, c, _)| (o, format!("http://127.0.0.1:{c}/v1/cluster")))
+            .map(|(o, c, _)| (o, format!("{}://127.0.0.1:{c}/v1/cluster", self.scheme())))
             .collect();
         let token = self.lock().saved.token.clone();
         let mut answers = Vec::new();
@@ -250,7 +250,7 @@ impl Platform {
         let targets: Vec<String> = self
             .running_ports()
             .into_iter()
-            .map(|(_, _, p)| format!("http://127.0.0.1:{p}/internal/v1/topology"))
+            .map(|(_, _, p)| format!("{}://127.0.0.1:{p}/internal/v1/topology", self.scheme()))
             .collect();
         let token = self.lock().saved.cluster_token.clone();
         let body = serde_json::to_vec(t).unwrap_or_default();

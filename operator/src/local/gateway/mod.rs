@@ -52,14 +52,15 @@ fn error(status: u16, code: &str, message: impl Into<String>, classic: bool) -> 
 
 impl Gateway {
     pub fn new(platform: Arc<Platform>) -> Arc<Gateway> {
+        let http = super::tls::client_builder(platform.tls.as_ref())
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_default();
         Arc::new(Gateway {
             platform,
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(64)
-                .tcp_nodelay(true)
-                .timeout(Duration::from_secs(30))
-                .build()
-                .unwrap_or_default(),
+            http,
             next: AtomicUsize::new(0),
         })
     }
@@ -134,5 +135,6 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    kv_net::serve("gateway", gateway.routes(), listener, stop).await;
+    let tls = gateway.platform.tls.as_ref().map(|t| t.server.clone());
+    kv_net::serve_tls("gateway", gateway.routes(), listener, tls, stop).await;
 }

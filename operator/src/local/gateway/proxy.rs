@@ -58,7 +58,7 @@ impl Gateway {
         let mut last_error = String::new();
         for i in 0..nodes.len() {
             let (o, addr) = &nodes[(start + i) % nodes.len()];
-            let mut url = format!("http://{addr}{path}");
+            let mut url = format!("{}://{addr}{path}", self.platform.scheme());
             if !query.is_empty() {
                 url.push('?');
                 url.push_str(query);
