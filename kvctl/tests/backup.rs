@@ -493,6 +493,20 @@ fn a_backup_taken_under_writes_restores_exactly_from_a_directory() {
         "{}",
         stderr(&o)
     );
+
+    // With a node of the factor-2 cluster held down, a restore is refused
+    // (not every owner could take the records) and so is a backup (buckets
+    // with one of two owners answering lack a quorum).
+    ok(&p.b.kvctl(&["fail", "1", "--force"], &[]), "kvctl fail 1");
+    let o =
+        p.b.kvctl(&["restore", "--from", &p.location, "--force"], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("must be Up"), "{}", stderr(&o));
+    let elsewhere = format!("file://{}", root.path().join("backups/b").display());
+    let o = p.b.kvctl(&["backup", "--to", &elsewhere], &[]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("fewer than a quorum"), "{}", stderr(&o));
+    assert!(!root.path().join("backups/b/manifest.json").exists());
     let _ = p.manifest;
 }
 
