@@ -371,8 +371,14 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     let secret_name = objects::auth_secret_name(kvc);
     let secret = get_opt(&secrets, &secret_name).await?;
 
+    // The KvCluster's UID names the cluster: a KvCluster deleted and made
+    // again under the same name is another cluster, and nodes on volumes it
+    // retained do not serve the old data as the new cluster's (a node
+    // refuses a topology of another cluster id). Clusters made before the
+    // UID was used keep the `namespace/name` their topology carries.
+    let legacy_id = key.clone();
     let mut observed = Observed {
-        cluster_id: key.clone(),
+        cluster_id: kvc.uid().unwrap_or_else(|| key.clone()),
         topology,
         epoch_floor: previous.topology_epoch,
         now_ms: u64::try_from(now.as_millisecond()).unwrap_or(0),
@@ -414,7 +420,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         // the target placement with every node Up, and new owners would
         // serve keys they never received.
         if observed.topology.is_none()
-            && let Some(t) = adopt(held_by_nodes, &observed.cluster_id)
+            && let Some(t) = adopt(held_by_nodes, &[&observed.cluster_id, &legacy_id])
         {
             warn!(kvcluster = %name, epoch = t.epoch, "no valid topology ConfigMap: carrying on from the newest topology the nodes hold");
             publish(
@@ -969,10 +975,11 @@ async fn fetch_report(
     Some(report)
 }
 
-/// The newest valid topology of `cluster_id` among those the nodes hold.
-pub fn adopt(held: Vec<Topology>, cluster_id: &str) -> Option<Topology> {
+/// The newest valid topology of this cluster (one of `ids`) among those
+/// the nodes hold.
+pub fn adopt(held: Vec<Topology>, ids: &[&str]) -> Option<Topology> {
     held.into_iter()
-        .filter(|t| t.cluster_id == cluster_id && t.validate().is_ok())
+        .filter(|t| ids.contains(&t.cluster_id.as_str()) && t.validate().is_ok())
         .max_by_key(|t| t.epoch)
 }
 
