@@ -226,12 +226,11 @@ fn with_tls_the_gateway_serves_https_and_kvctl_needs_the_ca() {
             .expect("a client");
         let ready = format!("https://{}/readyz", up.address());
         let deadline = Instant::now() + Duration::from_secs(60);
-        while https
-            .get(&ready)
-            .send()
-            .map_or(true, |r| r.status() != 200)
-        {
-            assert!(Instant::now() < deadline, "the TLS gateway never became ready");
+        while https.get(&ready).send().map_or(true, |r| r.status() != 200) {
+            assert!(
+                Instant::now() < deadline,
+                "the TLS gateway never became ready"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         let endpoint = format!("https://{}", up.address());
@@ -262,9 +261,20 @@ fn with_tls_the_gateway_serves_https_and_kvctl_needs_the_ca() {
             stderr(&untrusted)
         );
         let insecure = kvctl(&["--insecure", "get", "k"]);
-        assert!(insecure.status.success(), "--insecure: {}", stderr(&insecure));
+        assert!(
+            insecure.status.success(),
+            "--insecure: {}",
+            stderr(&insecure)
+        );
         let plain = run_kvctl(
-            &["--endpoint", &format!("http://{}", up.address()), "--token", TOKEN, "get", "k"],
+            &[
+                "--endpoint",
+                &format!("http://{}", up.address()),
+                "--token",
+                TOKEN,
+                "get",
+                "k",
+            ],
             &[],
             None,
         );
@@ -282,7 +292,16 @@ fn with_tls_the_gateway_serves_https_and_kvctl_needs_the_ca() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let get = run_kvctl(
-            &["--endpoint", &endpoint, "--token", TOKEN, "--cacert", &ca, "get", "k"],
+            &[
+                "--endpoint",
+                &endpoint,
+                "--token",
+                TOKEN,
+                "--cacert",
+                &ca,
+                "get",
+                "k",
+            ],
             &[],
             None,
         );

@@ -93,9 +93,7 @@ impl Ca {
         let key = KeyPair::generate().map_err(err("certificate key"))?;
         let ca = ca_params(&self.common_name)?;
         let issuer = Issuer::from_params(&ca, &self.key);
-        let cert = p
-            .signed_by(&key, &issuer)
-            .map_err(err("certificate"))?;
+        let cert = p.signed_by(&key, &issuer).map_err(err("certificate"))?;
         Ok((cert.pem(), key.serialize_pem()))
     }
 }

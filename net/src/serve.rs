@@ -168,7 +168,12 @@ fn unsupported_transfer_coding(headers: &HeaderMap) -> Option<String> {
     let codings: Vec<String> = headers
         .get_all(header::TRANSFER_ENCODING)
         .iter()
-        .flat_map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned().split(',').map(|c| c.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+        .flat_map(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .split(',')
+                .map(|c| c.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
         .filter(|c| !c.is_empty())
         .collect();
     match codings.as_slice() {
@@ -228,7 +233,11 @@ mod tests {
     #[test]
     fn targets_that_are_not_paths_are_refused_before_warp() {
         assert_eq!(status_of("127.0.0.1:80", &[]), Some(400));
-        assert_eq!(status_of("http://host", &[]), None, "an absolute form means /");
+        assert_eq!(
+            status_of("http://host", &[]),
+            None,
+            "an absolute form means /"
+        );
         assert_eq!(status_of("*", &[]), Some(400));
         assert_eq!(status_of("/v1/kv/a", &[]), None);
         assert_eq!(status_of("http://host/v1/kv/a?x=1", &[]), None);

@@ -210,9 +210,7 @@ fn load_server(paths: &[PathBuf]) -> Result<ServerConfig, TlsError> {
         }
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(
-        rustls::sign::SingleCertAndKey::from(ck),
-    ));
+    let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(ck)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -285,10 +283,7 @@ impl rustls::client::ResolvesClientCert for Identity {
 
 /// A client configuration trusting the CA in `ca` only, presenting
 /// `identity` when a server asks for a client certificate.
-pub fn client_config(
-    ca: &Path,
-    identity: Option<Arc<Identity>>,
-) -> Result<ClientConfig, TlsError> {
+pub fn client_config(ca: &Path, identity: Option<Arc<Identity>>) -> Result<ClientConfig, TlsError> {
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Rustls {

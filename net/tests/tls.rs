@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use kv_net::pki::{Ca, write_private};
-use rustls::pki_types::pem::PemObject;
 use kv_net::tls::{Identity, ServerFiles, ServerTls, client_config};
+use rustls::pki_types::pem::PemObject;
 use warp::Filter;
 
 struct Server {
@@ -42,7 +42,10 @@ fn issue(ca: &Ca, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = ca
         .issue(name, &["127.0.0.1", "localhost"])
         .expect("a certificate");
-    let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
     std::fs::write(&c, cert).expect("write");
     write_private(&k, key.as_bytes()).expect("write");
     (c, k)
@@ -129,9 +132,12 @@ async fn with_a_client_ca_only_clients_with_its_certificates_are_served() {
     let other = Ca::generate("cluster CA").expect("CA");
     let (stranger_c, stranger_k) = issue(&other, dir.path(), "stranger");
     assert!(
-        status(&presenting(&ca_file, Some((&stranger_c, &stranger_k))), &s.url)
-            .await
-            .is_err(),
+        status(
+            &presenting(&ca_file, Some((&stranger_c, &stranger_k))),
+            &s.url
+        )
+        .await
+        .is_err(),
         "a certificate of another CA, same CA name"
     );
 }
@@ -185,8 +191,8 @@ async fn certificates_rotated_on_disk_are_served_without_a_failed_request() {
         write_private(&key, new_key.as_bytes()).expect("write");
         tokio::time::sleep(Duration::from_millis(50)).await;
         std::fs::write(&cert, &new_cert).expect("write");
-        let want = rustls::pki_types::CertificateDer::from_pem_slice(new_cert.as_bytes())
-            .expect("PEM");
+        let want =
+            rustls::pki_types::CertificateDer::from_pem_slice(new_cert.as_bytes()).expect("PEM");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let served = client.get(&s.url).send().await.ok().and_then(|r| {

@@ -480,7 +480,12 @@ async fn post(
     path: &str,
     body: Vec<u8>,
 ) -> Result<bytes::Bytes, PeerError> {
-    send(inner, ordinal, http.post(url(inner.scheme, address, path)).body(body)).await
+    send(
+        inner,
+        ordinal,
+        http.post(url(inner.scheme, address, path)).body(body),
+    )
+    .await
 }
 
 async fn apply_batch(

@@ -36,7 +36,10 @@ fn issue(ca: &Ca, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = ca
         .issue(name, &["127.0.0.1", "localhost"])
         .expect("a certificate");
-    let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
     std::fs::write(&c, cert).expect("write");
     write_private(&k, key.as_bytes()).expect("write");
     (c, k)
@@ -102,9 +105,7 @@ fn two_tls_nodes_replicate_and_clients_without_the_ca_are_refused() {
                     .send()
                     .ok()
                     .and_then(|r| r.json::<serde_json::Value>().ok())
-                    .is_some_and(|v| {
-                        v["topology"]["epoch"] == 1 && v["storeCatchingUp"] != true
-                    })
+                    .is_some_and(|v| v["topology"]["epoch"] == 1 && v["storeCatchingUp"] != true)
             },
         );
     }
@@ -158,7 +159,11 @@ fn the_peer_port_refuses_a_peer_without_a_cluster_certificate_even_with_the_toke
     let (peer_c, peer_k) = pki.issue("node-1");
     let peer = client(&pki.ca_file, Some((&peer_c, &peer_k)));
     assert_eq!(ask(&peer, CLUSTER_TOKEN), Ok(200), "a cluster peer");
-    assert_eq!(ask(&peer, TOKEN), Ok(403), "a cluster peer with the client token");
+    assert_eq!(
+        ask(&peer, TOKEN),
+        Ok(403),
+        "a cluster peer with the client token"
+    );
 
     let anonymous = client(&pki.ca_file, None);
     assert!(
@@ -202,7 +207,10 @@ fn tls_flags_come_together_and_bad_files_stop_the_node() {
     let cert = cert.display().to_string();
     let key = key.display().to_string();
     let out = run(&["--tls-cert", &cert, "--tls-key", &key]);
-    assert!(!out.status.success(), "a certificate without the cluster CA");
+    assert!(
+        !out.status.success(),
+        "a certificate without the cluster CA"
+    );
     let out = run(&[
         "--tls-cert",
         &cert,

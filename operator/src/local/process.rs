@@ -52,7 +52,11 @@ impl Platform {
             .create(true)
             .append(true)
             .open(self.opts.data_dir.join(format!("node-{o}.log")));
-        let tls = match self.tls.as_ref().map(|t| t.node_files(o).map(|f| (f, t.ca_file()))) {
+        let tls = match self
+            .tls
+            .as_ref()
+            .map(|t| t.node_files(o).map(|f| (f, t.ca_file())))
+        {
             Some(Err(e)) => {
                 tracing::error!(node = o, error = %e, "cannot issue the node's certificate");
                 return;
