@@ -15,6 +15,7 @@ use kv_operator::k8s::controller::NodeReports;
 use kv_operator::k8s::crd::{AcceptedSpec, KvClusterStatus};
 use kv_operator::k8s::metrics::Metrics;
 use kv_operator::k8s::{Context, KvCluster, objects, reconcile};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 type Responder = Box<dyn FnOnce(&Value) -> (StatusCode, Value) + Send>;
@@ -78,7 +79,7 @@ async fn report_server(reports: Vec<(u64, u64, f64)>) -> NodeReports {
 }
 
 async fn report_server_recording(reports: Vec<(u64, u64, f64)>) -> (NodeReports, Pushes) {
-    report_server_holding(reports, None).await
+    report_server_holding(reports, None, vec![]).await
 }
 
 /// [`report_server_recording`], every node reporting `held` as the topology
@@ -86,6 +87,7 @@ async fn report_server_recording(reports: Vec<(u64, u64, f64)>) -> (NodeReports,
 async fn report_server_holding(
     reports: Vec<(u64, u64, f64)>,
     held: Option<Topology>,
+    catching_up: Vec<u32>,
 ) -> (NodeReports, Pushes) {
     use warp::Filter;
     let pushes: Pushes = Arc::default();
@@ -100,6 +102,7 @@ async fn report_server_holding(
                     if let Some(t) = &held {
                         r.topology = t.clone();
                     }
+                    r.store_catching_up = catching_up.contains(&ordinal);
                     serde_json::to_value(r).expect("a report serialises")
                 }
                 _ => json!({"error": "forbidden"}),
@@ -162,6 +165,57 @@ fn node_report(ordinal: u32, epoch: u64, synced: u64, progress: f64) -> kv_core:
     }
 }
 
+/// Every call a scenario makes must be one the operator's ClusterRole
+/// (deploy/rbac.yaml, what `kubectl apply` installs) allows; a real API
+/// server refuses the others with 403 and the reconcile fails.
+fn assert_allowed_by_rbac(method: &Method, path: &str) {
+    let rbac = include_str!("../../deploy/rbac.yaml");
+    // /api/v1/namespaces/ns/R[/name[/sub]] or /apis/G/V/namespaces/ns/R[...]
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (group, rest) = match parts.as_slice() {
+        ["api", _, rest @ ..] => ("", rest),
+        ["apis", g, _, rest @ ..] => (*g, rest),
+        _ => panic!("unexpected API path {path}"),
+    };
+    let rest = match rest {
+        ["namespaces", _, rest @ ..] => rest,
+        rest => rest,
+    };
+    let (resource, named) = match rest {
+        [r] => (r.to_string(), false),
+        [r, _] => (r.to_string(), true),
+        [r, _, sub] => (format!("{r}/{sub}"), true),
+        _ => panic!("unexpected API path {path}"),
+    };
+    let verb = match (method.as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        (m, _) => panic!("unexpected method {m}"),
+    };
+    let allowed = serde_yaml::Deserializer::from_str(rbac).any(|doc| {
+        let doc = Value::deserialize(doc).expect("rbac.yaml parses");
+        doc["kind"] == "ClusterRole"
+            && doc["rules"].as_array().is_some_and(|rules| {
+                rules.iter().any(|r| {
+                    let has = |field: &str, want: &str| {
+                        r[field]
+                            .as_array()
+                            .is_some_and(|v| v.iter().any(|x| x == want))
+                    };
+                    has("apiGroups", group) && has("resources", &resource) && has("verbs", verb)
+                })
+            })
+    });
+    assert!(
+        allowed,
+        "{method} {path} needs verb {verb} on {resource} (group {group:?}), which deploy/rbac.yaml does not grant"
+    );
+}
+
 async fn run_with(
     kvc: KvCluster,
     calls: Vec<Call>,
@@ -196,6 +250,7 @@ async fn run_with(
                 "call {i} differs; expected calls:\n{}",
                 expected.join("\n")
             );
+            assert_allowed_by_rbac(&parts.method, parts.uri.path());
             let bytes = body.collect_bytes().await.expect("request body");
             let body: Value = if bytes.is_empty() {
                 Value::Null
@@ -1086,6 +1141,7 @@ async fn a_configmap_deleted_mid_rebalance_is_rebuilt_from_the_topology_the_node
             (9, 0, 0.5),
         ],
         Some(held.clone()),
+        vec![],
     )
     .await;
     let mut calls = reconcile_calls(&kvc, &held, 5, false);
@@ -1103,6 +1159,24 @@ async fn a_configmap_deleted_mid_rebalance_is_rebuilt_from_the_topology_the_node
         t, held,
         "carried on unchanged: the joiners are not Up, nothing is committed"
     );
+}
+
+#[tokio::test]
+async fn a_node_on_an_empty_volume_is_shown_recovering_until_its_store_has_caught_up() {
+    let kvc = cluster("{}");
+    let current = topology(&kvc, 6, &[NodeState::Up; 3]);
+    // Node 2's volume came back empty: its store reports catching up.
+    let (reports, _) = report_server_holding(vec![(6, 6, 1.0); 3], None, vec![2]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        reconcile_calls(&kvc, &current, 3, false),
+        Some(reports),
+    )
+    .await;
+    let status = &seen[9].body["status"];
+    assert_eq!(status["nodes"][2]["state"], "Recovering", "{status}");
+    assert_eq!(status["nodes"][0]["state"], "Up");
+    assert_eq!(status["phase"], "Degraded");
 }
 
 #[tokio::test]

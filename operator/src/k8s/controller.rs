@@ -389,6 +389,9 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         .and_then(|s| s.metadata.creation_timestamp.as_ref())
         .and_then(|t| u64::try_from(t.0.as_millisecond()).ok());
     let mut ready = BTreeMap::new();
+    // Nodes whose store is new or rebuilt (a wiped or replaced volume):
+    // they serve nothing until they have pulled their buckets.
+    let mut catching_up = BTreeSet::new();
     for pod in &pod_list.items {
         let Some(ordinal) = ordinal_of(&name, &pod.name_any()) else {
             continue;
@@ -411,6 +414,9 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         for (ordinal, report) in futures::future::join_all(asks).await {
             if let Some(obs) = observed.nodes.get_mut(&ordinal) {
                 obs.report = report.as_ref().map(NodeProgress::from);
+            }
+            if report.as_ref().is_some_and(|r| r.store_catching_up) {
+                catching_up.insert(ordinal);
             }
             held_by_nodes.extend(report.map(|r| r.topology));
         }
@@ -644,6 +650,17 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     );
     for n in &mut status.nodes {
         n.unreachable_since = unreachable.get(&n.ordinal).map(|&ms| rfc3339(ms));
+        // Shown as what it is to a user: not serving, catching up. (The
+        // topology keeps it Up: the node itself refuses reads and its
+        // acknowledgements do not count until it has caught up.)
+        if n.state == NodeState::Up && catching_up.contains(&n.ordinal) {
+            n.state = NodeState::Recovering;
+        }
+    }
+    if status.phase == Some(Phase::Running)
+        && status.nodes.iter().any(|n| n.state != NodeState::Up)
+    {
+        status.phase = Some(Phase::Degraded);
     }
     let generation = kvc.meta().generation;
     status.conditions = match &refused {
