@@ -223,3 +223,125 @@ fn tls_flags_come_together_and_bad_files_stop_the_node() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("TLS"), "{stderr}");
 }
+
+/// A client trusting `ca` only, a new connection (handshake) per request,
+/// with the server's certificate in each answer.
+fn handshaking(ca: &Path) -> reqwest::blocking::Client {
+    let pem = std::fs::read(ca).expect("CA file");
+    reqwest::blocking::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&pem).expect("PEM")])
+        .pool_max_idle_per_host(0)
+        .tls_info(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("a client")
+}
+
+#[test]
+fn a_nodes_certificate_rotated_on_disk_is_served_without_a_failed_write() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let pki = Pki::new();
+    let data = tempfile::tempdir().expect("a scratch directory");
+    let topo = data.path().join("topology.json");
+    let mut nodes = Vec::new();
+    for o in 0..2 {
+        let dir = data.path().join(format!("node-{o}"));
+        nodes.push(tls_node(&pki, o, &dir, Some(&topo)));
+    }
+    let t = topology(
+        1,
+        &[(&nodes[0], NodeState::Up), (&nodes[1], NodeState::Up)],
+        Strategy::Full,
+        2,
+        Consistency::All,
+    );
+    write_topology(&topo, &t);
+    for n in &mut nodes {
+        n.start();
+    }
+    let https = client(&pki.ca_file, None);
+    let node0 = nodes[0].address();
+    eventually(
+        "node 0 takes writes at All",
+        Duration::from_secs(30),
+        || {
+            https
+                .put(format!("https://{node0}/v1/kv/first"))
+                .bearer_auth(TOKEN)
+                .body("x")
+                .send()
+                .is_ok_and(|r| r.status() == 200)
+        },
+    );
+    // Writes through node 0 at All, each on a new connection: node 0 serves
+    // its certificate and presents it to node 1 while both are replaced.
+    let (ok, failed, stop) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let load = {
+        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop.clone());
+        let (c, addr) = (handshaking(&pki.ca_file), node0.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let r = c
+                    .put(format!("https://{addr}/v1/kv/load-{i}"))
+                    .bearer_auth(TOKEN)
+                    .body("v")
+                    .send();
+                match r {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("failed write: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    let (cert, key) = (
+        pki.dir.path().join("node-0.crt"),
+        pki.dir.path().join("node-0.key"),
+    );
+    let probe = handshaking(&pki.ca_file);
+    for round in 0..3 {
+        let before = ok.load(Ordering::Relaxed);
+        let (new_cert, new_key) = pki
+            .ca
+            .issue(&format!("node-0-{round}"), &["127.0.0.1", "localhost"])
+            .expect("a certificate");
+        write_private(&key, new_key.as_bytes()).expect("write");
+        std::fs::write(&cert, &new_cert).expect("write");
+        let want = kv_net::tls::read_certs(&cert).expect("PEM");
+        eventually(
+            &format!("round {round}: node 0 serves its new certificate"),
+            Duration::from_secs(15),
+            || {
+                probe
+                    .get(format!("https://{node0}/healthz"))
+                    .send()
+                    .ok()
+                    .and_then(|r| {
+                        r.extensions()
+                            .get::<reqwest::tls::TlsInfo>()
+                            .and_then(|i| i.peer_certificate().map(<[u8]>::to_vec))
+                    })
+                    .is_some_and(|served| served == want[0].as_ref())
+            },
+        );
+        eventually(
+            &format!("round {round}: writes go on"),
+            Duration::from_secs(15),
+            || ok.load(Ordering::Relaxed) >= before + 5,
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("the load thread");
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    eprintln!("{ok} writes across 3 rotations of node 0's certificate, {failed} failed");
+    assert_eq!(failed, 0, "{failed} of {} writes failed", ok + failed);
+}
