@@ -437,7 +437,10 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
     }
     let t = topology_in(&seen[5]);
     assert_eq!(t.epoch, 1);
-    assert_eq!(t.cluster_id, "uid-1", "a new cluster is named by its KvCluster's UID");
+    assert_eq!(
+        t.cluster_id, "uid-1",
+        "a new cluster is named by its KvCluster's UID"
+    );
     assert_eq!(t.placement.members, [0, 1, 2]);
     assert!(t.nodes.iter().all(|n| n.state == NodeState::Up));
     assert_eq!(seen[8].body["spec"]["replicas"], 3);

@@ -657,8 +657,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             n.state = NodeState::Recovering;
         }
     }
-    if status.phase == Some(Phase::Running)
-        && status.nodes.iter().any(|n| n.state != NodeState::Up)
+    if status.phase == Some(Phase::Running) && status.nodes.iter().any(|n| n.state != NodeState::Up)
     {
         status.phase = Some(Phase::Degraded);
     }
