@@ -94,24 +94,28 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Verify => verify_cmd(&client, json_out).await,
         Command::Backup { to, access } => {
-            crate::cmd_backup::backup(&cli.endpoint, cli.token, &access, &to, timeout, json_out)
-                .await
+            let reach = crate::cmd_backup::Reach {
+                endpoint: &cli.endpoint,
+                token: cli.token,
+                access: &access,
+                tls: &tls,
+                timeout,
+            };
+            crate::cmd_backup::backup(reach, &to, json_out).await
         }
         Command::Restore {
             from,
             force,
             access,
         } => {
-            crate::cmd_backup::restore(
-                &cli.endpoint,
-                cli.token,
-                &access,
-                &from,
-                force,
+            let reach = crate::cmd_backup::Reach {
+                endpoint: &cli.endpoint,
+                token: cli.token,
+                access: &access,
+                tls: &tls,
                 timeout,
-                json_out,
-            )
-            .await
+            };
+            crate::cmd_backup::restore(reach, &from, force, json_out).await
         }
         Command::Up(args) => crate::cmd_up::run(args, cli.token).await,
         // main.rs runs `kvctl node` before parsing kvctl's own flags

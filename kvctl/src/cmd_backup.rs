@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use kv_operator::local::SavedState;
-use kvctl::backup::{self, peer::PeerClient, target::Target};
+use kvctl::backup::peer::{PeerClient, PeerTls};
+use kvctl::backup::{self, target::Target};
 use kvctl::cli::ClusterAccess;
-use kvctl::client::Client;
+use kvctl::client::{Client, TlsOptions};
 
 /// The client and cluster tokens: as given, else from the data directory's
 /// `cluster.json` (what `kvctl up` wrote).
@@ -40,16 +41,41 @@ fn read_state(dir: &Path) -> Result<SavedState> {
         .with_context(|| format!("{} is not a kvctl up state file", path.display()))
 }
 
-fn clients(
-    endpoint: &str,
-    token: Option<String>,
-    access: &ClusterAccess,
-    timeout: Duration,
-) -> Result<(Client, PeerClient)> {
+/// Where the cluster is and how to reach it: kvctl's global flags and
+/// `backup`/`restore`'s own.
+pub struct Reach<'a> {
+    pub endpoint: &'a str,
+    pub token: Option<String>,
+    pub access: &'a ClusterAccess,
+    pub tls: &'a TlsOptions,
+    pub timeout: Duration,
+}
+
+fn clients(reach: Reach<'_>) -> Result<(Client, PeerClient)> {
+    let Reach {
+        endpoint,
+        token,
+        access,
+        tls,
+        timeout,
+    } = reach;
     let (token, cluster_token) = tokens(token, access)?;
-    let client = Client::new(endpoint, token, None, timeout)?;
+    // A `kvctl up --tls` data directory: its CA for the gateway (unless
+    // --cacert says otherwise) and its certificate for the peer ports.
+    let peer_tls = access.data_dir.as_deref().and_then(PeerTls::of_data_dir);
+    let mut tls = tls.clone();
+    if let Some(t) = &peer_tls
+        && tls.cacert.is_none()
+    {
+        tls.cacert = Some(t.ca.clone());
+    }
+    let client = Client::with_tls(endpoint, token, None, timeout, &tls)?;
     // A bucket pull of a large bucket takes longer than a point request.
-    let peers = PeerClient::new(cluster_token, timeout.max(Duration::from_secs(60)))?;
+    let peers = PeerClient::new(
+        cluster_token,
+        timeout.max(Duration::from_secs(60)),
+        peer_tls.as_ref(),
+    )?;
     Ok((client, peers))
 }
 
@@ -60,15 +86,8 @@ fn print(line: String) -> Result<()> {
         .context("cannot write to stdout")
 }
 
-pub async fn backup(
-    endpoint: &str,
-    token: Option<String>,
-    access: &ClusterAccess,
-    to: &str,
-    timeout: Duration,
-    json_out: bool,
-) -> Result<ExitCode> {
-    let (client, peers) = clients(endpoint, token, access, timeout)?;
+pub async fn backup(reach: Reach<'_>, to: &str, json_out: bool) -> Result<ExitCode> {
+    let (client, peers) = clients(reach)?;
     let target = Target::open(to)?;
     let began = Instant::now();
     let m = backup::backup(&client, &peers, &target).await?;
@@ -97,15 +116,12 @@ pub async fn backup(
 }
 
 pub async fn restore(
-    endpoint: &str,
-    token: Option<String>,
-    access: &ClusterAccess,
+    reach: Reach<'_>,
     from: &str,
     force: bool,
-    timeout: Duration,
     json_out: bool,
 ) -> Result<ExitCode> {
-    let (client, peers) = clients(endpoint, token, access, timeout)?;
+    let (client, peers) = clients(reach)?;
     let target = Target::open(from)?;
     let began = Instant::now();
     let r = backup::restore(&client, &peers, &target, force).await?;

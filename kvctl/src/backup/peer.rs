@@ -58,21 +58,64 @@ pub struct Answer<T> {
 pub struct PeerClient {
     http: reqwest::Client,
     token: String,
+    scheme: &'static str,
+}
+
+/// How to reach peer ports that serve mutual TLS: the cluster CA and a
+/// certificate it issued (`kvctl up --tls` keeps both in `<data-dir>/tls/`).
+#[derive(Clone, Debug)]
+pub struct PeerTls {
+    pub ca: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl PeerTls {
+    /// The files of a `kvctl up --tls` data directory, when it has them.
+    pub fn of_data_dir(dir: &std::path::Path) -> Option<PeerTls> {
+        let tls = dir.join("tls");
+        let t = PeerTls {
+            ca: tls.join("ca.crt"),
+            cert: tls.join("platform.crt"),
+            key: tls.join("platform.key"),
+        };
+        [&t.ca, &t.cert, &t.key]
+            .iter()
+            .all(|p| p.is_file())
+            .then_some(t)
+    }
 }
 
 impl PeerClient {
-    pub fn new(token: String, timeout: Duration) -> Result<PeerClient, PeerError> {
-        let http = reqwest::Client::builder()
+    pub fn new(
+        token: String,
+        timeout: Duration,
+        tls: Option<&PeerTls>,
+    ) -> Result<PeerClient, PeerError> {
+        let setup = |detail: String| PeerError::Unreachable {
+            node: u32::MAX,
+            address: String::new(),
+            detail,
+        };
+        let mut builder = reqwest::Client::builder();
+        if let Some(t) = tls {
+            let id = kv_net::tls::Identity::load(&t.cert, &t.key)
+                .map_err(|e| setup(format!("cannot load {}: {e}", t.cert.display())))?;
+            let config = kv_net::tls::client_config(&t.ca, Some(id))
+                .map_err(|e| setup(format!("cannot use {}: {e}", t.ca.display())))?;
+            builder = builder.tls_backend_preconfigured(config);
+        }
+        let http = builder
             .timeout(timeout)
             .connect_timeout(timeout)
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| PeerError::Unreachable {
-                node: u32::MAX,
-                address: String::new(),
-                detail: format!("cannot build an HTTP client: {e}"),
-            })?;
-        Ok(PeerClient { http, token })
+            .map_err(|e| setup(format!("cannot build an HTTP client: {e}")))?;
+        Ok(PeerClient {
+            http,
+            token,
+            scheme: if tls.is_some() { "https" } else { "http" },
+        })
     }
 
     async fn call(
@@ -81,7 +124,7 @@ impl PeerClient {
         route: &'static str,
         body: Option<Vec<u8>>,
     ) -> Result<Answer<bytes::Bytes>, PeerError> {
-        let url = format!("http://{}/internal/v1/{route}", node.address);
+        let url = format!("{}://{}/internal/v1/{route}", self.scheme, node.address);
         let req = match body {
             Some(b) => self.http.post(&url).body(b),
             None => self.http.get(&url),
