@@ -24,10 +24,7 @@ root=$PWD
 # and its failure prints SKIP with this reason. Remove an entry when its step
 # passes (the run says so). "step|reason (issue item)".
 # shellcheck disable=SC2034 # read by deploy/kind/steps.sh
-KNOWN_OPERATOR_GAPS=(
-  "failed-node|failedNodes does not hold the node down: the operator deletes pod demo-1 once ('fault injection: pod deleted and held down') and the StatefulSet controller recreates it within a second (new on the real API server; issue 17 item 4, failure handling on real Kubernetes semantics)"
-  "scale-and-factor|a scale-down removes pods before every node has the topology that no longer uses them: Quorum writes and reads fail for seconds with 'node 3 is unreachable ... /internal/v1/apply' (or /read) (issue 17 item 1)"
-)
+KNOWN_OPERATOR_GAPS=()
 
 # shellcheck source=/dev/null
 eval "$(. test/kube/lib.sh && declare -p KV_KUBE_BIN)"

@@ -371,16 +371,20 @@ step_operator_restart() {
   counts=$(platform_operator_leaders)
   [ "$counts" = "1 1" ] || { why "expected 1 leading and 1 waiting operator replica, saw (leading waiting) $counts"; return 1; }
   load_start resume
-  kn patch kvc "$story_name" --type merge -p '{"spec":{"replication":{"factor":3}}}' >/dev/null
+  # A change that takes seconds, so that the leader dies in the middle of it:
+  # a new node must start and answer before it joins (a factor change alone
+  # now commits within a second of the push).
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"replicas":4,"replication":{"factor":3}}}' >/dev/null
   t0=$SECONDS
   until phase_is Rebalancing; do
-    [ $((SECONDS - t0)) -lt 60 ] || { load_stop resume || true; why "phase never Rebalancing after a factor change"; return 1; }
+    [ $((SECONDS - t0)) -lt 60 ] || { load_stop resume || true; why "phase never Rebalancing after replicas 4, factor 3"; return 1; }
     sleep 0.2
   done
   killed=$(platform_operator_kill)
-  say "  killed the leading operator ($killed) while Rebalancing (epoch $(kvc_field '{.status.topologyEpoch}'))"
-  wait_for "$story_wait" "settled with factor 3 after the standby took over" settled 3 || { load_stop resume || true; return 1; }
+  say "  killed the leading operator ($killed) while Rebalancing (epoch $(kvc_field '{.status.topologyEpoch}'), nodes $(node_states))"
+  wait_for "$story_wait" "settled with 4 nodes after the standby took over" settled 4 || { load_stop resume || true; return 1; }
   platform_operator_start >/dev/null
+  change '{"spec":{"replicas":3}}' 3 || { load_stop resume || true; return 1; }
   load_stop resume || return 1
   verify_clean
 }
