@@ -169,6 +169,7 @@ impl Store {
         })?;
         let path = dir.join(DB_FILE);
         let writer_conn = Connection::open(&path)?;
+        writer_conn.busy_timeout(std::time::Duration::from_secs(5))?;
         writer_conn.execute_batch(SCHEMA)?;
         let (digests, max_version) = digests_from_records(&writer_conn)?;
         let max_hint: Option<(i64, u32)> = writer_conn
@@ -552,7 +553,7 @@ impl Store {
             None => {
                 // A new store joins catching up, and stays so across restarts
                 // until a full catch-up clears it.
-                let tx = conn.transaction()?;
+                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 tx.execute(
                     "INSERT INTO meta (name, value) VALUES ('identity', ?1)",
                     [&requested],
@@ -839,7 +840,13 @@ fn commit_batch(
     current: &Mutex<Vec<Digest>>,
     ops: &[&WriteOp],
 ) -> Result<(Vec<WriteDone>, DigestChanges), StorageError> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: the transaction reads each key's version before it writes,
+    // and a deferred one that read before another connection (the meta
+    // writes: identity, alive_at) committed cannot upgrade to a writer; SQLite
+    // then answers SQLITE_BUSY at once, without the busy timeout, and every
+    // request of the batch failed with "database is locked". Taking the write
+    // lock first waits (busy timeout) instead.
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     // bucket digests touched by this transaction: as it found them, and as it leaves them
     let mut digests = Touched {
         current,
