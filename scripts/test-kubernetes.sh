@@ -11,8 +11,8 @@
 #
 #   KV_E2E_BIN_DIR       kv-node, kvctl, kv-operator (default target-kubelet/release,
 #                        built there if missing: CARGO_TARGET_DIR=target-kubelet)
-#   KV_E2E_CONFIGMAP_DELAY  the kubelet's ConfigMap refresh delay, s (default 10;
-#                        a real kubelet: 60-90)
+#   KV_E2E_CONFIGMAP_DELAY  the kubelet's ConfigMap refresh delay, s (default 90, as slow as
+#                        a real kubelet: 60-90, so a change that waits for it shows)
 #   KV_E2E_WAIT          seconds each bounded wait may take (default 240)
 #   KV_E2E_STRICT=1      known operator gaps fail too
 #   KV_KUBE_KEEP=1       leave everything running
@@ -136,7 +136,7 @@ trap finish EXIT
 say "kv-test-kubelet (images $image_a and $image_b: one kv-node build)"
 "$target/debug/kv-test-kubelet" --node-name "$node" --root "$state/kubelet" \
   --image-map "$image_a=$bin_dir/kv-node" --image-map "$image_b=$bin_dir/kv-node" \
-  --configmap-sync-delay "${KV_E2E_CONFIGMAP_DELAY:-10}" --restart-backoff 1 --pod-ip-prefix "$pod_prefix" \
+  --configmap-sync-delay "${KV_E2E_CONFIGMAP_DELAY:-90}" --restart-backoff 1 --pod-ip-prefix "$pod_prefix" \
   > "$state/kubelet.log" 2>&1 &
 kubelet_pid=$!
 hosts=$state/kubelet/hosts
