@@ -6,13 +6,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, kvctl_bin, run_kvctl, stderr, stdout, wait_port};
+use kv_testkit::{error_code, raw_exchange};
 
 const TOKEN: &str = "up-security-token";
 
@@ -59,7 +58,7 @@ impl Up {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             let raw = b"GET /readyz HTTP/1.1\r\nHost: kv\r\nConnection: close\r\n\r\n";
-            if exchange(&self.address(), raw).0 == 200 {
+            if raw_exchange(&self.address(), raw).0 == 200 {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -83,40 +82,6 @@ impl Drop for Up {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Sends `raw` and reads until the server closes: the status and the body.
-fn exchange(address: &str, raw: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(address).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    s.write_all(raw).expect("send");
-    let mut out = Vec::new();
-    if let Err(e) = s.read_to_end(&mut out) {
-        panic!(
-            "no complete answer to {:?}: {e}; read {:?}",
-            String::from_utf8_lossy(raw),
-            String::from_utf8_lossy(&out)
-        );
-    }
-    let text = String::from_utf8_lossy(&out);
-    let status = text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|t| t.get(..3))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = out
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| out[i + 4..].to_vec())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn error_code(body: &[u8]) -> String {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(body)));
-    v["error"].as_str().unwrap_or_default().to_string()
 }
 
 fn mode(path: &Path) -> u32 {
@@ -184,21 +149,21 @@ fn the_gateway_refuses_what_a_node_refuses() {
 
     let raw =
         format!("GET 127.0.0.1:80 HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
-    let (status, body) = exchange(&gw, raw.as_bytes());
+    let (status, body) = raw_exchange(&gw, raw.as_bytes());
     assert_eq!(status, 400, "an authority-form target");
     assert_eq!(error_code(&body), "bad_request");
 
     let raw = format!(
         "PUT /v1/kv/gz HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {TOKEN}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
     );
-    let (status, body) = exchange(&gw, raw.as_bytes());
+    let (status, body) = raw_exchange(&gw, raw.as_bytes());
     assert_eq!(status, 501, "gzip, chunked");
     assert_eq!(error_code(&body), "not_implemented");
     let get = |token: &str| {
         let raw = format!(
             "GET /v1/kv/gz HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
         );
-        exchange(&gw, raw.as_bytes())
+        raw_exchange(&gw, raw.as_bytes())
     };
     assert_eq!(get(TOKEN).0, 404, "nothing was stored");
 

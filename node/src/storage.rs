@@ -553,7 +553,8 @@ impl Store {
             None => {
                 // A new store joins catching up, and stays so across restarts
                 // until a full catch-up clears it.
-                let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+                let tx =
+                    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 tx.execute(
                     "INSERT INTO meta (name, value) VALUES ('identity', ?1)",
                     [&requested],

@@ -378,3 +378,42 @@ pub fn wait_epoch_only(nodes: &[&NodeProc], epoch: u64) {
         );
     }
 }
+
+/// Sends the bytes `raw` over a new TCP connection to `address` and reads the
+/// answer until the server closes it (send `Connection: close`, or a request
+/// the server refuses with it): the status and the body after the head. For
+/// requests a well-behaved client library would not send.
+pub fn raw_exchange(address: &str, raw: &[u8]) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(address).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(raw).expect("send");
+    let mut out = Vec::new();
+    if let Err(e) = s.read_to_end(&mut out) {
+        panic!(
+            "no complete answer to {:?}: {e}; read {:?}",
+            String::from_utf8_lossy(raw),
+            String::from_utf8_lossy(&out)
+        );
+    }
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let body = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| out[i + 4..].to_vec())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The `error` code of a JSON error body.
+pub fn error_code(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(body)));
+    v["error"].as_str().unwrap_or_default().to_string()
+}
