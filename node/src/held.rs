@@ -77,7 +77,9 @@ pub async fn wait_while_held(
         "held down by the control plane: the store stays closed and nothing is served until released"
     );
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(kv_net::serve("client", routes(me), listener, stop));
+    // The same protocol as the node's client port will speak once it runs.
+    let tls = config.tls.as_ref().map(|t| t.client.clone());
+    let server = tokio::spawn(kv_net::serve_tls("client", routes(me), listener, tls, stop));
     let released = loop {
         tokio::select! {
             _ = &mut *shutdown => break false,

@@ -345,3 +345,44 @@ fn a_nodes_certificate_rotated_on_disk_is_served_without_a_failed_write() {
     eprintln!("{ok} writes across 3 rotations of node 0's certificate, {failed} failed");
     assert_eq!(failed, 0, "{failed} of {} writes failed", ok + failed);
 }
+
+#[test]
+fn a_held_down_tls_node_answers_held_down_over_tls() {
+    // A node the control plane holds down keeps its client port's protocol:
+    // probes and clients speak TLS to it before and after the hold.
+    let pki = Pki::new();
+    let data = tempfile::tempdir().expect("a scratch directory");
+    let held = data.path().join("held-down");
+    std::fs::write(&held, "0\n").expect("write");
+    let mut n = tls_node(&pki, 0, &data.path().join("node-0"), None);
+    n.extra
+        .extend(["--held-file".into(), held.display().to_string()]);
+    n.start();
+    let c = client(&pki.ca_file, None);
+    let base = format!("https://{}", n.address());
+    let health = c
+        .get(format!("{base}/healthz"))
+        .send()
+        .expect("a TLS answer while held");
+    assert_eq!(health.status(), 200);
+    let report = c
+        .get(format!("{base}/v1/cluster"))
+        .bearer_auth(TOKEN)
+        .send()
+        .expect("a TLS answer while held");
+    assert_eq!(report.status(), 503);
+    let body: serde_json::Value = report.json().expect("json");
+    assert_eq!(body["error"], "held_down");
+    std::fs::write(&held, "").expect("write");
+    eventually(
+        "the released node serves over TLS",
+        Duration::from_secs(15),
+        || {
+            c.get(format!("{base}/v1/cluster"))
+                .bearer_auth(TOKEN)
+                .send()
+                .is_ok_and(|r| r.status() == 200)
+        },
+    );
+    assert!(n.terminate().is_some_and(|s| s.success()));
+}
