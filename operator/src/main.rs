@@ -125,6 +125,9 @@ async fn main() -> anyhow::Result<()> {
                 lease: (!no_leader_election).then_some((lease_name, lease_namespace)),
                 identity,
                 node_reports: !no_node_reports,
+                // Not the Lease's namespace, which defaults when unset: an
+                // unknown namespace lets operator pods of any namespace in.
+                operator_namespace: std::env::var("POD_NAMESPACE").ok(),
             })
             .await?;
         }

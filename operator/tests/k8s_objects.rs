@@ -262,7 +262,7 @@ fn user_scheduling_and_a_user_secret_replace_the_defaults() {
 }
 
 #[test]
-fn the_peer_service_is_headless_and_publishes_pods_that_are_not_ready() {
+fn the_peer_service_is_headless_and_publishes_pods_that_are_not_ready_on_the_peer_port_only() {
     let svc = objects::peer_service(&cluster("{}"));
     assert_eq!(svc.metadata.name.as_deref(), Some("demo-peers"));
     assert_owned(&svc.metadata, "peers");
@@ -276,10 +276,9 @@ fn the_peer_service_is_headless_and_publishes_pods_that_are_not_ready() {
         .into_iter()
         .map(|p| (p.name, p.port))
         .collect();
-    assert_eq!(
-        ports,
-        [(Some("client".into()), 7400), (Some("peer".into()), 7401)]
-    );
+    // A not-Ready pod's client port is not published; its DNS name still
+    // resolves (the operator reads reports there by that name).
+    assert_eq!(ports, [(Some("peer".into()), 7401)]);
 }
 
 #[test]
@@ -416,4 +415,132 @@ fn the_pvc_retention_policy_defaults_to_retain_and_reaches_the_statefulset() {
         .is_err(),
         "an unknown action is refused"
     );
+}
+
+/// The `from` of the ingress rule on `port`; `None` means any source.
+fn ingress_from(
+    np: &k8s_openapi::api::networking::v1::NetworkPolicy,
+    port: i32,
+) -> Option<Vec<serde_json::Value>> {
+    let rules = np
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress.clone())
+        .expect("ingress rules");
+    let rule = rules
+        .into_iter()
+        .find(|r| {
+            r.ports.as_ref().is_some_and(|ps| {
+                ps.iter().any(|p| {
+                    p.port == Some(IntOrString::Int(port)) && p.protocol.as_deref() == Some("TCP")
+                })
+            })
+        })
+        .unwrap_or_else(|| panic!("a rule for port {port}"));
+    assert_eq!(rule.ports.map(|p| p.len()), Some(1), "one port per rule");
+    rule.from.map(|from| {
+        from.iter()
+            .map(|p| serde_json::to_value(p).expect("json"))
+            .collect()
+    })
+}
+
+fn operator_pods_in(namespace_selector: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "namespaceSelector": namespace_selector,
+        "podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "kv-operator",
+            "app.kubernetes.io/component": "operator"
+        }}
+    })
+}
+
+#[test]
+fn the_network_policy_opens_the_peer_port_only_to_the_clusters_nodes_and_the_operator() {
+    let np =
+        objects::network_policy(&cluster("{}"), Some("kvstore-system")).expect("on by default");
+    assert_eq!(np.metadata.name.as_deref(), Some("demo"));
+    assert_owned(&np.metadata, "node");
+    let spec = np.spec.clone().expect("spec");
+    assert_eq!(
+        spec.pod_selector.and_then(|s| s.match_labels),
+        Some(selector())
+    );
+    assert_eq!(spec.policy_types, Some(vec!["Ingress".to_string()]));
+    assert_eq!(spec.egress, None, "egress is not fenced");
+    assert_eq!(spec.ingress.map(|r| r.len()), Some(2));
+    let operator = operator_pods_in(
+        serde_json::json!({"matchLabels": {"kubernetes.io/metadata.name": "kvstore-system"}}),
+    );
+    assert_eq!(
+        ingress_from(&np, PEER_PORT),
+        Some(vec![
+            serde_json::json!({"podSelector": {"matchLabels": selector()}}),
+            operator,
+        ])
+    );
+    assert_eq!(
+        ingress_from(&np, CLIENT_PORT),
+        None,
+        "by default the client port takes any source"
+    );
+}
+
+#[test]
+fn the_operator_pods_match_the_labels_of_the_shipped_operator_deployments() {
+    // deploy/operator.yaml's pod template and the chart's operator selector.
+    let deploy = include_str!("../../deploy/operator.yaml");
+    let chart = include_str!("../../charts/kvstore/templates/_helpers.tpl");
+    for (k, v) in objects::OPERATOR_POD_LABELS {
+        let line = format!("{k}: {v}");
+        assert!(
+            deploy.contains(&format!("        {line}\n")),
+            "deploy/operator.yaml pods lack {line}"
+        );
+        assert!(
+            chart.contains(&format!("\n{line}\n")),
+            "the chart's operator selector lacks {line}"
+        );
+    }
+}
+
+#[test]
+fn an_operator_of_unknown_namespace_is_let_in_from_any_namespace() {
+    let np = objects::network_policy(&cluster("{}"), None).expect("policy");
+    let peer = ingress_from(&np, PEER_PORT).expect("peer sources");
+    assert_eq!(peer[1], operator_pods_in(serde_json::json!({})));
+}
+
+#[test]
+fn client_from_restricts_the_client_port_and_keeps_the_operator_and_the_monitoring_namespace() {
+    let kvc = cluster(
+        "{networkPolicy: {clientFrom: [{namespaceSelector: {matchLabels: {team: apps}}}, {ipBlock: {cidr: 10.0.0.0/8}}], monitoringNamespace: monitoring}}",
+    );
+    let np = objects::network_policy(&kvc, Some("ops")).expect("policy");
+    assert_eq!(
+        ingress_from(&np, CLIENT_PORT),
+        Some(vec![
+            operator_pods_in(
+                serde_json::json!({"matchLabels": {"kubernetes.io/metadata.name": "ops"}})
+            ),
+            serde_json::json!({"namespaceSelector": {"matchLabels": {"team": "apps"}}}),
+            serde_json::json!({"ipBlock": {"cidr": "10.0.0.0/8"}}),
+            serde_json::json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}),
+        ])
+    );
+    // The peer port is the same whatever clientFrom says.
+    assert_eq!(ingress_from(&np, PEER_PORT).map(|p| p.len()), Some(2));
+}
+
+#[test]
+fn a_monitoring_namespace_alone_leaves_the_client_port_open() {
+    let kvc = cluster("{networkPolicy: {monitoringNamespace: monitoring}}");
+    let np = objects::network_policy(&kvc, Some("ops")).expect("policy");
+    assert_eq!(ingress_from(&np, CLIENT_PORT), None);
+}
+
+#[test]
+fn network_policy_enabled_false_makes_none() {
+    let kvc = cluster("{networkPolicy: {enabled: false}}");
+    assert!(objects::network_policy(&kvc, Some("ops")).is_none());
 }

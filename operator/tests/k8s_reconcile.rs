@@ -361,6 +361,7 @@ fn status_answer(kvc: KvCluster) -> impl FnOnce(&Value) -> (StatusCode, Value) {
 const NS: &str = "/api/v1/namespaces/ns";
 const APPS: &str = "/apis/apps/v1/namespaces/ns";
 const POLICY: &str = "/apis/policy/v1/namespaces/ns";
+const NETWORKING: &str = "/apis/networking.k8s.io/v1/namespaces/ns";
 const KVC: &str = "/apis/kvstore.dev/v1alpha1/namespaces/ns/kvclusters";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
 
@@ -403,6 +404,11 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
             ),
             call(
                 Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
                 &format!("{KVC}/demo/status"),
                 status_answer(kvc.clone()),
             ),
@@ -426,7 +432,7 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
         "the topology ConfigMap is created, not applied over whatever is there: {}",
         seen[5].query
     );
-    for applied in &seen[6..=10] {
+    for applied in &seen[6..=11] {
         assert!(
             applied.query.contains("fieldManager=kv-operator")
                 && applied.query.contains("force=true"),
@@ -445,8 +451,14 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
     assert!(t.nodes.iter().all(|n| n.state == NodeState::Up));
     assert_eq!(seen[8].body["spec"]["replicas"], 3);
     assert_eq!(seen[9].body["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        seen[10].body,
+        serde_json::to_value(objects::network_policy(&kvc, None).expect("on by default"))
+            .expect("json"),
+        "the NetworkPolicy as built, for an operator of unknown namespace"
+    );
 
-    let status = &seen[10].body["status"];
+    let status = &seen[11].body["status"];
     assert_eq!(status["phase"], "Creating");
     assert_eq!(status["observedGeneration"], 2);
     assert_eq!(status["topologyEpoch"], 1);
@@ -502,6 +514,11 @@ async fn an_ordinal_added_to_failed_nodes_deletes_that_pod_and_raises_the_topolo
                 &format!("{POLICY}/poddisruptionbudgets/demo"),
                 echo,
             ),
+            call(
+                Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
             call(Method::DELETE, &format!("{NS}/pods/demo-1"), |_| {
                 (StatusCode::OK, running_pod(1))
             }),
@@ -519,10 +536,10 @@ async fn an_ordinal_added_to_failed_nodes_deletes_that_pod_and_raises_the_topolo
     assert_eq!(t.epoch, 4, "the epoch is raised");
     assert_eq!(t.state_of(1), Some(NodeState::Failed));
     assert_eq!(t.state_of(0), Some(NodeState::Up));
-    assert_eq!(seen[10].body["reason"], "FaultInjected");
-    assert_eq!(seen[11].body["reason"], "NodeFailed");
-    assert_eq!(seen[11].body["type"], "Warning");
-    let status = &seen[12].body["status"];
+    assert_eq!(seen[11].body["reason"], "FaultInjected");
+    assert_eq!(seen[12].body["reason"], "NodeFailed");
+    assert_eq!(seen[12].body["type"], "Warning");
+    let status = &seen[13].body["status"];
     assert_eq!(status["phase"], "Degraded");
     assert_eq!(status["topologyEpoch"], 4);
     assert_eq!(status["nodes"][1]["state"], "Failed");
@@ -558,6 +575,11 @@ async fn a_node_already_held_down_is_not_deleted_again() {
             call(
                 Method::PATCH,
                 &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
                 echo,
             ),
             call(
@@ -624,7 +646,7 @@ async fn scaling_up_starts_the_new_pods_first_and_rebalances_once_they_answer() 
     .await;
     assert_eq!(topology_in(&seen[4]), current, "no placement change yet");
     assert_eq!(seen[7].body["spec"]["replicas"], 5);
-    assert_eq!(seen[9].body["status"]["phase"], "Rebalancing");
+    assert_eq!(seen[10].body["status"]["phase"], "Rebalancing");
 
     // Both answer (as non-members): the rebalance starts.
     let reports = report_server(vec![(7, 7, 1.0); 5]).await;
@@ -644,8 +666,8 @@ async fn scaling_up_starts_the_new_pods_first_and_rebalances_once_they_answer() 
     assert_eq!(t.pending.map(|p| p.members), Some(vec![0, 1, 2, 3, 4]));
     assert_eq!(t.nodes[3].state, NodeState::Joining);
     assert_eq!(seen[7].body["spec"]["replicas"], 5);
-    assert_eq!(seen[9].body["reason"], "RebalanceStarted");
-    assert_eq!(seen[10].body["status"]["phase"], "Rebalancing");
+    assert_eq!(seen[10].body["reason"], "RebalanceStarted");
+    assert_eq!(seen[11].body["status"]["phase"], "Rebalancing");
 }
 
 #[tokio::test]
@@ -679,13 +701,18 @@ async fn factor_one_removes_the_disruption_budget_and_warns_with_a_degraded_cond
             ),
             call(
                 Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
                 &format!("{KVC}/demo/status"),
                 status_answer(kvc.clone()),
             ),
         ],
     )
     .await;
-    let conditions = seen[9].body["status"]["conditions"]
+    let conditions = seen[10].body["status"]["conditions"]
         .as_array()
         .expect("conditions")
         .clone();
@@ -700,6 +727,69 @@ async fn factor_one_removes_the_disruption_budget_and_warns_with_a_degraded_cond
         .find(|c| c["type"] == "Available")
         .expect("Available");
     assert_eq!(available["status"], "True", "its only node is Up and Ready");
+}
+
+#[tokio::test]
+async fn network_policy_enabled_false_deletes_the_policy_the_operator_made() {
+    let kvc = cluster("{networkPolicy: {enabled: false}}");
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                |_| not_found(),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list(vec![]))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(Method::POST, &format!("{NS}/configmaps"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::DELETE,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                |_| {
+                    (
+                        StatusCode::OK,
+                        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                    )
+                },
+            ),
+            write_status(&kvc),
+        ],
+    )
+    .await;
+    assert_eq!(seen[9].path, format!("{NETWORKING}/networkpolicies/demo"));
+}
+
+#[tokio::test]
+async fn a_disabled_network_policy_already_gone_is_not_an_error() {
+    let kvc = cluster("{networkPolicy: {enabled: false}}");
+    let current = topology(&kvc, 1, &[NodeState::Up, NodeState::Up, NodeState::Up]);
+    let mut calls = reconcile_calls(&kvc, &current, 3, false);
+    let np = calls
+        .iter()
+        .position(|c| c.path.ends_with("/networkpolicies/demo"))
+        .expect("the NetworkPolicy call");
+    calls[np] = call(
+        Method::DELETE,
+        &format!("{NETWORKING}/networkpolicies/demo"),
+        |_| not_found(),
+    );
+    run(kvc, calls).await;
 }
 
 #[tokio::test]
@@ -733,6 +823,11 @@ async fn an_ordinal_removed_from_failed_nodes_whose_pod_is_back_starts_recoverin
                 &format!("{POLICY}/poddisruptionbudgets/demo"),
                 echo,
             ),
+            call(
+                Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
             call(Method::POST, EVENTS, echo),
             call(
                 Method::PATCH,
@@ -749,8 +844,8 @@ async fn an_ordinal_removed_from_failed_nodes_whose_pod_is_back_starts_recoverin
         Some(NodeState::Recovering),
         "not Up before its catch-up is reported done"
     );
-    assert_eq!(seen[9].body["reason"], "NodeRecovering");
-    let status = &seen[10].body["status"];
+    assert_eq!(seen[10].body["reason"], "NodeRecovering");
+    let status = &seen[11].body["status"];
     assert_eq!(status["nodes"][1]["state"], "Recovering");
     let progressing = status["conditions"]
         .as_array()
@@ -795,6 +890,11 @@ async fn a_recovering_node_whose_report_shows_its_catch_up_done_becomes_up() {
                 &format!("{POLICY}/poddisruptionbudgets/demo"),
                 echo,
             ),
+            call(
+                Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
             call(Method::POST, EVENTS, echo),
             call(
                 Method::PATCH,
@@ -808,8 +908,8 @@ async fn a_recovering_node_whose_report_shows_its_catch_up_done_becomes_up() {
     let t = topology_in(&seen[4]);
     assert_eq!(t.epoch, 6);
     assert_eq!(t.state_of(1), Some(NodeState::Up));
-    assert_eq!(seen[9].body["reason"], "NodeRecovered");
-    assert_eq!(seen[10].body["status"]["phase"], "Running");
+    assert_eq!(seen[10].body["reason"], "NodeRecovered");
+    assert_eq!(seen[11].body["status"]["phase"], "Running");
     assert_eq!(
         action,
         Action::requeue(Duration::from_secs(5)),
@@ -867,6 +967,11 @@ async fn a_node_still_catching_up_stays_recovering_with_its_progress_in_the_stat
             ),
             call(
                 Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
                 &format!("{KVC}/demo/status"),
                 status_answer(kvc.clone()),
             ),
@@ -875,7 +980,7 @@ async fn a_node_still_catching_up_stays_recovering_with_its_progress_in_the_stat
     )
     .await;
     assert_eq!(topology_in(&seen[4]).epoch, 5, "nothing changed");
-    let node = &seen[9].body["status"]["nodes"][1];
+    let node = &seen[10].body["status"]["nodes"][1];
     assert_eq!(node["state"], "Recovering");
     assert_eq!(node["resyncProgress"], 0.25);
 }
@@ -909,6 +1014,11 @@ fn reconcile_calls(kvc: &KvCluster, current: &Topology, pods: u32, event: bool) 
         call(
             Method::PATCH,
             &format!("{POLICY}/poddisruptionbudgets/demo"),
+            echo,
+        ),
+        call(
+            Method::PATCH,
+            &format!("{NETWORKING}/networkpolicies/demo"),
             echo,
         ),
     ];
@@ -963,7 +1073,7 @@ async fn scaling_down_commits_and_pushes_the_topology_but_keeps_the_leaving_pods
     // No node has reported epoch 10 yet: the StatefulSet keeps all five pods,
     // and the controller looks again soon.
     assert_eq!(seen[7].body["spec"]["replicas"], 5);
-    assert_eq!(seen[9].body["reason"], "RebalanceCommitted");
+    assert_eq!(seen[10].body["reason"], "RebalanceCommitted");
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 }
 
@@ -1096,6 +1206,11 @@ async fn a_lost_topology_is_rewritten_above_the_epoch_the_nodes_already_hold() {
             ),
             call(
                 Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
                 &format!("{KVC}/demo/status"),
                 status_answer(kvc.clone()),
             ),
@@ -1176,7 +1291,7 @@ async fn a_node_on_an_empty_volume_is_shown_recovering_until_its_store_has_caugh
         Some(reports),
     )
     .await;
-    let status = &seen[9].body["status"];
+    let status = &seen[10].body["status"];
     assert_eq!(status["nodes"][2]["state"], "Recovering", "{status}");
     assert_eq!(status["nodes"][0]["state"], "Up");
     assert_eq!(status["phase"], "Degraded");
@@ -1337,6 +1452,11 @@ async fn the_force_annotation_gets_a_hold_down_applied_that_is_refused_without_i
                     &format!("{POLICY}/poddisruptionbudgets/demo"),
                     echo,
                 ),
+                call(
+                    Method::PATCH,
+                    &format!("{NETWORKING}/networkpolicies/demo"),
+                    echo,
+                ),
                 call(Method::DELETE, &format!("{NS}/pods/demo-2"), |_| {
                     (StatusCode::OK, running_pod(2))
                 }),
@@ -1356,14 +1476,14 @@ async fn the_force_annotation_gets_a_hold_down_applied_that_is_refused_without_i
     assert_eq!(t.state_of(0), Some(NodeState::Up));
     assert_eq!(t.state_of(1), Some(NodeState::Failed));
     assert_eq!(t.state_of(2), Some(NodeState::Failed));
-    assert_eq!(seen[10].body["reason"], "FaultInjected");
+    assert_eq!(seen[11].body["reason"], "FaultInjected");
     assert_eq!(
-        seen[10].body["note"],
+        seen[11].body["note"],
         "node 2 (demo-2) deleted and held Failed until removed from faultInjection.failedNodes \
          (planned with force: kvstore.dev/force-fault-injection is \"true\")"
     );
-    assert_eq!(seen[11].body["reason"], "NodeFailed");
-    let status = &seen[12].body["status"];
+    assert_eq!(seen[12].body["reason"], "NodeFailed");
+    let status = &seen[13].body["status"];
     assert_eq!(status["phase"], "Degraded");
     assert_eq!(status["nodes"][2]["state"], "Failed");
     let available = condition(status, "Available").expect("Available");
@@ -1484,6 +1604,11 @@ async fn a_node_whose_pod_is_gone_longer_than_failure_detection_is_failed() {
                 &format!("{POLICY}/poddisruptionbudgets/demo"),
                 echo,
             ),
+            call(
+                Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
             call(Method::POST, EVENTS, echo),
             call(
                 Method::PATCH,
@@ -1497,7 +1622,7 @@ async fn a_node_whose_pod_is_gone_longer_than_failure_detection_is_failed() {
     assert_eq!(t.epoch, 5);
     assert_eq!(t.state_of(1), Some(NodeState::Failed));
     assert_eq!(seen[7].body["spec"]["replicas"], 3, "the pod comes back");
-    assert_eq!(seen[9].body["reason"], "NodeFailed");
+    assert_eq!(seen[10].body["reason"], "NodeFailed");
 }
 
 /// `secs` seconds before now, RFC 3339.
@@ -1576,7 +1701,7 @@ fn observe_running(
     calls
 }
 
-/// The ConfigMap, both Services, the StatefulSet and the budget.
+/// The ConfigMap, both Services, the StatefulSet, the budget and the NetworkPolicy.
 fn apply_objects() -> Vec<Call> {
     vec![
         call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
@@ -1586,6 +1711,11 @@ fn apply_objects() -> Vec<Call> {
         call(
             Method::PATCH,
             &format!("{POLICY}/poddisruptionbudgets/demo"),
+            echo,
+        ),
+        call(
+            Method::PATCH,
+            &format!("{NETWORKING}/networkpolicies/demo"),
             echo,
         ),
     ]
@@ -1635,7 +1765,7 @@ async fn a_pod_missing_for_less_than_failure_detection_leaves_its_node_up_and_fa
     .await;
     assert_eq!(topology_in(&seen[4]).epoch, 4, "nothing changes yet");
     assert_eq!(topology_in(&seen[4]).state_of(1), Some(NodeState::Up));
-    let status = seen[9].body["status"].clone();
+    let status = seen[10].body["status"].clone();
     assert_eq!(status["phase"], "Running");
     let since: k8s_openapi::jiff::Timestamp = status["nodes"][1]["unreachableSince"]
         .as_str()
@@ -1663,7 +1793,7 @@ async fn a_pod_missing_for_less_than_failure_detection_leaves_its_node_up_and_fa
     .await;
     assert_eq!(topology_in(&seen[4]).state_of(1), Some(NodeState::Up));
     assert_eq!(
-        seen[9].body["status"]["nodes"][1]["unreachableSince"],
+        seen[10].body["status"]["nodes"][1]["unreachableSince"],
         status["nodes"][1]["unreachableSince"]
     );
 
@@ -1686,8 +1816,8 @@ async fn a_pod_missing_for_less_than_failure_detection_leaves_its_node_up_and_fa
     .await;
     let t = topology_in(&seen[4]);
     assert_eq!((t.epoch, t.state_of(1)), (5, Some(NodeState::Failed)));
-    assert_eq!(seen[9].body["reason"], "NodeFailed");
-    let after = &seen[10].body["status"];
+    assert_eq!(seen[10].body["reason"], "NodeFailed");
+    let after = &seen[11].body["status"];
     assert_eq!(after["phase"], "Degraded");
     assert_eq!(
         after["nodes"][1]["unreachableSince"],
@@ -1730,8 +1860,8 @@ async fn a_refused_spec_keeps_the_last_accepted_one_reconciled_with_a_spec_refus
     assert_eq!(t.state_of(1), Some(NodeState::Failed));
     assert_eq!(t.state_of(2), Some(NodeState::Up));
     assert_eq!(seen[8].body["spec"]["replicas"], 3);
-    assert_eq!(seen[10].body["reason"], "NodeFailed");
-    let status = seen[11].body["status"].clone();
+    assert_eq!(seen[11].body["reason"], "NodeFailed");
+    let status = seen[12].body["status"].clone();
     assert_eq!(status["phase"], "Degraded", "not Failed: the cluster runs");
     assert_eq!(status["observedGeneration"], 2);
     assert_eq!(status["acceptedSpec"]["generation"], 1);
@@ -1771,7 +1901,7 @@ async fn a_refused_spec_keeps_the_last_accepted_one_reconciled_with_a_spec_refus
         ),
     )
     .await;
-    let status = &seen[9].body["status"];
+    let status = &seen[10].body["status"];
     assert_eq!(status["phase"], "Degraded");
     let refused = condition(status, "SpecRefused").expect("still refused");
     assert!(
@@ -1817,8 +1947,8 @@ async fn a_hold_down_refused_while_another_node_is_down_is_carried_out_once_that
         (t.epoch, t.state_of(1), t.state_of(2)),
         (5, Some(NodeState::Recovering), Some(NodeState::Up))
     );
-    assert_eq!(seen[10].body["reason"], "NodeRecovering");
-    let status = seen[11].body["status"].clone();
+    assert_eq!(seen[11].body["reason"], "NodeRecovering");
+    let status = seen[12].body["status"].clone();
     assert_eq!(
         condition(&status, "SpecRefused").expect("refused")["status"],
         "True"
@@ -1854,9 +1984,9 @@ async fn a_hold_down_refused_while_another_node_is_down_is_carried_out_once_that
     .await;
     let t = topology_in(&seen[4]);
     assert_eq!((t.epoch, t.state_of(2)), (6, Some(NodeState::Failed)));
-    assert_eq!(seen[10].body["reason"], "FaultInjected");
-    assert_eq!(seen[11].body["reason"], "NodeFailed");
-    let status = &seen[12].body["status"];
+    assert_eq!(seen[11].body["reason"], "FaultInjected");
+    assert_eq!(seen[12].body["reason"], "NodeFailed");
+    let status = &seen[13].body["status"];
     assert_eq!(condition(status, "SpecRefused"), None);
     assert_eq!(status["acceptedSpec"]["generation"], 2);
     assert_eq!(

@@ -39,6 +39,7 @@ fn every_example_renders_its_owned_objects_without_owner_references() {
                 "Service",
                 "StatefulSet",
                 "PodDisruptionBudget",
+                "NetworkPolicy",
             ],
         ),
         // full.yaml names its own Secret, so none is generated.
@@ -50,6 +51,7 @@ fn every_example_renders_its_owned_objects_without_owner_references() {
                 "Service",
                 "StatefulSet",
                 "PodDisruptionBudget",
+                "NetworkPolicy",
             ],
         ),
         // factor 2 with W=One leaves one node of slack: a budget of 1.
@@ -62,6 +64,7 @@ fn every_example_renders_its_owned_objects_without_owner_references() {
                 "Service",
                 "StatefulSet",
                 "PodDisruptionBudget",
+                "NetworkPolicy",
             ],
         ),
     ] {
@@ -86,6 +89,17 @@ fn every_example_renders_its_owned_objects_without_owner_references() {
             .clone(),
         )
         .expect("the StatefulSet parses back");
+        let np = &docs[kinds(&docs)
+            .iter()
+            .position(|k| k == "NetworkPolicy")
+            .expect("NetworkPolicy")];
+        assert_eq!(
+            np["spec"]["ingress"][0]["from"][1]["namespaceSelector"]["matchLabels"]
+                ["kubernetes.io/metadata.name"]
+                .as_str(),
+            Some(kv_operator::k8s::render::DEFAULT_OPERATOR_NAMESPACE),
+            "{name}: rendered for the operator of deploy/operator.yaml"
+        );
         let replicas = example(name).spec.replicas;
         assert_eq!(
             sts.spec.and_then(|s| s.replicas),

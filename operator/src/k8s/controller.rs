@@ -5,7 +5,8 @@
 //! each live node's `/v1/cluster`. It hands that to the
 //! [planner](crate::planner) (see [`decide`]) and then applies, in this order: the generated Secret (created once, never
 //! overwritten), the topology ConfigMap, the peer and client Services, the
-//! StatefulSet, the PodDisruptionBudget (or its removal), the deletion of pods
+//! StatefulSet, the PodDisruptionBudget (or its removal), the NetworkPolicy
+//! (or its removal), the deletion of pods
 //! held down by fault injection, Events for what changed, and the status with
 //! `observedGeneration`. The ConfigMap goes before the StatefulSet so that a
 //! scale-down removes pods only after the topology without them is written.
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -84,6 +86,9 @@ pub struct Context {
     pub metrics: Metrics,
     /// Ask live nodes for their report on `/v1/cluster`; `None` turns it off.
     pub node_reports: Option<NodeReports>,
+    /// The operator's own namespace, whose kv-operator pods each cluster's
+    /// NetworkPolicy lets in; any namespace when `None`.
+    pub operator_namespace: Option<String>,
     /// Consecutive failed reconciles per cluster (`namespace/name`), for backoff.
     failures: std::sync::Mutex<BTreeMap<String, u32>>,
 }
@@ -145,8 +150,15 @@ impl Context {
             client,
             metrics,
             node_reports,
+            operator_namespace: None,
             failures: Default::default(),
         }
+    }
+
+    /// The operator runs in `namespace` (see [`Context::operator_namespace`]).
+    pub fn with_operator_namespace(mut self, namespace: Option<String>) -> Context {
+        self.operator_namespace = namespace;
+        self
     }
 }
 
@@ -577,6 +589,18 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         Some(pdb) => apply(&pdbs, &objects::pdb_name(kvc), &pdb).await?,
         None => match pdbs
             .delete(&objects::pdb_name(kvc), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        },
+    }
+    let nps: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+    match objects::network_policy(kvc, ctx.operator_namespace.as_deref()) {
+        Some(np) => apply(&nps, &objects::network_policy_name(kvc), &np).await?,
+        None => match nps
+            .delete(&objects::network_policy_name(kvc), &DeleteParams::default())
             .await
         {
             Ok(_) => {}

@@ -14,6 +14,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use kube::{CustomResource, KubeSchema};
 use kv_core::{Consistency, Strategy};
 use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
@@ -132,6 +133,52 @@ pub struct KvClusterSpec {
     #[serde(default = "default_failure_detection_seconds")]
     #[schemars(range(min = 1, max = 3600))]
     pub failure_detection_seconds: u32,
+
+    /// The NetworkPolicy the operator makes for the node pods (on unless
+    /// `enabled: false`).
+    #[serde(default, skip_serializing_if = "NetworkPolicySettings::is_default")]
+    pub network_policy: NetworkPolicySettings,
+}
+
+/// Who may reach the node pods. The peer port (7401) is open only to the
+/// cluster's own node pods and to kv-operator's pods (which push
+/// topologies there); the client port (7400, also `/metrics`) to the
+/// sources below and to kv-operator (which reads node reports there).
+/// A policy only fences where the cluster's network plugin enforces it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySettings {
+    /// Make the NetworkPolicy `<name>`; `false` deletes the one the operator made.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Sources allowed on the client port, as NetworkPolicy `from` entries
+    /// (`podSelector`, `namespaceSelector`, `ipBlock`). Empty: any source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "open_object_list")]
+    pub client_from: Vec<NetworkPolicyPeer>,
+    /// Namespace of the Prometheus that scrapes `/metrics` on the client
+    /// port: allowed there too when `clientFrom` restricts it. A
+    /// NetworkPolicy cannot tell paths apart, so it reaches the whole
+    /// client port (the API still wants the client token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub monitoring_namespace: Option<String>,
+}
+
+impl Default for NetworkPolicySettings {
+    fn default() -> Self {
+        NetworkPolicySettings {
+            enabled: true,
+            client_from: Vec::new(),
+            monitoring_namespace: None,
+        }
+    }
+}
+
+impl NetworkPolicySettings {
+    pub fn is_default(&self) -> bool {
+        *self == NetworkPolicySettings::default()
+    }
 }
 
 /// Replication settings; the defaults are SPEC §2's.
@@ -363,6 +410,7 @@ impl Default for KvClusterSpec {
             tolerations: None,
             node_selector: None,
             failure_detection_seconds: default_failure_detection_seconds(),
+            network_policy: NetworkPolicySettings::default(),
         }
     }
 }
@@ -471,6 +519,9 @@ fn default_storage_size() -> String {
 }
 fn default_failure_detection_seconds() -> u32 {
     10
+}
+fn default_true() -> bool {
+    true
 }
 
 /// The kv-node image of the same release as this operator.

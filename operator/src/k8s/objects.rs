@@ -9,8 +9,8 @@
 //! Names: the StatefulSet is `<name>` (pods `<name>-<ordinal>`, so that
 //! `--node-id-from-hostname` finds the ordinal), the headless peer Service
 //! `<name>-peers`, the client Service `<name>`, the topology ConfigMap
-//! `<name>-topology`, the generated token Secret `<name>-auth` and the
-//! PodDisruptionBudget `<name>`.
+//! `<name>-topology`, the generated token Secret `<name>-auth`, the
+//! PodDisruptionBudget `<name>` and the NetworkPolicy `<name>`.
 
 use std::collections::BTreeMap;
 
@@ -25,6 +25,10 @@ use k8s_openapi::api::core::v1::{
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
     SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
     VolumeResourceRequirements, WeightedPodAffinityTerm,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
+    NetworkPolicySpec,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -62,6 +66,14 @@ pub const CLUSTER_TOKEN_KEY: &str = "cluster-token";
 pub const APP_NAME: &str = "kvstore";
 /// `app.kubernetes.io/managed-by`, and the server-side apply field manager.
 pub const MANAGER: &str = "kv-operator";
+/// Labels of kv-operator's own pods (deploy/operator.yaml and the chart's
+/// `kvstore.operatorSelector`): the NetworkPolicy lets them in.
+pub const OPERATOR_POD_LABELS: [(&str, &str); 2] = [
+    ("app.kubernetes.io/name", "kv-operator"),
+    ("app.kubernetes.io/component", "operator"),
+];
+/// The label every namespace carries with its own name (Kubernetes ≥ 1.22).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// Object names derived from the cluster name.
 pub fn statefulset_name(kvc: &KvCluster) -> String {
@@ -84,6 +96,9 @@ pub fn auth_secret_name(kvc: &KvCluster) -> String {
         .unwrap_or_else(|| format!("{}-auth", kvc.name_any()))
 }
 pub fn pdb_name(kvc: &KvCluster) -> String {
+    kvc.name_any()
+}
+pub fn network_policy_name(kvc: &KvCluster) -> String {
     kvc.name_any()
 }
 pub fn pod_name(kvc: &KvCluster, ordinal: u32) -> String {
@@ -402,7 +417,10 @@ fn service_port(name: &str, port: i32) -> ServicePort {
 
 /// The headless Service behind the pods' stable DNS names. It publishes pods
 /// that are not Ready too: a Recovering node must be reachable by its peers to
-/// catch up, and peers must find a Joining node to stream data to it.
+/// catch up, and peers must find a Joining node to stream data to it. It
+/// lists only the peer port, so a not-Ready pod's client port is not
+/// published; the DNS names (which the operator also uses for the client
+/// port) do not depend on the ports listed.
 pub fn peer_service(kvc: &KvCluster) -> Service {
     Service {
         metadata: meta(kvc, peer_service_name(kvc), "peers"),
@@ -410,10 +428,7 @@ pub fn peer_service(kvc: &KvCluster) -> Service {
             cluster_ip: Some("None".to_string()),
             publish_not_ready_addresses: Some(true),
             selector: Some(selector_labels(kvc)),
-            ports: Some(vec![
-                service_port("client", CLIENT_PORT),
-                service_port("peer", PEER_PORT),
-            ]),
+            ports: Some(vec![service_port("peer", PEER_PORT)]),
             ..ServiceSpec::default()
         }),
         status: None,
@@ -502,5 +517,100 @@ pub fn pdb(kvc: &KvCluster) -> Option<PodDisruptionBudget> {
             ..PodDisruptionBudgetSpec::default()
         }),
         status: None,
+    })
+}
+
+fn policy_port(port: i32) -> Option<Vec<NetworkPolicyPort>> {
+    Some(vec![NetworkPolicyPort {
+        port: Some(IntOrString::Int(port)),
+        protocol: Some("TCP".to_string()),
+        ..NetworkPolicyPort::default()
+    }])
+}
+
+fn namespace_named(name: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some(BTreeMap::from([(
+            NAMESPACE_NAME_LABEL.to_string(),
+            name.to_string(),
+        )])),
+        ..LabelSelector::default()
+    }
+}
+
+/// kv-operator's pods in `operator_namespace`, or in any namespace when it
+/// is unknown (an operator started without `POD_NAMESPACE`).
+fn operator_peer(operator_namespace: Option<&str>) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        namespace_selector: Some(
+            operator_namespace.map_or_else(LabelSelector::default, namespace_named),
+        ),
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(
+                OPERATOR_POD_LABELS
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    }
+}
+
+/// The NetworkPolicy of the node pods, unless `spec.networkPolicy.enabled`
+/// is false (see [`NetworkPolicySettings`](super::crd::NetworkPolicySettings)).
+/// Ingress only: the peer port from the cluster's own node pods and
+/// kv-operator's pods; the client port from anyone when
+/// `clientFrom` is empty, else from kv-operator, `clientFrom` and the
+/// monitoring namespace.
+pub fn network_policy(kvc: &KvCluster, operator_namespace: Option<&str>) -> Option<NetworkPolicy> {
+    let settings = &kvc.spec.network_policy;
+    if !settings.enabled {
+        return None;
+    }
+    let own_nodes = NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(kvc)),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    };
+    let operator = operator_peer(operator_namespace);
+    // No `from` at all opens the port to every source.
+    let client_from = (!settings.client_from.is_empty()).then(|| {
+        let mut from = vec![operator.clone()];
+        from.extend(settings.client_from.iter().cloned());
+        from.extend(
+            settings
+                .monitoring_namespace
+                .as_deref()
+                .map(|ns| NetworkPolicyPeer {
+                    namespace_selector: Some(namespace_named(ns)),
+                    ..NetworkPolicyPeer::default()
+                }),
+        );
+        from
+    });
+    Some(NetworkPolicy {
+        metadata: meta(kvc, network_policy_name(kvc), "node"),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(kvc)),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".to_string()]),
+            ingress: Some(vec![
+                NetworkPolicyIngressRule {
+                    ports: policy_port(PEER_PORT),
+                    from: Some(vec![own_nodes, operator]),
+                },
+                NetworkPolicyIngressRule {
+                    ports: policy_port(CLIENT_PORT),
+                    from: client_from,
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
     })
 }

@@ -15,6 +15,9 @@ use super::crd::KvCluster;
 use super::objects;
 use crate::planner::Observed;
 
+/// Where deploy/operator.yaml runs kv-operator.
+pub const DEFAULT_OPERATOR_NAMESPACE: &str = "kvstore-system";
+
 /// Why a cluster could not be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
@@ -54,6 +57,11 @@ pub fn render(kvc: &KvCluster) -> Result<String, RenderError> {
     docs.push(doc("StatefulSet", &objects::statefulset(&kvc, d.pods))?);
     if let Some(pdb) = objects::pdb(&kvc) {
         docs.push(doc("PodDisruptionBudget", &pdb)?);
+    }
+    // The namespace of deploy/operator.yaml: the one a live operator gets
+    // from POD_NAMESPACE is unknown offline.
+    if let Some(np) = objects::network_policy(&kvc, Some(DEFAULT_OPERATOR_NAMESPACE)) {
+        docs.push(doc("NetworkPolicy", &np)?);
     }
     Ok(docs.iter().map(|d| format!("---\n{d}")).collect::<String>())
 }

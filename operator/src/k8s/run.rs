@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::ObjectRef;
@@ -42,6 +43,9 @@ pub struct RunConfig {
     pub identity: String,
     /// Ask nodes for their reports on `/v1/cluster`.
     pub node_reports: bool,
+    /// The operator's own namespace (`POD_NAMESPACE`), let in by the
+    /// clusters' NetworkPolicies.
+    pub operator_namespace: Option<String>,
 }
 
 /// Serve `/metrics`, `/healthz` and `/readyz` on `listener` until the process
@@ -126,14 +130,18 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
     let cms: Api<ConfigMap> = scoped(&client, ns);
     let svcs: Api<Service> = scoped(&client, ns);
     let pdbs: Api<PodDisruptionBudget> = scoped(&client, ns);
+    let nps: Api<NetworkPolicy> = scoped(&client, ns);
     let pods: Api<Pod> = scoped(&client, ns);
     let managed = format!("app.kubernetes.io/managed-by={}", objects::MANAGER);
     let owned = || watcher::Config::default().labels(&managed);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        metrics,
-        cfg.node_reports.then(NodeReports::in_cluster).flatten(),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            metrics,
+            cfg.node_reports.then(NodeReports::in_cluster).flatten(),
+        )
+        .with_operator_namespace(cfg.operator_namespace.clone()),
+    );
     let controller = Controller::new(kvcs, watcher::Config::default());
     let store = controller.store();
     let gauges = ctx.metrics.clone();
@@ -154,6 +162,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
         .owns(cms, owned())
         .owns(svcs, owned())
         .owns(pdbs, owned())
+        .owns(nps, owned())
         // Pods belong to the StatefulSet, not to the KvCluster: map them back by label.
         .watches(
             pods,
