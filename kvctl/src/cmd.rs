@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use kv_core::NodeReport;
 use kv_core::NodeState;
-use kvctl::cli::{Cli, Command, KubeArgs, Output, PutArgs, ValueSource};
+use kvctl::cli::{Cli, Command, KubeArgs, Output, PutArgs, ValueSource, WaitArgs};
 use kvctl::client::Client;
 use kvctl::k8s::{self, Target};
 use kvctl::output::{self, NodeRow};
@@ -24,9 +24,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     // `--cluster NAME`: the KvCluster through the kube API; no endpoint involved.
     let kube = match &cli.command {
         Command::Fail {
-            node, force, kube, ..
-        } => Some((Kube::Fail(*node, *force), kube)),
-        Command::Recover { node, kube, .. } => Some((Kube::Recover(*node), kube)),
+            node,
+            force,
+            kube,
+            wait,
+        } => Some((Kube::Fail(*node, *force, wait), kube)),
+        Command::Recover { node, kube, wait } => Some((Kube::Recover(*node, wait), kube)),
         Command::Nodes { kube } => Some((Kube::Nodes, kube)),
         _ => None,
     };
@@ -129,14 +132,14 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// A `--cluster` command.
-enum Kube {
-    Fail(u32, bool),
-    Recover(u32),
+enum Kube<'a> {
+    Fail(u32, bool, &'a WaitArgs),
+    Recover(u32, &'a WaitArgs),
     Nodes,
 }
 
 async fn kube_cmd(
-    action: Kube,
+    action: Kube<'_>,
     name: &str,
     namespace: Option<&str>,
     context: Option<&str>,
@@ -153,16 +156,61 @@ async fn kube_cmd(
                 write_stdout(k8s::render_nodes(&kvc).as_bytes())?;
             }
         }
-        Kube::Fail(node, force) => {
+        Kube::Fail(node, force, wait) => {
             let outcome = target.within(timeout, target.fail(node, force)).await?;
             emit_outcome(&outcome, json_out)?;
+            return wait_for_effect(&target, node, NodeState::Failed, wait, timeout, json_out)
+                .await;
         }
-        Kube::Recover(node) => {
+        Kube::Recover(node, wait) => {
             let outcome = target.within(timeout, target.recover(node)).await?;
             emit_outcome(&outcome, json_out)?;
+            return wait_for_effect(&target, node, NodeState::Up, wait, timeout, json_out).await;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// After `fail`/`recover --cluster`, unless `--no-wait`: wait until the
+/// operator shows the change (as a gateway's control call does) and say so;
+/// past the bound, say it is still in progress (exit 0: the spec change
+/// stands and the operator carries it out); a refused spec exits 1.
+async fn wait_for_effect(
+    target: &Target,
+    node: u32,
+    want: NodeState,
+    wait: &WaitArgs,
+    timeout: Duration,
+    json_out: bool,
+) -> Result<ExitCode> {
+    if wait.no_wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bound = Duration::from_secs_f64(wait.wait_timeout);
+    let effect = target
+        .within(bound + timeout, target.wait_for_node(node, want, bound))
+        .await?;
+    if json_out {
+        print_json(&effect)?;
+    } else {
+        let secs = effect.waited_ms as f64 / 1000.0;
+        let line = match (&effect.refused, effect.in_effect) {
+            (Some(reason), _) => format!("refused by the operator: {reason}\n"),
+            (None, true) => format!("in effect: node {node} is {want} ({secs:.1} s)\n"),
+            (None, false) => format!(
+                "in progress: node {node} is {} after {secs:.1} s, not yet {want}; the operator carries the change out (kvctl nodes --cluster shows it)\n",
+                effect
+                    .state
+                    .map_or("not listed".to_string(), |s| s.to_string())
+            ),
+        };
+        write_stdout(line.as_bytes())?;
+    }
+    Ok(if effect.refused.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 fn emit_outcome(outcome: &k8s::Outcome, json_out: bool) -> Result<()> {

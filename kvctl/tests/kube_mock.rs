@@ -551,3 +551,71 @@ async fn rejected_credentials_say_so() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn waiting_for_a_hold_down_polls_until_the_operator_shows_the_node_failed_for_the_current_spec()
+ {
+    // Right after the patch (generation 3) the status is still the old one;
+    // then the operator has seen generation 3 but not yet failed the node;
+    // then it shows node 1 Failed.
+    let stale = kvcluster("8", &[1], &UP3);
+    let mut newer = kvcluster("8", &[1], &UP3);
+    newer["metadata"]["generation"] = json!(3);
+    let mut seen_not_failed = newer.clone();
+    seen_not_failed["status"]["observedGeneration"] = json!(3);
+    let mut stale_gen = stale.clone();
+    stale_gen["metadata"]["generation"] = json!(3);
+    let mut failed = seen_not_failed.clone();
+    failed["status"]["nodes"][1]["state"] = json!("Failed");
+    let calls = vec![
+        call(Method::GET, move |_| (StatusCode::OK, stale_gen)),
+        call(Method::GET, move |_| (StatusCode::OK, seen_not_failed)),
+        call(Method::GET, move |_| (StatusCode::OK, failed)),
+    ];
+    let (effect, seen) = run(calls, |t| async move {
+        t.wait_for_node(1, kv_core::NodeState::Failed, Duration::from_secs(10))
+            .await
+    })
+    .await;
+    let effect = effect.expect("waited");
+    assert!(effect.in_effect, "{effect:?}");
+    assert_eq!(effect.state, Some(kv_core::NodeState::Failed));
+    assert_eq!(seen.len(), 3);
+}
+
+#[tokio::test]
+async fn waiting_ends_at_the_bound_in_progress_or_at_once_on_a_refused_spec() {
+    // A bound of zero: one look, still Up.
+    let calls = vec![call(Method::GET, |_| {
+        (StatusCode::OK, kvcluster("8", &[1], &UP3))
+    })];
+    let (effect, _) = run(calls, |t| async move {
+        t.wait_for_node(1, kv_core::NodeState::Failed, Duration::ZERO)
+            .await
+    })
+    .await;
+    let effect = effect.expect("waited");
+    assert!(!effect.in_effect && effect.refused.is_none(), "{effect:?}");
+    assert_eq!(effect.state, Some(kv_core::NodeState::Up));
+
+    let mut refused = kvcluster("8", &[1], &UP3);
+    refused["status"]["conditions"] = json!([{
+        "type": "SpecRefused", "status": "True", "reason": "SpecRefused",
+        "message": "holding down node(s) [1] would leave some keys with 1 of 2 owners live",
+        "lastTransitionTime": "2026-12-03T10:00:00Z", "observedGeneration": 2
+    }]);
+    let calls = vec![call(Method::GET, move |_| (StatusCode::OK, refused))];
+    let (effect, _) = run(calls, |t| async move {
+        t.wait_for_node(1, kv_core::NodeState::Failed, Duration::from_secs(10))
+            .await
+    })
+    .await;
+    let effect = effect.expect("waited");
+    assert!(
+        effect
+            .refused
+            .as_deref()
+            .is_some_and(|r| r.contains("holding down")),
+        "{effect:?}"
+    );
+}

@@ -144,6 +144,49 @@ impl Target {
             .await
     }
 
+    /// Polls the KvCluster until the operator shows node `node` as `want`
+    /// for the current generation (status.observedGeneration caught up with
+    /// metadata.generation), at most `bound`: what a gateway's control call
+    /// waits for, done here through the status the operator writes. A spec
+    /// the operator refused ends the wait at once with its reason.
+    pub async fn wait_for_node(
+        &self,
+        node: u32,
+        want: kv_core::NodeState,
+        bound: Duration,
+    ) -> Result<Effect, KubeError> {
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let kvc = self.get().await?;
+            let generation = kvc.metadata.generation;
+            let status = kvc.status.unwrap_or_default();
+            let current = generation.is_some() && status.observed_generation >= generation;
+            let state = status
+                .nodes
+                .iter()
+                .find(|n| n.ordinal == node)
+                .map(|n| n.state);
+            let refused = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "SpecRefused" && c.status == "True" && current)
+                .map(|c| c.message.clone());
+            let in_effect = current && state == Some(want);
+            let waited = t0.elapsed();
+            if in_effect || refused.is_some() || waited >= bound {
+                return Ok(Effect {
+                    node,
+                    want,
+                    in_effect,
+                    state,
+                    refused,
+                    waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(500).min(bound - waited)).await;
+        }
+    }
+
     /// Read, decide on what was read, write with that read's resourceVersion
     /// as precondition; on 409 Conflict start over.
     async fn update(
@@ -247,4 +290,20 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     s
+}
+
+/// What [`Target::wait_for_node`] saw.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Effect {
+    pub node: u32,
+    /// The state waited for.
+    pub want: kv_core::NodeState,
+    /// The operator shows the node in that state for the current spec.
+    pub in_effect: bool,
+    /// The node's state in the status at the last look.
+    pub state: Option<kv_core::NodeState>,
+    /// The operator refused the spec (condition SpecRefused): its reason.
+    pub refused: Option<String>,
+    pub waited_ms: u64,
 }
