@@ -221,6 +221,16 @@ async fn run_with(
     calls: Vec<Call>,
     reports: Option<NodeReports>,
 ) -> (Action, Vec<Seen>) {
+    let (result, seen) = run_for_result(kvc, calls, reports).await;
+    (result.expect("reconcile succeeded"), seen)
+}
+
+/// [`run_with`], returning what the reconcile returned (an error too).
+async fn run_for_result(
+    kvc: KvCluster,
+    calls: Vec<Call>,
+    reports: Option<NodeReports>,
+) -> (Result<Action, kv_operator::k8s::Error>, Vec<Seen>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let registry = prometheus::Registry::new();
@@ -276,8 +286,7 @@ async fn run_with(
     });
     let action = tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(kvc), ctx))
         .await
-        .expect("reconcile finished in time")
-        .expect("reconcile succeeded");
+        .expect("reconcile finished in time");
     tokio::time::timeout(Duration::from_secs(5), server)
         .await
         .expect("mock server finished")
@@ -1295,6 +1304,54 @@ async fn a_node_on_an_empty_volume_is_shown_recovering_until_its_store_has_caugh
     assert_eq!(status["nodes"][2]["state"], "Recovering", "{status}");
     assert_eq!(status["nodes"][0]["state"], "Up");
     assert_eq!(status["phase"], "Degraded");
+}
+
+#[tokio::test]
+async fn a_topology_write_over_a_configmap_changed_since_it_was_read_conflicts_and_applies_nothing_more()
+ {
+    // Two operator replicas across a leader change: the other one wrote the
+    // ConfigMap after this one read it (at resourceVersion 41). This one's
+    // write carries 41 as its precondition, the API server answers 409, and
+    // nothing planned from the stale read is applied; the reconcile fails and
+    // is retried from what the other one wrote.
+    let kvc = cluster("{replicas: 4}");
+    let three = cluster("{replicas: 3}");
+    let current = topology(&three, 7, &[NodeState::Up; 3]);
+    let mut cm = configmap(&kvc, &current);
+    cm["metadata"]["resourceVersion"] = json!("41");
+    let (reports, pushes) = report_server_recording(vec![(7, 7, 1.0); 4]).await;
+    let mut calls = reconcile_calls(&kvc, &current, 4, false);
+    calls.truncate(5);
+    calls[0] = call(
+        Method::GET,
+        &format!("{NS}/configmaps/demo-topology"),
+        move |_| (StatusCode::OK, cm),
+    );
+    calls[4] = call(
+        Method::PUT,
+        &format!("{NS}/configmaps/demo-topology"),
+        |_| {
+            (
+                StatusCode::CONFLICT,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                       "message": "Operation cannot be fulfilled on configmaps \"demo-topology\": the object has been modified",
+                       "reason": "Conflict", "code": 409}),
+            )
+        },
+    );
+    let (result, seen) = run_for_result(kvc.clone(), calls, Some(reports)).await;
+    assert!(result.is_err(), "the reconcile fails on the conflict");
+    assert_eq!(seen.len(), 5, "nothing after the refused write");
+    assert_eq!(seen[4].body["metadata"]["resourceVersion"], "41");
+    assert_eq!(
+        topology_in(&seen[4]).epoch,
+        8,
+        "it would have started the rebalance"
+    );
+    assert!(
+        pushes.lock().expect("pushes").is_empty(),
+        "a topology that was not stored is pushed to no node"
+    );
 }
 
 #[tokio::test]
