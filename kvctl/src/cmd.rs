@@ -158,14 +158,20 @@ async fn kube_cmd(
         }
         Kube::Fail(node, force, wait) => {
             let outcome = target.within(timeout, target.fail(node, force)).await?;
-            emit_outcome(&outcome, json_out)?;
-            return wait_for_effect(&target, node, NodeState::Failed, wait, timeout, json_out)
-                .await;
+            return wait_for_effect(
+                &target,
+                &outcome,
+                NodeState::Failed,
+                wait,
+                timeout,
+                json_out,
+            )
+            .await;
         }
         Kube::Recover(node, wait) => {
             let outcome = target.within(timeout, target.recover(node)).await?;
-            emit_outcome(&outcome, json_out)?;
-            return wait_for_effect(&target, node, NodeState::Up, wait, timeout, json_out).await;
+            return wait_for_effect(&target, &outcome, NodeState::Up, wait, timeout, json_out)
+                .await;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -177,21 +183,29 @@ async fn kube_cmd(
 /// stands and the operator carries it out); a refused spec exits 1.
 async fn wait_for_effect(
     target: &Target,
-    node: u32,
+    outcome: &k8s::Outcome,
     want: NodeState,
     wait: &WaitArgs,
     timeout: Duration,
     json_out: bool,
 ) -> Result<ExitCode> {
     if wait.no_wait {
+        emit_outcome(outcome, json_out)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if !json_out {
+        emit_outcome(outcome, json_out)?;
+    }
+    let node = outcome.node;
     let bound = Duration::from_secs_f64(wait.wait_timeout);
     let effect = target
         .within(bound + timeout, target.wait_for_node(node, want, bound))
         .await?;
     if json_out {
-        print_json(&effect)?;
+        // One JSON document: the change, and what came of it under "effect".
+        let mut v = serde_json::to_value(outcome).context("cannot render JSON")?;
+        v["effect"] = serde_json::to_value(&effect).context("cannot render JSON")?;
+        print_json(&v)?;
     } else {
         let secs = effect.waited_ms as f64 / 1000.0;
         let line = match (&effect.refused, effect.in_effect) {

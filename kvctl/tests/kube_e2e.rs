@@ -340,7 +340,9 @@ fn assert_patch(r: &Request, body: Value) {
 async fn fail_patches_failed_nodes_with_the_resource_version_then_recover_removes_it() {
     let f = Fixture::new(kvcluster(&[], "Quorum")).await;
 
-    let out = f.kvctl(&["fail", "1", "--cluster", "demo"]).await;
+    let out = f
+        .kvctl(&["fail", "1", "--cluster", "demo", "--no-wait"])
+        .await;
     assert_success(&out);
     assert_eq!(
         text(&out.stdout),
@@ -353,7 +355,9 @@ async fn fail_patches_failed_nodes_with_the_resource_version_then_recover_remove
     assert_eq!(f.stored_failed_nodes(), json!([1]));
 
     // Again: nothing to write.
-    let out = f.kvctl(&["fail", "1", "--cluster", "demo"]).await;
+    let out = f
+        .kvctl(&["fail", "1", "--cluster", "demo", "--no-wait"])
+        .await;
     assert_success(&out);
     assert!(
         text(&out.stdout).starts_with("KvCluster ns/demo: node 1 is already held down"),
@@ -373,6 +377,7 @@ async fn fail_patches_failed_nodes_with_the_resource_version_then_recover_remove
             "ns",
             "-o",
             "json",
+            "--no-wait",
         ])
         .await;
     assert_success(&out);
@@ -395,7 +400,9 @@ async fn a_concurrent_change_gets_409_and_kvctl_keeps_it() {
     let f = Fixture::new(kvcluster(&[], "One")).await;
     f.state.lock().expect("state lock").concurrent_change = Some(vec![2]);
 
-    let out = f.kvctl(&["fail", "0", "--cluster", "demo"]).await;
+    let out = f
+        .kvctl(&["fail", "0", "--cluster", "demo", "--no-wait"])
+        .await;
     assert_success(&out);
     let stdout = text(&out.stdout);
     assert!(stdout.contains("failedNodes: [2, 0]\n"), "{stdout}");
@@ -412,7 +419,9 @@ async fn a_concurrent_change_gets_409_and_kvctl_keeps_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hold_down_that_leaves_keys_short_of_quorum_is_refused_and_nothing_is_written() {
     let f = Fixture::new(kvcluster(&[1], "Quorum")).await;
-    let out = f.kvctl(&["fail", "2", "--cluster", "demo"]).await;
+    let out = f
+        .kvctl(&["fail", "2", "--cluster", "demo", "--no-wait"])
+        .await;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert_eq!(
         text(&out.stderr),
@@ -421,8 +430,8 @@ async fn a_hold_down_that_leaves_keys_short_of_quorum_is_refused_and_nothing_is_
     );
     // --force does not reach beyond the cluster's ordinals.
     for args in [
-        &["fail", "3", "--cluster", "demo"][..],
-        &["fail", "3", "--cluster", "demo", "--force"],
+        &["fail", "3", "--cluster", "demo", "--no-wait"][..],
+        &["fail", "3", "--cluster", "demo", "--force", "--no-wait"],
     ] {
         let out = f.kvctl(args).await;
         assert_eq!(out.status.code(), Some(1), "{args:?}");
@@ -450,7 +459,7 @@ async fn force_sets_the_annotation_in_the_patch_and_recovering_the_last_node_rem
     };
 
     let out = f
-        .kvctl(&["fail", "2", "--cluster", "demo", "--force"])
+        .kvctl(&["fail", "2", "--cluster", "demo", "--force", "--no-wait"])
         .await;
     assert_success(&out);
     assert_eq!(
@@ -473,7 +482,9 @@ async fn force_sets_the_annotation_in_the_patch_and_recovering_the_last_node_rem
     assert_eq!(annotation(&f), json!("true"));
 
     // Node 1 recovered, node 2 still held down: the annotation stays.
-    let out = f.kvctl(&["recover", "1", "--cluster", "demo"]).await;
+    let out = f
+        .kvctl(&["recover", "1", "--cluster", "demo", "--no-wait"])
+        .await;
     assert_success(&out);
     let stdout = text(&out.stdout);
     assert!(
@@ -491,7 +502,15 @@ async fn force_sets_the_annotation_in_the_patch_and_recovering_the_last_node_rem
 
     // The last one: the annotation goes in the same patch.
     let out = f
-        .kvctl(&["recover", "2", "--cluster", "demo", "-o", "json"])
+        .kvctl(&[
+            "recover",
+            "2",
+            "--cluster",
+            "demo",
+            "-o",
+            "json",
+            "--no-wait",
+        ])
         .await;
     assert_success(&out);
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
@@ -568,7 +587,9 @@ async fn the_context_picks_the_namespace_and_a_missing_kvcluster_is_named() {
         text(&out.stderr),
         "kvctl: KvCluster demo not found in namespace other\n"
     );
-    let out = f.kvctl(&["fail", "1", "--cluster", "nope"]).await;
+    let out = f
+        .kvctl(&["fail", "1", "--cluster", "nope", "--no-wait"])
+        .await;
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(
         text(&out.stderr),
@@ -597,7 +618,9 @@ async fn the_context_picks_the_namespace_and_a_missing_kvcluster_is_named() {
 async fn forbidden_names_the_rbac_verb_kvctl_needs() {
     let f = Fixture::new(kvcluster(&[], "Quorum")).await;
     f.state.lock().expect("state lock").forbid = Some(Method::PATCH);
-    let out = f.kvctl(&["fail", "1", "--cluster", "demo"]).await;
+    let out = f
+        .kvctl(&["fail", "1", "--cluster", "demo", "--no-wait"])
+        .await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
@@ -619,12 +642,41 @@ async fn forbidden_names_the_rbac_verb_kvctl_needs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_kubeconfig_kvctl_says_where_it_looked() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let out = kvctl(None, dir.path(), &["fail", "1", "--cluster", "demo"]).await;
+    let out = kvctl(
+        None,
+        dir.path(),
+        &["fail", "1", "--cluster", "demo", "--no-wait"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
     assert!(
         stderr.starts_with("kvctl: cannot find a Kubernetes configuration (looked for KUBECONFIG, ~/.kube/config and an in-cluster service account)"),
         "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_waits_for_the_operator_and_says_in_progress_past_the_bound() {
+    // No operator runs here: the status never shows node 1 Failed, so the
+    // wait ends at --wait-timeout saying the change is in progress (exit 0:
+    // the spec change stands), after reading the resource again.
+    let f = Fixture::new(kvcluster(&[], "Quorum")).await;
+    let out = f
+        .kvctl(&["fail", "1", "--cluster", "demo", "--wait-timeout", "0.6"])
+        .await;
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("failedNodes: [1]\nin progress: node 1 is Up after"),
+        "{stdout}"
+    );
+    let seen = f.requests();
+    assert!(seen.len() >= 3, "a GET after the patch: {seen:?}");
+    assert_merge_patch(&seen[1], "100", json!([1]));
+    assert!(
+        seen[2..].iter().all(|r| r.method == Method::GET),
+        "{seen:?}"
     );
 }
 
