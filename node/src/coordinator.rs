@@ -523,6 +523,18 @@ impl Node {
         if let Some(c) = &current {
             self.hlc.observe(c.version);
         }
+        // A topology that changed during the read (a push, or a newer epoch
+        // seen on a replica's answer) may name another leader, which can be
+        // creating this key at the same time: nothing is written yet, so
+        // give up rather than create beside it (a chaos seed caught two
+        // leaders acknowledging one key's create at a commit).
+        let now = self.cluster.epoch();
+        if now != view.topology.epoch {
+            return Err(unavailable(format!(
+                "the topology changed during this create (epoch {} -> {now}); nothing was written, retry",
+                view.topology.epoch
+            )));
+        }
         self.replicate(&view, key, Some(value), level).await
     }
 
