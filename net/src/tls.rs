@@ -300,6 +300,17 @@ pub fn client_config(ca: &Path, identity: Option<Arc<Identity>>) -> Result<Clien
     Ok(config)
 }
 
+/// A client configuration that trusts no certificate, for clients that
+/// speak plain HTTP only. reqwest's own TLS setup loads the system's CA
+/// certificates when a client is built and fails where there are none (the
+/// `FROM scratch` images): a plaintext client must not depend on them.
+pub fn plaintext_client_config() -> Result<ClientConfig, rustls::Error> {
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(RootCertStore::empty())
+        .with_no_client_auth())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -187,6 +187,14 @@ impl Peers {
             .tcp_nodelay(true)
             .connect_timeout(timeout)
             .timeout(timeout);
+        // Plaintext peers get a TLS setup that needs no system CA
+        // certificates: the node image has none, and reqwest's default
+        // setup fails to build a client without them.
+        let tls = tls.or_else(|| {
+            kv_net::tls::plaintext_client_config()
+                .map_err(|e| tracing::error!(error = %e, "cannot set up the peer client"))
+                .ok()
+        });
         if let Some(tls) = tls {
             http = http.tls_backend_preconfigured(tls);
         }

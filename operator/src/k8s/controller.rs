@@ -113,8 +113,13 @@ impl NodeReports {
     /// one dead node does not stall a reconcile.
     pub fn in_cluster() -> Option<NodeReports> {
         Some(NodeReports {
+            // Plain HTTP to the nodes, with a TLS setup that needs no
+            // system CA certificates: the operator image has none, and
+            // reqwest's default setup cannot build a client without them
+            // (node reports and pushes would then be silently off).
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(2))
+                .tls_backend_preconfigured(kv_net::tls::plaintext_client_config().ok()?)
                 .build()
                 .ok()?,
             url: Box::new(|kvc, ordinal| {
