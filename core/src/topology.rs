@@ -203,6 +203,32 @@ pub struct Topology {
     pub nodes: Vec<NodeInfo>,
 }
 
+/// The control plane's list of held-down ordinals (the operator's ConfigMap
+/// key `held-down`, a node's `--held-file`): ordinals separated by
+/// whitespace or commas. Returns the ordinals and the entries that are not
+/// ordinals (which therefore name no node).
+pub fn parse_held(text: &str) -> (BTreeSet<u32>, Vec<&str>) {
+    let mut held = BTreeSet::new();
+    let mut bad = Vec::new();
+    for entry in text
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|s| !s.is_empty())
+    {
+        match entry.parse::<u32>() {
+            Ok(o) => {
+                held.insert(o);
+            }
+            Err(_) => bad.push(entry),
+        }
+    }
+    (held, bad)
+}
+
+/// The held-down list as [`parse_held`] reads it: one ordinal a line.
+pub fn format_held<'a>(held: impl IntoIterator<Item = &'a u32>) -> String {
+    held.into_iter().map(|o| format!("{o}\n")).collect()
+}
+
 /// Most nodes a cluster may have: a topology's limit, the planner's and the
 /// KvCluster CRD's `replicas` maximum.
 pub const MAX_NODES: usize = 128;
@@ -349,6 +375,15 @@ fn is_host_port(addr: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_held_list_reads_back_what_is_written_and_names_bad_entries() {
+        let held = BTreeSet::from([0, 3, 7]);
+        assert_eq!(parse_held(&format_held(&held)), (held, vec![]));
+        let (ordinals, bad) = parse_held("1\n3, 7\tx -2\n");
+        assert_eq!(ordinals, BTreeSet::from([1, 3, 7]));
+        assert_eq!(bad, ["x", "-2"]);
+    }
 
     fn three() -> Topology {
         Topology {

@@ -27,9 +27,9 @@ use crate::node::NodeError;
 /// How often the held list is read again while held.
 const POLL: Duration = Duration::from_secs(1);
 
-/// The ordinals a held-down file lists: numbers separated by whitespace or
-/// commas. A missing file lists none; an entry that is not an ordinal is
-/// logged and skipped (it cannot name this node).
+/// The ordinals a held-down file lists ([`kv_core::topology::parse_held`]).
+/// A missing file lists none; an entry that is not an ordinal is logged and
+/// skipped (it cannot name this node).
 pub fn held_ordinals(path: &Path) -> BTreeSet<u32> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
@@ -39,16 +39,11 @@ pub fn held_ordinals(path: &Path) -> BTreeSet<u32> {
             return BTreeSet::new();
         }
     };
-    text.split(|c: char| c.is_whitespace() || c == ',')
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| match s.parse::<u32>() {
-            Ok(o) => Some(o),
-            Err(_) => {
-                tracing::warn!(path = %path.display(), entry = s, "not an ordinal in the held-down list; skipped");
-                None
-            }
-        })
-        .collect()
+    let (held, bad) = kv_core::topology::parse_held(&text);
+    for entry in bad {
+        tracing::warn!(path = %path.display(), entry, "not an ordinal in the held-down list; skipped");
+    }
+    held
 }
 
 /// Waits while `config.held_file` lists this node, answering only health

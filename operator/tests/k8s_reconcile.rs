@@ -346,13 +346,12 @@ fn secret() -> Value {
 /// ordinal the operator did not hold down yet is not listed).
 fn configmap(kvc: &KvCluster, t: &Topology) -> Value {
     let mut cm = objects::topology_configmap(kvc, t).expect("configmap");
-    let held: String = kvc
-        .desired()
-        .failed_nodes
-        .iter()
-        .filter(|&&o| t.state_of(o) == Some(NodeState::Failed))
-        .map(|o| format!("{o}\n"))
-        .collect();
+    let held = kv_core::topology::format_held(
+        kvc.desired()
+            .failed_nodes
+            .iter()
+            .filter(|&&o| t.state_of(o) == Some(NodeState::Failed)),
+    );
     if let Some(data) = cm.data.as_mut() {
         data.insert(objects::HELD_KEY.to_string(), held);
     }

@@ -356,12 +356,8 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     // at start (see the release below).
     let was_held: BTreeSet<u32> = stored
         .as_ref()
-        .and_then(|cm| cm.data.as_ref()?.get(objects::HELD_KEY).cloned())
-        .map(|list| {
-            list.split_whitespace()
-                .filter_map(|o| o.parse().ok())
-                .collect()
-        })
+        .and_then(|cm| cm.data.as_ref()?.get(objects::HELD_KEY))
+        .map(|list| kv_core::topology::parse_held(list).0)
         .unwrap_or_default();
     // The version read, for a conditional write below: a topology is
     // written only over the ConfigMap it was planned from.

@@ -457,12 +457,7 @@ pub fn topology_configmap(
     topology: &Topology,
 ) -> Result<ConfigMap, serde_json::Error> {
     let json = serde_json::to_string_pretty(topology)?;
-    let held: String = kvc
-        .desired()
-        .failed_nodes
-        .iter()
-        .map(|o| format!("{o}\n"))
-        .collect();
+    let held = kv_core::topology::format_held(&kvc.desired().failed_nodes);
     Ok(ConfigMap {
         metadata: meta(kvc, topology_configmap_name(kvc), "topology"),
         data: Some(BTreeMap::from([
