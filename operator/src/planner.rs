@@ -38,6 +38,14 @@
 //! epoch: streaming restarts), or cancels it when the committed placement is
 //! asked for again.
 //!
+//! Hibernation ([`Desired::hibernate`]) stops every node and leaves the
+//! topology as it is: nodes absent because they were stopped on request are
+//! not failures, no epoch is issued and nothing is rebalanced, so waking up
+//! brings the same nodes back in the same states with their own stores (no
+//! catch-up). It waits while a placement change is pending
+//! ([`Plan::hibernation_deferred`]), and spec changes made meanwhile are
+//! planned after the wake-up.
+//!
 //! Every topology the planner returns passes [`Topology::validate`], has an
 //! epoch above the current one, the epoch floor and every epoch a node
 //! reports, and planning again on it with the same observations returns no
@@ -74,6 +82,9 @@ pub struct Desired {
     /// Accept a hold-down that leaves some key with fewer live owners than
     /// the write consistency needs (writes to it fail until released).
     pub force: bool,
+    /// Stop every node and keep its store (`spec.hibernation`): see
+    /// [`Phase::Hibernated`]. Deferred while a placement change is pending.
+    pub hibernate: bool,
 }
 
 impl Default for Desired {
@@ -88,6 +99,7 @@ impl Default for Desired {
             write_consistency: Consistency::Quorum,
             failed_nodes: BTreeSet::new(),
             force: false,
+            hibernate: false,
         }
     }
 }
@@ -264,6 +276,11 @@ pub enum Phase {
     Rebalancing,
     /// The request was refused (see [`Plan::refusal`]).
     Failed,
+    /// Every node is stopped on request ([`Desired::hibernate`]), its store
+    /// kept: the topology is left as it is (nodes absent for hibernation are
+    /// not failures), so waking up brings back the same nodes, in the same
+    /// states, with the same data.
+    Hibernated,
 }
 
 /// What happened to the placement in this plan.
@@ -305,8 +322,12 @@ pub struct Plan {
     /// Processes or pods the platform must keep: highest ordinal of the
     /// topology after this plan + 1. Stays high during a scale-down until
     /// the Leaving nodes are out of the committed topology and every node
-    /// that stays answers with that topology.
+    /// that stays answers with that topology. 0 while hibernated.
     pub node_count: u32,
+    /// Why hibernation was asked for but not carried out in this plan (a
+    /// placement change is pending: stopping every node then would leave
+    /// the new owners half-streamed); the plan carries the change on.
+    pub hibernation_deferred: Option<String>,
 }
 
 impl Plan {
@@ -328,11 +349,60 @@ pub fn plan(desired: &Desired, observed: &Observed, config: &PlannerConfig) -> P
     if let Err(reason) = check(desired, observed) {
         return refused(reason, observed);
     }
+    let pending = observed.topology.as_ref().and_then(|t| t.pending.as_ref());
+    if desired.hibernate && pending.is_none() {
+        return hibernate(desired, observed, config);
+    }
     let draft = match &observed.topology {
         None => first(desired, observed, config),
         Some(current) => next(desired, observed, config, current),
     };
-    finish(draft, observed)
+    let mut plan = finish(draft, observed);
+    if desired.hibernate && plan.refusal.is_none() {
+        plan.hibernation_deferred = Some(format!(
+            "hibernation waits for the pending placement change to commit (epoch {}): stopping every node now would leave new owners with half their buckets",
+            observed.topology.as_ref().map_or(0, |t| t.epoch)
+        ));
+    }
+    plan
+}
+
+/// Every node stopped, the topology kept as it is: no node is Failed, no
+/// epoch is issued, nothing is rebalanced, so the nodes come back with the
+/// same topology and their own stores. Changes of the spec wait for the
+/// wake-up. A cluster without a topology gets its first one (all nodes
+/// Up), so that it wakes up as it would have started.
+fn hibernate(desired: &Desired, observed: &Observed, config: &PlannerConfig) -> Plan {
+    let (topology, nodes) = match &observed.topology {
+        Some(t) => (None, statuses(t, observed)),
+        None => {
+            let draft = first(desired, observed, config);
+            let mut first = finish(draft, observed);
+            if first.refusal.is_some() {
+                return first;
+            }
+            first.actions.clear();
+            (first.topology.take(), first.nodes)
+        }
+    };
+    let actions = observed
+        .nodes
+        .iter()
+        .filter(|(_, o)| o.running || o.report.is_some())
+        .map(|(&o, _)| Action::Stop(o))
+        .collect();
+    Plan {
+        topology,
+        actions,
+        transitions: Vec::new(),
+        refusal: None,
+        phase: Phase::Hibernated,
+        rebalance: None,
+        nodes,
+        removed: Vec::new(),
+        node_count: 0,
+        hibernation_deferred: None,
+    }
 }
 
 /// A plan before its epoch and status are settled.
@@ -366,6 +436,7 @@ fn refused(reason: String, observed: &Observed) -> Plan {
         nodes,
         removed: Vec::new(),
         node_count: observed.topology.as_ref().map_or(0, node_count),
+        hibernation_deferred: None,
     }
 }
 
@@ -906,5 +977,6 @@ fn finish(draft: Draft, observed: &Observed) -> Plan {
         phase,
         rebalance,
         removed,
+        hibernation_deferred: None,
     }
 }

@@ -2050,3 +2050,492 @@ async fn a_hold_down_refused_while_another_node_is_down_is_carried_out_once_that
         json!([2])
     );
 }
+
+/// A running pod of node `ordinal` with the UID `uid`.
+fn pod_with_uid(ordinal: u32, uid: &str) -> Value {
+    let mut pod = running_pod(ordinal);
+    pod["metadata"]["uid"] = json!(uid);
+    pod
+}
+
+/// The calls of a reconcile that reads `current`, an old StatefulSet and
+/// `pods`, then makes `rest`.
+fn observe_pods(
+    kvc: &KvCluster,
+    current: &Topology,
+    pods: Vec<Value>,
+    rest: Vec<Call>,
+) -> Vec<Call> {
+    let cm = configmap(kvc, current);
+    let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "demo", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z"}});
+    let pods = pod_list(pods);
+    let mut calls = vec![
+        call(
+            Method::GET,
+            &format!("{NS}/configmaps/demo-topology"),
+            move |_| (StatusCode::OK, cm),
+        ),
+        call(
+            Method::GET,
+            &format!("{APPS}/statefulsets/demo"),
+            move |_| (StatusCode::OK, sts),
+        ),
+        call(Method::GET, &format!("{NS}/pods"), move |_| {
+            (StatusCode::OK, pods)
+        }),
+        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+            (StatusCode::OK, secret())
+        }),
+    ];
+    calls.extend(rest);
+    calls
+}
+
+fn event_reasons(seen: &[Seen]) -> Vec<String> {
+    seen.iter()
+        .filter(|s| s.path == EVENTS)
+        .filter_map(|s| s.body["reason"].as_str().map(str::to_string))
+        .collect()
+}
+
+fn status_written(seen: &[Seen]) -> Value {
+    seen.iter()
+        .rev()
+        .find(|s| s.path == format!("{KVC}/demo/status"))
+        .map(|s| s.body["status"].clone())
+        .expect("a status write")
+}
+
+fn statefulset_replicas(seen: &[Seen]) -> Value {
+    seen.iter()
+        .rev()
+        .find(|s| s.path == format!("{APPS}/statefulsets/demo"))
+        .map(|s| s.body["spec"]["replicas"].clone())
+        .expect("the StatefulSet applied")
+}
+
+#[tokio::test]
+async fn hibernation_scales_the_statefulset_to_zero_and_keeps_the_topology_with_no_node_failed() {
+    let up3 = [NodeState::Up; 3];
+    let kvc = cluster("{hibernation: true}");
+    let current = topology(&kvc, 4, &up3);
+    // The pods went long ago (the StatefulSet is old); the last status saw
+    // pod 1 unreachable a minute ago.
+    let kvc = with_status(
+        &kvc,
+        &serde_json::to_value(earlier_status("Running", &up3, &[(1, ago(60))], "{}"))
+            .expect("json"),
+    );
+    let (action, seen) = run(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            vec![],
+            then(
+                apply_objects(),
+                vec![call(Method::POST, EVENTS, echo), write_status(&kvc)],
+            ),
+        ),
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!(t, current, "the ConfigMap keeps the same topology");
+    assert_eq!(statefulset_replicas(&seen), 0);
+    assert_eq!(event_reasons(&seen), ["Hibernated"]);
+    let status = status_written(&seen);
+    assert_eq!(status["phase"], "Hibernated");
+    assert_eq!(status["topologyEpoch"], 4);
+    let h = condition(&status, "Hibernated").expect("condition");
+    assert_eq!(
+        (h["status"].as_str(), h["reason"].as_str()),
+        (Some("True"), Some("Hibernated"))
+    );
+    assert_eq!(
+        condition(&status, "Available").expect("Available")["reason"],
+        "Hibernated"
+    );
+    for n in status["nodes"].as_array().expect("nodes") {
+        assert_eq!(n["state"], "Up", "{n}");
+        assert_eq!(n.get("unreachableSince"), None, "stopped on request: {n}");
+    }
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+
+    // Hibernated already: no second Event.
+    let kvc = with_status(&kvc, &status);
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            vec![],
+            then(apply_objects(), vec![write_status(&kvc)]),
+        ),
+    )
+    .await;
+    assert_eq!(status_written(&seen)["phase"], "Hibernated");
+}
+
+#[tokio::test]
+async fn hibernation_waits_while_a_rebalance_is_pending_and_says_so_once() {
+    let kvc = cluster("{replicas: 5, hibernation: true}");
+    let three = cluster("{replicas: 3}");
+    let mut current = topology(
+        &kvc,
+        9,
+        &[
+            NodeState::Up,
+            NodeState::Up,
+            NodeState::Up,
+            NodeState::Joining,
+            NodeState::Joining,
+        ],
+    );
+    current.placement = three.spec.desired().placement();
+    current.pending = Some(kvc.spec.desired().placement());
+    // Nobody has streamed at epoch 9 yet: the rebalance stays pending.
+    let (reports, _) = report_server_recording(vec![(9, 8, 0.5); 5]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            (0..5).map(running_pod).collect(),
+            then(
+                apply_objects(),
+                vec![call(Method::POST, EVENTS, echo), write_status(&kvc)],
+            ),
+        ),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(statefulset_replicas(&seen), 5, "every pod keeps running");
+    let warning = seen.iter().find(|s| s.path == EVENTS).expect("an Event");
+    assert_eq!(warning.body["reason"], "RebalancePending");
+    assert_eq!(warning.body["type"], "Warning");
+    let status = status_written(&seen);
+    assert_eq!(status["phase"], "Rebalancing");
+    let h = condition(&status, "Hibernated").expect("condition");
+    assert_eq!(
+        (h["status"].as_str(), h["reason"].as_str()),
+        (Some("False"), Some("RebalancePending"))
+    );
+    assert!(
+        h["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("pending placement change")),
+        "{h}"
+    );
+
+    // Shown already: the next reconcile does not warn again.
+    let kvc = with_status(&kvc, &status);
+    let (reports, _) = report_server_recording(vec![(9, 8, 0.5); 5]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            (0..5).map(running_pod).collect(),
+            then(apply_objects(), vec![write_status(&kvc)]),
+        ),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(event_reasons(&seen), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn waking_up_restores_the_statefulset_and_fails_no_node_whose_pod_is_not_back_yet() {
+    let up3 = [NodeState::Up; 3];
+    let asleep = cluster("{hibernation: true}");
+    let current = topology(&asleep, 4, &up3);
+    // What the hibernating reconcile wrote, an hour ago.
+    let mut hibernated = earlier_status("Hibernated", &up3, &[], "{}");
+    hibernated.conditions = vec![
+        serde_json::from_value(json!({
+            "type": "Hibernated", "status": "True", "reason": "Hibernated",
+            "message": "", "lastTransitionTime": ago(3600), "observedGeneration": 1
+        }))
+        .expect("condition"),
+    ];
+    let kvc = cluster("{failureDetectionSeconds: 10}");
+    let kvc = with_status(&kvc, &serde_json::to_value(&hibernated).expect("json"));
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            vec![],
+            then(
+                apply_objects(),
+                vec![call(Method::POST, EVENTS, echo), write_status(&kvc)],
+            ),
+        ),
+    )
+    .await;
+    let t = topology_in(&seen[4]);
+    assert_eq!(t, current, "no epoch, no Failed node: nothing to catch up");
+    assert_eq!(statefulset_replicas(&seen), 3, "the same size as before");
+    assert_eq!(event_reasons(&seen), ["WakingUp"]);
+    let status = status_written(&seen);
+    let h = condition(&status, "Hibernated").expect("condition");
+    assert_eq!(h["reason"], "WakingUp");
+    for n in status["nodes"].as_array().expect("nodes") {
+        assert_eq!(n.get("unreachableSince"), None, "{n}");
+    }
+
+    // Still waking a while later (past failureDetectionSeconds), pods 0
+    // and 1 back: node 2 is not failed.
+    let mut later = status.clone();
+    if let Some(c) = later["conditions"]
+        .as_array_mut()
+        .and_then(|cs| cs.iter_mut().find(|c| c["type"] == "Hibernated"))
+    {
+        c["lastTransitionTime"] = json!(ago(120));
+    }
+    // Even a node the status shows unreachable for long (an operator that
+    // counted it) is spared while the cluster wakes up.
+    later["nodes"][2]["unreachableSince"] = json!(ago(120));
+    let kvc = with_status(&kvc, &later);
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            vec![running_pod(0), running_pod(1)],
+            then(apply_objects(), vec![write_status(&kvc)]),
+        ),
+    )
+    .await;
+    assert_eq!(topology_in(&seen[4]), current);
+    assert_eq!(event_reasons(&seen), Vec::<String>::new());
+    assert_eq!(
+        status_written(&seen)["nodes"][2].get("unreachableSince"),
+        None
+    );
+
+    // Every pod back: awake.
+    let (_, seen) = run(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            (0..3).map(running_pod).collect(),
+            then(
+                apply_objects(),
+                vec![call(Method::POST, EVENTS, echo), write_status(&kvc)],
+            ),
+        ),
+    )
+    .await;
+    assert_eq!(event_reasons(&seen), ["Awake"]);
+    let status = status_written(&seen);
+    assert_eq!(
+        condition(&status, "Hibernated").expect("condition")["reason"],
+        "Awake"
+    );
+    assert_eq!(status["phase"], "Running");
+}
+
+fn restart_requested(spec: &str, at: &str) -> KvCluster {
+    let mut kvc = cluster(spec);
+    kvc.metadata.annotations = Some(
+        [(
+            kv_operator::k8s::crd::RESTARTED_AT.to_string(),
+            at.to_string(),
+        )]
+        .into(),
+    );
+    kvc
+}
+
+#[tokio::test]
+async fn a_restart_annotation_restarts_one_pod_at_a_time_each_caught_up_before_the_next() {
+    let up3 = [NodeState::Up; 3];
+    let kvc = restart_requested("{}", "2026-12-03T10:00:00Z");
+    let current = topology(&kvc, 4, &up3);
+    let kvc = with_status(
+        &kvc,
+        &serde_json::to_value(earlier_status("Running", &up3, &[], "{}")).expect("json"),
+    );
+    let old = || {
+        (0..3)
+            .map(|o| pod_with_uid(o, &format!("old-{o}")))
+            .collect::<Vec<_>>()
+    };
+
+    // Every node Up and caught up: pod 0 goes first.
+    let (reports, _) = report_server_recording(vec![(4, 4, 1.0); 3]).await;
+    let (action, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            old(),
+            then(
+                apply_objects(),
+                vec![
+                    call(Method::DELETE, &format!("{NS}/pods/demo-0"), echo),
+                    call(Method::POST, EVENTS, echo),
+                    write_status(&kvc),
+                ],
+            ),
+        ),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(event_reasons(&seen), ["RestartingNode"]);
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    let status = status_written(&seen);
+    assert_eq!(
+        status["lastRestart"],
+        json!({"requestedAt": "2026-12-03T10:00:00Z", "restarted": [],
+               "restarting": {"ordinal": 0, "podUid": "old-0"}})
+    );
+    assert_eq!(
+        condition(&status, "Progressing").expect("Progressing")["reason"],
+        "Restarting"
+    );
+
+    // Pod 0 is back on a new pod but still catching up (synced epoch 3):
+    // nothing else is deleted.
+    let kvc = with_status(&kvc, &status);
+    let mut pods = old();
+    pods[0] = pod_with_uid(0, "new-0");
+    let (reports, _) = report_server_recording(vec![(4, 3, 0.5), (4, 4, 1.0), (4, 4, 1.0)]).await;
+    let p = pods.clone();
+    let (_, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            p,
+            then(apply_objects(), vec![write_status(&kvc)]),
+        ),
+        Some(reports),
+    )
+    .await;
+    let waiting = status_written(&seen);
+    assert!(
+        waiting["lastRestart"]["waitingFor"]
+            .as_str()
+            .is_some_and(|w| w.contains("node 0")),
+        "{waiting}"
+    );
+
+    // Caught up: node 1 next.
+    let (reports, _) = report_server_recording(vec![(4, 4, 1.0); 3]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            pods,
+            then(
+                apply_objects(),
+                vec![
+                    call(Method::DELETE, &format!("{NS}/pods/demo-1"), echo),
+                    call(Method::POST, EVENTS, echo),
+                    write_status(&kvc),
+                ],
+            ),
+        ),
+        Some(reports),
+    )
+    .await;
+    let status = status_written(&seen);
+    assert_eq!(status["lastRestart"]["restarted"], json!([0]));
+    assert_eq!(status["lastRestart"]["restarting"]["ordinal"], 1);
+}
+
+#[tokio::test]
+async fn a_finished_restart_is_recorded_and_the_same_annotation_does_not_restart_again() {
+    let up3 = [NodeState::Up; 3];
+    let kvc = restart_requested("{}", "r1");
+    let current = topology(&kvc, 4, &up3);
+    let mut status =
+        serde_json::to_value(earlier_status("Running", &up3, &[], "{}")).expect("json");
+    status["lastRestart"] = json!({"requestedAt": "r1", "restarted": [0, 1],
+        "restarting": {"ordinal": 2, "podUid": "old-2"}});
+    let kvc = with_status(&kvc, &status);
+    let new = || {
+        (0..3)
+            .map(|o| pod_with_uid(o, &format!("new-{o}")))
+            .collect::<Vec<_>>()
+    };
+    let (reports, _) = report_server_recording(vec![(4, 4, 1.0); 3]).await;
+    let (action, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            new(),
+            then(
+                apply_objects(),
+                vec![call(Method::POST, EVENTS, echo), write_status(&kvc)],
+            ),
+        ),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(event_reasons(&seen), ["RestartFinished"]);
+    let done = status_written(&seen);
+    assert_eq!(done["lastRestart"]["restarted"], json!([0, 1, 2]));
+    assert!(done["lastRestart"]["finishedAt"].is_string(), "{done}");
+    assert_eq!(action, Action::requeue(Duration::from_secs(60)));
+
+    // The same value again: no pod is deleted, nothing is announced.
+    let kvc = with_status(&kvc, &done);
+    let (reports, _) = report_server_recording(vec![(4, 4, 1.0); 3]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            new(),
+            then(apply_objects(), vec![write_status(&kvc)]),
+        ),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(status_written(&seen)["lastRestart"], done["lastRestart"]);
+}
+
+#[tokio::test]
+async fn a_restart_waits_while_the_cluster_is_hibernated() {
+    let up3 = [NodeState::Up; 3];
+    let kvc = restart_requested("{hibernation: true}", "r1");
+    let current = topology(&kvc, 4, &up3);
+    let kvc = with_status(
+        &kvc,
+        &serde_json::to_value(earlier_status("Running", &up3, &[], "{}")).expect("json"),
+    );
+    let (reports, _) = report_server_recording(vec![(4, 4, 1.0); 3]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            (0..3).map(|o| pod_with_uid(o, "u")).collect(),
+            then(
+                apply_objects(),
+                vec![
+                    call(Method::POST, EVENTS, echo),
+                    call(Method::POST, EVENTS, echo),
+                    write_status(&kvc),
+                ],
+            ),
+        ),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(event_reasons(&seen), ["Hibernated", "RestartRequested"]);
+    let status = status_written(&seen);
+    assert!(
+        status["lastRestart"]["waitingFor"]
+            .as_str()
+            .is_some_and(|w| w.contains("wake up")),
+        "{status}"
+    );
+}

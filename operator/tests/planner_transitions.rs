@@ -758,3 +758,84 @@ fn a_bad_address_is_refused_rather_than_written() {
     );
     assert_eq!(p.topology, None);
 }
+
+fn hibernating(replicas: u32) -> Desired {
+    Desired {
+        hibernate: true,
+        ..desired(replicas)
+    }
+}
+
+#[test]
+fn hibernation_stops_every_node_and_keeps_the_topology_with_no_node_failed() {
+    let (t, _) = settle(&desired(3), None, 3);
+    // Pods already gone for far longer than failure detection: stopped on
+    // request, not failed.
+    let o = observed(
+        Some(t.clone()),
+        vec![(0, reporting(t.epoch, t.epoch)), (1, down(0)), (2, down(0))],
+    );
+    let p = step(&hibernating(3), &o);
+    assert_eq!(p.topology, None, "the topology is kept as it is");
+    assert_eq!(p.phase, Phase::Hibernated);
+    assert_eq!(p.node_count, 0);
+    assert_eq!(p.actions, [Action::Stop(0)]);
+    assert!(p.transitions.is_empty());
+    assert!(p.nodes.iter().all(|n| n.state == Up));
+    assert_eq!(p.hibernation_deferred, None);
+
+    // Waking up: the nodes come back with the same topology and are Up at
+    // once; nothing to catch up, no new epoch.
+    let back = step(
+        &desired(3),
+        &observed(Some(t.clone()), all_synced(3, t.epoch)),
+    );
+    assert_eq!(back.topology, None);
+    assert_eq!(back.phase, Phase::Running);
+    assert_eq!(back.node_count, 3);
+}
+
+#[test]
+fn a_spec_change_made_while_hibernated_waits_for_the_wake_up() {
+    let (t, _) = settle(&desired(3), None, 3);
+    let p = step(&hibernating(5), &observed(Some(t.clone()), vec![]));
+    assert_eq!(
+        (p.topology, p.phase, p.rebalance),
+        (None, Phase::Hibernated, None)
+    );
+    let woken = step(
+        &desired(5),
+        &observed(Some(t.clone()), all_synced(3, t.epoch)),
+    );
+    assert_eq!(woken.phase, Phase::Rebalancing, "carried out once awake");
+}
+
+#[test]
+fn hibernation_waits_while_a_placement_change_is_pending() {
+    let (t3, _) = settle(&desired(3), None, 3);
+    let o = observed(Some(t3.clone()), all_synced(5, t3.epoch));
+    let started = after(&step(&desired(5), &o), &o);
+    assert!(started.pending.is_some());
+    // Nothing has streamed yet at the pending epoch.
+    let o = observed(Some(started.clone()), all_synced(5, t3.epoch));
+    let p = step(&hibernating(5), &o);
+    assert_eq!(p.phase, Phase::Rebalancing);
+    assert_eq!(p.node_count, 5, "every node keeps running");
+    let why = p.hibernation_deferred.expect("deferred");
+    assert!(why.contains("pending placement change"), "{why}");
+
+    // Once committed, it hibernates.
+    let (done, _) = settle(&desired(5), Some(started), 5);
+    assert_eq!(done.pending, None);
+    let p = step(&hibernating(5), &observed(Some(done), all_synced(5, 0)));
+    assert_eq!(p.phase, Phase::Hibernated);
+}
+
+#[test]
+fn a_cluster_created_hibernated_gets_its_first_topology_and_no_pods() {
+    let p = step(&hibernating(3), &observed(None, vec![]));
+    let t = p.topology.expect("a first topology");
+    assert_eq!(states(&t), [(0, Up), (1, Up), (2, Up)]);
+    assert_eq!((p.phase, p.node_count), (Phase::Hibernated, 0));
+    assert!(p.actions.is_empty());
+}

@@ -26,6 +26,7 @@ fn cluster(spec_yaml: &str, states: &[NodeState]) -> KvCluster {
             .collect(),
         conditions: vec![],
         accepted_spec: None,
+        last_restart: None,
     });
     kvc
 }

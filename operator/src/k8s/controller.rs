@@ -47,8 +47,10 @@ use tracing::{info, warn};
 use super::crd::{
     AcceptedSpec, Condition, FORCE_FAULT_INJECTION, KvCluster, KvClusterStatus, NodeStatus, Phase,
 };
+use super::hibernation::{self, Hibernation};
 use super::metrics::Metrics;
 use super::objects;
+use super::restart;
 use crate::planner::{
     self, Desired, NodeObservation, NodeProgress, Observed, PlannerConfig, Rebalance,
 };
@@ -213,6 +215,8 @@ pub struct Decision {
     /// Every node's status (pod names filled in).
     pub nodes: Vec<NodeStatus>,
     pub phase: Phase,
+    /// Hibernation is asked for but waits (a placement change is pending): why.
+    pub hibernation_deferred: Option<String>,
 }
 
 /// The planner's settings for a cluster ([`KvCluster::planner_config`]).
@@ -266,6 +270,7 @@ fn decide_for(kvc: &KvCluster, desired: &Desired, observed: &Observed) -> Result
         transitions: plan.transitions,
         rebalance: plan.rebalance,
         phase: plan.phase.into(),
+        hibernation_deferred: plan.hibernation_deferred,
     })
 }
 
@@ -476,7 +481,14 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             }
         }
     }
-    let unreachable = track_unreachable(&mut observed, &previous);
+    let mut unreachable = track_unreachable(&mut observed, &previous);
+    // Waking up from hibernation: nodes whose pods are not back yet were
+    // stopped on request, not lost (see `hibernation`).
+    let waking = hibernation::waking(kvc, &previous, now);
+    let all_back = hibernation::all_back(&observed);
+    if waking {
+        hibernation::spare_waking_nodes(&mut observed, &mut unreachable);
+    }
     observed.epoch_floor = observed
         .nodes
         .values()
@@ -513,6 +525,11 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     };
     let carried = accepted.applied_to(kvc);
     let kvc = &carried;
+    let hibernated = decision.phase == Phase::Hibernated;
+    if hibernated {
+        // Stopped on request: no node is unreachable.
+        unreachable.clear();
+    }
     if let Some(reason) = &refused {
         let c = spec_refused(reason, Some(accepted.generation), kvc.meta().generation);
         // One Event per refused generation; the condition follows the
@@ -642,7 +659,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     let held_now = kvc.desired().failed_nodes;
     for &ordinal in was_held.difference(&held_now) {
         let pod = objects::pod_name(kvc, ordinal);
-        if !observed.nodes.get(&ordinal).is_some_and(|o| o.running) {
+        if hibernated || !observed.nodes.get(&ordinal).is_some_and(|o| o.running) {
             continue;
         }
         match pods.delete(&pod, &DeleteParams::default()).await {
@@ -662,6 +679,36 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         .await;
     }
     publish_transitions(ctx, kvc, &decision).await;
+    let hibernation = hibernation::state(
+        hibernated,
+        decision.hibernation_deferred.as_deref(),
+        waking,
+        all_back,
+        &previous,
+    );
+    publish_hibernation(ctx, kvc, hibernation.as_ref(), &previous).await;
+    let restart = restart_step(
+        kvc,
+        &decision,
+        &pod_list.items,
+        &observed,
+        &catching_up,
+        hibernation.as_ref(),
+        now,
+        &previous,
+    );
+    if let Some(ordinal) = restart.delete {
+        let pod = objects::pod_name(kvc, ordinal);
+        match pods.delete(&pod, &DeleteParams::default()).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(e.into()),
+        }
+        info!(kvcluster = %name, %pod, "rolling restart: pod deleted");
+    }
+    if let Some((reason, note)) = &restart.event {
+        publish(ctx, kvc, EventType::Normal, reason, "Restart", note).await;
+    }
 
     // Status.
     let mut status = status_of(
@@ -700,6 +747,16 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             cs
         }
     };
+    if let Some(h) = &hibernation {
+        status.conditions = merge_conditions(
+            &status.conditions,
+            vec![h.condition(decision.topology.epoch, generation)],
+            generation,
+            now,
+        );
+    }
+    show_restart(&mut status, &restart, generation, now);
+    status.last_restart = restart.status.clone();
     status.accepted_spec = Some(accepted);
     write_status(&kvcs, &name, &status).await?;
     let phase = status.phase.unwrap_or(decision.phase);
@@ -714,10 +771,14 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     // node reports are polled, not watched.
     let in_topology = decision.topology.nodes.last().map_or(0, |n| n.ordinal + 1);
     let keeps_retired_pods = decision.pods > in_topology;
-    let settled = phase == Phase::Running
+    let settled = matches!(phase, Phase::Running | Phase::Hibernated)
         && refused.is_none()
         && !decision.push_topology
-        && !keeps_retired_pods;
+        && !keeps_retired_pods
+        && !restart.in_progress()
+        && hibernation
+            .as_ref()
+            .is_none_or(|h| matches!(h, Hibernation::Hibernated | Hibernation::Awake));
     Ok(Action::requeue(Duration::from_secs(if settled {
         60
     } else {
@@ -846,7 +907,12 @@ fn carry_on(
     if without_generation(accepted.clone()) == without_generation(now) {
         return None;
     }
-    let d = decide_for(&accepted.applied_to(kvc), &accepted.desired(), observed).ok()?;
+    // Hibernation is never refused: it comes from the current spec.
+    let desired = planner::Desired {
+        hibernate: kvc.spec.hibernation,
+        ..accepted.desired()
+    };
+    let d = decide_for(&accepted.applied_to(kvc), &desired, observed).ok()?;
     Some((d, accepted))
 }
 
@@ -1068,6 +1134,130 @@ async fn publish(
     }
 }
 
+/// An Event when the hibernation state changes from what the last status
+/// showed (a deferral's reason is shown once per reason).
+async fn publish_hibernation(
+    ctx: &Context,
+    kvc: &KvCluster,
+    now: Option<&Hibernation>,
+    previous: &KvClusterStatus,
+) {
+    let Some(h) = now else { return };
+    let shown = previous
+        .conditions
+        .iter()
+        .find(|c| c.type_ == hibernation::CONDITION)
+        .map(|c| c.reason.as_str());
+    if shown == Some(h.reason()) {
+        return;
+    }
+    let (type_, note) = match h {
+        Hibernation::Hibernated => (
+            EventType::Normal,
+            "hibernating: the StatefulSet goes to 0 pods; volumes and topology are kept"
+                .to_string(),
+        ),
+        Hibernation::Deferred(reason) => (EventType::Warning, reason.clone()),
+        Hibernation::WakingUp => (
+            EventType::Normal,
+            "waking up: the pods start again on their volumes".to_string(),
+        ),
+        Hibernation::Awake => (
+            EventType::Normal,
+            "awake: every node runs again".to_string(),
+        ),
+    };
+    publish(ctx, kvc, type_, h.reason(), "Hibernation", &note).await;
+}
+
+/// The rolling restart's next step (see [`restart`]), from the pods and
+/// reports this reconcile saw and the topology it planned.
+#[allow(clippy::too_many_arguments)]
+fn restart_step(
+    kvc: &KvCluster,
+    d: &Decision,
+    pods: &[Pod],
+    observed: &Observed,
+    catching_up: &BTreeSet<u32>,
+    hibernation: Option<&Hibernation>,
+    now: Timestamp,
+    previous: &KvClusterStatus,
+) -> restart::Step {
+    let mut nodes: BTreeMap<u32, restart::NodeView> = BTreeMap::new();
+    for pod in pods {
+        let Some(ordinal) = ordinal_of(&kvc.name_any(), &pod.name_any()) else {
+            continue;
+        };
+        let v = nodes.entry(ordinal).or_default();
+        v.pod_uid = pod.metadata.uid.clone();
+        v.ready = pod_ready(pod) && pod.metadata.deletion_timestamp.is_none();
+    }
+    for (&ordinal, obs) in &observed.nodes {
+        let v = nodes.entry(ordinal).or_default();
+        v.report = obs.report.clone();
+        v.store_catching_up = catching_up.contains(&ordinal);
+    }
+    let hold = match hibernation {
+        Some(Hibernation::Hibernated) => Some("the cluster to wake up (spec.hibernation)"),
+        Some(Hibernation::WakingUp) => Some("the cluster to finish waking up"),
+        _ if d.phase == Phase::Rebalancing || d.topology.pending.is_some() => {
+            Some("the pending placement change to commit")
+        }
+        _ => None,
+    };
+    restart::step(
+        restart::requested(kvc),
+        previous.last_restart.as_ref(),
+        &d.topology,
+        &nodes,
+        hold,
+        &now.to_string(),
+    )
+}
+
+/// While a rolling restart is under way and nothing else is progressing,
+/// Progressing says so.
+fn show_restart(
+    status: &mut KvClusterStatus,
+    step: &restart::Step,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let Some(r) = step.status.as_ref().filter(|_| step.in_progress()) else {
+        return;
+    };
+    let idle = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == "Progressing" && c.reason == "Reconciled");
+    if !idle {
+        return;
+    }
+    let doing = match (&r.restarting, &r.waiting_for) {
+        (_, Some(w)) => format!("waiting for {w}"),
+        (Some(n), None) => format!("restarting node {}", n.ordinal),
+        (None, None) => "starting".to_string(),
+    };
+    let message = format!(
+        "rolling restart {}: {} of {} nodes done; {doing}",
+        r.requested_at,
+        r.restarted.len(),
+        status.nodes.len()
+    );
+    status.conditions = merge_conditions(
+        &status.conditions,
+        vec![cond(
+            "Progressing",
+            true,
+            "Restarting",
+            &message,
+            generation,
+        )],
+        generation,
+        now,
+    );
+}
+
 async fn publish_transitions(ctx: &Context, kvc: &KvCluster, d: &Decision) {
     for t in &d.transitions {
         let pod = objects::pod_name(kvc, t.ordinal);
@@ -1246,7 +1436,9 @@ fn status_of(
         .filter(|n| n.state != NodeState::Failed)
         .count();
     let was_creating = matches!(previous.phase, None | Some(Phase::Creating));
-    let phase = if was_creating && d.phase != Phase::Rebalancing && ready_replicas < expected_ready
+    let phase = if was_creating
+        && !matches!(d.phase, Phase::Rebalancing | Phase::Hibernated)
+        && ready_replicas < expected_ready
     {
         Phase::Creating
     } else {
@@ -1261,7 +1453,15 @@ fn status_of(
         .iter()
         .filter(|&&o| !(t.state_of(o).is_some_and(|s| s.counts_in_quorum()) && is_ready(o)))
         .count();
-    let available = if members.is_empty() || down > slack {
+    let available = if d.phase == Phase::Hibernated {
+        cond(
+            "Available",
+            false,
+            "Hibernated",
+            "every pod is stopped (spec.hibernation)",
+            generation,
+        )
+    } else if members.is_empty() || down > slack {
         cond(
             "Available",
             false,
@@ -1295,6 +1495,14 @@ fn status_of(
     });
     let progressing = if let Some(p) = &problems.first() {
         cond("Progressing", false, "AuthSecretMissing", p, generation)
+    } else if d.phase == Phase::Hibernated {
+        cond(
+            "Progressing",
+            false,
+            "Hibernated",
+            "nothing runs until spec.hibernation is false",
+            generation,
+        )
     } else if t.pending.is_some() {
         cond(
             "Progressing",
@@ -1398,6 +1606,7 @@ fn status_of(
         // Every node's pod name, also of a node whose pod does not exist now.
         nodes: d.nodes.clone(),
         accepted_spec: previous.accepted_spec.clone(),
+        last_restart: previous.last_restart.clone(),
         conditions: conditions_of(
             kvc,
             &previous.conditions,

@@ -138,6 +138,15 @@ pub struct KvClusterSpec {
     /// `enabled: false`).
     #[serde(default, skip_serializing_if = "NetworkPolicySettings::is_default")]
     pub network_policy: NetworkPolicySettings,
+
+    /// Stop every pod and keep the volumes (phase `Hibernated`). The
+    /// topology is kept as it is, so `false` (or removing it) brings the
+    /// same nodes back with their data, without a catch-up. Waits while a
+    /// placement change is pending (condition `Hibernated`, reason
+    /// `RebalancePending`); other spec changes made meanwhile are carried out
+    /// after the wake-up.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hibernation: bool,
 }
 
 /// Who may reach the node pods. The peer port (7401) is open only to the
@@ -333,12 +342,56 @@ pub struct KvClusterStatus {
     /// keeps reconciling this one, and a restarted operator finds it here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_spec: Option<AcceptedSpec>,
+    /// The last rolling restart asked for with the annotation
+    /// `kvstore.dev/restartedAt`: its progress, and once every node was
+    /// restarted, when it finished (the same annotation value then restarts
+    /// nothing again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart: Option<RestartStatus>,
+}
+
+/// The annotation that asks kv-operator for a rolling restart: any new
+/// value (by convention the time of the request, RFC 3339, as `kvctl
+/// restart --cluster` writes it) restarts every node once, one at a time.
+pub const RESTARTED_AT: &str = "kvstore.dev/restartedAt";
+
+/// A rolling restart: one pod deleted at a time, the next only once the
+/// node is back Up, Ready and caught up (it reports the topology's epoch as
+/// its synced epoch, and is not rebuilding its store) and every other node
+/// is too.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartStatus {
+    /// The value of `kvstore.dev/restartedAt` this restart carries out.
+    pub requested_at: String,
+    /// Nodes restarted and back Up and caught up, in order.
+    #[serde(default)]
+    pub restarted: Vec<u32>,
+    /// The node being restarted now (its pod deleted), until it is back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarting: Option<RestartingNode>,
+    /// What the restart waits for before it deletes the next pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
+    /// When every node had been restarted (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+/// The node a rolling restart deleted the pod of.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartingNode {
+    pub ordinal: u32,
+    /// The UID of the deleted pod: the node is back on a pod with another UID.
+    #[serde(default)]
+    pub pod_uid: String,
 }
 
 /// The part of a spec the planner decides on (`replicas`, `replication`,
 /// `faultInjection`, and the force annotation), as last accepted. The other
-/// fields (image, resources, scheduling) are never refused by the planner and
-/// always come from the current spec.
+/// fields (image, resources, scheduling, hibernation) are never refused by
+/// the planner and always come from the current spec.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AcceptedSpec {
@@ -411,6 +464,7 @@ impl Default for KvClusterSpec {
             node_selector: None,
             failure_detection_seconds: default_failure_detection_seconds(),
             network_policy: NetworkPolicySettings::default(),
+            hibernation: false,
         }
     }
 }
@@ -428,6 +482,8 @@ pub enum Phase {
     Rebalancing,
     /// The spec cannot be carried out (see the conditions).
     Failed,
+    /// Every pod stopped on request (`spec.hibernation`), volumes kept.
+    Hibernated,
 }
 
 impl From<crate::planner::Phase> for Phase {
@@ -439,17 +495,19 @@ impl From<crate::planner::Phase> for Phase {
             P::Degraded => Phase::Degraded,
             P::Rebalancing => Phase::Rebalancing,
             P::Failed => Phase::Failed,
+            P::Hibernated => Phase::Hibernated,
         }
     }
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Creating,
         Phase::Running,
         Phase::Degraded,
         Phase::Rebalancing,
         Phase::Failed,
+        Phase::Hibernated,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -459,6 +517,7 @@ impl Phase {
             Phase::Degraded => "Degraded",
             Phase::Rebalancing => "Rebalancing",
             Phase::Failed => "Failed",
+            Phase::Hibernated => "Hibernated",
         }
     }
 }
@@ -626,6 +685,7 @@ impl KvClusterSpec {
             write_consistency: self.replication.write_consistency,
             failed_nodes: self.fault_injection.failed_nodes.iter().copied().collect(),
             force: false,
+            hibernate: self.hibernation,
         }
     }
 

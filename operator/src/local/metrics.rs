@@ -118,6 +118,7 @@ mod tests {
                 })
                 .collect(),
             removed: Vec::new(),
+            hibernation_deferred: None,
             node_count: states.len() as u32,
         }
     }

@@ -45,6 +45,7 @@ impl SavedState {
             write_consistency: self.write_consistency,
             failed_nodes: self.failed_nodes.clone(),
             force: self.force,
+            hibernate: false,
         }
     }
 
