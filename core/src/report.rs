@@ -70,6 +70,22 @@ pub struct NodeReport {
     /// Seconds since its process started; absent: 0.
     #[serde(default)]
     pub uptime_seconds: u64,
+    /// Which tokens it holds, as fingerprints (never the tokens); absent:
+    /// none shown.
+    #[serde(default)]
+    pub tokens: TokenFingerprints,
+}
+
+/// The fingerprints (first 8 hex digits of SHA-256) of the tokens a node
+/// accepts, each list in its token file's order: the first is the token it
+/// sends. A token rotation waits until every node shows the file it wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct TokenFingerprints {
+    /// The client port's tokens.
+    pub client: Vec<String>,
+    /// The peer port's tokens.
+    pub cluster: Vec<String>,
 }
 
 impl NodeReport {
@@ -130,6 +146,10 @@ mod tests {
             },
             hints_pending: 11,
             uptime_seconds: 5,
+            tokens: TokenFingerprints {
+                client: vec!["0badcafe".into()],
+                cluster: vec!["12345678".into(), "9abcdef0".into()],
+            },
         }
     }
 
@@ -155,6 +175,7 @@ mod tests {
                 "state",
                 "storeCatchingUp",
                 "syncedEpoch",
+                "tokens",
                 "topology",
                 "uptimeSeconds"
             ]
@@ -184,6 +205,7 @@ mod tests {
         assert!(!r.store_catching_up);
         assert_eq!(r.resync, Resync::default());
         assert_eq!(r.hints_pending, 0);
+        assert_eq!(r.tokens, TokenFingerprints::default());
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use kv_node::api::Route;
-use kv_node::config::Config;
+use kv_node::config::{Config, Tokens};
 use kv_node::{Node, api, peer_api};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warp::http::{HeaderMap, HeaderName, HeaderValue, Method, Uri, header};
@@ -79,8 +79,9 @@ fn fixture() -> &'static Fixture {
                 peer_advertise: peer_addr.to_string(),
                 data_dir: dir.path().to_path_buf(),
                 node_id: 0,
-                token: TOKEN.into(),
-                cluster_token: CLUSTER_TOKEN.into(),
+                token: Tokens::fixed("client token", TOKEN).expect("a valid token"),
+                cluster_token: Tokens::fixed("cluster token", CLUSTER_TOKEN)
+                    .expect("a valid token"),
                 topology_file: None,
                 held_file: None,
                 max_value_bytes: MAX_VALUE_BYTES,

@@ -1,10 +1,10 @@
 //! HTTP helpers of the client-facing servers: a node's routes and the
 //! gateway's answer, authenticate and read bodies the same way.
 
+use crate::token::Credential;
 use bytes::{Buf, Bytes};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
-use subtle::ConstantTimeEq;
 use warp::Filter;
 use warp::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 
@@ -51,15 +51,16 @@ pub fn is_classic_path(path: &str) -> bool {
         .any(|p| path.starts_with(p))
 }
 
-/// `Authorization: Bearer <token>`, compared in constant time.
-pub fn authorized(headers: &HeaderMap, token: &str) -> bool {
+/// `Authorization: Bearer <token>`, compared in constant time with a token
+/// or with every token of a rotating set ([`crate::token::Tokens`]).
+pub fn authorized<C: Credential + ?Sized>(headers: &HeaderMap, token: &C) -> bool {
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
     else {
         return false;
     };
-    bool::from(given.ct_eq(token.as_bytes()))
+    token.accepts(given)
 }
 
 /// Strict percent-decoding: `None` unless every `%` starts two hex digits.

@@ -3,7 +3,8 @@
 //! ([`http`]: JSON answers, the bearer check, bodies read within a limit,
 //! strict percent-decoding, which paths are the original store's), and
 //! loopback ports for processes started next to us ([`free_port`]), and TLS
-//! from certificate files that may be replaced while we run ([`tls`]).
+//! from certificate files that may be replaced while we run ([`tls`]), and
+//! bearer tokens from files that may be rotated while we run ([`token`]).
 //!
 //! Nothing here knows about keys, nodes or the planner.
 
@@ -12,6 +13,7 @@ pub mod pki;
 mod port;
 mod serve;
 pub mod tls;
+pub mod token;
 
 pub use port::free_port;
 pub use serve::{is_client_disconnect, refuse_before_routing, serve, serve_tls};

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+pub use kv_net::token::{TokenError, Tokens};
 
 /// One kvstore node: SQLite storage, the HTTP API, and replication.
 #[derive(Clone, Debug, Parser)]
@@ -40,13 +41,16 @@ pub struct Args {
     /// Client bearer token.
     #[arg(long, env = "KV_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// File holding the client bearer token (a mounted Secret).
+    /// File holding the client bearer token (a mounted Secret), read again
+    /// every second; during a rotation it holds two lines, both accepted
+    /// (format: kv_net::token).
     #[arg(long, env = "KV_TOKEN_FILE", conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
     /// Node-to-node bearer token.
     #[arg(long, env = "KV_CLUSTER_TOKEN", hide_env_values = true)]
     pub cluster_token: Option<String>,
-    /// File holding the node-to-node token.
+    /// File holding the node-to-node token, read again every second; peers
+    /// are sent its first line, every line is accepted (kv_net::token).
     #[arg(long, env = "KV_CLUSTER_TOKEN_FILE", conflicts_with = "cluster_token")]
     pub cluster_token_file: Option<PathBuf>,
     /// Topology JSON to watch (the mounted ConfigMap); missing = a one-node cluster.
@@ -110,14 +114,8 @@ pub struct Args {
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {what} from {path}: {source}")]
-    File {
-        what: &'static str,
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0} is empty")]
-    EmptyToken(&'static str),
+    #[error(transparent)]
+    Token(#[from] TokenError),
     #[error("no {0} given (flag, environment or file)")]
     MissingToken(&'static str),
     #[error("cannot take a node ordinal from host name {0:?} (expected a name ending in -N)")]
@@ -172,8 +170,10 @@ pub struct Config {
     pub peer_advertise: String,
     pub data_dir: PathBuf,
     pub node_id: u32,
-    pub token: String,
-    pub cluster_token: String,
+    /// The client tokens (the client port accepts each).
+    pub token: Tokens,
+    /// The cluster tokens (the peer port accepts each; peers send the first).
+    pub cluster_token: Tokens,
     pub topology_file: Option<PathBuf>,
     /// The control plane's held-down list ([`crate::held`]).
     pub held_file: Option<PathBuf>,
@@ -200,27 +200,18 @@ pub fn default_worker_threads(cpus: usize) -> usize {
     cpus.saturating_sub(1).max(1)
 }
 
+/// A token from its flag (one, fixed) or its file (read again every second:
+/// rotation, see [`kv_net::token`]).
 fn token(
     flag: &Option<String>,
     file: &Option<PathBuf>,
     what: &'static str,
-) -> Result<String, ConfigError> {
-    let t = match (flag, file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::File {
-                what,
-                path: path.clone(),
-                source,
-            })?
-            .trim()
-            .to_string(),
-        (None, None) => return Err(ConfigError::MissingToken(what)),
-    };
-    if t.is_empty() {
-        return Err(ConfigError::EmptyToken(what));
+) -> Result<Tokens, ConfigError> {
+    match (flag, file) {
+        (Some(t), _) => Ok(Tokens::fixed(what, t)?),
+        (None, Some(path)) => Ok(Tokens::watch(what, path)?),
+        (None, None) => Err(ConfigError::MissingToken(what)),
     }
-    Ok(t)
 }
 
 /// `demo-2` → 2.
@@ -345,11 +336,11 @@ mod tests {
         ]);
         let c = args.resolve().unwrap();
         assert_eq!(
-            (c.token.as_str(), c.cluster_token.as_str()),
-            ("s3cret", "c")
+            (c.token.current(), c.cluster_token.current()),
+            ("s3cret".to_string(), "c".to_string())
         );
         std::fs::write(&f, "  \n").unwrap();
-        assert!(matches!(args.resolve(), Err(ConfigError::EmptyToken(_))));
+        assert!(matches!(args.resolve(), Err(ConfigError::Token(_))));
         let none = Args::parse_from(["kv-node", "--node-id", "1", "--cluster-token", "c"]);
         assert!(matches!(none.resolve(), Err(ConfigError::MissingToken(_))));
     }

@@ -156,7 +156,8 @@ pub struct Peers {
 
 struct Inner {
     me: u32,
-    token: String,
+    /// The cluster tokens; peers are sent the first (rotation: kv_net::token).
+    token: kv_net::token::Tokens,
     /// `http` or `https` (when the peers serve TLS).
     scheme: &'static str,
     epoch: std::sync::atomic::AtomicU64,
@@ -173,7 +174,7 @@ impl Peers {
     /// certificate) peers are called over https.
     pub fn new(
         me: u32,
-        token: String,
+        token: kv_net::token::Tokens,
         timeout: Duration,
         tls: Option<rustls::ClientConfig>,
         seen: mpsc::UnboundedSender<EpochSeen>,
@@ -430,7 +431,7 @@ async fn send(
     let sent_at = (inner.wall_ms)();
     let started = std::time::Instant::now();
     let resp = req
-        .bearer_auth(&inner.token)
+        .bearer_auth(inner.token.current())
         .header(EPOCH_HEADER, epoch)
         .header(NODE_HEADER, inner.me)
         .header(CLOCK_HEADER, sent_at)

@@ -119,6 +119,10 @@ pub fn cluster_report(node: &Node) -> kv_core::NodeReport {
         resync,
         hints_pending: hints,
         uptime_seconds: node.started.elapsed().as_secs(),
+        tokens: kv_core::report::TokenFingerprints {
+            client: node.config.token.fingerprints(),
+            cluster: node.config.cluster_token.fingerprints(),
+        },
     }
 }
 
