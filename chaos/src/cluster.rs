@@ -112,7 +112,7 @@ impl Cluster {
             listener,
             stop_rx,
         ));
-        let token = platform.lock().saved.token.clone();
+        let token = platform.tokens.client.current();
         let cluster = Cluster {
             platform,
             net,

@@ -83,6 +83,24 @@ impl From<Level> for Consistency {
 }
 
 /// `kvctl strategy full|consistent-hashing`.
+/// Which token `kvctl rotate-token` rotates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TokenArg {
+    /// The client port's token (the one `--token` gives).
+    Client,
+    /// The node-to-node token of the peer ports.
+    Cluster,
+}
+
+impl TokenArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            TokenArg::Client => "client",
+            TokenArg::Cluster => "cluster",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum StrategyArg {
     Full,
@@ -182,6 +200,18 @@ pub enum Command {
     },
     /// Compare replica digests cluster-wide; exit 1 when co-owners differ.
     Verify,
+    /// Rotate the client token (default) or the cluster token of a `kvctl
+    /// up` cluster with no failed request: its token file is written three
+    /// times (old+new accepted, then new sent, then old refused), each step
+    /// awaited until every running node reports it. Prints the new client
+    /// token; the cluster token stays in `<data-dir>/cluster-token`.
+    RotateToken {
+        #[arg(value_enum, default_value_t = TokenArg::Client)]
+        which: TokenArg,
+        /// Seconds to wait for every node at each of the three steps.
+        #[arg(long, default_value_t = 30.0, value_parser = parse_wait)]
+        wait_timeout: f64,
+    },
     /// Back the cluster up (every record with its version, tombstones
     /// included, and a manifest) to `file:///dir` or `s3://bucket/prefix`,
     /// without stopping writes.
@@ -286,7 +316,7 @@ pub struct KubeArgs {
 }
 
 /// The node-to-node token `backup` and `restore` need: given, or read with
-/// the client token from a `kvctl up` data directory's `cluster.json`.
+/// the client token from a `kvctl up` data directory's token files.
 #[derive(Debug, Clone, Args)]
 pub struct ClusterAccess {
     /// Node-to-node (cluster) token.

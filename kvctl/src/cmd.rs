@@ -96,6 +96,22 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             classic(&client, &path, Some(&body), t, json_out).await
         }
         Command::Verify => verify_cmd(&client, json_out).await,
+        Command::RotateToken {
+            which,
+            wait_timeout,
+        } => {
+            let path = format!("/v1/tokens/{}/rotate?timeout={wait_timeout}", which.name());
+            // three steps, each up to the bound, and the answer
+            let t = Duration::from_secs_f64(3.0 * wait_timeout) + timeout;
+            let raw = client.classic_post(&path, None, Some(t)).await?;
+            emit(json_out, &raw, || {
+                let msg = raw.get("message").and_then(Value::as_str).unwrap_or("");
+                match raw.get("token").and_then(Value::as_str) {
+                    Some(token) => format!("{msg}\ntoken: {token}\n"),
+                    None => format!("{msg}\n"),
+                }
+            })
+        }
         Command::Backup { to, access } => {
             let reach = crate::cmd_backup::Reach {
                 endpoint: &cli.endpoint,

@@ -2,19 +2,18 @@
 //! clients and output.
 
 use std::io::Write;
-use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use kv_operator::local::SavedState;
+use kv_operator::local::tokens::TokenKind;
 use kvctl::backup::peer::{PeerClient, PeerTls};
 use kvctl::backup::{self, target::Target};
 use kvctl::cli::ClusterAccess;
 use kvctl::client::{Client, TlsOptions};
 
 /// The client and cluster tokens: as given, else from the data directory's
-/// `cluster.json` (what `kvctl up` wrote).
+/// token files (what `kvctl up` wrote; the first line is the one to send).
 fn tokens(token: Option<String>, access: &ClusterAccess) -> Result<(Option<String>, String)> {
     if let (Some(t), Some(c)) = (&token, &access.cluster_token) {
         return Ok((Some(t.clone()), c.clone()));
@@ -27,18 +26,19 @@ fn tokens(token: Option<String>, access: &ClusterAccess) -> Result<(Option<Strin
             )),
         };
     };
-    let saved = read_state(dir)?;
-    Ok((
-        token.or(Some(saved.token)),
-        access.cluster_token.clone().unwrap_or(saved.cluster_token),
-    ))
-}
-
-fn read_state(dir: &Path) -> Result<SavedState> {
-    let path = dir.join("cluster.json");
-    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_slice(&bytes)
-        .with_context(|| format!("{} is not a kvctl up state file", path.display()))
+    let read = |kind: TokenKind| -> Result<String> {
+        let tokens = kv_net::token::read_file(kind.name(), &kind.file(dir))?;
+        Ok(tokens.into_iter().next().unwrap_or_default())
+    };
+    let token = match token {
+        Some(t) => t,
+        None => read(TokenKind::Client)?,
+    };
+    let cluster = match access.cluster_token.clone() {
+        Some(c) => c,
+        None => read(TokenKind::Cluster)?,
+    };
+    Ok((Some(token), cluster))
 }
 
 /// Where the cluster is and how to reach it: kvctl's global flags and

@@ -682,8 +682,8 @@ fn a_tls_cluster_is_backed_up_and_restored_through_its_mutual_tls_peer_ports() {
     );
 }
 
+/// The cluster token `kvctl up` keeps in `<data-dir>/cluster-token`.
 fn cluster_token(up: &Up) -> String {
-    let saved: Value =
-        serde_json::from_slice(&std::fs::read(up.dir.join("cluster.json")).unwrap()).unwrap();
-    saved["clusterToken"].as_str().unwrap().to_string()
+    let text = std::fs::read_to_string(up.dir.join("cluster-token")).expect("cluster-token");
+    text.lines().next().expect("a token").trim().to_string()
 }

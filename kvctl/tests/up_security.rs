@@ -23,13 +23,22 @@ struct Up {
 
 impl Up {
     fn start(dir: &Path, extra: &[&str]) -> Up {
+        Up::start_with_token(dir, extra, Some(TOKEN))
+    }
+
+    /// `token`: `kvctl up --token`; `None` keeps the data directory's.
+    fn start_with_token(dir: &Path, extra: &[&str], token: Option<&str>) -> Up {
         let port = free_port();
         let child = Command::new(kvctl_bin())
             .arg("up")
             .arg("--data-dir")
             .arg(dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--token", TOKEN, "--nodes", "1"])
+            .args(token.map(|t| vec!["--token", t]).unwrap_or_default())
+            .args(match extra.contains(&"--nodes") {
+                true => &[][..],
+                false => &["--nodes", "1"][..],
+            })
             .args(extra)
             .env_remove("KV_ENDPOINT")
             .env_remove("KV_TOKEN")
@@ -51,6 +60,18 @@ impl Up {
 
     fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Waits (bounded) until a write at All goes through: every node is Up.
+    fn wait_all_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let raw = format!(
+            "PUT /v1/kv/ready HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {TOKEN}\r\nX-Consistency: all\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+        );
+        while raw_exchange(&self.address(), raw.as_bytes()).0 != 200 {
+            assert!(Instant::now() < deadline, "the nodes never were all Up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Waits (bounded) until the gateway has a node to route to.
@@ -94,30 +115,60 @@ fn mode(path: &Path) -> u32 {
 }
 
 #[test]
-fn the_state_file_holding_the_tokens_is_readable_by_its_owner_only() {
+fn the_token_files_are_readable_by_their_owner_only_and_no_other_file_holds_a_token() {
     let dir = tempfile::tempdir().expect("a scratch directory");
     let state = dir.path().join("cluster.json");
+    let (client, cluster) = (dir.path().join("token"), dir.path().join("cluster-token"));
     {
         let _up = Up::start(dir.path(), &[]);
-        let text = std::fs::read_to_string(&state).expect("cluster.json");
-        assert!(text.contains(TOKEN), "cluster.json holds the client token");
-        assert_eq!(mode(&state), 0o600, "a new cluster.json");
+        let text = std::fs::read_to_string(&client).expect("the client token file");
+        assert_eq!(text.trim(), TOKEN, "the token file holds the client token");
+        for f in [&state, &client, &cluster] {
+            assert_eq!(mode(f), 0o600, "a new {}", f.display());
+        }
     }
-    // A state file an older kvctl left world-readable is tightened on start.
+    // Files an older kvctl left world-readable are tightened on start; an
+    // older cluster.json's tokens move to the token files.
     use std::os::unix::fs::PermissionsExt;
+    let cluster_token = std::fs::read_to_string(&cluster).expect("cluster token");
+    let mut old: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state).expect("state")).expect("JSON");
+    old["token"] = TOKEN.into();
+    old["clusterToken"] = cluster_token.trim().into();
+    std::fs::write(&state, old.to_string()).expect("an older cluster.json");
+    std::fs::remove_file(&client).expect("rm token");
+    std::fs::remove_file(&cluster).expect("rm cluster-token");
     std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    let _up = Up::start(dir.path(), &[]);
+    let up = Up::start_with_token(dir.path(), &[], None);
+    up.wait_ready();
     assert_eq!(mode(&state), 0o600, "cluster.json after a restart");
+    assert_eq!(
+        std::fs::read_to_string(&client).expect("token").trim(),
+        TOKEN,
+        "the client token kept from the older cluster.json"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&cluster).expect("cluster-token"),
+        cluster_token,
+        "the cluster token kept from the older cluster.json"
+    );
+    assert_eq!(
+        call(&up.address(), "GET", "/v1/kv/absent", "").0,
+        404,
+        "the kept token works"
+    );
     // No other file of the data directory holds a token.
     for entry in walk(dir.path()) {
-        if entry == state || entry.extension().is_some_and(|e| e == "tmp") {
+        if entry == client || entry == cluster || entry.extension().is_some_and(|e| e == "tmp") {
             continue;
         }
         let Ok(bytes) = std::fs::read(&entry) else {
             continue;
         };
         let hay = String::from_utf8_lossy(&bytes);
-        assert!(!hay.contains(TOKEN), "{} holds the token", entry.display());
+        for t in [TOKEN, cluster_token.trim()] {
+            assert!(!hay.contains(t), "{} holds a token", entry.display());
+        }
     }
 }
 
@@ -280,5 +331,260 @@ fn with_tls_the_gateway_serves_https_and_kvctl_needs_the_ca() {
             stderr(&get)
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A request through raw TCP with the client token; answers (status, body).
+fn call(address: &str, method: &str, path: &str, body: &str) -> (u16, Vec<u8>) {
+    let raw = format!(
+        "{method} {path} HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    raw_exchange(address, raw.as_bytes())
+}
+
+#[test]
+fn metrics_of_the_gateway_and_of_every_node_reveal_no_key_names_or_values() {
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let up = Up::start(dir.path(), &["--nodes", "2"]);
+    up.wait_ready();
+    up.wait_all_up();
+    let gw = up.address();
+    // Names and values no metric could hold by chance, through every kind of
+    // route: writes, reads (found and absent), deletes, lists, placement,
+    // the classic routes, create-only writes and a refused oversized key.
+    let (name, value) = ("secretkeyname7c1f", "secretvalue93ab");
+    for i in 0..5 {
+        let (s, _) = call(
+            &gw,
+            "PUT",
+            &format!("/v1/kv/{name}{i}"),
+            &format!("{value}{i}"),
+        );
+        assert_eq!(s, 200, "PUT {name}{i}");
+        assert_eq!(call(&gw, "GET", &format!("/v1/kv/{name}{i}"), "").0, 200);
+    }
+    assert_eq!(call(&gw, "GET", &format!("/v1/kv/{name}absent"), "").0, 404);
+    assert_eq!(call(&gw, "DELETE", &format!("/v1/kv/{name}0"), "").0, 200);
+    assert_eq!(
+        call(&gw, "GET", &format!("/v1/kv?prefix={name}"), "").0,
+        200
+    );
+    assert_eq!(
+        call(&gw, "GET", &format!("/v1/placement/{name}1"), "").0,
+        200
+    );
+    let classic = format!(r#"{{"key":"{name}classic","value":"{value}classic"}}"#);
+    assert_eq!(call(&gw, "POST", "/write", &classic).0, 200);
+    assert_eq!(call(&gw, "GET", &format!("/read/{name}classic"), "").0, 200);
+    assert_eq!(
+        call(&gw, "GET", &format!("/nodes_for_key/{name}1"), "").0,
+        200
+    );
+    let raw = format!(
+        "PUT /v1/kv/{name}1 HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {TOKEN}\r\nIf-None-Match: *\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
+    );
+    assert_eq!(
+        raw_exchange(&gw, raw.as_bytes()).0,
+        412,
+        "a create over a value"
+    );
+
+    // Every node's client port, from the ports kvctl up gave them.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cluster.json")).expect("state"))
+            .expect("cluster.json is JSON");
+    let ports = state["ports"].as_object().expect("ports in cluster.json");
+    assert_eq!(ports.len(), 2, "{state}");
+    let mut scraped = vec![("gateway".to_string(), gw.clone())];
+    for (ordinal, pair) in ports {
+        let port = pair[0].as_u64().expect("a client port");
+        scraped.push((format!("node {ordinal}"), format!("127.0.0.1:{port}")));
+    }
+    for (who, address) in scraped {
+        let raw = b"GET /metrics HTTP/1.1\r\nHost: kv\r\nConnection: close\r\n\r\n";
+        let (status, body) = raw_exchange(&address, raw);
+        assert_eq!(status, 200, "{who} /metrics");
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("# TYPE"), "{who} serves metrics:\n{text}");
+        for secret in [name, value, TOKEN] {
+            assert!(
+                !text.contains(secret),
+                "{who}'s /metrics reveals {secret}:\n{text}"
+            );
+        }
+    }
+}
+
+/// Sends `raw` with `token` in place of `{token}` to `address`; the status.
+fn status_with(address: &str, raw: &str, token: &str) -> u16 {
+    raw_exchange(address, raw.replace("{token}", token).as_bytes()).0
+}
+
+/// The first line of a token file: the token to send.
+fn first_token(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("a token file");
+    text.lines().next().unwrap_or_default().trim().to_string()
+}
+
+#[test]
+fn tokens_rotate_under_load_with_no_failed_request_and_the_old_ones_are_refused_after() {
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let up = Up::start(dir.path(), &["--nodes", "2"]);
+    up.wait_ready();
+    up.wait_all_up();
+    let gw = up.address();
+    let client_file = dir.path().join("token");
+    let cluster_file = dir.path().join("cluster-token");
+    let old_cluster = first_token(&cluster_file);
+
+    // A client that reads its token from the file before each request (as
+    // a pod reading its mounted Secret does), writing at All through the
+    // gateway so that every write also crosses the peer link.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, gw, file) = (stop.clone(), gw.clone(), client_file.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let token = first_token(&file);
+                let raw = format!(
+                    "PUT /v1/kv/load{} HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {token}\r\nX-Consistency: all\r\nContent-Length: 1\r\nConnection: close\r\n\r\nv",
+                    i % 50
+                );
+                match raw_exchange(&gw, raw.as_bytes()) {
+                    (200, _) => ok += 1,
+                    (s, body) => failed.push((i, s, String::from_utf8_lossy(&body).to_string())),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+
+    let endpoint = format!("http://{gw}");
+    let rotate = |which: &str| {
+        let started = Instant::now();
+        let out = run_kvctl(
+            &[
+                "--endpoint",
+                &endpoint,
+                "--token",
+                TOKEN,
+                "-o",
+                "json",
+                "rotate-token",
+                which,
+            ],
+            &[],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "rotate-token {which}: {}",
+            stderr(&out)
+        );
+        let v: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON answer");
+        eprintln!(
+            "rotate-token {which}: {:.1} s: {v}",
+            started.elapsed().as_secs_f64()
+        );
+        v
+    };
+    let cluster = rotate("cluster");
+    assert!(
+        cluster.get("token").is_none(),
+        "the cluster token is never answered"
+    );
+    let new_cluster = first_token(&cluster_file);
+    assert_ne!(new_cluster, old_cluster);
+    assert_eq!(
+        std::fs::read_to_string(&cluster_file).expect("file").trim(),
+        new_cluster,
+        "the file ends with the new token alone"
+    );
+    let client = rotate("client");
+    let new_client = client["token"]
+        .as_str()
+        .expect("the new client token")
+        .to_string();
+    assert_eq!(first_token(&client_file), new_client);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().expect("the load thread");
+    eprintln!(
+        "{ok} writes at All during two rotations, {} failed",
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "failed requests during the rotations: {failed:?}"
+    );
+    assert!(ok >= 20, "too few writes to show anything: {ok}");
+
+    // The old tokens are refused everywhere, the new ones accepted.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("cluster.json")).expect("state"))
+            .expect("JSON");
+    let get = "GET /v1/kv/load1 HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n";
+    let peer = "GET /internal/v1/topology HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n";
+    assert_eq!(
+        status_with(&gw, get, TOKEN),
+        403,
+        "the gateway, old client token"
+    );
+    assert_eq!(
+        status_with(&gw, get, &new_client),
+        200,
+        "the gateway, new client token"
+    );
+    for (ordinal, pair) in state["ports"].as_object().expect("ports") {
+        let node = format!("127.0.0.1:{}", pair[0].as_u64().expect("client port"));
+        let peer_port = format!("127.0.0.1:{}", pair[1].as_u64().expect("peer port"));
+        assert_eq!(
+            status_with(&node, get, TOKEN),
+            403,
+            "node {ordinal}, old client token"
+        );
+        assert_eq!(
+            status_with(&node, get, &new_client),
+            200,
+            "node {ordinal}, new client token"
+        );
+        assert_eq!(
+            status_with(&peer_port, peer, &old_cluster),
+            403,
+            "node {ordinal}, old cluster token"
+        );
+        assert_eq!(
+            status_with(&peer_port, peer, &new_cluster),
+            200,
+            "node {ordinal}, new cluster token"
+        );
+        // What the node reports: fingerprints, never the tokens.
+        let cluster_raw = "GET /v1/cluster HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n";
+        let (s, body) = raw_exchange(
+            &node,
+            cluster_raw.replace("{token}", &new_client).as_bytes(),
+        );
+        assert_eq!(s, 200);
+        let report = String::from_utf8_lossy(&body);
+        assert!(
+            !report.contains(&new_client) && !report.contains(&new_cluster),
+            "{report}"
+        );
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("a report");
+        assert_eq!(
+            v["tokens"]["client"],
+            serde_json::json!([client["fingerprint"]]),
+            "{v}"
+        );
+        assert_eq!(
+            v["tokens"]["cluster"],
+            serde_json::json!([cluster["fingerprint"]]),
+            "{v}"
+        );
     }
 }

@@ -4,8 +4,9 @@
 //! serves the control routes.
 //!
 //! Everything the platform knows lives in its data directory:
-//! `cluster.json` (cluster id, tokens, the desired cluster with its held-down
-//! set, each ordinal's ports, the epoch floor), `topology.json` (the
+//! `cluster.json` (cluster id, the desired cluster with its held-down
+//! set, each ordinal's ports, the epoch floor), `token` and `cluster-token`
+//! (the tokens, owner-only, reloaded on change: [`tokens`]), `topology.json` (the
 //! topology, also the file every node watches) and `node-N/` (each node's
 //! database). Restarting `kvctl up` on the same directory brings back the
 //! same cluster, data and held-down nodes.
@@ -30,6 +31,7 @@ mod process;
 mod state;
 mod supervisor;
 mod tls;
+pub mod tokens;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -63,6 +65,8 @@ pub enum LocalError {
     NoBinary(PathBuf),
     #[error("the cluster cannot be planned: {0}")]
     Refused(String),
+    #[error("tokens: {0}")]
+    Token(String),
     #[error("gateway: cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -138,6 +142,10 @@ pub struct Platform {
     node_args: Vec<std::ffi::OsString>,
     /// `kvctl up --tls`'s CA and certificates.
     pub tls: Option<tls::LocalTls>,
+    /// The client and cluster tokens, from their files.
+    pub tokens: tokens::LocalTokens,
+    /// Held while a token rotation runs: one at a time.
+    rotating: tokio::sync::Mutex<()>,
 }
 
 impl Platform {
@@ -157,7 +165,9 @@ impl Platform {
         if !opts.node_binary.exists() {
             return Err(LocalError::NoBinary(opts.node_binary.clone()));
         }
-        let (saved, topology) = SavedState::load(&opts)?;
+        let (mut saved, topology) = SavedState::load(&opts)?;
+        let legacy = (saved.legacy_token.take(), saved.legacy_cluster_token.take());
+        let tokens = tokens::LocalTokens::prepare(&opts.data_dir, opts.token.as_deref(), legacy)?;
         let ports = Arc::new(Mutex::new(saved.ports.clone()));
         let addr_ports = ports.clone();
         let peer_routes: Arc<Mutex<BTreeMap<u32, String>>> = Arc::default();
@@ -186,6 +196,8 @@ impl Platform {
                 .build()
                 .unwrap_or_default(),
             tls,
+            tokens,
+            rotating: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner {
                 saved,
                 topology,
@@ -310,7 +322,7 @@ pub async fn up(
             }
             None => platform.say(format!("gateway: http://{local}")),
         }
-        platform.say(format!("token:   {}", s.token));
+        platform.say(format!("token:   {}", platform.tokens.client.current()));
         if !s.failed_nodes.is_empty() {
             platform.say(format!("held down: {:?}", s.failed_nodes));
         }

@@ -78,8 +78,18 @@ impl Platform {
             .arg(self.opts.data_dir.join("topology.json"))
             .arg("--anti-entropy-secs")
             .arg(self.opts.anti_entropy_secs.to_string())
-            .env("KV_TOKEN", &inner.saved.token)
-            .env("KV_CLUSTER_TOKEN", &inner.saved.cluster_token)
+            // The token files, read again when they change (rotation); a
+            // KV_TOKEN of the caller's environment would conflict with them.
+            .env_remove("KV_TOKEN")
+            .env_remove("KV_CLUSTER_TOKEN")
+            .env(
+                "KV_TOKEN_FILE",
+                super::tokens::client_file(&self.opts.data_dir),
+            )
+            .env(
+                "KV_CLUSTER_TOKEN_FILE",
+                super::tokens::cluster_file(&self.opts.data_dir),
+            )
             .envs(tls.iter().flat_map(|((cert, key), ca)| {
                 [
                     ("KV_TLS_CERT", cert.clone()),

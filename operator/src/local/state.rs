@@ -1,5 +1,6 @@
-//! The platform's state files: `cluster.json` (the desired cluster, tokens,
-//! ports, epoch floor), written atomically, and changes to the desired
+//! The platform's state files: `cluster.json` (the desired cluster, ports,
+//! epoch floor; the tokens are in their own files, [`super::tokens`]),
+//! written atomically, and changes to the desired
 //! cluster, accepted only when the planner would carry them out.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -18,8 +19,12 @@ use crate::planner::Desired;
 #[serde(rename_all = "camelCase")]
 pub struct SavedState {
     pub cluster_id: String,
-    pub token: String,
-    pub cluster_token: String,
+    /// The tokens of a `cluster.json` written before they had files of
+    /// their own: read once to write those files, never written again.
+    #[serde(rename = "token", default, skip_serializing)]
+    pub legacy_token: Option<String>,
+    #[serde(rename = "clusterToken", default, skip_serializing)]
+    pub legacy_cluster_token: Option<String>,
     pub replicas: u32,
     pub strategy: Strategy,
     pub factor: u32,
@@ -77,8 +82,8 @@ impl SavedState {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => SavedState {
                 cluster_id: format!("local-{}", &random_token()[..12]),
-                token: opts.token.clone().unwrap_or_else(random_token),
-                cluster_token: random_token(),
+                legacy_token: None,
+                legacy_cluster_token: None,
                 replicas: 3,
                 strategy: Strategy::Full,
                 factor: 3,
@@ -96,9 +101,6 @@ impl SavedState {
                 });
             }
         };
-        if let Some(t) = &opts.token {
-            saved.token = t.clone();
-        }
         let mut d = saved.desired();
         if let Some(r) = opts.replicas {
             d.replicas = r;
@@ -156,7 +158,7 @@ pub(super) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LocalError> 
         source,
     };
     let tmp = path.with_extension("tmp");
-    // Owner-only: cluster.json holds both tokens. The mode is set on the file
+    // Owner-only: the token files. The mode is set on the file
     // itself too, as a leftover .tmp from an older kvctl keeps its own mode.
     let write = || -> std::io::Result<()> {
         use std::io::Write;

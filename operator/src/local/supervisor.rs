@@ -112,7 +112,7 @@ impl Platform {
     }
 
     /// Ordinal, client port and peer port of every running node.
-    fn running_ports(&self) -> Vec<(u32, u16, u16)> {
+    pub(super) fn running_ports(&self) -> Vec<(u32, u16, u16)> {
         let inner = self.lock();
         inner
             .procs
@@ -127,7 +127,7 @@ impl Platform {
             .into_iter()
             .map(|(o, c, _)| (o, format!("{}://127.0.0.1:{c}/v1/cluster", self.scheme())))
             .collect();
-        let token = self.lock().saved.token.clone();
+        let token = self.tokens.client.current();
         let mut answers = Vec::new();
         let futs = targets.into_iter().map(|(o, url)| {
             let req = self.http.get(url).bearer_auth(&token);
@@ -252,7 +252,7 @@ impl Platform {
             .into_iter()
             .map(|(_, _, p)| format!("{}://127.0.0.1:{p}/internal/v1/topology", self.scheme()))
             .collect();
-        let token = self.lock().saved.cluster_token.clone();
+        let token = self.tokens.cluster.current();
         let body = serde_json::to_vec(t).unwrap_or_default();
         let futs = targets.into_iter().map(|url| {
             self.http

@@ -1,6 +1,6 @@
 //! The control routes: hold a node down or bring it back, change the
-//! replication, list nodes and a key's owners; each answers once its effect
-//! is visible in the platform's view, or past its bound.
+//! replication, list nodes and a key's owners, rotate a token; each answers
+//! once its effect is visible in the platform's view, or past its bound.
 
 use std::time::Duration;
 
@@ -37,6 +37,9 @@ impl Gateway {
             }
             (Method::POST, ["recover", id]) | (Method::POST, ["v1", "nodes", id, "recover"]) => {
                 ControlQuery::parse(query, false).and_then(|q| self.hold(id, false, q))
+            }
+            (Method::POST, ["v1", "tokens", which, "rotate"]) => {
+                return Some(self.rotate_token(which, query).await);
             }
             (Method::POST, ["set_replication_strategy"]) | (Method::PUT, ["v1", "replication"]) => {
                 ControlQuery::parse(query, false).and_then(|q| self.set_strategy(body, q))
@@ -99,6 +102,40 @@ impl Gateway {
             }
         }
         json_response(status, &body)
+    }
+
+    /// `POST /v1/tokens/{client|cluster}/rotate[?timeout=S]`: the whole
+    /// rotation ([`crate::local::Platform::rotate_token`]), each of its three
+    /// steps awaited for at most the call's bound. Answers the new client
+    /// token (the caller holds the old one); never the cluster token.
+    async fn rotate_token(&self, which: &str, query: &str) -> Response {
+        use crate::local::tokens::{RotateError, TokenKind};
+        let kind = match which {
+            "client" => TokenKind::Client,
+            "cluster" => TokenKind::Cluster,
+            _ => return error(404, "not_found", "no such token: client or cluster", false),
+        };
+        let limit = match ControlQuery::parse(query, false) {
+            Ok(q) => q.wait.unwrap_or(super::input::DEFAULT_WAIT),
+            Err(Refused::Bad(m)) => return error(400, "bad_request", m, false),
+            Err(_) => return error(400, "bad_request", "bad query", false),
+        };
+        match self.platform.rotate_token(kind, limit).await {
+            Ok(r) => {
+                let mut body = json!({
+                    "message": format!("{} rotated on nodes {:?}; the old one is refused", kind.name(), r.nodes),
+                    "done": true,
+                    "fingerprint": kv_net::token::fingerprint(&r.token),
+                });
+                if kind == TokenKind::Client {
+                    body["token"] = json!(r.token);
+                }
+                json_response(200, &body)
+            }
+            Err(e @ RotateError::Busy(_)) => error(409, "conflict", e.to_string(), false),
+            Err(e @ RotateError::Timeout { .. }) => error(503, "unavailable", e.to_string(), false),
+            Err(e @ RotateError::Write { .. }) => error(500, "internal", e.to_string(), false),
+        }
     }
 
     fn nodes_classic(&self) -> Response {

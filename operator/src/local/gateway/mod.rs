@@ -86,8 +86,7 @@ impl Gateway {
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        let token = self.platform.lock().saved.token.clone();
-        kv_net::http::authorized(headers, &token)
+        kv_net::http::authorized(headers, &self.platform.tokens.client)
     }
 
     async fn handle(
