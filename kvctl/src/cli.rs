@@ -188,6 +188,18 @@ pub enum Command {
         #[command(flatten)]
         kube: KubeArgs,
     },
+    /// Restart every node of a KvCluster, one at a time (needs --cluster).
+    ///
+    /// Sets the KvCluster annotation kvstore.dev/restartedAt to now:
+    /// kv-operator deletes one pod at a time and deletes the next only once
+    /// that node is back Up and caught up; status.lastRestart shows the
+    /// progress. Waits until the restart has finished, like fail/recover.
+    Restart {
+        #[command(flatten)]
+        wait: WaitArgs,
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
     /// Change the replication strategy through the control plane.
     Strategy {
         #[arg(value_enum)]

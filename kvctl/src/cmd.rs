@@ -31,6 +31,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         } => Some((Kube::Fail(*node, *force, wait), kube)),
         Command::Recover { node, kube, wait } => Some((Kube::Recover(*node, wait), kube)),
         Command::Nodes { kube } => Some((Kube::Nodes, kube)),
+        Command::Restart { kube, wait } => Some((Kube::Restart(wait), kube)),
         _ => None,
     };
     if let Some((
@@ -95,6 +96,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             let t = wait.request_timeout(timeout);
             classic(&client, &path, Some(&body), t, json_out).await
         }
+        Command::Restart { .. } => Err(anyhow!(
+            "restart acts on a KvCluster: give --cluster NAME (kvctl up restarts every node when it is started again)"
+        )),
         Command::Verify => verify_cmd(&client, json_out).await,
         Command::RotateToken {
             which,
@@ -151,6 +155,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
 enum Kube<'a> {
     Fail(u32, bool, &'a WaitArgs),
     Recover(u32, &'a WaitArgs),
+    Restart(&'a WaitArgs),
     Nodes,
 }
 
@@ -189,6 +194,47 @@ async fn kube_cmd(
             return wait_for_effect(&target, &outcome, NodeState::Up, wait, timeout, json_out)
                 .await;
         }
+        Kube::Restart(wait) => {
+            let at = kv_operator::k8s::restart::request_now();
+            let outcome = target.within(timeout, target.restart(&at)).await?;
+            return wait_for_restart(&target, &outcome, wait, timeout, json_out).await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// After `restart --cluster`, unless `--no-wait`: wait until the status
+/// shows the restart finished; past the bound, say how far it got (exit 0:
+/// the operator carries it on).
+async fn wait_for_restart(
+    target: &Target,
+    outcome: &k8s::RestartOutcome,
+    wait: &WaitArgs,
+    timeout: Duration,
+    json_out: bool,
+) -> Result<ExitCode> {
+    if !json_out {
+        write_stdout(k8s::render_restart(outcome).as_bytes())?;
+    }
+    if wait.no_wait {
+        if json_out {
+            print_json(outcome)?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let bound = Duration::from_secs_f64(wait.wait_timeout);
+    let effect = target
+        .within(
+            bound + timeout,
+            target.wait_for_restart(&outcome.requested_at, bound),
+        )
+        .await?;
+    if json_out {
+        let mut v = serde_json::to_value(outcome).context("cannot render JSON")?;
+        v["effect"] = serde_json::to_value(&effect).context("cannot render JSON")?;
+        print_json(&v)?;
+    } else {
+        write_stdout(k8s::render_restart_effect(&effect, outcome.nodes).as_bytes())?;
     }
     Ok(ExitCode::SUCCESS)
 }

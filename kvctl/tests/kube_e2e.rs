@@ -683,7 +683,7 @@ async fn fail_waits_for_the_operator_and_says_in_progress_past_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn help_describes_the_kubernetes_flags() {
     let dir = tempfile::tempdir().expect("temp dir");
-    for cmd in ["fail", "recover", "nodes"] {
+    for cmd in ["fail", "recover", "nodes", "restart"] {
         let out = kvctl(None, dir.path(), &[cmd, "--help"]).await;
         assert_success(&out);
         let help = text(&out.stdout);
@@ -705,4 +705,46 @@ async fn help_describes_the_kubernetes_flags() {
     // --namespace and --context only mean something with --cluster.
     let out = kvctl(None, dir.path(), &["fail", "1", "-n", "ns"]).await;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_sets_the_restarted_at_annotation_and_says_in_progress_past_the_bound() {
+    // No operator runs here: status.lastRestart never shows the request.
+    let f = Fixture::new(kvcluster(&[], "Quorum")).await;
+    let out = f
+        .kvctl(&["restart", "--cluster", "demo", "--wait-timeout", "0.6"])
+        .await;
+    assert_success(&out);
+    let seen = f.requests();
+    let at = seen[0].body["metadata"]["annotations"]["kvstore.dev/restartedAt"]
+        .as_str()
+        .expect("the annotation")
+        .to_string();
+    assert!(
+        at.len() >= 20 && at.as_bytes().get(10) == Some(&b'T') && at.ends_with('Z'),
+        "now, RFC 3339: {at}"
+    );
+    assert_patch(
+        &seen[0],
+        json!({"metadata": {"annotations": {"kvstore.dev/restartedAt": at}}}),
+    );
+    assert!(
+        seen[1..].iter().all(|r| r.method == Method::GET),
+        "{seen:?}"
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("restarts its 3 nodes one at a time")
+            && stdout.contains("in progress: 0 of 3 nodes restarted after"),
+        "{stdout}"
+    );
+
+    // Without --cluster there is nothing to restart.
+    let out = f.kvctl(&["restart"]).await;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("give --cluster NAME"),
+        "{}",
+        text(&out.stderr)
+    );
 }

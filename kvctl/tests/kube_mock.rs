@@ -619,3 +619,88 @@ async fn waiting_ends_at_the_bound_in_progress_or_at_once_on_a_refused_spec() {
         "{effect:?}"
     );
 }
+
+const RESTARTED_AT: &str = "kvstore.dev/restartedAt";
+
+/// `kvcluster(..)` with the restart annotation and `last_restart` as
+/// status.lastRestart.
+fn restarting(at: &str, last_restart: Value) -> Value {
+    let mut v = kvcluster("200", &[], &UP3);
+    v["metadata"]["annotations"] = json!({RESTARTED_AT: at});
+    v["status"]["lastRestart"] = last_restart;
+    v
+}
+
+#[tokio::test]
+async fn restart_sets_the_annotation_alone_and_waits_until_the_status_shows_it_finished() {
+    let at = "2026-12-03T10:00:00Z";
+    let calls = vec![
+        call(Method::PATCH, move |_| {
+            (StatusCode::OK, restarting(at, Value::Null))
+        }),
+        // The operator took it up: node 1 being restarted.
+        call(Method::GET, move |_| {
+            (
+                StatusCode::OK,
+                restarting(
+                    at,
+                    json!({"requestedAt": at, "restarted": [0],
+                           "restarting": {"ordinal": 1, "podUid": "u1"}}),
+                ),
+            )
+        }),
+        call(Method::GET, move |_| {
+            (
+                StatusCode::OK,
+                restarting(
+                    at,
+                    json!({"requestedAt": at, "restarted": [0, 1, 2],
+                           "finishedAt": "2026-12-03T10:03:00Z"}),
+                ),
+            )
+        }),
+    ];
+    let ((outcome, effect), seen) = run(calls, |t| async move {
+        let outcome = t.restart(at).await.expect("restart");
+        let effect = t
+            .wait_for_restart(at, Duration::from_secs(5))
+            .await
+            .expect("wait");
+        (outcome, effect)
+    })
+    .await;
+    assert_eq!(
+        merge_patch_of(&seen[0]),
+        &json!({"metadata": {"annotations": {RESTARTED_AT: at}}}),
+        "only the annotation: nothing concurrent is overwritten"
+    );
+    assert_eq!(outcome.requested_at, at);
+    assert_eq!(outcome.nodes, 3);
+    assert!(effect.in_effect, "{effect:?}");
+    assert_eq!(effect.restarted, [0, 1, 2]);
+}
+
+#[tokio::test]
+async fn a_restart_wait_ignores_an_earlier_restart_and_says_how_far_this_one_got() {
+    let at = "2026-12-03T11:00:00Z";
+    let earlier = json!({"requestedAt": "2026-12-01T00:00:00Z", "restarted": [0, 1, 2],
+                         "finishedAt": "2026-12-01T00:03:00Z"});
+    let calls = vec![call(Method::GET, move |_| {
+        (StatusCode::OK, restarting(at, earlier))
+    })];
+    let (effect, _) = run(calls, |t| async move {
+        t.wait_for_restart(at, Duration::ZERO).await.expect("wait")
+    })
+    .await;
+    assert!(
+        !effect.in_effect,
+        "an earlier finished restart is not this one"
+    );
+    assert_eq!(effect.restarted, Vec::<u32>::new());
+    assert_eq!(
+        kvctl::k8s::render_restart_effect(&effect, 3)
+            .split(" after ")
+            .next(),
+        Some("in progress: 0 of 3 nodes restarted")
+    );
+}

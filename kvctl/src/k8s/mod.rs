@@ -30,14 +30,18 @@
 //!
 //! One module per job: [`target`] (the API calls, with their timeout and
 //! conflict retry), [`change`] (the pure decisions and the planner check),
-//! [`render`] (what `nodes`, `fail` and `recover` print).
+//! [`render`] (what `nodes`, `fail` and `recover` print), [`restart`]
+//! (`restart --cluster`: the annotation kv-operator restarts the nodes on,
+//! and what its status shows of that restart).
 
 mod change;
 mod render;
+mod restart;
 mod target;
 
 pub use change::*;
 pub use render::*;
+pub use restart::*;
 pub use target::*;
 
 /// Reads and writes of one `fail` or `recover`, when every write meets a

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{Config, KubeConfigOptions};
 use kube::{Client, ResourceExt};
-use kv_operator::k8s::crd::KvCluster;
+use kv_operator::k8s::crd::{KvCluster, RESTARTED_AT};
 use serde::Serialize;
 
 use super::*;
@@ -182,6 +182,51 @@ impl Target {
                     refused,
                     waited_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
                 });
+            }
+            tokio::time::sleep(Duration::from_millis(500).min(bound - waited)).await;
+        }
+    }
+
+    /// Ask kv-operator for a rolling restart: set the annotation
+    /// `kvstore.dev/restartedAt` to `at` (a merge patch of that annotation
+    /// alone, so nothing concurrent is overwritten; a new value is a new
+    /// request whatever else changed).
+    pub async fn restart(&self, at: &str) -> Result<RestartOutcome, KubeError> {
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
+        };
+        let stored = self
+            .api
+            .patch(&self.name, &params, &Patch::Merge(&restart_patch(at)))
+            .await
+            .map_err(|e| self.error("patch", e))?;
+        Ok(RestartOutcome {
+            cluster: self.name.clone(),
+            namespace: self.namespace.clone(),
+            requested_at: stored
+                .annotations()
+                .get(RESTARTED_AT)
+                .cloned()
+                .unwrap_or_default(),
+            nodes: stored.spec.replicas,
+        })
+    }
+
+    /// Polls the KvCluster until status.lastRestart shows the restart `at`
+    /// finished, at most `bound`.
+    pub async fn wait_for_restart(
+        &self,
+        at: &str,
+        bound: Duration,
+    ) -> Result<RestartEffect, KubeError> {
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let kvc = self.get().await?;
+            let waited = t0.elapsed();
+            let effect = restart_effect(&kvc, at, waited);
+            if effect.in_effect || waited >= bound {
+                return Ok(effect);
             }
             tokio::time::sleep(Duration::from_millis(500).min(bound - waited)).await;
         }
