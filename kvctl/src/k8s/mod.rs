@@ -1,5 +1,6 @@
-//! kvctl on Kubernetes: `fail`, `recover` and `nodes` with `--cluster NAME`
-//! read or change the `KvCluster` resource instead of talking to a gateway.
+//! kvctl on Kubernetes: `fail`, `recover`, `restart` and `nodes` with
+//! `--cluster NAME` read or change the `KvCluster` resource instead of
+//! talking to a gateway.
 //!
 //! On Kubernetes the control plane is kv-operator, and what a user asks of it
 //! is the KvCluster's spec: holding a node down is an entry in
