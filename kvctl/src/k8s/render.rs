@@ -8,7 +8,7 @@ use kv_operator::k8s::crd::KvCluster;
 use serde_json::{Value, json};
 
 use kube::ResourceExt;
-use kv_operator::k8s::crd::FORCE_FAULT_INJECTION;
+use kv_operator::k8s::crd::{FORCE_FAULT_INJECTION, RestartStatus};
 
 use super::change::cluster_id;
 use super::{Outcome, status_topology};
@@ -67,6 +67,9 @@ pub fn render_nodes(kvc: &KvCluster) -> String {
     if status.nodes.is_empty() {
         out.push_str("(the status lists no nodes yet)\n");
     }
+    if let Some(r) = &status.last_restart {
+        let _ = writeln!(out, "{}", restart_line(r));
+    }
     if !status.conditions.is_empty() {
         let cells: Vec<Vec<String>> = status
             .conditions
@@ -83,6 +86,26 @@ pub fn render_nodes(kvc: &KvCluster) -> String {
         out.push_str(&output::table(&cells));
     }
     out
+}
+
+/// The last rolling restart (`status.lastRestart`) on one line.
+fn restart_line(r: &RestartStatus) -> String {
+    let done = ordinals(&r.restarted);
+    match (&r.finished_at, &r.restarting, &r.waiting_for) {
+        (Some(at), _, _) => format!(
+            "restart {}: finished at {at}, nodes {done} restarted",
+            r.requested_at
+        ),
+        (None, _, Some(w)) => format!(
+            "restart {}: nodes {done} restarted; waiting for {w}",
+            r.requested_at
+        ),
+        (None, Some(n), None) => format!(
+            "restart {}: nodes {done} restarted; restarting node {}",
+            r.requested_at, n.ordinal
+        ),
+        (None, None, None) => format!("restart {}: nodes {done} restarted", r.requested_at),
+    }
 }
 
 /// A note when the status predates the spec (the operator has not
@@ -116,6 +139,7 @@ pub fn nodes_json(kvc: &KvCluster) -> Value {
         "generation": kvc.metadata.generation,
         "observedGeneration": status.observed_generation,
         "conditions": status.conditions,
+        "lastRestart": status.last_restart,
     });
     if let (Some(fields), Value::Object(extra)) = (out.as_object_mut(), extra) {
         fields.extend(extra);

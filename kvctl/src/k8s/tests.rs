@@ -412,3 +412,36 @@ fn outcomes_say_what_became_of_the_force_annotation_and_how_to_remove_it() {
     o.force_annotation_before = None;
     assert_eq!(lines(&o).len(), 2, "no annotation, no line");
 }
+
+#[test]
+fn nodes_show_the_last_restart_in_progress_and_finished() {
+    let mut kvc = cluster("{replicas: 3}", &UP3);
+    let status = kvc.status.as_mut().expect("status");
+    status.last_restart = Some(kv_operator::k8s::crd::RestartStatus {
+        requested_at: "r1".into(),
+        restarted: vec![0],
+        restarting: Some(kv_operator::k8s::crd::RestartingNode {
+            ordinal: 1,
+            pod_uid: "u".into(),
+        }),
+        waiting_for: None,
+        finished_at: None,
+    });
+    let text = render_nodes(&kvc);
+    assert!(
+        text.contains("restart r1: nodes [0] restarted; restarting node 1\n"),
+        "{text}"
+    );
+    assert_eq!(nodes_json(&kvc)["lastRestart"]["restarting"]["ordinal"], 1);
+    if let Some(r) = kvc.status.as_mut().and_then(|s| s.last_restart.as_mut()) {
+        r.restarted = vec![0, 1, 2];
+        r.restarting = None;
+        r.finished_at = Some("2026-12-03T10:03:00Z".into());
+    }
+    assert!(
+        render_nodes(&kvc)
+            .contains("restart r1: finished at 2026-12-03T10:03:00Z, nodes [0, 1, 2] restarted"),
+        "{}",
+        render_nodes(&kvc)
+    );
+}
