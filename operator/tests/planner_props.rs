@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use kv_core::{BUCKETS, Consistency, NodeState, Placement, Strategy as Placing, Topology};
 use kv_operator::planner::{
-    Action, Desired, NodeObservation, NodeProgress, Observed, Plan, Rebalance, plan,
+    Action, Desired, NodeObservation, NodeProgress, Observed, Phase, Plan, Rebalance, plan,
 };
 use planner_support::config;
 use proptest::prelude::*;
@@ -31,6 +31,8 @@ enum Op {
     Sync(u32),
     SyncAll,
     Tick(u64),
+    /// `spec.hibernation` set or cleared.
+    Hibernate(bool),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -47,6 +49,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u32..6).prop_map(Op::Sync),
         3 => Just(Op::SyncAll),
         3 => (0u64..=12_000).prop_map(Op::Tick),
+        1 => any::<bool>().prop_map(Op::Hibernate),
     ]
 }
 
@@ -162,6 +165,7 @@ impl Sim {
                 }
             }
             Op::Tick(ms) => self.now += ms,
+            Op::Hibernate(h) => d.hibernate = h,
         }
         d
     }
@@ -221,6 +225,29 @@ fn check_step(
             t.epoch > cur && t.epoch > observed.epoch_floor,
             "epoch rises"
         );
+    }
+
+    // Hibernated: every node stopped, the topology left as it is (a first
+    // one only for a cluster that had none), nobody's state changed.
+    // Otherwise hibernation waits only for a pending placement change.
+    if p.phase == Phase::Hibernated {
+        prop_assert!(d.hibernate);
+        prop_assert!(p.topology.is_none() || before.is_none());
+        prop_assert_eq!(p.node_count, 0);
+        prop_assert!(p.transitions.is_empty(), "{:?}", p.transitions);
+        prop_assert!(
+            p.actions.iter().all(|a| matches!(a, Action::Stop(_))),
+            "{:?}",
+            p.actions
+        );
+        return Ok(());
+    }
+    if d.hibernate {
+        prop_assert!(
+            before.is_some_and(|t| t.pending.is_some()),
+            "hibernation deferred without a pending placement"
+        );
+        prop_assert!(p.hibernation_deferred.is_some());
     }
 
     // The node set is exactly the owners of the two placements.
