@@ -121,7 +121,7 @@ fn the_statefulset_runs_one_hardened_kv_node_per_ordinal_with_its_own_volume() {
         "--data-dir=/data",
         "--node-id-from-hostname",
         "--token-file=/etc/kvstore/secret/token",
-        "--cluster-token-file=/etc/kvstore/secret/cluster-token",
+        "--cluster-token-file=/etc/kvstore/cluster-secret/cluster-token",
         "--topology-file=/etc/kvstore/topology/topology.json",
     ] {
         assert!(
@@ -207,6 +207,27 @@ fn the_statefulset_runs_one_hardened_kv_node_per_ordinal_with_its_own_volume() {
             .as_ref()
             .and_then(|s| s.secret_name.as_deref()),
         Some("demo-auth")
+    );
+    let cluster_secret = volumes
+        .iter()
+        .find(|v| v.name == "cluster-secret")
+        .and_then(|v| v.secret.as_ref())
+        .expect("cluster secret volume");
+    assert_eq!(
+        cluster_secret.secret_name.as_deref(),
+        Some("demo-cluster-auth")
+    );
+    let keys = |s: &k8s_openapi::api::core::v1::SecretVolumeSource| {
+        s.items
+            .iter()
+            .flatten()
+            .map(|i| i.key.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(keys(cluster_secret), ["cluster-token"]);
+    assert_eq!(
+        secret.secret.as_ref().map(keys),
+        Some(vec!["token".to_string()])
     );
 }
 
@@ -337,17 +358,23 @@ fn the_topology_configmap_holds_the_kv_core_topology_json() {
 }
 
 #[test]
-fn the_generated_secret_has_both_tokens_and_tokens_are_random() {
+fn the_generated_secrets_hold_one_token_each_and_tokens_are_random() {
     let kvc = cluster("{}");
     let (a, b) = (objects::random_token(), objects::random_token());
     assert_eq!(a.len(), 64);
     assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
     assert_ne!(a, b);
-    let secret = objects::auth_secret(&kvc, &a, &b);
+    let secret = objects::auth_secret(&kvc, &a);
     assert_eq!(secret.metadata.name.as_deref(), Some("demo-auth"));
     assert_owned(&secret.metadata, "auth");
     let data = secret.data.expect("data");
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["token"]);
     assert_eq!(data["token"].0, a.as_bytes());
+    let secret = objects::cluster_auth_secret(&kvc, &b);
+    assert_eq!(secret.metadata.name.as_deref(), Some("demo-cluster-auth"));
+    assert_owned(&secret.metadata, "cluster-auth");
+    let data = secret.data.expect("data");
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["cluster-token"]);
     assert_eq!(data["cluster-token"].0, b.as_bytes());
 }
 

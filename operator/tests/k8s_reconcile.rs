@@ -339,7 +339,12 @@ fn pod_list(items: Vec<Value>) -> Value {
 
 fn secret() -> Value {
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-auth", "namespace": "ns"},
-           "data": {"token": "dG9rZW4=", "cluster-token": "Y2x1c3Rlcg=="}})
+           "data": {"token": "dG9rZW4="}})
+}
+
+fn cluster_secret() -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-cluster-auth", "namespace": "ns"},
+           "data": {"cluster-token": "Y2x1c3Rlcg=="}})
 }
 
 /// The ConfigMap the operator would have written for `t`: its held list
@@ -382,7 +387,7 @@ fn topology_in(seen: &Seen) -> Topology {
 }
 
 #[tokio::test]
-async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_status() {
+async fn a_new_cluster_gets_its_two_secrets_and_owned_objects_applied_and_a_creating_status() {
     let kvc = cluster("{}");
     let (action, seen) = run(
         kvc.clone(),
@@ -401,6 +406,12 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 not_found()
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| not_found(),
+            ),
+            call(Method::POST, &format!("{NS}/secrets"), echo),
             call(Method::POST, &format!("{NS}/secrets"), echo),
             call(Method::POST, &format!("{NS}/configmaps"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
@@ -426,9 +437,23 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 
-    let secret = &seen[4].body;
-    let token = secret["data"]["token"].as_str().expect("token");
-    let cluster_token = secret["data"]["cluster-token"]
+    // Each token in a Secret of its own: a reader of one cannot get the other.
+    let (client, cluster) = (&seen[5].body, &seen[6].body);
+    assert_eq!(client["metadata"]["name"], "demo-auth");
+    assert_eq!(cluster["metadata"]["name"], "demo-cluster-auth");
+    let keys = |s: &Value| {
+        s["data"]
+            .as_object()
+            .map(|d| d.keys().cloned().collect::<Vec<_>>())
+    };
+    assert_eq!(keys(client), Some(vec!["token".to_string()]), "{client}");
+    assert_eq!(
+        keys(cluster),
+        Some(vec!["cluster-token".to_string()]),
+        "{cluster}"
+    );
+    let token = client["data"]["token"].as_str().expect("token");
+    let cluster_token = cluster["data"]["cluster-token"]
         .as_str()
         .expect("cluster-token");
     assert!(
@@ -437,11 +462,11 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
     );
 
     assert!(
-        seen[5].query.is_empty() || !seen[5].query.contains("force"),
+        seen[7].query.is_empty() || !seen[7].query.contains("force"),
         "the topology ConfigMap is created, not applied over whatever is there: {}",
-        seen[5].query
+        seen[7].query
     );
-    for applied in &seen[6..=11] {
+    for applied in &seen[8..=13] {
         assert!(
             applied.query.contains("fieldManager=kv-operator")
                 && applied.query.contains("force=true"),
@@ -450,7 +475,7 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
             applied.query
         );
     }
-    let t = topology_in(&seen[5]);
+    let t = topology_in(&seen[7]);
     assert_eq!(t.epoch, 1);
     assert_eq!(
         t.cluster_id, "uid-1",
@@ -458,16 +483,16 @@ async fn a_new_cluster_gets_its_secret_and_owned_objects_applied_and_a_creating_
     );
     assert_eq!(t.placement.members, [0, 1, 2]);
     assert!(t.nodes.iter().all(|n| n.state == NodeState::Up));
-    assert_eq!(seen[8].body["spec"]["replicas"], 3);
-    assert_eq!(seen[9].body["spec"]["maxUnavailable"], 1);
+    assert_eq!(seen[10].body["spec"]["replicas"], 3);
+    assert_eq!(seen[11].body["spec"]["maxUnavailable"], 1);
     assert_eq!(
-        seen[10].body,
+        seen[12].body,
         serde_json::to_value(objects::network_policy(&kvc, None).expect("on by default"))
             .expect("json"),
         "the NetworkPolicy as built, for an operator of unknown namespace"
     );
 
-    let status = &seen[11].body["status"];
+    let status = &seen[13].body["status"];
     assert_eq!(status["phase"], "Creating");
     assert_eq!(status["observedGeneration"], 2);
     assert_eq!(status["topologyEpoch"], 1);
@@ -514,6 +539,11 @@ async fn an_ordinal_added_to_failed_nodes_deletes_that_pod_and_raises_the_topolo
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
             call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -541,14 +571,14 @@ async fn an_ordinal_added_to_failed_nodes_deletes_that_pod_and_raises_the_topolo
         ],
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(t.epoch, 4, "the epoch is raised");
     assert_eq!(t.state_of(1), Some(NodeState::Failed));
     assert_eq!(t.state_of(0), Some(NodeState::Up));
-    assert_eq!(seen[11].body["reason"], "FaultInjected");
-    assert_eq!(seen[12].body["reason"], "NodeFailed");
-    assert_eq!(seen[12].body["type"], "Warning");
-    let status = &seen[13].body["status"];
+    assert_eq!(seen[12].body["reason"], "FaultInjected");
+    assert_eq!(seen[13].body["reason"], "NodeFailed");
+    assert_eq!(seen[13].body["type"], "Warning");
+    let status = &seen[14].body["status"];
     assert_eq!(status["phase"], "Degraded");
     assert_eq!(status["topologyEpoch"], 4);
     assert_eq!(status["nodes"][1]["state"], "Failed");
@@ -577,6 +607,11 @@ async fn a_node_already_held_down_is_not_deleted_again() {
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
             call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -600,9 +635,100 @@ async fn a_node_already_held_down_is_not_deleted_again() {
     )
     .await;
     assert_eq!(
-        topology_in(&seen[4]).epoch,
+        topology_in(&seen[5]).epoch,
         4,
         "nothing changed, the epoch stays"
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_whose_one_secret_held_both_tokens_gets_its_cluster_token_in_a_secret_of_its_own()
+{
+    // `demo-auth` as operators before the split made it: both keys. Its
+    // running nodes know only that cluster token, so it is kept.
+    let kvc = cluster("{}");
+    let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Up, NodeState::Up]);
+    let cm = configmap(&kvc, &current);
+    let both = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-auth", "namespace": "ns"},
+                      "data": {"token": "dG9rZW4=", "cluster-token": "Y2x1c3Rlcg=="}});
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), move |_| {
+                (StatusCode::OK, both)
+            }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| not_found(),
+            ),
+            call(Method::POST, &format!("{NS}/secrets"), echo),
+            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    let created = &seen[5].body;
+    assert_eq!(created["metadata"]["name"], "demo-cluster-auth");
+    assert_eq!(
+        created["data"],
+        json!({"cluster-token": "Y2x1c3Rlcg=="}),
+        "the cluster token the nodes hold, and nothing else"
+    );
+    // The pods mount each token from its own Secret, one key each.
+    let volumes = &seen[9].body["spec"]["template"]["spec"]["volumes"];
+    let secret_of = |name: &str| {
+        volumes
+            .as_array()
+            .and_then(|v| v.iter().find(|v| v["name"] == name))
+            .map(|v| {
+                (
+                    v["secret"]["secretName"].clone(),
+                    v["secret"]["items"].clone(),
+                )
+            })
+    };
+    assert_eq!(
+        secret_of("secret"),
+        Some((
+            json!("demo-auth"),
+            json!([{"key": "token", "path": "token"}])
+        ))
+    );
+    assert_eq!(
+        secret_of("cluster-secret"),
+        Some((
+            json!("demo-cluster-auth"),
+            json!([{"key": "cluster-token", "path": "cluster-token"}])
+        ))
     );
 }
 
@@ -653,9 +779,9 @@ async fn scaling_up_starts_the_new_pods_first_and_rebalances_once_they_answer() 
         Some(reports),
     )
     .await;
-    assert_eq!(topology_in(&seen[4]), current, "no placement change yet");
-    assert_eq!(seen[7].body["spec"]["replicas"], 5);
-    assert_eq!(seen[10].body["status"]["phase"], "Rebalancing");
+    assert_eq!(topology_in(&seen[5]), current, "no placement change yet");
+    assert_eq!(seen[8].body["spec"]["replicas"], 5);
+    assert_eq!(seen[11].body["status"]["phase"], "Rebalancing");
 
     // Both answer (as non-members): the rebalance starts.
     let reports = report_server(vec![(7, 7, 1.0); 5]).await;
@@ -665,7 +791,7 @@ async fn scaling_up_starts_the_new_pods_first_and_rebalances_once_they_answer() 
         Some(reports),
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(t.epoch, 8);
     assert_eq!(
         t.placement.members,
@@ -674,9 +800,9 @@ async fn scaling_up_starts_the_new_pods_first_and_rebalances_once_they_answer() 
     );
     assert_eq!(t.pending.map(|p| p.members), Some(vec![0, 1, 2, 3, 4]));
     assert_eq!(t.nodes[3].state, NodeState::Joining);
-    assert_eq!(seen[7].body["spec"]["replicas"], 5);
-    assert_eq!(seen[10].body["reason"], "RebalanceStarted");
-    assert_eq!(seen[11].body["status"]["phase"], "Rebalancing");
+    assert_eq!(seen[8].body["spec"]["replicas"], 5);
+    assert_eq!(seen[11].body["reason"], "RebalanceStarted");
+    assert_eq!(seen[12].body["status"]["phase"], "Rebalancing");
 }
 
 #[tokio::test]
@@ -699,6 +825,11 @@ async fn factor_one_removes_the_disruption_budget_and_warns_with_a_degraded_cond
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
             call(Method::POST, &format!("{NS}/configmaps"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -721,7 +852,7 @@ async fn factor_one_removes_the_disruption_budget_and_warns_with_a_degraded_cond
         ],
     )
     .await;
-    let conditions = seen[10].body["status"]["conditions"]
+    let conditions = seen[11].body["status"]["conditions"]
         .as_array()
         .expect("conditions")
         .clone();
@@ -758,6 +889,9 @@ async fn network_policy_enabled_false_deletes_the_policy_the_operator_made() {
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(Method::GET, &format!("{NS}/secrets/demo-cluster-auth"), |_| {
+                (StatusCode::OK, cluster_secret())
+            }),
             call(Method::POST, &format!("{NS}/configmaps"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -781,7 +915,7 @@ async fn network_policy_enabled_false_deletes_the_policy_the_operator_made() {
         ],
     )
     .await;
-    assert_eq!(seen[9].path, format!("{NETWORKING}/networkpolicies/demo"));
+    assert_eq!(seen[10].path, format!("{NETWORKING}/networkpolicies/demo"));
 }
 
 #[tokio::test]
@@ -823,6 +957,11 @@ async fn an_ordinal_removed_from_failed_nodes_whose_pod_is_back_starts_recoverin
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
             call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -846,15 +985,15 @@ async fn an_ordinal_removed_from_failed_nodes_whose_pod_is_back_starts_recoverin
         ],
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(t.epoch, 5);
     assert_eq!(
         t.state_of(1),
         Some(NodeState::Recovering),
         "not Up before its catch-up is reported done"
     );
-    assert_eq!(seen[10].body["reason"], "NodeRecovering");
-    let status = &seen[11].body["status"];
+    assert_eq!(seen[11].body["reason"], "NodeRecovering");
+    let status = &seen[12].body["status"];
     assert_eq!(status["nodes"][1]["state"], "Recovering");
     let progressing = status["conditions"]
         .as_array()
@@ -890,6 +1029,11 @@ async fn a_recovering_node_whose_report_shows_its_catch_up_done_becomes_up() {
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
             call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -914,11 +1058,11 @@ async fn a_recovering_node_whose_report_shows_its_catch_up_done_becomes_up() {
         Some(reports),
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(t.epoch, 6);
     assert_eq!(t.state_of(1), Some(NodeState::Up));
-    assert_eq!(seen[10].body["reason"], "NodeRecovered");
-    assert_eq!(seen[11].body["status"]["phase"], "Running");
+    assert_eq!(seen[11].body["reason"], "NodeRecovered");
+    assert_eq!(seen[12].body["status"]["phase"], "Running");
     assert_eq!(
         action,
         Action::requeue(Duration::from_secs(5)),
@@ -965,6 +1109,11 @@ async fn a_node_still_catching_up_stays_recovering_with_its_progress_in_the_stat
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
             call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -988,8 +1137,8 @@ async fn a_node_still_catching_up_stays_recovering_with_its_progress_in_the_stat
         Some(reports),
     )
     .await;
-    assert_eq!(topology_in(&seen[4]).epoch, 5, "nothing changed");
-    let node = &seen[10].body["status"]["nodes"][1];
+    assert_eq!(topology_in(&seen[5]).epoch, 5, "nothing changed");
+    let node = &seen[11].body["status"]["nodes"][1];
     assert_eq!(node["state"], "Recovering");
     assert_eq!(node["resyncProgress"], 0.25);
 }
@@ -1016,6 +1165,11 @@ fn reconcile_calls(kvc: &KvCluster, current: &Topology, pods: u32, event: bool) 
         call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
             (StatusCode::OK, secret())
         }),
+        call(
+            Method::GET,
+            &format!("{NS}/secrets/demo-cluster-auth"),
+            |_| (StatusCode::OK, cluster_secret()),
+        ),
         call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
         call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
         call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -1066,7 +1220,7 @@ async fn scaling_down_commits_and_pushes_the_topology_but_keeps_the_leaving_pods
         Some(reports),
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(t.epoch, 10);
     assert_eq!(t.pending, None);
     assert_eq!(t.placement.members, [0, 1, 2]);
@@ -1081,8 +1235,8 @@ async fn scaling_down_commits_and_pushes_the_topology_but_keeps_the_leaving_pods
     assert!(pushed.iter().all(|(_, p)| *p == t));
     // No node has reported epoch 10 yet: the StatefulSet keeps all five pods,
     // and the controller looks again soon.
-    assert_eq!(seen[7].body["spec"]["replicas"], 5);
-    assert_eq!(seen[10].body["reason"], "RebalanceCommitted");
+    assert_eq!(seen[8].body["spec"]["replicas"], 5);
+    assert_eq!(seen[11].body["reason"], "RebalanceCommitted");
     assert_eq!(action, Action::requeue(Duration::from_secs(5)));
 }
 
@@ -1105,7 +1259,7 @@ async fn the_leaving_pods_go_once_every_remaining_node_reports_the_committed_top
         Some(reports),
     )
     .await;
-    assert_eq!(seen[7].body["spec"]["replicas"], 5, "node 1 is behind");
+    assert_eq!(seen[8].body["spec"]["replicas"], 5, "node 1 is behind");
     let pushed = pushes.lock().expect("pushes").clone();
     assert!(
         pushed.iter().any(|(o, t)| *o == 1 && t.epoch == 10),
@@ -1127,7 +1281,7 @@ async fn the_leaving_pods_go_once_every_remaining_node_reports_the_committed_top
     )
     .await;
     assert_eq!(
-        seen[7].body["spec"]["replicas"], 3,
+        seen[8].body["spec"]["replicas"], 3,
         "every remaining node has the topology without 3 and 4"
     );
 }
@@ -1204,6 +1358,11 @@ async fn a_lost_topology_is_rewritten_above_the_epoch_the_nodes_already_hold() {
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
             call(Method::POST, &format!("{NS}/configmaps"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -1227,7 +1386,7 @@ async fn a_lost_topology_is_rewritten_above_the_epoch_the_nodes_already_hold() {
         Some(reports),
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(
         t.epoch, 42,
         "above every node's epoch, so the nodes accept it"
@@ -1277,11 +1436,11 @@ async fn a_configmap_deleted_mid_rebalance_is_rebuilt_from_the_topology_the_node
         &format!("{NS}/configmaps/demo-topology"),
         |_| not_found(),
     );
-    calls[4] = call(Method::POST, &format!("{NS}/configmaps"), echo);
-    calls.insert(4, call(Method::POST, EVENTS, echo));
+    calls[5] = call(Method::POST, &format!("{NS}/configmaps"), echo);
+    calls.insert(5, call(Method::POST, EVENTS, echo));
     let (_, seen) = run_with(kvc.clone(), calls, Some(reports)).await;
-    assert_eq!(seen[4].body["reason"], "TopologyAdopted");
-    let t = topology_in(&seen[5]);
+    assert_eq!(seen[5].body["reason"], "TopologyAdopted");
+    let t = topology_in(&seen[6]);
     assert_eq!(
         t, held,
         "carried on unchanged: the joiners are not Up, nothing is committed"
@@ -1300,7 +1459,7 @@ async fn a_node_on_an_empty_volume_is_shown_recovering_until_its_store_has_caugh
         Some(reports),
     )
     .await;
-    let status = &seen[10].body["status"];
+    let status = &seen[11].body["status"];
     assert_eq!(status["nodes"][2]["state"], "Recovering", "{status}");
     assert_eq!(status["nodes"][0]["state"], "Up");
     assert_eq!(status["phase"], "Degraded");
@@ -1321,13 +1480,13 @@ async fn a_topology_write_over_a_configmap_changed_since_it_was_read_conflicts_a
     cm["metadata"]["resourceVersion"] = json!("41");
     let (reports, pushes) = report_server_recording(vec![(7, 7, 1.0); 4]).await;
     let mut calls = reconcile_calls(&kvc, &current, 4, false);
-    calls.truncate(5);
+    calls.truncate(6);
     calls[0] = call(
         Method::GET,
         &format!("{NS}/configmaps/demo-topology"),
         move |_| (StatusCode::OK, cm),
     );
-    calls[4] = call(
+    calls[5] = call(
         Method::PUT,
         &format!("{NS}/configmaps/demo-topology"),
         |_| {
@@ -1341,10 +1500,10 @@ async fn a_topology_write_over_a_configmap_changed_since_it_was_read_conflicts_a
     );
     let (result, seen) = run_for_result(kvc.clone(), calls, Some(reports)).await;
     assert!(result.is_err(), "the reconcile fails on the conflict");
-    assert_eq!(seen.len(), 5, "nothing after the refused write");
-    assert_eq!(seen[4].body["metadata"]["resourceVersion"], "41");
+    assert_eq!(seen.len(), 6, "nothing after the refused write");
+    assert_eq!(seen[5].body["metadata"]["resourceVersion"], "41");
     assert_eq!(
-        topology_in(&seen[4]).epoch,
+        topology_in(&seen[5]).epoch,
         8,
         "it would have started the rebalance"
     );
@@ -1377,6 +1536,11 @@ async fn holding_down_so_many_nodes_that_writes_fail_is_refused_and_nothing_is_a
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
             call(Method::POST, EVENTS, echo),
             call(
                 Method::PATCH,
@@ -1387,9 +1551,9 @@ async fn holding_down_so_many_nodes_that_writes_fail_is_refused_and_nothing_is_a
     )
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
-    assert_eq!(seen[4].body["reason"], "SpecRefused");
-    assert_eq!(seen[4].body["type"], "Warning");
-    let status = &seen[5].body["status"];
+    assert_eq!(seen[5].body["reason"], "SpecRefused");
+    assert_eq!(seen[5].body["type"], "Warning");
+    let status = &seen[6].body["status"];
     assert_eq!(status["phase"], "Failed");
     let progressing = status["conditions"]
         .as_array()
@@ -1455,6 +1619,11 @@ fn observe_then(kvc: &KvCluster, current: &Topology, rest: Vec<Call>) -> Vec<Cal
         call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
             (StatusCode::OK, secret())
         }),
+        call(
+            Method::GET,
+            &format!("{NS}/secrets/demo-cluster-auth"),
+            |_| (StatusCode::OK, cluster_secret()),
+        ),
     ];
     calls.extend(rest);
     calls
@@ -1486,8 +1655,8 @@ async fn the_force_annotation_gets_a_hold_down_applied_that_is_refused_without_i
         ),
     )
     .await;
-    assert_eq!(seen[4].body["reason"], "SpecRefused");
-    let status = &seen[5].body["status"];
+    assert_eq!(seen[5].body["reason"], "SpecRefused");
+    let status = &seen[6].body["status"];
     assert_eq!(status["phase"], "Failed");
     assert_eq!(condition(status, "ForceFaultInjection"), None);
 
@@ -1528,19 +1697,19 @@ async fn the_force_annotation_gets_a_hold_down_applied_that_is_refused_without_i
         ),
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(t.epoch, 5);
     assert_eq!(t.state_of(0), Some(NodeState::Up));
     assert_eq!(t.state_of(1), Some(NodeState::Failed));
     assert_eq!(t.state_of(2), Some(NodeState::Failed));
-    assert_eq!(seen[11].body["reason"], "FaultInjected");
+    assert_eq!(seen[12].body["reason"], "FaultInjected");
     assert_eq!(
-        seen[11].body["note"],
+        seen[12].body["note"],
         "node 2 (demo-2) deleted and held Failed until removed from faultInjection.failedNodes \
          (planned with force: kvstore.dev/force-fault-injection is \"true\")"
     );
-    assert_eq!(seen[12].body["reason"], "NodeFailed");
-    let status = &seen[13].body["status"];
+    assert_eq!(seen[13].body["reason"], "NodeFailed");
+    let status = &seen[14].body["status"];
     assert_eq!(status["phase"], "Degraded");
     assert_eq!(status["nodes"][2]["state"], "Failed");
     let available = condition(status, "Available").expect("Available");
@@ -1585,8 +1754,8 @@ async fn an_invalid_force_annotation_is_planned_without_force_and_reported_once(
         "kvstore.dev/force-fault-injection is \"yes\"; only \"true\" or \"false\" are understood, \
          so the cluster is planned without force"
     );
-    assert_eq!(seen[5].body["reason"], "SpecRefused");
-    let status = &seen[6].body["status"];
+    assert_eq!(seen[6].body["reason"], "SpecRefused");
+    let status = &seen[7].body["status"];
     assert_eq!(status["phase"], "Failed");
     let forced = condition(status, "ForceFaultInjection").expect("ForceFaultInjection");
     assert_eq!(
@@ -1620,7 +1789,7 @@ async fn an_invalid_force_annotation_is_planned_without_force_and_reported_once(
         ),
     )
     .await;
-    assert_eq!(seen[4].body["status"]["phase"], "Failed");
+    assert_eq!(seen[5].body["status"]["phase"], "Failed");
 }
 
 #[tokio::test]
@@ -1652,6 +1821,11 @@ async fn a_node_whose_pod_is_gone_longer_than_failure_detection_is_failed() {
             call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
                 (StatusCode::OK, secret())
             }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
             call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
             call(Method::PATCH, &format!("{NS}/services/demo"), echo),
@@ -1675,11 +1849,11 @@ async fn a_node_whose_pod_is_gone_longer_than_failure_detection_is_failed() {
         ],
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(t.epoch, 5);
     assert_eq!(t.state_of(1), Some(NodeState::Failed));
-    assert_eq!(seen[7].body["spec"]["replicas"], 3, "the pod comes back");
-    assert_eq!(seen[10].body["reason"], "NodeFailed");
+    assert_eq!(seen[8].body["spec"]["replicas"], 3, "the pod comes back");
+    assert_eq!(seen[11].body["reason"], "NodeFailed");
 }
 
 /// `secs` seconds before now, RFC 3339.
@@ -1753,6 +1927,11 @@ fn observe_running(
         call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
             (StatusCode::OK, secret())
         }),
+        call(
+            Method::GET,
+            &format!("{NS}/secrets/demo-cluster-auth"),
+            |_| (StatusCode::OK, cluster_secret()),
+        ),
     ];
     calls.extend(rest);
     calls
@@ -1820,9 +1999,9 @@ async fn a_pod_missing_for_less_than_failure_detection_leaves_its_node_up_and_fa
         ),
     )
     .await;
-    assert_eq!(topology_in(&seen[4]).epoch, 4, "nothing changes yet");
-    assert_eq!(topology_in(&seen[4]).state_of(1), Some(NodeState::Up));
-    let status = seen[10].body["status"].clone();
+    assert_eq!(topology_in(&seen[5]).epoch, 4, "nothing changes yet");
+    assert_eq!(topology_in(&seen[5]).state_of(1), Some(NodeState::Up));
+    let status = seen[11].body["status"].clone();
     assert_eq!(status["phase"], "Running");
     let since: k8s_openapi::jiff::Timestamp = status["nodes"][1]["unreachableSince"]
         .as_str()
@@ -1848,9 +2027,9 @@ async fn a_pod_missing_for_less_than_failure_detection_leaves_its_node_up_and_fa
         ),
     )
     .await;
-    assert_eq!(topology_in(&seen[4]).state_of(1), Some(NodeState::Up));
+    assert_eq!(topology_in(&seen[5]).state_of(1), Some(NodeState::Up));
     assert_eq!(
-        seen[10].body["status"]["nodes"][1]["unreachableSince"],
+        seen[11].body["status"]["nodes"][1]["unreachableSince"],
         status["nodes"][1]["unreachableSince"]
     );
 
@@ -1871,10 +2050,10 @@ async fn a_pod_missing_for_less_than_failure_detection_leaves_its_node_up_and_fa
         ),
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!((t.epoch, t.state_of(1)), (5, Some(NodeState::Failed)));
-    assert_eq!(seen[10].body["reason"], "NodeFailed");
-    let after = &seen[11].body["status"];
+    assert_eq!(seen[11].body["reason"], "NodeFailed");
+    let after = &seen[12].body["status"];
     assert_eq!(after["phase"], "Degraded");
     assert_eq!(
         after["nodes"][1]["unreachableSince"],
@@ -1907,18 +2086,18 @@ async fn a_refused_spec_keeps_the_last_accepted_one_reconciled_with_a_spec_refus
         ),
     )
     .await;
-    assert_eq!(seen[4].body["reason"], "SpecRefused");
-    assert_eq!(seen[4].body["type"], "Warning");
+    assert_eq!(seen[5].body["reason"], "SpecRefused");
+    assert_eq!(seen[5].body["type"], "Warning");
     // The accepted spec (no hold-down) is still carried out: node 1 is
     // detected Failed, 0 and 2 are not held down, the pod is asked back.
-    let t = topology_in(&seen[5]);
+    let t = topology_in(&seen[6]);
     assert_eq!(t.epoch, 5);
     assert_eq!(t.state_of(0), Some(NodeState::Up));
     assert_eq!(t.state_of(1), Some(NodeState::Failed));
     assert_eq!(t.state_of(2), Some(NodeState::Up));
-    assert_eq!(seen[8].body["spec"]["replicas"], 3);
-    assert_eq!(seen[11].body["reason"], "NodeFailed");
-    let status = seen[12].body["status"].clone();
+    assert_eq!(seen[9].body["spec"]["replicas"], 3);
+    assert_eq!(seen[12].body["reason"], "NodeFailed");
+    let status = seen[13].body["status"].clone();
     assert_eq!(status["phase"], "Degraded", "not Failed: the cluster runs");
     assert_eq!(status["observedGeneration"], 2);
     assert_eq!(status["acceptedSpec"]["generation"], 1);
@@ -1947,7 +2126,7 @@ async fn a_refused_spec_keeps_the_last_accepted_one_reconciled_with_a_spec_refus
     // The next reconcile carries on without a second Event, although the
     // planner's message now counts node 1 as down too.
     let kvc = with_status(&kvc, &status);
-    let current = topology_in(&seen[5]);
+    let current = topology_in(&seen[6]);
     let (_, seen) = run(
         kvc.clone(),
         observe_running(
@@ -1958,7 +2137,7 @@ async fn a_refused_spec_keeps_the_last_accepted_one_reconciled_with_a_spec_refus
         ),
     )
     .await;
-    let status = &seen[10].body["status"];
+    let status = &seen[11].body["status"];
     assert_eq!(status["phase"], "Degraded");
     let refused = condition(status, "SpecRefused").expect("still refused");
     assert!(
@@ -1998,14 +2177,14 @@ async fn a_hold_down_refused_while_another_node_is_down_is_carried_out_once_that
         ),
     )
     .await;
-    assert_eq!(seen[4].body["reason"], "SpecRefused");
-    let t = topology_in(&seen[5]);
+    assert_eq!(seen[5].body["reason"], "SpecRefused");
+    let t = topology_in(&seen[6]);
     assert_eq!(
         (t.epoch, t.state_of(1), t.state_of(2)),
         (5, Some(NodeState::Recovering), Some(NodeState::Up))
     );
-    assert_eq!(seen[11].body["reason"], "NodeRecovering");
-    let status = seen[12].body["status"].clone();
+    assert_eq!(seen[12].body["reason"], "NodeRecovering");
+    let status = seen[13].body["status"].clone();
     assert_eq!(
         condition(&status, "SpecRefused").expect("refused")["status"],
         "True"
@@ -2039,11 +2218,11 @@ async fn a_hold_down_refused_while_another_node_is_down_is_carried_out_once_that
         ),
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!((t.epoch, t.state_of(2)), (6, Some(NodeState::Failed)));
-    assert_eq!(seen[11].body["reason"], "FaultInjected");
-    assert_eq!(seen[12].body["reason"], "NodeFailed");
-    let status = &seen[13].body["status"];
+    assert_eq!(seen[12].body["reason"], "FaultInjected");
+    assert_eq!(seen[13].body["reason"], "NodeFailed");
+    let status = &seen[14].body["status"];
     assert_eq!(condition(status, "SpecRefused"), None);
     assert_eq!(status["acceptedSpec"]["generation"], 2);
     assert_eq!(
@@ -2088,6 +2267,11 @@ fn observe_pods(
         call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
             (StatusCode::OK, secret())
         }),
+        call(
+            Method::GET,
+            &format!("{NS}/secrets/demo-cluster-auth"),
+            |_| (StatusCode::OK, cluster_secret()),
+        ),
     ];
     calls.extend(rest);
     calls
@@ -2141,7 +2325,7 @@ async fn hibernation_scales_the_statefulset_to_zero_and_keeps_the_topology_with_
         ),
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(t, current, "the ConfigMap keeps the same topology");
     assert_eq!(statefulset_replicas(&seen), 0);
     assert_eq!(event_reasons(&seen), ["Hibernated"]);
@@ -2275,7 +2459,7 @@ async fn waking_up_restores_the_statefulset_and_fails_no_node_whose_pod_is_not_b
         ),
     )
     .await;
-    let t = topology_in(&seen[4]);
+    let t = topology_in(&seen[5]);
     assert_eq!(t, current, "no epoch, no Failed node: nothing to catch up");
     assert_eq!(statefulset_replicas(&seen), 3, "the same size as before");
     assert_eq!(event_reasons(&seen), ["WakingUp"]);
@@ -2309,7 +2493,7 @@ async fn waking_up_restores_the_statefulset_and_fails_no_node_whose_pod_is_not_b
         ),
     )
     .await;
-    assert_eq!(topology_in(&seen[4]), current);
+    assert_eq!(topology_in(&seen[5]), current);
     assert_eq!(event_reasons(&seen), Vec::<String>::new());
     assert_eq!(
         status_written(&seen)["nodes"][2].get("unreachableSince"),

@@ -34,6 +34,7 @@ fn every_example_renders_its_owned_objects_without_owner_references() {
             "minimal.yaml",
             vec![
                 "Secret",
+                "Secret",
                 "ConfigMap",
                 "Service",
                 "Service",
@@ -42,7 +43,8 @@ fn every_example_renders_its_owned_objects_without_owner_references() {
                 "NetworkPolicy",
             ],
         ),
-        // full.yaml names its own Secret, so none is generated.
+        // The two generated Secrets (client, cluster); full.yaml names its
+        // own Secret, so none is generated.
         (
             "full.yaml",
             vec![
@@ -58,6 +60,7 @@ fn every_example_renders_its_owned_objects_without_owner_references() {
         (
             "fault-injection.yaml",
             vec![
+                "Secret",
                 "Secret",
                 "ConfigMap",
                 "Service",

@@ -388,6 +388,12 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     let pod_list = pods.list(&ListParams::default().labels(&selector)).await?;
     let secret_name = objects::auth_secret_name(kvc);
     let secret = get_opt(&secrets, &secret_name).await?;
+    let cluster_secret_name = objects::cluster_auth_secret_name(kvc);
+    let cluster_secret = if cluster_secret_name == secret_name {
+        secret.clone()
+    } else {
+        get_opt(&secrets, &cluster_secret_name).await?
+    };
 
     // The KvCluster's UID names the cluster: a KvCluster deleted and made
     // again under the same name is another cluster, and nodes on volumes it
@@ -417,7 +423,10 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         ready.insert(ordinal, pod_ready(pod));
         observed.nodes.insert(ordinal, observe_pod(pod));
     }
-    if let (Some(reports), Some(token)) = (&ctx.node_reports, secret_token(secret.as_ref())) {
+    if let (Some(reports), Some(token)) = (
+        &ctx.node_reports,
+        secret_token(secret.as_ref(), objects::TOKEN_KEY),
+    ) {
         // All at once: a node that does not answer costs one timeout, not one each.
         let asks = observed
             .nodes
@@ -554,11 +563,28 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
 
     // Apply.
     let mut problems = Vec::new();
-    if kvc.spec.auth_secret_name.is_none() && secret.is_none() {
-        let s = objects::auth_secret(kvc, &objects::random_token(), &objects::random_token());
-        secrets.create(&PostParams::default(), &s).await?;
-        info!(kvcluster = %name, secret = %secret_name, "generated the token Secret");
-    } else if kvc.spec.auth_secret_name.is_some() && secret_token(secret.as_ref()).is_none() {
+    if kvc.spec.auth_secret_name.is_none() {
+        if secret.is_none() {
+            let s = objects::auth_secret(kvc, &objects::random_token());
+            secrets.create(&PostParams::default(), &s).await?;
+            info!(kvcluster = %name, secret = %secret_name, "generated the client token Secret");
+        }
+        if cluster_secret.is_none() {
+            // A cluster made when `<name>-auth` held both tokens keeps its
+            // cluster token: its running nodes know only that one.
+            let kept = secret
+                .as_ref()
+                .and_then(|s| s.data.as_ref()?.get(objects::CLUSTER_TOKEN_KEY))
+                .and_then(|t| String::from_utf8(t.0.clone()).ok())
+                .filter(|t| kv_net::token::parse("cluster token", t).is_ok());
+            let token = kept.unwrap_or_else(objects::random_token);
+            let s = objects::cluster_auth_secret(kvc, &token);
+            secrets.create(&PostParams::default(), &s).await?;
+            info!(kvcluster = %name, secret = %cluster_secret_name, "generated the cluster token Secret");
+        }
+    } else if secret_token(secret.as_ref(), objects::TOKEN_KEY).is_none()
+        || secret_token(cluster_secret.as_ref(), objects::CLUSTER_TOKEN_KEY).is_none()
+    {
         problems.push(format!(
             "Secret {secret_name} is missing or lacks the keys token and cluster-token"
         ));
@@ -572,8 +598,10 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     // are given; one that missed this push reports an older epoch and is
     // pushed to again at the next reconcile.
     if decision.push_topology
-        && let (Some(links), Some(cluster_token)) =
-            (&ctx.node_reports, secret_cluster_token(secret.as_ref()))
+        && let (Some(links), Some(cluster_token)) = (
+            &ctx.node_reports,
+            secret_token(cluster_secret.as_ref(), objects::CLUSTER_TOKEN_KEY),
+        )
     {
         let running: Vec<u32> = observed
             .nodes
@@ -1005,17 +1033,13 @@ pub fn observe_pod(pod: &Pod) -> NodeObservation {
     }
 }
 
-fn secret_token(secret: Option<&Secret>) -> Option<String> {
-    let data = secret?.data.as_ref()?;
-    data.get(objects::CLUSTER_TOKEN_KEY)?;
-    let token = data.get(objects::TOKEN_KEY)?;
-    String::from_utf8(token.0.clone()).ok()
-}
-
-/// The cluster token of the Secret, for the nodes' peer port.
-fn secret_cluster_token(secret: Option<&Secret>) -> Option<String> {
-    let token = secret?.data.as_ref()?.get(objects::CLUSTER_TOKEN_KEY)?;
-    String::from_utf8(token.0.clone()).ok()
+/// The token to send from a Secret's `key`: its first line (during a
+/// rotation the key holds two, in kv_net::token's format); `None` when the
+/// Secret, the key or a valid token is missing.
+fn secret_token(secret: Option<&Secret>, key: &str) -> Option<String> {
+    let raw = secret?.data.as_ref()?.get(key)?;
+    let text = std::str::from_utf8(&raw.0).ok()?;
+    kv_net::token::parse("token", text).ok()?.into_iter().next()
 }
 
 /// `PUT` the topology to each of `ordinals` at once. A node that refuses or

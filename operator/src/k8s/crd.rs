@@ -107,8 +107,10 @@ pub struct KvClusterSpec {
     #[schemars(schema_with = "open_object")]
     pub resources: Option<ResourceRequirements>,
 
-    /// A Secret (keys `token` and `cluster-token`) that the user manages. When
-    /// absent, the operator generates `<name>-auth` once and never rewrites it.
+    /// A Secret (keys `token` and `cluster-token`) that the user manages; each
+    /// key is mounted on its own. When absent, the operator generates
+    /// `<name>-auth` (`token`) and `<name>-cluster-auth` (`cluster-token`)
+    /// once, apart so that a reader of one cannot get the other.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     pub auth_secret_name: Option<String>,

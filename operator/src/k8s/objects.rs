@@ -9,7 +9,8 @@
 //! Names: the StatefulSet is `<name>` (pods `<name>-<ordinal>`, so that
 //! `--node-id-from-hostname` finds the ordinal), the headless peer Service
 //! `<name>-peers`, the client Service `<name>`, the topology ConfigMap
-//! `<name>-topology`, the generated token Secret `<name>-auth`, the
+//! `<name>-topology`, the generated token Secrets `<name>-auth` (client) and
+//! `<name>-cluster-auth` (node to node), the
 //! PodDisruptionBudget `<name>` and the NetworkPolicy `<name>`.
 
 use std::collections::BTreeMap;
@@ -20,7 +21,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
     SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
@@ -49,8 +50,10 @@ pub const NODE_UID: i64 = 65532;
 pub const DATA_DIR: &str = "/data";
 /// Where the topology ConfigMap is mounted; the file is `topology.json`.
 pub const TOPOLOGY_DIR: &str = "/etc/kvstore/topology";
-/// Where the token Secret is mounted; files `token` and `cluster-token`.
+/// Where the client token Secret's key `token` is mounted.
 pub const SECRET_DIR: &str = "/etc/kvstore/secret";
+/// Where the cluster token Secret's key `cluster-token` is mounted.
+pub const CLUSTER_SECRET_DIR: &str = "/etc/kvstore/cluster-secret";
 /// ConfigMap key of the topology.
 pub const TOPOLOGY_KEY: &str = "topology.json";
 /// ConfigMap key of the held-down ordinals (`--held-file`): the nodes of
@@ -88,12 +91,22 @@ pub fn client_service_name(kvc: &KvCluster) -> String {
 pub fn topology_configmap_name(kvc: &KvCluster) -> String {
     format!("{}-topology", kvc.name_any())
 }
-/// The Secret the nodes read their tokens from: the user's, or the generated one.
+/// The Secret of the client token (key `token`): the user's, or the
+/// generated one.
 pub fn auth_secret_name(kvc: &KvCluster) -> String {
     kvc.spec
         .auth_secret_name
         .clone()
         .unwrap_or_else(|| format!("{}-auth", kvc.name_any()))
+}
+/// The Secret of the cluster token (key `cluster-token`): the generated
+/// `<name>-cluster-auth`, apart from the client's so that a reader of one
+/// cannot get the other; a user's `authSecretName` holds both keys.
+pub fn cluster_auth_secret_name(kvc: &KvCluster) -> String {
+    kvc.spec
+        .auth_secret_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-cluster-auth", kvc.name_any()))
 }
 pub fn pdb_name(kvc: &KvCluster) -> String {
     kvc.name_any()
@@ -188,7 +201,7 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
         format!("--data-dir={DATA_DIR}"),
         "--node-id-from-hostname".to_string(),
         format!("--token-file={SECRET_DIR}/{TOKEN_KEY}"),
-        format!("--cluster-token-file={SECRET_DIR}/{CLUSTER_TOKEN_KEY}"),
+        format!("--cluster-token-file={CLUSTER_SECRET_DIR}/{CLUSTER_TOKEN_KEY}"),
         format!("--topology-file={TOPOLOGY_DIR}/{TOPOLOGY_KEY}"),
         format!("--held-file={TOPOLOGY_DIR}/{HELD_KEY}"),
     ];
@@ -271,6 +284,12 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
                 ..VolumeMount::default()
             },
             VolumeMount {
+                name: "cluster-secret".to_string(),
+                mount_path: CLUSTER_SECRET_DIR.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
                 name: "tmp".to_string(),
                 mount_path: "/tmp".to_string(),
                 ..VolumeMount::default()
@@ -287,15 +306,16 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
             }),
             ..Volume::default()
         },
-        Volume {
-            name: "secret".to_string(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(auth_secret_name(kvc)),
-                default_mode: Some(0o440),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
+        // Each token from its own Secret, and only its key: no file of the
+        // pod holds both tokens unless the user's one Secret does. The
+        // kubelet updates these files when a Secret changes (no subPath),
+        // and the node reads them again (a token rotation).
+        secret_volume("secret", auth_secret_name(kvc), TOKEN_KEY),
+        secret_volume(
+            "cluster-secret",
+            cluster_auth_secret_name(kvc),
+            CLUSTER_TOKEN_KEY,
+        ),
         // SQLite's temporary files, since the root filesystem is read-only.
         Volume {
             name: "tmp".to_string(),
@@ -468,19 +488,63 @@ pub fn topology_configmap(
     })
 }
 
-/// The generated token Secret. Created once when absent and never applied
-/// again: rotating tokens under running nodes would lock clients out.
-pub fn auth_secret(kvc: &KvCluster, token: &str, cluster_token: &str) -> Secret {
+/// A volume of one key of a Secret, readable by the node's group only.
+fn secret_volume(name: &str, secret: String, key: &str) -> Volume {
+    Volume {
+        name: name.to_string(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            default_mode: Some(0o440),
+            items: Some(vec![KeyToPath {
+                key: key.to_string(),
+                path: key.to_string(),
+                mode: None,
+            }]),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+/// The generated client token Secret `<name>-auth` (key `token`). Created
+/// once when absent and never applied again: a token is changed by a
+/// rotation (kv_net::token), not by a reconcile.
+pub fn auth_secret(kvc: &KvCluster, token: &str) -> Secret {
+    one_key_secret(
+        kvc,
+        format!("{}-auth", kvc.name_any()),
+        "auth",
+        TOKEN_KEY,
+        token,
+    )
+}
+
+/// The generated cluster token Secret `<name>-cluster-auth` (key
+/// `cluster-token`), created once like [`auth_secret`].
+pub fn cluster_auth_secret(kvc: &KvCluster, cluster_token: &str) -> Secret {
+    one_key_secret(
+        kvc,
+        format!("{}-cluster-auth", kvc.name_any()),
+        "cluster-auth",
+        CLUSTER_TOKEN_KEY,
+        cluster_token,
+    )
+}
+
+fn one_key_secret(
+    kvc: &KvCluster,
+    name: String,
+    component: &str,
+    key: &str,
+    value: &str,
+) -> Secret {
     Secret {
-        metadata: meta(kvc, format!("{}-auth", kvc.name_any()), "auth"),
+        metadata: meta(kvc, name, component),
         type_: Some("Opaque".to_string()),
-        data: Some(BTreeMap::from([
-            (TOKEN_KEY.to_string(), ByteString(token.as_bytes().to_vec())),
-            (
-                CLUSTER_TOKEN_KEY.to_string(),
-                ByteString(cluster_token.as_bytes().to_vec()),
-            ),
-        ])),
+        data: Some(BTreeMap::from([(
+            key.to_string(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
         ..Secret::default()
     }
 }

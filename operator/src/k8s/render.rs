@@ -46,7 +46,9 @@ pub fn render(kvc: &KvCluster) -> Result<String, RenderError> {
     let d = decide(&kvc, &observed).map_err(RenderError::InvalidSpec)?;
     let mut docs = Vec::new();
     if kvc.spec.auth_secret_name.is_none() {
-        let secret = objects::auth_secret(&kvc, &objects::random_token(), &objects::random_token());
+        let secret = objects::auth_secret(&kvc, &objects::random_token());
+        docs.push(doc("Secret", &secret)?);
+        let secret = objects::cluster_auth_secret(&kvc, &objects::random_token());
         docs.push(doc("Secret", &secret)?);
     }
     let cm = objects::topology_configmap(&kvc, &d.topology)
