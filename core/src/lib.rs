@@ -15,7 +15,7 @@ pub mod version;
 pub mod wire;
 
 pub use placement::{Layout, Placement};
-pub use record::{Applied, BUCKETS, Digest, Record, bucket_of};
+pub use record::{Applied, BUCKETS, CreateVote, Digest, Record, bucket_of};
 pub use report::NodeReport;
 pub use topology::{
     Consistency, MAX_NODES, NodeInfo, NodeState, PlacementSpec, Strategy, Topology, TopologyError,

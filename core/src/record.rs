@@ -159,6 +159,61 @@ impl Applied {
     }
 }
 
+/// What an owner answers a step of a create-only write: the promise (phase
+/// one: "accept no create of this key below this ballot") or the accept
+/// (phase two: store the create's record, whose version is the ballot).
+///
+/// An owner grants a promise only for a ballot above every one it promised
+/// before and only while the key holds no live value; it accepts a record
+/// only under the promise of that very ballot and only while the key still
+/// holds no live value. Promises are durable. So of two creates of one key
+/// at most one reaches a quorum, and a loser writes nothing unless its
+/// ballot (hence its version) is below the winner's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateVote {
+    /// Promised (phase one) or stored (phase two).
+    Granted,
+    /// Phase two only: the owner already holds this very record.
+    Had,
+    /// The key holds a live value at this version: not a create.
+    Live(Version),
+    /// A ballot at least this high was promised: another create of the key
+    /// is under way (or its leader gave up).
+    Promised(Version),
+    /// The key's tombstone is newer than the ballot.
+    Newer(Version),
+}
+
+impl CreateVote {
+    /// The owner went along: promised, stored, or already held the record.
+    pub fn granted(self) -> bool {
+        matches!(self, CreateVote::Granted | CreateVote::Had)
+    }
+
+    /// The version the refusal names, for the leader's clock.
+    pub fn seen(self) -> Option<Version> {
+        match self {
+            CreateVote::Live(v) | CreateVote::Promised(v) | CreateVote::Newer(v) => Some(v),
+            CreateVote::Granted | CreateVote::Had => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CreateVote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CreateVote::Granted => f.write_str("granted"),
+            CreateVote::Had => f.write_str("already held it"),
+            CreateVote::Live(v) => write!(f, "holds a live value (version {v})"),
+            CreateVote::Promised(v) if *v == Version::ZERO => {
+                f.write_str("holds no promise of this ballot")
+            }
+            CreateVote::Promised(v) => write!(f, "promised a create at ballot {v}"),
+            CreateVote::Newer(v) => write!(f, "holds a newer tombstone (version {v})"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,7 @@
 
 use thiserror::Error;
 
-use crate::record::{Applied, BUCKETS, Digest, MAX_KEY_BYTES, Record};
+use crate::record::{Applied, BUCKETS, CreateVote, Digest, MAX_KEY_BYTES, Record};
 use crate::version::Version;
 
 /// Why a batch could not be decoded.
@@ -305,10 +305,79 @@ pub fn decode_apply_answer(buf: &[u8]) -> Result<ApplyAnswer, WireError> {
     })
 }
 
+/// What an owner answers a create step (see [`CreateVote`]), and whether its
+/// store is still catching up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreateAnswer {
+    pub catching_up: bool,
+    pub vote: CreateVote,
+}
+
+/// Encodes a [`CreateAnswer`]: a flag byte, a tag byte, and for a refusal the
+/// version it names.
+pub fn encode_create_answer(answer: &CreateAnswer) -> Vec<u8> {
+    let mut out = vec![u8::from(answer.catching_up)];
+    let (tag, version) = match answer.vote {
+        CreateVote::Granted => (0, None),
+        CreateVote::Had => (1, None),
+        CreateVote::Live(v) => (2, Some(v)),
+        CreateVote::Promised(v) => (3, Some(v)),
+        CreateVote::Newer(v) => (4, Some(v)),
+    };
+    out.push(tag);
+    if let Some(v) = version {
+        out.extend_from_slice(&v.ts.to_le_bytes());
+        out.extend_from_slice(&v.node.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a [`CreateAnswer`].
+pub fn decode_create_answer(buf: &[u8]) -> Result<CreateAnswer, WireError> {
+    let mut r = Reader::new(buf);
+    let catching_up = r.u8()? & 1 == 1;
+    let tag = r.u8()?;
+    let mut version = || -> Result<Version, WireError> {
+        let ts = r.u64()?;
+        let node = r.u32()?;
+        Ok(Version::new(ts, node))
+    };
+    let vote = match tag {
+        0 => CreateVote::Granted,
+        1 => CreateVote::Had,
+        2 => CreateVote::Live(version()?),
+        3 => CreateVote::Promised(version()?),
+        4 => CreateVote::Newer(version()?),
+        k => return Err(WireError::BadOutcome(k)),
+    };
+    r.finish()?;
+    Ok(CreateAnswer { catching_up, vote })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn create_answers_round_trip_and_garbage_is_refused() {
+        for vote in [
+            CreateVote::Granted,
+            CreateVote::Had,
+            CreateVote::Live(Version::new(5, 1)),
+            CreateVote::Promised(Version::new(u64::MAX, 7)),
+            CreateVote::Newer(Version::new(9, 0)),
+        ] {
+            for catching_up in [false, true] {
+                let a = CreateAnswer { catching_up, vote };
+                assert_eq!(decode_create_answer(&encode_create_answer(&a)), Ok(a));
+            }
+        }
+        assert_eq!(decode_create_answer(&[0, 9]), Err(WireError::BadOutcome(9)));
+        assert!(decode_create_answer(&[0, 2, 1, 2, 3]).is_err());
+        assert!(decode_create_answer(&[0, 0, 0]).is_err());
+        assert!(decode_create_answer(&[]).is_err());
+    }
 
     #[test]
     fn apply_answers_round_trip_and_garbage_is_refused() {

@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use kv_core::wire::CreateAnswer;
 use kv_core::{Applied, Consistency, NodeState, Record, bucket_of};
 use tokio::sync::mpsc;
 
@@ -23,7 +24,7 @@ use crate::cluster::View;
 /// How long a read waits for an owner before also asking the next one.
 const SPECULATIVE_READ_AFTER: std::time::Duration = std::time::Duration::from_millis(100);
 use crate::node::{ApiError, Node};
-use crate::peer::{ApplyReply, PeerError};
+use crate::peer::{ApplyReply, CreatePhase, PeerError};
 use crate::storage::StorageError;
 
 /// What a prefix listing returns.
@@ -32,6 +33,91 @@ pub struct Listing {
     pub keys: Vec<Vec<u8>>,
     /// The key to pass as `after` for the next page, if there may be more.
     pub next: Option<Vec<u8>>,
+}
+
+/// Whom a write of one key goes to and which acknowledgements it needs: `W`
+/// of the committed placement's owners that count in quorum and, while a
+/// placement is pending, `W` of the new owners as well.
+struct WritePlan {
+    current: Vec<u32>,
+    pending: Option<Vec<u32>>,
+    need_cur: usize,
+    need_pend: Option<usize>,
+    targets: BTreeSet<u32>,
+}
+
+impl WritePlan {
+    /// Refuses (503) a write that cannot reach its quorums with the owners
+    /// that are live, before anything is written.
+    fn new(view: &View, key: &[u8], level: Consistency) -> Result<WritePlan, ApiError> {
+        let bucket = bucket_of(key);
+        let current: Vec<u32> = view.layout.current.owners(bucket).to_vec();
+        let pending: Option<Vec<u32>> = view
+            .layout
+            .pending
+            .as_ref()
+            .map(|p| p.owners(bucket).to_vec());
+        let state = |o: &u32| view.state_of(*o);
+        let need_cur = level.required(current.len()).max(1);
+        let live_cur = current
+            .iter()
+            .filter(|o| state(o).is_some_and(NodeState::counts_in_quorum))
+            .count();
+        if live_cur < need_cur {
+            return Err(unavailable(format!(
+                "write at {level} needs {need_cur} of the key's {} owners and only {live_cur} are Up",
+                current.len()
+            )));
+        }
+        let need_pend = pending.as_ref().map(|p| level.required(p.len()).max(1));
+        if let (Some(p), Some(need)) = (&pending, need_pend) {
+            let live = p
+                .iter()
+                .filter(|o| state(o).is_some_and(NodeState::takes_replica_writes))
+                .count();
+            if live < need {
+                return Err(unavailable(format!(
+                    "write at {level} needs {need} of the key's {} new owners (rebalancing) and only {live} take writes",
+                    p.len()
+                )));
+            }
+        }
+        let targets = view.layout.write_owners(bucket).into_iter().collect();
+        Ok(WritePlan {
+            current,
+            pending,
+            need_cur,
+            need_pend,
+            targets,
+        })
+    }
+
+    /// Which quorums an acknowledgement from `o` counts towards. An owner
+    /// whose store is still catching up takes the write but does not count
+    /// towards the committed placement's quorum (like a Recovering node): it
+    /// may lack the newer version that would have made it refuse.
+    fn counts(&self, view: &View, o: u32, catching_up: bool) -> (bool, bool) {
+        let cur = self.current.contains(&o)
+            && !catching_up
+            && view.state_of(o).is_some_and(NodeState::counts_in_quorum);
+        let pend = self.pending.as_ref().is_some_and(|p| p.contains(&o));
+        (cur, pend)
+    }
+
+    fn done(&self, cur: usize, pend: usize) -> bool {
+        cur >= self.need_cur && self.need_pend.is_none_or(|n| pend >= n)
+    }
+
+    /// Which quorum fell short: while a placement is pending both are needed.
+    fn shortfall(&self, cur: usize, pend: usize) -> String {
+        let need_cur = self.need_cur;
+        match self.need_pend {
+            Some(n) if pend < n => format!(
+                "{pend} of the {n} owners the pending placement (a rebalance) needs, and {cur} of the {need_cur} the committed placement needs"
+            ),
+            _ => format!("{cur} of the {need_cur} owners it needs"),
+        }
+    }
 }
 
 fn unavailable(msg: String) -> ApiError {
@@ -279,14 +365,24 @@ impl Node {
         level: Consistency,
     ) -> Result<Record, ApiError> {
         let mut attempt = 0;
+        let mut view = view.clone();
         loop {
             let record = Record {
                 key: key.clone(),
                 value: value.clone(),
                 version: self.hlc.now(),
             };
-            match self.replicate_once(view, record, level).await? {
+            match self.replicate_once(&view, record, level).await? {
                 Replicated::Done(r) => return Ok(r),
+                Replicated::Stale => {
+                    attempt += 1;
+                    if attempt >= MAX_REISSUES {
+                        return Err(unavailable(
+                            "the key's owners kept moving to newer topologies during the write; it is not reported as written and may or may not become visible".into(),
+                        ));
+                    }
+                    view = self.newer_view(view.topology.epoch).await?;
+                }
                 Replicated::Superseded(newer) => {
                     self.hlc.observe(newer);
                     attempt += 1;
@@ -307,39 +403,9 @@ impl Node {
         record: Record,
         level: Consistency,
     ) -> Result<Replicated, ApiError> {
-        let bucket = bucket_of(&record.key);
-        let current: Vec<u32> = view.layout.current.owners(bucket).to_vec();
-        let pending: Option<Vec<u32>> = view
-            .layout
-            .pending
-            .as_ref()
-            .map(|p| p.owners(bucket).to_vec());
+        let plan = WritePlan::new(view, &record.key, level)?;
         let state = |o: &u32| view.state_of(*o);
-        let need_cur = level.required(current.len()).max(1);
-        let live_cur = current
-            .iter()
-            .filter(|o| state(o).is_some_and(NodeState::counts_in_quorum))
-            .count();
-        if live_cur < need_cur {
-            return Err(unavailable(format!(
-                "write at {level} needs {need_cur} of the key's {} owners and only {live_cur} are Up",
-                current.len()
-            )));
-        }
-        let need_pend = pending.as_ref().map(|p| level.required(p.len()).max(1));
-        if let (Some(p), Some(need)) = (&pending, need_pend) {
-            let live = p
-                .iter()
-                .filter(|o| state(o).is_some_and(NodeState::takes_replica_writes))
-                .count();
-            if live < need {
-                return Err(unavailable(format!(
-                    "write at {level} needs {need} of the key's {} new owners (rebalancing) and only {live} take writes",
-                    p.len()
-                )));
-            }
-        }
-        let targets: BTreeSet<u32> = view.layout.write_owners(bucket).into_iter().collect();
+        let targets = plan.targets.clone();
         let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Result<ApplyReply, WriteFailure>)>();
         let mut hints = Vec::new();
         for o in targets {
@@ -350,7 +416,8 @@ impl Node {
             let (node, tx, rec, view) = (self.clone(), tx.clone(), record.clone(), view.clone());
             tokio::spawn(async move {
                 let r = node.write_replica(&view, o, rec.clone()).await;
-                if r.is_err()
+                // A stale refusal stored the record; the write is planned again.
+                if matches!(r, Err(WriteFailure::Other(_) | WriteFailure::DiskFull))
                     && o != node.me()
                     && let Err(e) = node.store.add_hints(vec![(o, rec)]).await
                 {
@@ -368,27 +435,16 @@ impl Node {
                 tracing::warn!(error = %e, count = n, "cannot store hints");
             }
         }
-        // An owner whose store is still catching up takes the write but does
-        // not count towards the committed placement's quorum (like a
-        // Recovering node): it may lack the newer version that would have
-        // made it refuse.
-        let counts = |o: u32, catching_up: bool| {
-            let cur = current.contains(&o)
-                && !catching_up
-                && state(&o).is_some_and(NodeState::counts_in_quorum);
-            let pend = pending.as_ref().is_some_and(|p| p.contains(&o));
-            (cur, pend)
-        };
         let (mut acked_cur, mut acked_pend) = (0usize, 0usize);
         let mut failures = Vec::new();
         let mut disk_full = false;
         let mut newer: Option<kv_core::Version> = None;
-        let done = |c: usize, p: usize| c >= need_cur && need_pend.is_none_or(|n| p >= n);
-        while !done(acked_cur, acked_pend) {
+        let mut stale = false;
+        while !plan.done(acked_cur, acked_pend) {
             match rx.recv().await {
                 Some((o, Ok(reply))) => match reply.outcome {
                     Applied::Stored | Applied::Had => {
-                        let (c, p) = counts(o, reply.catching_up);
+                        let (c, p) = plan.counts(view, o, reply.catching_up);
                         acked_cur += usize::from(c);
                         acked_pend += usize::from(p);
                     }
@@ -399,24 +455,22 @@ impl Node {
                 },
                 Some((o, Err(f))) => {
                     disk_full |= matches!(f, WriteFailure::DiskFull);
+                    stale |= matches!(f, WriteFailure::Stale(_));
                     failures.push(format!("node {o}: {}", f.message()));
                 }
                 None => break,
             }
         }
-        if done(acked_cur, acked_pend) {
+        if plan.done(acked_cur, acked_pend) {
             return Ok(Replicated::Done(record));
         }
         if let Some(v) = newer {
             return Ok(Replicated::Superseded(v));
         }
-        // While a placement is pending both quorums are needed: say which fell short.
-        let short = match need_pend {
-            Some(n) if acked_pend < n => format!(
-                "{acked_pend} of the {n} owners the pending placement (a rebalance) needs, and {acked_cur} of the {need_cur} the committed placement needs"
-            ),
-            _ => format!("{acked_cur} of the {need_cur} owners it needs"),
-        };
+        if stale {
+            return Ok(Replicated::Stale);
+        }
+        let short = plan.shortfall(acked_cur, acked_pend);
         let msg = format!(
             "write at {level} was acknowledged by {short} ({}); it is not reported as written and may or may not become visible",
             failures.join("; ")
@@ -535,7 +589,154 @@ impl Node {
                 view.topology.epoch
             )));
         }
-        self.replicate(&view, key, Some(value), level).await
+        // Two steps on the owners, not a plain write: a leader on another
+        // epoch may be creating the key too, and only replicas that refuse
+        // the second of two creates make that safe (see CreateVote).
+        let record = Record {
+            key,
+            value: Some(value),
+            version: self.hlc.now(),
+        };
+        self.create_step(&view, CreatePhase::Promise, &record, level)
+            .await?;
+        self.create_step(&view, CreatePhase::Accept, &record, level)
+            .await?;
+        Ok(record)
+    }
+
+    /// Waits (briefly) for this node to install a topology newer than
+    /// `epoch`: an owner that refused a write as stale answered with its
+    /// epoch, which makes this node fetch it (`follow_epochs`).
+    async fn newer_view(&self, epoch: u64) -> Result<Arc<View>, ApiError> {
+        let mut changed = self.cluster.subscribe();
+        let wait = async {
+            while self.cluster.epoch() <= epoch {
+                if changed.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(NEWER_TOPOLOGY_WAIT, wait).await;
+        if self.cluster.epoch() <= epoch {
+            return Err(unavailable(format!(
+                "an owner holds a newer topology than this node's (epoch {epoch}) and it did not arrive within {NEWER_TOPOLOGY_WAIT:?}; the write is not reported as written and may or may not become visible"
+            )));
+        }
+        self.require_serving()
+    }
+
+    /// Runs one step of a create on the key's write owners and waits for the
+    /// quorums a write needs (committed placement, and pending one while a
+    /// rebalance runs). An accept also leaves hints for owners that did not
+    /// answer, as a write does; a promise has nothing to hand off.
+    async fn create_step(
+        self: &Arc<Self>,
+        view: &Arc<View>,
+        phase: CreatePhase,
+        record: &Record,
+        level: Consistency,
+    ) -> Result<(), ApiError> {
+        let plan = WritePlan::new(view, &record.key, level)?;
+        let (tx, mut rx) = mpsc::unbounded_channel::<(u32, Result<CreateAnswer, String>)>();
+        let mut hints = Vec::new();
+        for o in plan.targets.iter().copied() {
+            if !view
+                .state_of(o)
+                .is_some_and(NodeState::takes_replica_writes)
+            {
+                if phase == CreatePhase::Accept {
+                    hints.push((o, record.clone()));
+                }
+                continue;
+            }
+            let (node, tx, rec, view) = (self.clone(), tx.clone(), record.clone(), view.clone());
+            tokio::spawn(async move {
+                let r = node.create_step_on(&view, o, phase, &rec).await;
+                if r.is_err()
+                    && phase == CreatePhase::Accept
+                    && o != node.me()
+                    && let Err(e) = node.store.add_hints(vec![(o, rec)]).await
+                {
+                    tracing::warn!(node = o, error = %e, "cannot store a hint");
+                }
+                let _ = tx.send((o, r));
+            });
+        }
+        drop(tx);
+        if !hints.is_empty()
+            && let Err(e) = self.store.add_hints(hints).await
+        {
+            tracing::warn!(error = %e, "cannot store hints");
+        }
+        let (mut acked_cur, mut acked_pend) = (0usize, 0usize);
+        let mut refusals = Vec::new();
+        while !plan.done(acked_cur, acked_pend) {
+            match rx.recv().await {
+                Some((o, Ok(answer))) if answer.vote.granted() => {
+                    let (c, p) = plan.counts(view, o, answer.catching_up);
+                    acked_cur += usize::from(c);
+                    acked_pend += usize::from(p);
+                }
+                Some((o, Ok(answer))) => {
+                    if let Some(v) = answer.vote.seen() {
+                        self.hlc.observe(v);
+                    }
+                    refusals.push(format!("node {o}: {}", answer.vote));
+                }
+                Some((o, Err(e))) => refusals.push(format!("node {o}: {e}")),
+                None => break,
+            }
+        }
+        if plan.done(acked_cur, acked_pend) {
+            return Ok(());
+        }
+        self.metrics.create_conflicts.inc();
+        let effect = match phase {
+            CreatePhase::Promise => "nothing was written; retry",
+            CreatePhase::Accept => {
+                "it is not reported as written and may or may not become visible"
+            }
+        };
+        Err(unavailable(format!(
+            "create-only write: the {} step was granted by {} ({}); {effect}",
+            phase.route(),
+            plan.shortfall(acked_cur, acked_pend),
+            refusals.join("; ")
+        )))
+    }
+
+    async fn create_step_on(
+        &self,
+        view: &View,
+        ordinal: u32,
+        phase: CreatePhase,
+        record: &Record,
+    ) -> Result<CreateAnswer, String> {
+        if ordinal == self.me() {
+            let vote = match phase {
+                CreatePhase::Promise => {
+                    self.store.promise(record.key.clone(), record.version).await
+                }
+                CreatePhase::Accept => self.store.accept(record.clone()).await,
+            }
+            .map_err(|e| e.to_string())?;
+            if self.cluster.epoch() > view.topology.epoch {
+                return Err(format!(
+                    "{}: this node moved to topology epoch {} during the create",
+                    crate::peer_api::STALE_EPOCH,
+                    self.cluster.epoch()
+                ));
+            }
+            return Ok(CreateAnswer {
+                catching_up: self.store.catching_up(),
+                vote,
+            });
+        }
+        let addr = peer_address(view, ordinal).map_err(|e| e.to_string())?;
+        self.peers
+            .create_step(ordinal, &addr, phase, record)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn write_replica(
@@ -546,6 +747,16 @@ impl Node {
     ) -> Result<ApplyReply, WriteFailure> {
         if ordinal == self.me() {
             return match self.store.apply(vec![record]).await {
+                // Our own copy is fenced as a peer's is (peer_api's
+                // fence_stale_writer): checked after the write, so a pull for
+                // the newer topology, served only once we hold it, either saw
+                // the write or this copy does not count.
+                Ok(_) if self.cluster.epoch() > view.topology.epoch => {
+                    Err(WriteFailure::Stale(format!(
+                        "this node moved to topology epoch {} during the write",
+                        self.cluster.epoch()
+                    )))
+                }
                 Ok(outcomes) => match outcomes.first() {
                     Some(outcome) => Ok(ApplyReply {
                         outcome: *outcome,
@@ -564,7 +775,12 @@ impl Node {
             .replication
             .with_label_values(&["write", outcome])
             .inc();
-        r.map_err(|e| WriteFailure::Other(e.to_string()))
+        r.map_err(|e| match e {
+            PeerError::Status(_, 409, body) if body.contains(crate::peer_api::STALE_EPOCH) => {
+                WriteFailure::Stale(format!("node {ordinal}: {body}"))
+            }
+            e => WriteFailure::Other(e.to_string()),
+        })
     }
 
     /// A page of live keys under `prefix`, merged across every serving node so
@@ -685,15 +901,23 @@ pub(crate) fn peer_address(view: &View, ordinal: u32) -> Result<String, PeerErro
 /// Most times a write is re-issued because an owner held a newer version.
 const MAX_REISSUES: u32 = 8;
 
+/// How long a write refused as stale waits for the newer topology.
+const NEWER_TOPOLOGY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 enum Replicated {
     /// Acknowledged by enough owners.
     Done(Record),
     /// Not acknowledged: an owner holds this newer version.
     Superseded(kv_core::Version),
+    /// Not acknowledged: an owner holds a newer topology; plan again on it.
+    Stale,
 }
 
 enum WriteFailure {
     DiskFull,
+    /// The owner (or this node) holds a newer topology than the write was
+    /// planned on: it stored the record, but the write must be planned again.
+    Stale(String),
     Other(String),
 }
 
@@ -701,7 +925,7 @@ impl WriteFailure {
     fn message(&self) -> String {
         match self {
             WriteFailure::DiskFull => "its disk is full".into(),
-            WriteFailure::Other(m) => m.clone(),
+            WriteFailure::Stale(m) | WriteFailure::Other(m) => m.clone(),
         }
     }
 }

@@ -34,6 +34,7 @@ pub struct Metrics {
     pub tombstones_purged: IntCounter,
     pub clock_skew: prometheus::Gauge,
     pub writes_reissued: IntCounter,
+    pub create_conflicts: IntCounter,
     pub store_catching_up: IntGauge,
 }
 
@@ -152,6 +153,10 @@ impl Metrics {
                 "kv_writes_reissued_total",
                 "Writes re-issued with a higher version because an owner held a newer one",
             ),
+            create_conflicts: counter(
+                "kv_create_conflicts_total",
+                "Create-only writes this node led that a quorum of owners did not grant (another create or write of the key, or owners down)",
+            ),
             store_catching_up: gauge(
                 "kv_store_catching_up",
                 "1 while this node's store is new or rebuilt and serves no reads until caught up",
@@ -180,6 +185,7 @@ impl Metrics {
         reg(Box::new(m.tombstones_purged.clone()));
         reg(Box::new(m.clock_skew.clone()));
         reg(Box::new(m.writes_reissued.clone()));
+        reg(Box::new(m.create_conflicts.clone()));
         reg(Box::new(m.store_catching_up.clone()));
         m.resync_progress.set(1.0);
         m

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use kv_core::wire::{self, ApplyAnswer, WireError};
+use kv_core::wire::{self, ApplyAnswer, CreateAnswer, WireError};
 use kv_core::{Applied, Consistency, Digest, Record, Topology};
 
 use crate::clock::SkewTracker;
@@ -52,6 +52,23 @@ pub enum PeerError {
     ShortAnswer(u32),
     #[error("node {0} is not in the topology")]
     Unknown(u32),
+}
+
+/// The two steps of a create-only write (see [`kv_core::CreateVote`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreatePhase {
+    Promise,
+    Accept,
+}
+
+impl CreatePhase {
+    /// The step's route under `/internal/v1/`.
+    pub fn route(self) -> &'static str {
+        match self {
+            CreatePhase::Promise => "promise",
+            CreatePhase::Accept => "accept",
+        }
+    }
 }
 
 /// What the peer side tells the node about epochs it saw.
@@ -325,6 +342,28 @@ impl Peers {
             Some(r) if records.is_empty() => Ok(r),
             _ => Err(PeerError::ShortAnswer(ordinal)),
         }
+    }
+
+    /// One step of a create-only write on a peer: `phase` is `"promise"`
+    /// (`record` carries the key and the ballot as its version) or
+    /// `"accept"` (the record to store).
+    pub async fn create_step(
+        &self,
+        ordinal: u32,
+        address: &str,
+        phase: CreatePhase,
+        record: &Record,
+    ) -> Result<CreateAnswer, PeerError> {
+        let body = post(
+            &self.http,
+            &self.inner,
+            ordinal,
+            address,
+            phase.route(),
+            wire::encode_records([record]),
+        )
+        .await?;
+        wire::decode_create_answer(&body).map_err(|e| PeerError::Decode(ordinal, e))
     }
 
     /// A request that carries nothing but clocks: measures the skew to `ordinal`.

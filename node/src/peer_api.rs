@@ -63,8 +63,13 @@ async fn serve(node: &Arc<Node>, req: Incoming, body: Result<Bytes, ApiError>) -
         );
     }
     note_epoch(node, &req.headers);
+    let sender_epoch = req
+        .headers
+        .get(EPOCH_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     let result = match body {
-        Ok(body) => handle(node, &req.method, &req.path, &req.query, body).await,
+        Ok(body) => handle(node, sender_epoch, &req.method, &req.path, &req.query, body).await,
         Err(e) => Err(e),
     };
     result.unwrap_or_else(|e| error_response(&e, false))
@@ -134,8 +139,52 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::storage)
 }
 
+/// A replica write from a coordinator on an older topology than ours is
+/// applied but answered 409 `stale_epoch`, which the coordinator does not
+/// count: it may be writing to the old placement only, and a new owner may
+/// already have pulled this node's records for the new one (we serve pulls
+/// only once we hold the puller's topology, [`refuse_pull_while_behind`]).
+/// Checked after the write, so that either the pull sees the write or the
+/// coordinator hears "stale". Requests without an epoch (tools) are not fenced.
+fn fence_stale_writer(node: &Node, sender_epoch: Option<u64>) -> Result<(), ApiError> {
+    let mine = node.cluster.epoch();
+    match sender_epoch {
+        Some(theirs) if theirs < mine => Err(ApiError::new(
+            409,
+            STALE_EPOCH,
+            format!(
+                "node {} holds topology epoch {mine}, newer than the writer's {theirs}: the write was stored but does not count; retry on the new topology",
+                node.me()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The error code of [`fence_stale_writer`]'s refusal.
+pub const STALE_EPOCH: &str = "stale_epoch";
+
+/// A node pulling buckets for a topology we do not hold yet is answered 409
+/// until we do (we are fetching it: `note_epoch`); from then on we refuse
+/// to count writes from coordinators still on the older one.
+fn refuse_pull_while_behind(node: &Node, sender_epoch: Option<u64>) -> Result<(), ApiError> {
+    let mine = node.cluster.epoch();
+    match sender_epoch {
+        Some(theirs) if theirs > mine => Err(ApiError::new(
+            409,
+            "behind",
+            format!(
+                "node {} holds topology epoch {mine}, older than the caller's {theirs}; it is fetching the new one, retry",
+                node.me()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 async fn handle(
     node: &Arc<Node>,
+    sender_epoch: Option<u64>,
     method: &Method,
     path: &str,
     query: &str,
@@ -168,6 +217,7 @@ async fn handle(
                     node.hlc.observe(*v);
                 }
             }
+            fence_stale_writer(node, sender_epoch)?;
             Ok(binary(wire::encode_apply_answer(&wire::ApplyAnswer {
                 catching_up: node.store.catching_up(),
                 outcomes,
@@ -206,6 +256,45 @@ async fn handle(
             let stored = node.create_as_leader(record.key, value, level).await?;
             Ok(binary(wire::encode_records([&stored])))
         }
+        (Method::POST, r @ ("promise" | "accept")) => {
+            let mut records = wire::decode_records(&body).map_err(decode_err)?;
+            let record = match (records.pop(), records.is_empty()) {
+                (Some(r), true) => r,
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "a create step carries exactly one record",
+                    ));
+                }
+            };
+            kv_core::record::validate_key(&record.key)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            node.hlc.observe(record.version);
+            let vote = if r == "promise" {
+                node.store.promise(record.key, record.version).await
+            } else {
+                match &record.value {
+                    None => return Err(ApiError::bad_request("an accept carries a value")),
+                    Some(v) if v.len() > node.config.max_value_bytes => {
+                        return Err(ApiError::new(
+                            413,
+                            "payload_too_large",
+                            "the value is over this node's limit".into(),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                node.store.accept(record).await
+            }
+            .map_err(ApiError::storage)?;
+            fence_stale_writer(node, sender_epoch)?;
+            if let Some(v) = vote.seen() {
+                node.hlc.observe(v);
+            }
+            Ok(binary(wire::encode_create_answer(&wire::CreateAnswer {
+                catching_up: node.store.catching_up(),
+                vote,
+            })))
+        }
         (Method::GET, "clock") => Ok(binary(Vec::new())),
         (Method::POST, "read") => {
             refuse_while_catching_up(node)?;
@@ -232,6 +321,7 @@ async fn handle(
             Ok(binary(wire::encode_records(&found)))
         }
         (Method::GET, "store-digests") => {
+            refuse_pull_while_behind(node, sender_epoch)?;
             let catching_up = node.store.catching_up();
             let store = node.store.clone();
             let d = blocking(move || store.bucket_digests()).await?;
@@ -240,6 +330,7 @@ async fn handle(
             Ok(binary(body))
         }
         (Method::GET, "digests") => {
+            refuse_pull_while_behind(node, sender_epoch)?;
             let store = node.store.clone();
             let d = blocking(move || store.bucket_digests()).await?;
             Ok(binary(wire::encode_digests(&d)))
@@ -294,6 +385,7 @@ async fn handle(
             }
         }
         (Method::POST, "buckets") => {
+            refuse_pull_while_behind(node, sender_epoch)?;
             let buckets = wire::decode_buckets(&body).map_err(decode_err)?;
             if buckets.len() > 256 {
                 return Err(ApiError::bad_request("at most 256 buckets per request"));
@@ -310,6 +402,7 @@ async fn handle(
             Ok(binary(wire::encode_records(&records)))
         }
         (Method::GET, r) if r.starts_with("bucket/") => {
+            refuse_pull_while_behind(node, sender_epoch)?;
             let b: u32 = r["bucket/".len()..]
                 .parse()
                 .ok()
@@ -322,11 +415,11 @@ async fn handle(
         (
             _,
             r @ ("apply" | "read" | "digests" | "store-digests" | "scan" | "topology" | "buckets"
-            | "create" | "clock"),
+            | "create" | "clock" | "promise" | "accept"),
         ) => {
             // error_response turns "this route takes ..." into the Allow header a 405 needs.
             let allowed = match r {
-                "apply" | "read" | "buckets" | "create" => "POST",
+                "apply" | "read" | "buckets" | "create" | "promise" | "accept" => "POST",
                 "topology" => "GET or PUT",
                 _ => "GET",
             };

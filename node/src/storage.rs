@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kv_core::{Applied, BUCKETS, Digest, Record, Version, bucket_of};
+use kv_core::{Applied, BUCKETS, CreateVote, Digest, Record, Version, bucket_of};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
@@ -121,11 +121,14 @@ enum WriteOp {
     DeleteHints(Vec<i64>),
     DropBuckets(Vec<u32>),
     PurgeTombstones { bucket: u32, older_than: Version },
+    Promise { key: Vec<u8>, ballot: Version },
+    Accept(Record),
 }
 
 enum WriteDone {
     Applied(Vec<Applied>),
     Count(u64),
+    Vote(CreateVote),
 }
 
 struct WriteRequest {
@@ -240,7 +243,7 @@ impl Store {
     pub async fn apply(&self, records: Vec<Record>) -> Result<Vec<Applied>, StorageError> {
         match self.write(WriteOp::Apply(records)).await? {
             WriteDone::Applied(v) => Ok(v),
-            WriteDone::Count(_) => Err(StorageError::Sqlite(
+            _ => Err(StorageError::Sqlite(
                 "writer answered the wrong request".into(),
             )),
         }
@@ -275,7 +278,30 @@ impl Store {
     async fn count_op(&self, op: WriteOp) -> Result<u64, StorageError> {
         match self.write(op).await? {
             WriteDone::Count(n) => Ok(n),
-            WriteDone::Applied(_) => Err(StorageError::Sqlite(
+            _ => Err(StorageError::Sqlite(
+                "writer answered the wrong request".into(),
+            )),
+        }
+    }
+
+    /// Phase one of a create-only write of `key` (see [`CreateVote`]):
+    /// promises to accept no create of the key below `ballot`, unless the
+    /// key holds a live value or a higher promise. Durable when it returns.
+    pub async fn promise(&self, key: Vec<u8>, ballot: Version) -> Result<CreateVote, StorageError> {
+        self.vote_op(WriteOp::Promise { key, ballot }).await
+    }
+
+    /// Phase two of a create-only write: stores `record` (its version is the
+    /// ballot) only under the promise of that ballot and while the key holds
+    /// no live value; the promise is then spent. Durable when it returns.
+    pub async fn accept(&self, record: Record) -> Result<CreateVote, StorageError> {
+        self.vote_op(WriteOp::Accept(record)).await
+    }
+
+    async fn vote_op(&self, op: WriteOp) -> Result<CreateVote, StorageError> {
+        match self.write(op).await? {
+            WriteDone::Vote(v) => Ok(v),
+            _ => Err(StorageError::Sqlite(
                 "writer answered the wrong request".into(),
             )),
         }
@@ -606,6 +632,15 @@ CREATE TABLE IF NOT EXISTS hints (
 );
 CREATE INDEX IF NOT EXISTS hints_by_target ON hints (target, id);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- the highest ballot each key's create-only writes were promised (phase one);
+-- a row goes when its create is stored here, or with the bucket's tombstones
+CREATE TABLE IF NOT EXISTS promises (
+    key    BLOB PRIMARY KEY,
+    ts     INTEGER NOT NULL,
+    node   INTEGER NOT NULL,
+    bucket INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS promises_by_bucket ON promises (bucket);
 ";
 
 /// Every bucket's digest, from a scan of the records' keys and versions.
@@ -879,6 +914,7 @@ fn commit_batch(
             WriteOp::DropBuckets(buckets) => {
                 let mut n = 0;
                 for b in buckets {
+                    tx.execute("DELETE FROM promises WHERE bucket = ?1", [b])?;
                     n += tx.execute("DELETE FROM records WHERE bucket = ?1", [b])? as u64;
                     *digests.of(*b) = Digest::EMPTY;
                 }
@@ -897,6 +933,12 @@ fn commit_batch(
                         }
                     }
                 }
+                // A promise this old belongs to a create whose leader gave up
+                // long ago (a create's steps time out in seconds).
+                tx.execute(
+                    "DELETE FROM promises WHERE bucket = ?1 AND (ts < ?2 OR (ts = ?2 AND node < ?3))",
+                    params![bucket, older_than.ts as i64, older_than.node],
+                )?;
                 let digest = digests.of(*bucket);
                 for r in &doomed {
                     tx.execute("DELETE FROM records WHERE key = ?1", [&r.key])?;
@@ -904,6 +946,8 @@ fn commit_batch(
                 }
                 WriteDone::Count(doomed.len() as u64)
             }
+            WriteOp::Promise { key, ballot } => WriteDone::Vote(promise_one(&tx, key, *ballot)?),
+            WriteOp::Accept(record) => WriteDone::Vote(accept_one(&tx, &mut digests, record)?),
         });
     }
     tx.commit()?;
@@ -943,6 +987,78 @@ fn apply_one(
     }
     digest.add(r.digest());
     Ok(Applied::Stored)
+}
+
+/// The stored version of `key` and whether it is live (not a tombstone).
+fn stored_state(
+    tx: &rusqlite::Transaction<'_>,
+    key: &[u8],
+) -> Result<Option<(Version, bool)>, StorageError> {
+    Ok(tx
+        .prepare_cached("SELECT ts, node, value IS NOT NULL FROM records WHERE key = ?1")?
+        .query_row([key], |row| {
+            Ok((
+                Version::new(row.get::<_, i64>(0)? as u64, row.get(1)?),
+                row.get::<_, bool>(2)?,
+            ))
+        })
+        .optional()?)
+}
+
+fn promised(tx: &rusqlite::Transaction<'_>, key: &[u8]) -> Result<Option<Version>, StorageError> {
+    Ok(tx
+        .prepare_cached("SELECT ts, node FROM promises WHERE key = ?1")?
+        .query_row([key], |row| {
+            Ok(Version::new(row.get::<_, i64>(0)? as u64, row.get(1)?))
+        })
+        .optional()?)
+}
+
+/// Phase one of a create (see [`CreateVote`]).
+fn promise_one(
+    tx: &rusqlite::Transaction<'_>,
+    key: &[u8],
+    ballot: Version,
+) -> Result<CreateVote, StorageError> {
+    match stored_state(tx, key)? {
+        Some((v, true)) => return Ok(CreateVote::Live(v)),
+        Some((v, false)) if v >= ballot => return Ok(CreateVote::Newer(v)),
+        _ => {}
+    }
+    match promised(tx, key)? {
+        Some(p) if p > ballot => return Ok(CreateVote::Promised(p)),
+        Some(p) if p == ballot => return Ok(CreateVote::Granted),
+        _ => {}
+    }
+    tx.prepare_cached(
+        "INSERT INTO promises (key, ts, node, bucket) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (key) DO UPDATE SET ts = excluded.ts, node = excluded.node",
+    )?
+    .execute(params![key, ballot.ts as i64, ballot.node, bucket_of(key)])?;
+    Ok(CreateVote::Granted)
+}
+
+/// Phase two of a create (see [`CreateVote`]).
+fn accept_one(
+    tx: &rusqlite::Transaction<'_>,
+    digests: &mut Touched<'_>,
+    record: &Record,
+) -> Result<CreateVote, StorageError> {
+    let ballot = record.version;
+    match stored_state(tx, &record.key)? {
+        Some((v, _)) if v == ballot => return Ok(CreateVote::Had),
+        Some((v, true)) => return Ok(CreateVote::Live(v)),
+        Some((v, false)) if v > ballot => return Ok(CreateVote::Newer(v)),
+        _ => {}
+    }
+    if promised(tx, &record.key)? != Some(ballot) {
+        let p = promised(tx, &record.key)?.unwrap_or(Version::ZERO);
+        return Ok(CreateVote::Promised(p));
+    }
+    apply_one(tx, digests, record)?;
+    tx.prepare_cached("DELETE FROM promises WHERE key = ?1")?
+        .execute([&record.key])?;
+    Ok(CreateVote::Granted)
 }
 
 /// The bucket digests one transaction has touched.

@@ -373,3 +373,168 @@ fn listed_names_address_exactly_one_key() {
     );
     let _ = &c.topo;
 }
+
+/// Two create leaders on different topology epochs (as at a placement commit,
+/// when two nodes name different leaders) race for one key over the real
+/// peer routes; the test plays both leaders. Each found the key absent. With
+/// replicas that took any write, both creates reached a quorum and both were
+/// acknowledged (chaos seed 3567377745); now the owner they share lets one
+/// through, and the loser writes nothing that could outrank the winner.
+#[test]
+fn racing_create_leaders_get_one_quorum_between_them() {
+    use kv_core::wire::{self, CreateAnswer};
+    use kv_core::{CreateVote, Record, Version};
+    let n = start(3, Strategy::Full, 3, |_| Vec::new());
+    let http = reqwest::blocking::Client::new();
+    let step = |node: usize, route: &str, r: &Record| -> CreateVote {
+        let resp = http
+            .post(format!(
+                "http://{}/internal/v1/{route}",
+                n.nodes[node].peer_address()
+            ))
+            .bearer_auth(common::CLUSTER_TOKEN)
+            .body(wire::encode_records([r]))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "{route} on node {node}");
+        let a: CreateAnswer = wire::decode_create_answer(&resp.bytes().unwrap()).unwrap();
+        a.vote
+    };
+    let key = b"raced".to_vec();
+    // ballots above every node's clock, so the higher one is also the newer version
+    let base = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 60_000)
+        << 16;
+    let rec = |value: &str, ts: u64, node: u32| Record {
+        key: key.clone(),
+        value: Some(value.as_bytes().to_vec()),
+        version: Version::new(ts, node),
+    };
+    let (one, two) = (rec("one", base, 0), rec("two", base + 1, 1));
+    // leader 1 is promised by nodes 0 and 1 (a quorum), leader 2 by 1 and 2
+    assert_eq!(step(0, "promise", &one), CreateVote::Granted);
+    assert_eq!(step(1, "promise", &one), CreateVote::Granted);
+    assert_eq!(step(1, "promise", &two), CreateVote::Granted);
+    assert_eq!(step(2, "promise", &two), CreateVote::Granted);
+    // leader 1's accepts: node 0 takes it, node 1 promised leader 2 since
+    assert_eq!(step(0, "accept", &one), CreateVote::Granted);
+    assert_eq!(step(1, "accept", &one), CreateVote::Promised(two.version));
+    // leader 1 has one of the two it needs; leader 2 gets its quorum
+    assert_eq!(step(1, "accept", &two), CreateVote::Granted);
+    assert_eq!(step(2, "accept", &two), CreateVote::Granted);
+    // node 0 took leader 1's record; it cannot promise leader 2 any more
+    assert_eq!(step(0, "promise", &two), CreateVote::Live(one.version));
+    // every read sees the winner: its ballot (its version) is above the loser's
+    let c = n.nodes[0].client();
+    let got = c
+        .send(c.req(Method::GET, "/v1/kv/raced?consistency=all"))
+        .unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, b"two");
+    // a third leader with a lower ballot than the promises is refused everywhere
+    let late = rec("late", base - 5, 2);
+    for node in 0..3 {
+        assert!(
+            !step(node, "promise", &late).granted(),
+            "node {node} promised a stale ballot"
+        );
+    }
+    // and the client API's create of the key is refused: it has a value
+    assert_eq!(
+        c.send(
+            c.req(Method::PUT, "/v1/kv/raced")
+                .header("if-none-match", "*")
+                .body("three")
+        )
+        .unwrap()
+        .status,
+        412
+    );
+}
+
+/// The fence that keeps a write from slipping past a rebalance: a replica
+/// holding a newer topology than the writer's stores the write but answers
+/// 409 `stale_epoch`, which does not count (the writer may be writing to the
+/// old placement only, after a new owner pulled this replica's records); and
+/// a replica serves a pull for a topology it does not hold yet only once it
+/// holds it. A coordinator refused as stale fetches the newer topology and
+/// writes again. Without the fence a write coordinated by a node still on the
+/// old placement reached only the old owners, and a scale-down could lose it.
+#[test]
+fn replicas_on_a_newer_topology_fence_writers_on_an_older_one() {
+    use kv_core::wire;
+    use kv_core::{Record, Version};
+    let n = start(3, Strategy::Full, 3, |_| Vec::new());
+    let http = reqwest::blocking::Client::new();
+    let pairs: Vec<(&NodeProc, NodeState)> = n.nodes.iter().map(|p| (p, NodeState::Up)).collect();
+    let epoch2 = topology(2, &pairs, Strategy::Full, 3, Consistency::Quorum);
+    // node 1 alone moves to epoch 2 (a push that has not reached the others yet)
+    let pushed = http
+        .put(format!(
+            "http://{}/internal/v1/topology",
+            n.nodes[1].peer_address()
+        ))
+        .bearer_auth(common::CLUSTER_TOKEN)
+        .header("x-kv-epoch", "2")
+        .header("x-kv-node", "9")
+        .body(serde_json::to_vec(&epoch2).unwrap())
+        .send()
+        .unwrap();
+    assert_eq!(pushed.status().as_u16(), 200);
+    let peer = |method: reqwest::Method, route: &str, epoch: u64, body: Vec<u8>| {
+        let resp = http
+            .request(
+                method,
+                format!("http://{}/internal/v1/{route}", n.nodes[1].peer_address()),
+            )
+            .bearer_auth(common::CLUSTER_TOKEN)
+            .header("x-kv-epoch", epoch.to_string())
+            .header("x-kv-node", "0")
+            .body(body)
+            .send()
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().unwrap())
+    };
+    let record = Record {
+        key: b"fenced".to_vec(),
+        value: Some(b"v".to_vec()),
+        version: Version::new(1 << 20, 0),
+    };
+    let (status, body) = peer(
+        reqwest::Method::POST,
+        "apply",
+        1,
+        wire::encode_records([&record]),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("stale_epoch"), "{body}");
+    // stored all the same (the writer may or may not count it elsewhere)
+    let (status, _) = peer(
+        reqwest::Method::POST,
+        "apply",
+        2,
+        wire::encode_records([&record]),
+    );
+    assert_eq!(status, 200, "a writer on the same epoch is acknowledged");
+    // a pull for epoch 3, which node 1 does not hold, waits until it does
+    for route in ["bucket/0", "digests", "store-digests"] {
+        let (status, body) = peer(reqwest::Method::GET, route, 3, Vec::new());
+        assert_eq!(status, 409, "{route}: {body}");
+        assert!(body.contains("behind"), "{route}: {body}");
+        let (status, body) = peer(reqwest::Method::GET, route, 2, Vec::new());
+        assert_eq!(status, 200, "{route}: {body}");
+    }
+    // a client write through node 0, still on epoch 1 unless it heard of 2
+    // already: acknowledged, and node 0 is on epoch 2 afterwards
+    let c = n.nodes[0].client();
+    assert_eq!(put(&c, "through-stale", "x"), 200);
+    wait_epoch(&[&n.nodes[0]], 2);
+    let got = c
+        .send(c.req(Method::GET, "/v1/kv/through-stale?consistency=all"))
+        .unwrap();
+    assert_eq!((got.status, got.body.as_slice()), (200, b"x".as_slice()));
+}

@@ -1,6 +1,6 @@
 //! Storage engine behaviour, on real SQLite databases in temporary directories.
 
-use kv_core::{BUCKETS, Digest, Record, Version, bucket_of};
+use kv_core::{BUCKETS, CreateVote, Digest, Record, Version, bucket_of};
 use kv_node::{StorageError, Store, StoreOptions};
 use proptest::prelude::*;
 
@@ -398,6 +398,133 @@ fn purging_removes_only_tombstones_older_than_the_horizon() {
         store.bucket_digests().expect("digests"),
         store.recompute_digests().expect("recompute")
     );
+}
+
+/// The replica's half of a linearizable create (kv_core::CreateVote): two
+/// leaders that both found the key absent race for it, as at a placement
+/// commit when two nodes name different create leaders. Without these rules
+/// an owner took both creates, and both leaders were acknowledged.
+#[test]
+fn create_steps_let_only_one_of_two_racing_creates_through_and_promises_are_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (b1, b2) = (Version::new(100, 1), Version::new(200, 2));
+    let key = || b"k".to_vec();
+    {
+        let store = open(&dir);
+        rt().block_on(async {
+            // leader 1 is promised, then leader 2 with a higher ballot
+            assert_eq!(
+                store.promise(key(), b1).await.expect("p1"),
+                CreateVote::Granted
+            );
+            assert_eq!(
+                store.promise(key(), b1).await.expect("p1 again"),
+                CreateVote::Granted
+            );
+            assert_eq!(
+                store.promise(key(), b2).await.expect("p2"),
+                CreateVote::Granted
+            );
+            // a lower ballot is refused from now on, naming the promise it lost to
+            assert_eq!(
+                store.promise(key(), b1).await.expect("p1 late"),
+                CreateVote::Promised(b2)
+            );
+            // leader 1's accept lost its promise: refused, nothing stored
+            assert_eq!(
+                store
+                    .accept(rec("k", Some("one"), 100, 1))
+                    .await
+                    .expect("a1"),
+                CreateVote::Promised(b2)
+            );
+            assert_eq!(store.get(b"k").expect("get"), None);
+        });
+    }
+    // the promise outlives a restart: a replica must not forget what it promised
+    let store = open(&dir);
+    rt().block_on(async {
+        assert_eq!(
+            store
+                .accept(rec("k", Some("one"), 100, 1))
+                .await
+                .expect("a1 after reopen"),
+            CreateVote::Promised(b2)
+        );
+        assert_eq!(
+            store
+                .accept(rec("k", Some("two"), 200, 2))
+                .await
+                .expect("a2"),
+            CreateVote::Granted
+        );
+        assert_eq!(
+            store
+                .accept(rec("k", Some("two"), 200, 2))
+                .await
+                .expect("a2 again"),
+            CreateVote::Had
+        );
+        // the key is live now: no later create gets a promise or an accept
+        let b3 = Version::new(300, 0);
+        assert_eq!(
+            store.promise(key(), b3).await.expect("p3"),
+            CreateVote::Live(b2)
+        );
+        assert_eq!(
+            store
+                .accept(rec("k", Some("three"), 300, 0))
+                .await
+                .expect("a3"),
+            CreateVote::Live(b2)
+        );
+        // after a delete a new create may run, but only above the tombstone
+        store
+            .apply(vec![rec("k", None, 400, 1)])
+            .await
+            .expect("delete");
+        assert_eq!(
+            store
+                .promise(key(), Version::new(350, 0))
+                .await
+                .expect("p below tombstone"),
+            CreateVote::Newer(Version::new(400, 1))
+        );
+        let b5 = Version::new(500, 0);
+        assert_eq!(
+            store.promise(key(), b5).await.expect("p5"),
+            CreateVote::Granted
+        );
+        // an ordinary write that lands between the steps wins: the accept refuses
+        store
+            .apply(vec![rec("k", Some("put"), 450, 2)])
+            .await
+            .expect("put");
+        assert_eq!(
+            store
+                .accept(rec("k", Some("five"), 500, 0))
+                .await
+                .expect("a5"),
+            CreateVote::Live(Version::new(450, 2))
+        );
+        assert_eq!(
+            store.get(b"k").expect("get").and_then(|r| r.value),
+            Some(b"put".to_vec())
+        );
+        // an accept with no promise at all (a replica that lost it) is refused
+        assert_eq!(
+            store
+                .accept(rec("fresh", Some("x"), 600, 0))
+                .await
+                .expect("a no promise"),
+            CreateVote::Promised(Version::ZERO)
+        );
+        assert_eq!(store.get(b"fresh").expect("get"), None);
+        assert_eq!(
+            store.bucket_digests().expect("d"),
+            store.recompute_digests().expect("r")
+        );
+    });
 }
 
 #[test]
