@@ -929,3 +929,103 @@ impl WriteFailure {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The write quorum rules on in-memory topologies: who a write goes to,
+    //! which acknowledgements count, and when it is refused before anything
+    //! is written.
+    use super::*;
+    use kv_core::{NodeInfo, PlacementSpec, Strategy, Topology};
+
+    fn view(states: &[NodeState], members: &[u32], pending: Option<&[u32]>) -> View {
+        let spec = |m: &[u32]| PlacementSpec {
+            strategy: Strategy::Full,
+            factor: m.len() as u32,
+            members: m.to_vec(),
+        };
+        View::new(Topology {
+            cluster_id: "t".into(),
+            epoch: 3,
+            read_consistency: Consistency::Quorum,
+            write_consistency: Consistency::Quorum,
+            placement: spec(members),
+            pending: pending.map(spec),
+            nodes: states
+                .iter()
+                .enumerate()
+                .map(|(i, s)| NodeInfo {
+                    ordinal: i as u32,
+                    address: format!("127.0.0.1:{}", 1000 + i),
+                    peer_address: format!("127.0.0.1:{}", 2000 + i),
+                    state: *s,
+                })
+                .collect(),
+        })
+    }
+
+    use NodeState::{Failed, Joining, Up};
+
+    #[test]
+    fn a_quorum_write_needs_two_of_three_up_owners_and_is_refused_before_writing_without_them() {
+        let v = view(&[Up, Up, Failed], &[0, 1, 2], None);
+        let plan = WritePlan::new(&v, b"k", Consistency::Quorum).expect("two of three are Up");
+        assert_eq!(plan.targets.iter().copied().collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(!plan.done(1, 0));
+        assert!(plan.done(2, 0));
+        // a Failed owner's acknowledgement never counts (its copy is a hint's)
+        assert_eq!(plan.counts(&v, 2, false), (false, false));
+        let all = WritePlan::new(&v, b"k", Consistency::All);
+        assert_eq!(all.err().map(|e| e.status), Some(503));
+        let down = view(&[Up, Failed, Failed], &[0, 1, 2], None);
+        let refused = WritePlan::new(&down, b"k", Consistency::Quorum).err();
+        assert!(
+            refused
+                .as_ref()
+                .is_some_and(|e| e.status == 503 && e.message.contains("only 1 are Up")),
+            "{refused:?}"
+        );
+        // One needs one owner, whatever the others do
+        assert!(WritePlan::new(&down, b"k", Consistency::One).is_ok());
+    }
+
+    #[test]
+    fn a_catching_up_owner_takes_the_write_but_does_not_count_towards_the_committed_quorum() {
+        let v = view(&[Up, Up, Up], &[0, 1, 2], None);
+        let plan = WritePlan::new(&v, b"k", Consistency::Quorum).expect("plan");
+        assert_eq!(plan.counts(&v, 1, true), (false, false));
+        assert_eq!(plan.counts(&v, 1, false), (true, false));
+    }
+
+    #[test]
+    fn while_a_placement_is_pending_both_quorums_are_needed() {
+        // 0,1,2 own the key now; 1,2,3 will (3 is Joining: it takes writes)
+        let v = view(&[Up, Up, Up, Joining], &[0, 1, 2], Some(&[1, 2, 3]));
+        let plan = WritePlan::new(&v, b"k", Consistency::Quorum).expect("plan");
+        assert_eq!(plan.targets.iter().copied().collect::<Vec<_>>(), [0, 1, 2, 3]);
+        // 0 and 3 answered: a quorum of neither placement on its own
+        let (mut cur, mut pend) = (0, 0);
+        for o in [0, 3] {
+            let (c, p) = plan.counts(&v, o, false);
+            cur += usize::from(c);
+            pend += usize::from(p);
+        }
+        assert_eq!((cur, pend), (1, 1));
+        assert!(!plan.done(cur, pend));
+        assert!(plan.shortfall(cur, pend).contains("pending placement"));
+        // 1 answers too: two of the old owners and two of the new
+        let (c, p) = plan.counts(&v, 1, false);
+        assert!(plan.done(cur + usize::from(c), pend + usize::from(p)));
+        // a Joining owner counts for the new placement even while catching up
+        assert_eq!(plan.counts(&v, 3, true), (false, true));
+        // too few new owners take writes: refused before writing
+        let v = view(&[Up, Up, Up, Failed, Failed], &[0, 1, 2], Some(&[2, 3, 4]));
+        let refused = WritePlan::new(&v, b"k", Consistency::Quorum).err();
+        assert!(
+            refused
+                .as_ref()
+                .is_some_and(|e| e.status == 503 && e.message.contains("new owners")),
+            "{refused:?}"
+        );
+    }
+}
