@@ -1002,7 +1002,10 @@ mod tests {
         // 0,1,2 own the key now; 1,2,3 will (3 is Joining: it takes writes)
         let v = view(&[Up, Up, Up, Joining], &[0, 1, 2], Some(&[1, 2, 3]));
         let plan = WritePlan::new(&v, b"k", Consistency::Quorum).expect("plan");
-        assert_eq!(plan.targets.iter().copied().collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert_eq!(
+            plan.targets.iter().copied().collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
         // 0 and 3 answered: a quorum of neither placement on its own
         let (mut cur, mut pend) = (0, 0);
         for o in [0, 3] {
