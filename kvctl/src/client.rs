@@ -262,26 +262,23 @@ impl TlsOptions {
         &self,
         builder: reqwest::ClientBuilder,
     ) -> Result<reqwest::ClientBuilder, ClientError> {
-        let mut builder = builder;
-        if let Some(path) = &self.cacert {
-            let pem = std::fs::read(path).map_err(|e| {
-                ClientError::Invalid(format!("cannot read --cacert {}: {e}", path.display()))
-            })?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .ok()
-                .filter(|c| !c.is_empty())
-                .ok_or_else(|| {
-                    ClientError::Invalid(format!(
-                        "--cacert {} holds no PEM certificate",
-                        path.display()
-                    ))
-                })?;
-            builder = builder.tls_certs_only(certs);
-        }
         if self.insecure {
-            builder = builder.tls_danger_accept_invalid_certs(true);
+            return Ok(builder.tls_danger_accept_invalid_certs(true));
         }
-        Ok(builder)
+        let Some(path) = &self.cacert else {
+            return Ok(builder);
+        };
+        // kv-net's client configuration: the CA file is read again when it
+        // changes, so a long-lived client (`kvctl bench`) follows a rotation.
+        let config = kv_net::tls::client_config(path, None).map_err(|e| {
+            ClientError::Invalid(match e {
+                kv_net::tls::TlsError::NoPem { .. } => {
+                    format!("--cacert {} holds no PEM certificate", path.display())
+                }
+                e => format!("--cacert: {e}"),
+            })
+        })?;
+        Ok(builder.tls_backend_preconfigured(config))
     }
 }
 

@@ -19,6 +19,7 @@ const TOKEN: &str = "up-security-token";
 struct Up {
     child: Child,
     port: u16,
+    dir: std::path::PathBuf,
 }
 
 impl Up {
@@ -50,7 +51,11 @@ impl Up {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("cannot run kvctl up");
-        let up = Up { child, port };
+        let up = Up {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        };
         assert!(
             wait_port(port, Duration::from_secs(30)),
             "the gateway never listened on {port}"
@@ -84,7 +89,8 @@ impl Up {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("kvctl up never became ready");
+        let log = std::fs::read_to_string(self.dir.join("node-0.log")).unwrap_or_default();
+        panic!("kvctl up never became ready; node 0's log:\n{log}");
     }
 }
 
@@ -120,7 +126,10 @@ fn the_token_files_are_readable_by_their_owner_only_and_no_other_file_holds_a_to
     let state = dir.path().join("cluster.json");
     let (client, cluster) = (dir.path().join("token"), dir.path().join("cluster-token"));
     {
-        let _up = Up::start(dir.path(), &[]);
+        let up = Up::start(dir.path(), &[]);
+        // Ready before it is stopped: a SIGTERM before kvctl up handles it
+        // would leave its node running, holding the port.
+        up.wait_ready();
         let text = std::fs::read_to_string(&client).expect("the client token file");
         assert_eq!(text.trim(), TOKEN, "the token file holds the client token");
         for f in [&state, &client, &cluster] {

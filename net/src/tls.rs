@@ -5,7 +5,7 @@
 //! A server ([`ServerTls`]) presents a certificate and key, and with a client
 //! CA accepts only clients presenting a certificate it issued (a node's peer
 //! port: mutual TLS). A client ([`client_config`]) trusts one CA and may
-//! present its own certificate ([`Identity`]), also re-read on change.
+//! present its own certificate ([`Identity`]); both are re-read on change.
 //!
 //! A change is seen by the files' size, modification time and inode, checked
 //! at each handshake (a few `stat`s). Files that do not load (a key written
@@ -15,9 +15,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use rustls::DigitallySignedStruct;
+use rustls::SignatureScheme;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
@@ -281,9 +285,77 @@ impl rustls::client::ResolvesClientCert for Identity {
     }
 }
 
-/// A client configuration trusting the CA in `ca` only, presenting
-/// `identity` when a server asks for a client certificate.
+fn load_verifier(paths: &[PathBuf]) -> Result<Arc<WebPkiServerVerifier>, TlsError> {
+    let ca = &paths[0];
+    WebPkiServerVerifier::builder_with_provider(Arc::new(read_roots(ca)?), provider())
+        .build()
+        .map_err(|e| TlsError::Ca {
+            path: ca.clone(),
+            message: e.to_string(),
+        })
+}
+
+/// Server certificates checked against the CA file as it is now: the file
+/// is read again when it changes (checked at each handshake), so a client
+/// that lives long (a node calling its peers, the gateway, `kvctl bench`)
+/// trusts a rotated CA from its next connection on. A CA file that does not
+/// load keeps the last good one.
+struct ReloadingVerifier(Reloading<Arc<WebPkiServerVerifier>>);
+
+impl std::fmt::Debug for ReloadingVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingVerifier")
+            .field("ca", &self.0.paths)
+            .finish()
+    }
+}
+
+impl ServerCertVerifier for ReloadingVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.0
+            .get()
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.get().verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.get().supported_verify_schemes()
+    }
+}
+
+/// A client configuration trusting the CA in `ca` only (read again when the
+/// file changes), presenting `identity` when a server asks for a client
+/// certificate.
 pub fn client_config(ca: &Path, identity: Option<Arc<Identity>>) -> Result<ClientConfig, TlsError> {
+    let verifier = ReloadingVerifier(Reloading::new(
+        "trusted CA",
+        vec![ca.to_path_buf()],
+        load_verifier,
+    )?);
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Rustls {
@@ -291,7 +363,8 @@ pub fn client_config(ca: &Path, identity: Option<Arc<Identity>>) -> Result<Clien
             path: ca.to_path_buf(),
             source,
         })?
-        .with_root_certificates(read_roots(ca)?);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier));
     let mut config = match identity {
         Some(id) => builder.with_client_cert_resolver(id),
         None => builder.with_no_client_auth(),

@@ -227,3 +227,58 @@ async fn certificates_rotated_on_disk_are_served_without_a_failed_request() {
     eprintln!("{ok} requests served across 5 rotations, {failed} failed");
     assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
 }
+
+#[tokio::test]
+async fn a_client_trusts_a_rotated_ca_from_its_next_connection_without_being_rebuilt() {
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let old = Ca::generate("old CA").expect("CA");
+    let ca_file = write_ca(&old, dir.path(), "ca.crt");
+    let (cert, key) = issue(&old, dir.path(), "server");
+    let s = start(&ServerFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: None,
+    })
+    .await;
+    // One client for the whole test, as a node or the gateway keeps one;
+    // no pooled connection, so that each request makes a handshake.
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(client_config(&ca_file, None).expect("client config"))
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("a client");
+    assert_eq!(status(&client, &s.url).await, Ok(200), "the first CA");
+
+    // The server moves to a certificate of a new CA and the client's CA
+    // file is replaced by the new CA (a rename, as a mounted Secret changes).
+    let new = Ca::generate("new CA").expect("CA");
+    let fresh = dir.path().join("fresh");
+    std::fs::create_dir(&fresh).expect("mkdir");
+    let (new_cert, new_key) = issue(&new, &fresh, "server");
+    std::fs::rename(&new_key, &key).expect("the new key");
+    std::fs::rename(&new_cert, &cert).expect("the new certificate");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(&client, &s.url).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the server never served the new certificate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let new_ca = write_ca(&new, &fresh, "ca.crt");
+    std::fs::rename(&new_ca, &ca_file).expect("the new CA file");
+    assert_eq!(
+        status(&client, &s.url).await,
+        Ok(200),
+        "the same client trusts the new CA"
+    );
+
+    // A CA file that does not load keeps the last good CA.
+    std::fs::write(&ca_file, "not PEM").expect("write");
+    assert_eq!(
+        status(&client, &s.url).await,
+        Ok(200),
+        "after a bad CA file"
+    );
+}
