@@ -502,6 +502,51 @@ fn tokens_come_from_files_and_bad_configuration_is_refused() {
         .send()
         .unwrap();
     assert_eq!(ok.status(), 200);
+
+    // The file is read again while the node runs (rotation, kv_net::token):
+    // every line is accepted; a file that does not load keeps the last good
+    // tokens; the report shows fingerprints, never a token.
+    let status_with = |token: &str| {
+        http.get(format!("http://127.0.0.1:{port}/v1/cluster"))
+            .bearer_auth(token)
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    let wait = std::time::Duration::from_secs(10);
+    std::fs::write(&token_file, "from-a-file\nnext-token\n").unwrap();
+    common::eventually("the second line accepted", wait, || {
+        status_with("next-token") == 200
+    });
+    assert_eq!(status_with("from-a-file"), 200, "the first line still");
+    let report: serde_json::Value = http
+        .get(format!("http://127.0.0.1:{port}/v1/cluster"))
+        .bearer_auth("next-token")
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        report["tokens"]["client"],
+        json!([
+            kv_net::token::fingerprint("from-a-file"),
+            kv_net::token::fingerprint("next-token")
+        ]),
+        "{report}"
+    );
+    assert!(!report.to_string().contains("next-token"), "{report}");
+    for bad in ["", "two words\n"] {
+        std::fs::write(&token_file, bad).unwrap();
+        // two reload periods
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        assert_eq!(status_with("next-token"), 200, "after {bad:?}");
+        assert_eq!(status_with("from-a-file"), 200, "after {bad:?}");
+    }
+    std::fs::write(&token_file, "next-token\n").unwrap();
+    common::eventually("the old token refused", wait, || {
+        status_with("from-a-file") == 403
+    });
+    assert_eq!(status_with("next-token"), 200);
     let _ = child.kill();
     let _ = child.wait();
 }
