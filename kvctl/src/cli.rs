@@ -50,18 +50,20 @@ pub struct Cli {
     pub command: Command,
 }
 
-fn parse_timeout(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_timeout(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
         _ => Err(format!("{s:?} is not a number of seconds in (0, 86400]")),
     }
 }
 
-/// `-o human|json`.
+/// `-o human|json|yaml`: text for people, or one document (the same
+/// fields in JSON or YAML) for scripts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
     Human,
     Json,
+    Yaml,
 }
 
 /// `--consistency one|quorum|all`.
@@ -200,6 +202,28 @@ pub enum Command {
         #[command(flatten)]
         kube: KubeArgs,
     },
+    /// Print a node's log: the kv-node container of its pod, through the
+    /// Kubernetes API (needs --cluster; `get` on pods/log).
+    Logs {
+        /// Node ordinal.
+        node: u32,
+        #[command(flatten)]
+        logs: LogArgs,
+        #[command(flatten)]
+        kube: KubeArgs,
+    },
+    /// Install kvctl as the kubectl plugin `kubectl kv`: a symlink named
+    /// kubectl-kv to this executable, in --dir (default: the directory this
+    /// executable is in, which is on PATH when kvctl was found there).
+    InstallPlugin {
+        /// Directory to put the kubectl-kv link in (it must be on PATH for
+        /// kubectl to find the plugin).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Replace a kubectl-kv that is there already.
+        #[arg(long)]
+        force: bool,
+    },
     /// Change the replication strategy through the control plane.
     Strategy {
         #[arg(value_enum)]
@@ -280,7 +304,7 @@ pub struct WaitArgs {
     pub wait_timeout: f64,
 }
 
-fn parse_wait(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_wait(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 3600.0 => Ok(v),
         _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
@@ -325,6 +349,20 @@ pub struct KubeArgs {
     /// Kubeconfig context to use (default: the current context).
     #[arg(long, value_name = "CONTEXT", requires = "cluster")]
     pub context: Option<String>,
+}
+
+/// `--follow` / `--tail N` of `logs`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LogArgs {
+    /// Keep printing the log as the node writes it, until interrupted.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Print only the last N lines (then follow, with --follow).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i64).range(0..))]
+    pub tail: Option<i64>,
+    /// The log of the node's previous container (before its last restart).
+    #[arg(long)]
+    pub previous: bool,
 }
 
 /// The node-to-node token `backup` and `restore` need: given, or read with

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use kv_core::NodeReport;
 use kv_core::NodeState;
-use kvctl::cli::{Cli, Command, KubeArgs, Output, PutArgs, ValueSource, WaitArgs};
+use kvctl::cli::{Cli, Command, KubeArgs, LogArgs, Output, PutArgs, ValueSource, WaitArgs};
 use kvctl::client::Client;
 use kvctl::k8s::{self, Target};
 use kvctl::output::{self, NodeRow};
@@ -18,9 +18,15 @@ use serde_json::{Value, json};
 /// How long `nodes` and `verify` wait for each node they ask directly.
 const PER_NODE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// The document format of `-o json|yaml`, chosen once per process: every
+/// command that prints a document prints it through [`print_json`].
+static DOCUMENT: std::sync::OnceLock<Output> = std::sync::OnceLock::new();
+
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     let timeout = Duration::from_secs_f64(cli.timeout);
-    let json_out = cli.output == Output::Json;
+    let _ = DOCUMENT.set(cli.output);
+    // `json_out`: print one document (JSON or YAML) rather than text.
+    let json_out = cli.output != Output::Human;
     // `--cluster NAME`: the KvCluster through the kube API; no endpoint involved.
     let kube = match &cli.command {
         Command::Fail {
@@ -32,6 +38,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Recover { node, kube, wait } => Some((Kube::Recover(*node, wait), kube)),
         Command::Nodes { kube } => Some((Kube::Nodes, kube)),
         Command::Restart { kube, wait } => Some((Kube::Restart(wait), kube)),
+        Command::Logs { node, logs, kube } => Some((Kube::Logs(*node, logs), kube)),
         _ => None,
     };
     if let Some((
@@ -99,6 +106,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Restart { .. } => Err(anyhow!(
             "restart acts on a KvCluster: give --cluster NAME (kvctl up restarts every node when it is started again)"
         )),
+        Command::Logs { .. } => Err(anyhow!(
+            "logs reads a pod's log through the Kubernetes API: give --cluster NAME (kvctl up prints its nodes' output itself)"
+        )),
+        Command::InstallPlugin { dir, force } => install_plugin(dir, force, json_out),
         Command::Verify => verify_cmd(&client, json_out).await,
         Command::RotateToken {
             which,
@@ -156,6 +167,7 @@ enum Kube<'a> {
     Fail(u32, bool, &'a WaitArgs),
     Recover(u32, &'a WaitArgs),
     Restart(&'a WaitArgs),
+    Logs(u32, &'a LogArgs),
     Nodes,
 }
 
@@ -167,8 +179,14 @@ async fn kube_cmd(
     timeout: Duration,
     json_out: bool,
 ) -> Result<ExitCode> {
-    let target = Target::connect(context, namespace, name, timeout).await?;
+    // A followed log may stay quiet for longer than any bound on reads.
+    let target = if matches!(action, Kube::Logs(_, args) if args.follow) {
+        Target::connect_streaming(context, namespace, name, timeout).await?
+    } else {
+        Target::connect(context, namespace, name, timeout).await?
+    };
     match action {
+        Kube::Logs(node, args) => return logs(&target, node, args, timeout).await,
         Kube::Nodes => {
             let kvc = target.within(timeout, target.get()).await?;
             if json_out {
@@ -200,6 +218,65 @@ async fn kube_cmd(
             return wait_for_restart(&target, &outcome, wait, timeout, json_out).await;
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `logs NODE --cluster NAME`: the node's pod log copied to stdout as it
+/// arrives (until it ends, or, with `--follow`, until interrupted).
+async fn logs(target: &Target, node: u32, args: &LogArgs, timeout: Duration) -> Result<ExitCode> {
+    use futures::AsyncReadExt as _;
+    let name = target.name();
+    let mut stream = target.within(timeout, target.logs(node, args)).await?;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream
+            .read(&mut buf)
+            .await
+            .with_context(|| format!("reading the log of node {node} of KvCluster {name}"))?;
+        if n == 0 {
+            return Ok(ExitCode::SUCCESS);
+        }
+        write_stdout(&buf[..n])?;
+    }
+}
+
+/// `install-plugin`: the `kubectl-kv` link to this executable.
+fn install_plugin(
+    dir: Option<std::path::PathBuf>,
+    force: bool,
+    json_out: bool,
+) -> Result<ExitCode> {
+    use kvctl::plugin;
+    let target = plugin::current_executable()?;
+    let dir = match dir {
+        Some(d) => d,
+        None => target
+            .parent()
+            .map(std::path::Path::to_path_buf)
+            .ok_or_else(|| anyhow!("{} has no directory; give --dir", target.display()))?,
+    };
+    let done = plugin::install(&dir, &target, force)?;
+    if json_out {
+        print_json(&done)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if done.changed {
+        "installed"
+    } else {
+        "already installed"
+    };
+    let mut text = format!(
+        "kubectl kv {verb}: {} -> {}\n",
+        done.link.display(),
+        done.target.display()
+    );
+    if !done.on_path {
+        text.push_str(&format!(
+            "{} is not on PATH: add it (kubectl finds plugins on PATH only), then `kubectl plugin list` shows kubectl-kv\n",
+            dir.display()
+        ));
+    }
+    write_stdout(text.as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -297,9 +374,16 @@ fn emit_outcome(outcome: &k8s::Outcome, json_out: bool) -> Result<()> {
     }
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
-    let s = serde_json::to_string_pretty(v).context("cannot render JSON")?;
-    write_stdout(format!("{s}\n").as_bytes())
+/// Prints `v` as the document `-o` asked for: JSON, or YAML with `-o yaml`.
+pub fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let text = match DOCUMENT.get() {
+        Some(Output::Yaml) => serde_yaml::to_string(v).context("cannot render YAML")?,
+        _ => {
+            let s = serde_json::to_string_pretty(v).context("cannot render JSON")?;
+            format!("{s}\n")
+        }
+    };
+    write_stdout(text.as_bytes())
 }
 
 fn write_stdout(bytes: &[u8]) -> Result<()> {

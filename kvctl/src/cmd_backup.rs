@@ -98,7 +98,7 @@ pub async fn backup(reach: Reach<'_>, to: &str, json_out: bool) -> Result<ExitCo
             o.remove("buckets");
             o.insert("location".into(), to.into());
         }
-        print(format!("{}\n", serde_json::to_string_pretty(&v)?))?;
+        crate::cmd::print_json(&v)?;
     } else {
         print(format!(
             "backed up cluster {} (epoch {}) to {to}: {} records ({} tombstones) in {} buckets, {} bytes, HLC high-water {}, in {:.1} s\n",
@@ -126,7 +126,7 @@ pub async fn restore(
     let began = Instant::now();
     let r = backup::restore(&client, &peers, &target, force).await?;
     if json_out {
-        print(format!("{}\n", serde_json::to_string_pretty(&r)?))?;
+        crate::cmd::print_json(&r)?;
     } else {
         print(format!(
             "restored {} records of cluster {} from {from} into cluster {} (epoch {}): {} copies stored, {} already held, {} held newer; {} bucket replicas match the manifest; in {:.1} s\n",

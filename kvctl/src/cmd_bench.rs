@@ -16,7 +16,7 @@ pub async fn run(
     let cfg = BenchConfig::from_args(&args, endpoint, token, consistency.map(Into::into))?;
     let report = bench::run(cfg).await?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::cmd::print_json(&report)?;
     } else {
         print!("{}", report.render());
     }

@@ -6,7 +6,8 @@
 //! replica comparison ([`verify`]), `kvctl backup`/`restore` ([`backup`]),
 //! the load generator ([`bench`]), and
 //! `fail`/`recover`/`nodes --cluster NAME` through the KvCluster resource on
-//! Kubernetes ([`k8s`]).
+//! Kubernetes ([`k8s`]), and the same commands as the kubectl plugin
+//! `kubectl kv` ([`plugin`]).
 
 pub mod backup;
 pub mod bench;
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod client;
 pub mod k8s;
 pub mod output;
+pub mod plugin;
 pub mod verify;
 
 pub use client::{Client, ClientError, encode_key};

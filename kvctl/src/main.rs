@@ -16,10 +16,19 @@ fn main() -> ExitCode {
     let mut argv = std::env::args_os();
     let program = argv.next();
     let rest: Vec<std::ffi::OsString> = argv.collect();
-    if rest.first().is_some_and(|a| a == "node") {
+    // `kubectl kv ...` runs this executable as `kubectl-kv`: the plugin's
+    // commands, each the kvctl command with `--cluster`.
+    let plugin = program
+        .as_deref()
+        .is_some_and(kvctl::plugin::invoked_as_plugin);
+    if !plugin && rest.first().is_some_and(|a| a == "node") {
         return run_node(program, &rest[1..]);
     }
-    let cli = Cli::parse();
+    let cli = if plugin {
+        kvctl::plugin::PluginCli::parse().into_cli()
+    } else {
+        Cli::parse()
+    };
     if let kvctl::cli::Command::Node { .. } = cli.command {
         eprintln!("kvctl: give `node` as the first argument (kvctl node --help)");
         return ExitCode::from(2);

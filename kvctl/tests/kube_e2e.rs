@@ -5,7 +5,12 @@
 //! `metadata.resourceVersion` in the patch that is not the stored one is a
 //! 409 Conflict). It records every request, so each test checks the exact
 //! requests the binary sent, what it printed and its exit status. kvctl
-//! finds the server through a temporary KUBECONFIG, as kubectl would.
+//! finds the server through a temporary KUBECONFIG, as kubectl would. It
+//! also serves the log of pod `ns/demo-1` ([`LOG_PATH`]) as text.
+//!
+//! The same binary runs as the kubectl plugin when its name is `kubectl-kv`:
+//! the `plugin_*` tests run it through such a link (and through a real
+//! `kubectl`, when one is installed).
 
 mod common;
 
@@ -17,10 +22,13 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use warp::Filter;
+use warp::Reply;
 use warp::http::{HeaderMap, Method, StatusCode};
 
 const PATH: &str = "/apis/kvstore.dev/v1alpha1/namespaces/ns/kvclusters/demo";
 const TOKEN: &str = "kube-test-token";
+const LOG_PATH: &str = "/api/v1/namespaces/ns/pods/demo-1/log";
+const LOG_TEXT: &str = "{\"level\":\"INFO\",\"msg\":\"node 1 Up\"}\nsecond line\n";
 
 /// One request the fake API server received.
 #[derive(Clone, Debug)]
@@ -171,8 +179,12 @@ async fn fake_api_server(object: Value) -> (SocketAddr, Arc<Mutex<State>>) {
                     authorization: header("authorization"),
                     body: body.clone(),
                 });
+                if method == Method::GET && path.as_str() == LOG_PATH {
+                    let reply = warp::reply::with_header(LOG_TEXT, "content-type", "text/plain");
+                    return warp::reply::with_status(reply, StatusCode::OK).into_response();
+                }
                 let (code, answer) = answer(&mut state, &method, path.as_str(), &body);
-                warp::reply::with_status(warp::reply::json(&answer), code)
+                warp::reply::with_status(warp::reply::json(&answer), code).into_response()
             },
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -747,4 +759,245 @@ async fn restart_sets_the_restarted_at_annotation_and_says_in_progress_past_the_
         "{}",
         text(&out.stderr)
     );
+}
+
+/// A directory holding `kubectl-kv`, a link to the kvctl binary under test
+/// (what `kvctl install-plugin` makes).
+fn plugin_dir(home: &Path) -> PathBuf {
+    let dir = home.join("bin");
+    std::fs::create_dir_all(&dir).expect("create bin/");
+    let link = dir.join("kubectl-kv");
+    if !link.exists() {
+        std::os::unix::fs::symlink(common::kvctl_bin(), &link).expect("link kubectl-kv");
+    }
+    dir
+}
+
+/// Runs `program` (the plugin link, or kubectl) with the fixture's
+/// kubeconfig and the plugin directory first on PATH.
+async fn run_with_plugin(f: &Fixture, program: &Path, args: &[&str]) -> Output {
+    let dir = plugin_dir(&f.home);
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![dir];
+    dirs.extend(std::env::split_paths(&path));
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env("HOME", &f.home)
+        .env("KUBECONFIG", &f.kubeconfig)
+        .env("PATH", std::env::join_paths(dirs).expect("PATH"))
+        .env("KV_ENDPOINT", "http://127.0.0.1:9")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .kill_on_drop(true);
+    tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("finished within 30 s")
+        .expect("runs")
+}
+
+/// A request's query parameters, sorted.
+fn log_params(r: &Request) -> Vec<String> {
+    let mut params: Vec<String> = r
+        .query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    params.sort_unstable();
+    params
+}
+
+async fn plugin(f: &Fixture, args: &[&str]) -> Output {
+    let link = plugin_dir(&f.home).join("kubectl-kv");
+    run_with_plugin(f, &link, args).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_status_names_the_cluster_first_in_the_contexts_namespace_as_a_table_json_or_yaml() {
+    let f = Fixture::new(kvcluster(&[1], "Quorum")).await;
+    let out = plugin(&f, &["status", "demo"]).await;
+    assert_success(&out);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("KvCluster ns/demo  phase Degraded  ready 2/3  failedNodes [1]\n"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\nORDINAL  ADDRESS"), "{stdout}");
+    // the same text as kvctl's own spelling
+    let own = f.kvctl(&["nodes", "--cluster", "demo"]).await;
+    assert_eq!(stdout, text(&own.stdout));
+
+    let out = plugin(&f, &["status", "demo", "-o", "yaml"]).await;
+    assert_success(&out);
+    let yaml: Value = serde_yaml::from_slice(&out.stdout).expect("YAML output");
+    let json_out = plugin(&f, &["nodes", "demo", "-o", "json"]).await;
+    assert_success(&json_out);
+    let json: Value = serde_json::from_slice(&json_out.stdout).expect("JSON output");
+    assert_eq!(yaml, json, "the same document in YAML and JSON");
+    assert_eq!(yaml["phase"], "Degraded");
+    assert_eq!(yaml["nodes"][1]["state"], "Failed");
+
+    let out = plugin(&f, &["status", "demo", "-n", "other"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "kvctl: KvCluster demo not found in namespace other\n"
+    );
+    let paths: Vec<String> = f.requests().iter().map(|r| r.path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            PATH,
+            PATH,
+            PATH,
+            PATH,
+            "/apis/kvstore.dev/v1alpha1/namespaces/other/kvclusters/demo",
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_fail_recover_and_restart_write_what_the_cluster_commands_write() {
+    let f = Fixture::new(kvcluster(&[], "One")).await;
+    let out = plugin(&f, &["fail", "demo", "1", "--no-wait"]).await;
+    assert_success(&out);
+    assert!(
+        text(&out.stdout).contains("node 1 added to spec.faultInjection.failedNodes"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = plugin(&f, &["recover", "demo", "1", "--no-wait", "-o", "yaml"]).await;
+    assert_success(&out);
+    let v: Value = serde_yaml::from_slice(&out.stdout).expect("YAML output");
+    assert_eq!(
+        (&v["action"], &v["failedNodes"]),
+        (&json!("recover"), &json!([]))
+    );
+    let out = plugin(&f, &["restart", "demo", "--no-wait"]).await;
+    assert_success(&out);
+    let seen = f.requests();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    assert_get(&seen[0]);
+    assert_merge_patch(&seen[1], "100", json!([1]));
+    assert_get(&seen[2]);
+    assert_merge_patch(&seen[3], "101", json!([]));
+    assert!(
+        seen[4].body["metadata"]["annotations"]["kvstore.dev/restartedAt"].is_string(),
+        "{:?}",
+        seen[4]
+    );
+    // kvctl's own `fail` has no cluster argument
+    let out = f.kvctl(&["fail", "demo", "1"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_logs_reads_the_node_pods_log_through_the_api_with_follow_and_tail() {
+    let f = Fixture::new(kvcluster(&[], "Quorum")).await;
+    let out = plugin(&f, &["logs", "demo", "1", "--follow", "--tail", "2"]).await;
+    assert_success(&out);
+    assert_eq!(text(&out.stdout), LOG_TEXT);
+    let seen = f.requests();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_get(&seen[0]);
+    assert_eq!(
+        (&seen[1].method, seen[1].path.as_str()),
+        (&Method::GET, LOG_PATH)
+    );
+    assert_eq!(
+        log_params(&seen[1]),
+        ["container=kv-node", "follow=true", "tailLines=2"]
+    );
+    assert_eq!(seen[1].authorization, format!("Bearer {TOKEN}"));
+
+    // kvctl's own spelling, without --follow
+    let out = f.kvctl(&["logs", "1", "--cluster", "demo"]).await;
+    assert_success(&out);
+    assert_eq!(text(&out.stdout), LOG_TEXT);
+    assert_eq!(log_params(&f.requests()[3]), ["container=kv-node"]);
+
+    // an ordinal that is not a node, and a node without a pod
+    let out = plugin(&f, &["logs", "demo", "3"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("node 3 is not a node of KvCluster demo"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = plugin(&f, &["logs", "demo", "2"]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("node 2 of KvCluster demo has no pod demo-2"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(f.requests().len(), 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_plugin_links_kubectl_kv_and_kubectl_runs_it() {
+    let f = Fixture::new(kvcluster(&[], "Quorum")).await;
+    let dir = f.home.join("plugins");
+    std::fs::create_dir_all(&dir).expect("create plugins/");
+    let dir_arg = dir.to_str().expect("UTF-8 temp path");
+    let out = f.kvctl(&["install-plugin", "--dir", dir_arg]).await;
+    assert_success(&out);
+    let link = dir.join("kubectl-kv");
+    assert_eq!(
+        std::fs::read_link(&link).expect("a symlink"),
+        common::kvctl_bin().canonicalize().expect("kvctl path")
+    );
+    assert!(
+        text(&out.stdout).starts_with("kubectl kv installed: "),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = f
+        .kvctl(&["install-plugin", "--dir", dir_arg, "-o", "json"])
+        .await;
+    assert_success(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(v["changed"], false);
+    // the link runs as the plugin
+    let out = run_with_plugin(&f, &link, &["status", "demo"]).await;
+    assert_success(&out);
+    assert!(text(&out.stdout).starts_with("KvCluster ns/demo"));
+
+    // something else named kubectl-kv is kept unless --force
+    let other = f.home.join("other");
+    std::fs::create_dir_all(&other).expect("create other/");
+    std::fs::write(other.join("kubectl-kv"), "#!/bin/sh\n").expect("write");
+    let other_arg = other.to_str().expect("UTF-8 temp path");
+    let out = f.kvctl(&["install-plugin", "--dir", other_arg]).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("give --force"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = f
+        .kvctl(&["install-plugin", "--dir", other_arg, "--force"])
+        .await;
+    assert_success(&out);
+    assert!(std::fs::read_link(other.join("kubectl-kv")).is_ok());
+
+    // kubectl itself finds the plugin on PATH and runs it
+    let Some(kubectl) = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("kubectl"))
+        .find(|p| p.is_file())
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "kubectl is not installed (scripts/install-tools.sh installs it)"
+        );
+        eprintln!("skipped the kubectl part: kubectl is not on PATH");
+        return;
+    };
+    let out = run_with_plugin(&f, &kubectl, &["kv", "status", "demo", "-o", "json"]).await;
+    assert_success(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON output");
+    assert_eq!(v["phase"], "Running");
+    let out = run_with_plugin(&f, &kubectl, &["kv", "logs", "demo", "1"]).await;
+    assert_success(&out);
+    assert_eq!(text(&out.stdout), LOG_TEXT);
 }

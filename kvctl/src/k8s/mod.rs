@@ -52,6 +52,9 @@ pub const MAX_ATTEMPTS: usize = 5;
 /// The field manager kvctl's writes are recorded under (`managedFields`).
 pub const FIELD_MANAGER: &str = "kvctl";
 
+/// The container of a node's pod (kv-operator's StatefulSet).
+pub(crate) const NODE_CONTAINER: &str = "kv-node";
+
 /// The resource, as RBAC rules name it.
 pub(crate) const RESOURCE: &str = "kvclusters.kvstore.dev";
 
@@ -69,10 +72,11 @@ pub enum KubeError {
     #[error("KvCluster {name} not found in namespace {namespace}")]
     NotFound { name: String, namespace: String },
     #[error(
-        "forbidden: kvctl needs the RBAC verb \"{verb}\" on {RESOURCE} in namespace {namespace} (the API server said: {message})"
+        "forbidden: kvctl needs the RBAC verb \"{verb}\" on {resource} in namespace {namespace} (the API server said: {message})"
     )]
     Forbidden {
         verb: &'static str,
+        resource: &'static str,
         namespace: String,
         message: String,
     },
@@ -116,6 +120,15 @@ pub enum KubeError {
         /// " at <url>" when the URL is known.
         at: String,
         detail: String,
+    },
+    #[error(
+        "node {node} of KvCluster {name} has no pod {pod} to read a log from (held down, hibernated, or not scheduled yet?): {message}"
+    )]
+    NoPod {
+        pod: String,
+        node: u32,
+        name: String,
+        message: String,
     },
     #[error("no answer from the Kubernetes API server at {url} within {secs}s")]
     Timeout { url: String, secs: f64 },

@@ -4,7 +4,8 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use kube::api::{Api, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, LogParams, Patch, PatchParams};
 use kube::config::{Config, KubeConfigOptions};
 use kube::{Client, ResourceExt};
 use kv_operator::k8s::crd::{KvCluster, RESTARTED_AT};
@@ -15,6 +16,8 @@ use super::*;
 /// One KvCluster, through the API of the client it was built with.
 pub struct Target {
     api: Api<KvCluster>,
+    /// The cluster's pods, for `logs`.
+    pods: Api<Pod>,
     name: String,
     namespace: String,
     /// The API server's URL, for messages ("" when not known).
@@ -49,7 +52,8 @@ impl Target {
     /// The KvCluster `name` in `namespace`, through `client`.
     pub fn new(client: Client, namespace: &str, name: &str) -> Target {
         Target {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client.clone(), namespace),
+            pods: Api::namespaced(client, namespace),
             name: name.to_string(),
             namespace: namespace.to_string(),
             url: String::new(),
@@ -63,6 +67,27 @@ impl Target {
         namespace: Option<&str>,
         name: &str,
         timeout: Duration,
+    ) -> Result<Target, KubeError> {
+        Self::connect_with(context, namespace, name, timeout, Some(timeout)).await
+    }
+
+    /// As [`Target::connect`], with no bound on reads: for `logs --follow`,
+    /// whose stream may stay quiet for longer than any timeout.
+    pub async fn connect_streaming(
+        context: Option<&str>,
+        namespace: Option<&str>,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Target, KubeError> {
+        Self::connect_with(context, namespace, name, timeout, None).await
+    }
+
+    async fn connect_with(
+        context: Option<&str>,
+        namespace: Option<&str>,
+        name: &str,
+        timeout: Duration,
+        read_timeout: Option<Duration>,
     ) -> Result<Target, KubeError> {
         let mut config = match context {
             None => Config::infer()
@@ -82,7 +107,7 @@ impl Target {
             }
         };
         config.connect_timeout = Some(timeout);
-        config.read_timeout = Some(timeout);
+        config.read_timeout = read_timeout;
         let namespace = match namespace {
             Some(ns) => ns.to_string(),
             None if config.default_namespace.is_empty() => "default".to_string(),
@@ -232,6 +257,50 @@ impl Target {
         }
     }
 
+    /// The log of node `node`'s pod (its kv-node container), as a stream
+    /// of bytes: the KvCluster is read first, so that an ordinal that is not
+    /// one of its nodes, or a missing KvCluster, is named as such.
+    pub async fn logs(
+        &self,
+        node: u32,
+        args: &crate::cli::LogArgs,
+    ) -> Result<impl futures::AsyncBufRead + use<>, KubeError> {
+        let kvc = self.get().await?;
+        if node >= kvc.spec.replicas {
+            return Err(KubeError::NoSuchNode {
+                node,
+                name: self.name.clone(),
+                replicas: kvc.spec.replicas,
+            });
+        }
+        let pod = kv_operator::k8s::objects::pod_name(&kvc, node);
+        let params = LogParams {
+            container: Some(NODE_CONTAINER.to_string()),
+            follow: args.follow,
+            tail_lines: args.tail,
+            previous: args.previous,
+            ..LogParams::default()
+        };
+        self.pods
+            .log_stream(&pod, &params)
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(s) if s.code == 404 => KubeError::NoPod {
+                    pod: pod.clone(),
+                    node,
+                    name: self.name.clone(),
+                    message: s.message,
+                },
+                kube::Error::Api(s) if s.code == 403 => KubeError::Forbidden {
+                    verb: "get",
+                    resource: "pods/log",
+                    namespace: self.namespace.clone(),
+                    message: s.message,
+                },
+                other => self.error("get the log of", other),
+            })
+    }
+
     /// Read, decide on what was read, write with that read's resourceVersion
     /// as precondition; on 409 Conflict start over.
     async fn update(
@@ -299,6 +368,7 @@ impl Target {
             kube::Error::Api(s) if s.code == 401 => KubeError::Unauthorized { message: s.message },
             kube::Error::Api(s) if s.code == 403 => KubeError::Forbidden {
                 verb,
+                resource: RESOURCE,
                 namespace: self.namespace.clone(),
                 message: s.message,
             },
