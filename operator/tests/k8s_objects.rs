@@ -110,6 +110,28 @@ fn the_statefulset_runs_one_hardened_kv_node_per_ordinal_with_its_own_volume() {
         Some(selector())
     );
 
+    // and over zones where it can, without refusing to schedule
+    let spread = pod
+        .topology_spread_constraints
+        .clone()
+        .expect("default topology spread");
+    assert_eq!(spread.len(), 1);
+    assert_eq!(
+        (
+            spread[0].topology_key.as_str(),
+            spread[0].max_skew,
+            spread[0].when_unsatisfiable.as_str()
+        ),
+        ("topology.kubernetes.io/zone", 1, "ScheduleAnyway")
+    );
+    assert_eq!(
+        spread[0]
+            .label_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.clone()),
+        Some(selector())
+    );
+
     assert_eq!(pod.containers.len(), 1);
     let c = &pod.containers[0];
     assert_eq!(c.image, Some(kv_operator::k8s::crd::default_image()));
@@ -232,11 +254,27 @@ fn the_statefulset_runs_one_hardened_kv_node_per_ordinal_with_its_own_volume() {
 }
 
 #[test]
+fn an_empty_spread_list_asks_for_no_topology_spread() {
+    let kvc = cluster("{topologySpreadConstraints: []}");
+    let pod = objects::statefulset(&kvc, 3)
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod");
+    assert_eq!(pod.topology_spread_constraints, None);
+    // the hostname anti-affinity stays
+    assert!(pod.affinity.and_then(|a| a.pod_anti_affinity).is_some());
+}
+
+#[test]
 fn user_scheduling_and_a_user_secret_replace_the_defaults() {
     let kvc = cluster(
         "{authSecretName: mine, imagePullPolicy: Always, nodeSelector: {disk: ssd},
           tolerations: [{key: k, operator: Exists}],
-          affinity: {podAntiAffinity: {requiredDuringSchedulingIgnoredDuringExecution: [{topologyKey: zone}]}}}",
+          affinity: {podAntiAffinity: {requiredDuringSchedulingIgnoredDuringExecution: [{topologyKey: zone}]}},
+          topologySpreadConstraints: [{maxSkew: 2, topologyKey: rack, whenUnsatisfiable: DoNotSchedule,
+                                       labelSelector: {matchLabels: {app: mine}}}]}",
     );
     let pod = objects::statefulset(&kvc, 3)
         .spec
@@ -265,6 +303,21 @@ fn user_scheduling_and_a_user_secret_replace_the_defaults() {
             .map(|r| r[0].topology_key.clone())
             .as_deref(),
         Some("zone")
+    );
+    let spread = pod
+        .topology_spread_constraints
+        .clone()
+        .expect("the user's spread");
+    assert_eq!(
+        spread
+            .iter()
+            .map(|c| (
+                c.topology_key.as_str(),
+                c.max_skew,
+                c.when_unsatisfiable.as_str()
+            ))
+            .collect::<Vec<_>>(),
+        [("rack", 2, "DoNotSchedule")]
     );
     assert_eq!(
         pod.containers[0].image_pull_policy.as_deref(),

@@ -13,7 +13,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use kube::{CustomResource, KubeSchema};
 use kv_core::{Consistency, Strategy};
@@ -128,6 +130,14 @@ pub struct KvClusterSpec {
     /// Pod node selector.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
+
+    /// Pod topology spread constraints, as in a pod spec. When absent, the
+    /// nodes are spread evenly over zones (`topology.kubernetes.io/zone`,
+    /// maxSkew 1) where the scheduler can, so that with factor 3 over three
+    /// zones one zone's outage leaves a quorum of every key; `[]` asks for none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "open_object_list")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
 
     /// How long a node may be unreachable before the operator declares it
     /// Failed. Short enough to route around a dead pod quickly, long enough to
@@ -464,6 +474,7 @@ impl Default for KvClusterSpec {
             affinity: None,
             tolerations: None,
             node_selector: None,
+            topology_spread_constraints: None,
             failure_detection_seconds: default_failure_detection_seconds(),
             network_policy: NetworkPolicySettings::default(),
             hibernation: false,

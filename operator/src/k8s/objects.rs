@@ -24,8 +24,9 @@ use k8s_openapi::api::core::v1::{
     EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements, WeightedPodAffinityTerm,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -333,6 +334,12 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
         affinity: Some(affinity),
         tolerations: spec.tolerations.clone(),
         node_selector: spec.node_selector.clone(),
+        topology_spread_constraints: Some(
+            spec.topology_spread_constraints
+                .clone()
+                .unwrap_or_else(|| default_spread(kvc)),
+        )
+        .filter(|c| !c.is_empty()),
         enable_service_links: Some(false),
         automount_service_account_token: Some(false),
         termination_grace_period_seconds: Some(30),
@@ -423,6 +430,24 @@ fn default_affinity(kvc: &KvCluster) -> Affinity {
         }),
         ..Affinity::default()
     }
+}
+
+/// Spread nodes evenly over zones where the scheduler can (ScheduleAnyway:
+/// a cluster in one zone, or on nodes without a zone label, still
+/// schedules), so that with factor 3 over three zones a zone's outage
+/// takes at most one owner of each key. The hostname spread is
+/// [`default_affinity`]'s.
+fn default_spread(kvc: &KvCluster) -> Vec<TopologySpreadConstraint> {
+    vec![TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: "topology.kubernetes.io/zone".to_string(),
+        when_unsatisfiable: "ScheduleAnyway".to_string(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(kvc)),
+            ..LabelSelector::default()
+        }),
+        ..TopologySpreadConstraint::default()
+    }]
 }
 
 fn service_port(name: &str, port: i32) -> ServicePort {
