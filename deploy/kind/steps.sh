@@ -157,12 +157,19 @@ load_stop() {
   failed=$(wc -l < "$story_dir/$name.failed" 2>/dev/null || echo 0)
   say "  load $name: $n acknowledged, $failed failed after retries"
   [ "$n" -gt 0 ] || { why "load $name: no write was acknowledged ($(tail -n 2 "$story_dir/$name.err" 2>/dev/null | tr '\n' ' '))"; return 1; }
+  check_acked "$name" || return 1
+  [ "$failed" = 0 ] || { why "load $name: $failed Quorum writes failed after 3 tries (first: $(head -n 1 "$story_dir/$name.failed"); last error: $(tail -n 1 "$story_dir/$name.err"))"; return 1; }
+}
+
+# check_acked NAME: every write load NAME acknowledged reads back at Quorum.
+check_acked() {
+  local name=$1 n lost=0 key val got
+  n=$(wc -l < "$story_dir/$name.acked" 2>/dev/null || echo 0)
   while read -r key val; do
     got=$(kv --endpoint "$(platform_service_url)" --consistency quorum get "$key" 2>&1) || got="ERROR $got"
     if [ "$got" != "$val" ]; then lost=$((lost + 1)); [ "$lost" -le 3 ] && say "  acknowledged $key=$val reads '$got'"; fi
   done < "$story_dir/$name.acked"
   [ "$lost" = 0 ] || { why "load $name: $lost of $n acknowledged writes lost or unreadable at Quorum"; return 1; }
-  [ "$failed" = 0 ] || { why "load $name: $failed Quorum writes failed after 3 tries (first: $(head -n 1 "$story_dir/$name.failed"); last error: $(tail -n 1 "$story_dir/$name.err"))"; return 1; }
 }
 
 verify_clean() {
@@ -416,6 +423,92 @@ step_rolling_update() {
   verify_clean
 }
 
+node_pods() { kn get pods -l "app.kubernetes.io/instance=$story_name,app.kubernetes.io/component=node" -o name; }
+node_pod_uids() { kn get pods -l "app.kubernetes.io/instance=$story_name,app.kubernetes.io/component=node" -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.uid} {end}'; }
+data_pvcs() { kn get pvc -o name | grep -c "/data-$story_name-" || true; }
+hibernated() {
+  phase_is Hibernated && [ "$(kn get sts "$story_name" -o jsonpath='{.spec.replicas}')" = 0 ] && [ -z "$(node_pods)" ]
+}
+
+# Hibernation (issue 20): every pod stops, the volumes stay, and waking up
+# brings the same nodes back with their data: no node marked Failed, no new
+# epoch, every key written before readable, co-owners agreeing.
+step_hibernate() {
+  local epoch pvcs
+  story_token=$(token)
+  load_start hib; sleep 3; load_stop hib || return 1
+  epoch=$(kvc_field '{.status.topologyEpoch}'); pvcs=$(data_pvcs)
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"hibernation":true}}' >/dev/null
+  wait_for "$story_wait" "phase Hibernated, StatefulSet at 0, no node pod" hibernated || return 1
+  [ "$(data_pvcs)" = "$pvcs" ] || { why "PVCs went from $pvcs to $(data_pvcs) while hibernated"; return 1; }
+  say "  hibernated: $pvcs PVCs kept, epoch $(kvc_field '{.status.topologyEpoch}')"
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"hibernation":false}}' >/dev/null
+  wait_for "$story_wait" "awake: settled with 3 nodes Up" settled 3 || return 1
+  [ "$(kvc_field '{.status.topologyEpoch}')" = "$epoch" ] \
+    || { why "topology epoch went from $epoch to $(kvc_field '{.status.topologyEpoch}') across hibernation (a node marked down, or a rebalance)"; return 1; }
+  check_acked hib || return 1
+  verify_clean
+}
+
+restart_done() { # restart_done VALUE UIDS: finished for VALUE, and no pod kept its uid
+  local uid
+  [ "$(kvc_field '{.status.lastRestart.requestedAt}')" = "$1" ] || return 1
+  [ -n "$(kvc_field '{.status.lastRestart.finishedAt}')" ] || return 1
+  for uid in $2; do grep -q "$uid" <<<"$(node_pod_uids)" && return 1; done
+  settled 3
+}
+
+# Rolling restart on request (issue 20): every pod replaced, one at a time,
+# under a write load that loses nothing.
+step_restart() {
+  local value uids t0 r worst=3
+  story_token=$(token)
+  uids=$(node_pod_uids)
+  load_start rst
+  value=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  kn annotate kvc "$story_name" "kvstore.dev/restartedAt=$value" --overwrite >/dev/null
+  t0=$SECONDS
+  until restart_done "$value" "$uids"; do
+    [ $((SECONDS - t0)) -lt "$story_wait" ] || { load_stop rst || true; why "restart not finished within $story_wait s: lastRestart $(kvc_field '{.status.lastRestart}')"; return 1; }
+    r=$(ready_pods '.metadata.name' | wc -w)
+    [ "$r" -lt "$worst" ] && worst=$r
+    sleep 0.5
+  done
+  say "  restarted 3 pods in $((SECONDS - t0)) s; fewest Ready pods seen $worst"
+  load_stop rst || return 1
+  [ "$worst" -ge 2 ] || { why "more than one pod down at once during the restart (Ready $worst)"; return 1; }
+  verify_clean
+}
+
+# A wiped volume (issue 17 item 3): node 1's PVC deleted with its pod; the
+# StatefulSet gives it a new, empty volume. The node must catch up before it
+# serves, and every acknowledged write stays readable at Quorum.
+step_wiped_volume() {
+  local pod="$story_name-1" pvc="data-$story_name-1" old_pvc t0
+  story_token=$(token)
+  load_start wipe; sleep 3
+  old_pvc=$(kn get pvc "$pvc" -o jsonpath='{.metadata.uid}')
+  kn delete pvc "$pvc" --wait=false >/dev/null
+  kn delete pod "$pod" --wait=false >/dev/null
+  # The PVC goes once its pod has (pvc-protection); a pod recreated before
+  # that waits for a claim that is going away, and the StatefulSet creates a
+  # claim only with a pod: delete that pod again, as an admin would.
+  t0=$SECONDS
+  until [ -n "$(kn get pvc "$pvc" -o jsonpath='{.metadata.uid}' 2>/dev/null)" ] && [ "$(kn get pvc "$pvc" -o jsonpath='{.metadata.uid}' 2>/dev/null)" != "$old_pvc" ]; do
+    [ $((SECONDS - t0)) -lt "$story_wait" ] || { load_stop wipe || true; why "no new PVC $pvc within $story_wait s"; return 1; }
+    if ! kn get pvc "$pvc" >/dev/null 2>&1 && [ "$(kn get pod "$pod" -o jsonpath='{.status.phase}' 2>/dev/null)" = Pending ]; then
+      kn delete pod "$pod" --wait=false >/dev/null 2>&1 || true
+    fi
+    sleep 1
+  done
+  say "  $pvc replaced after $((SECONDS - t0)) s"
+  # while node 1 is new and catching up, nothing acknowledged may read as missing
+  check_acked wipe || { load_stop wipe || true; return 1; }
+  wait_for "$story_wait" "settled with 3 nodes Up after the wipe" settled 3 || { load_stop wipe || true; return 1; }
+  load_stop wipe || return 1
+  verify_clean
+}
+
 owned_gone() {
   [ -z "$(kn get sts,svc,cm,pdb,pods -l "app.kubernetes.io/instance=$story_name" -o name 2>/dev/null)" ]
 }
@@ -455,6 +548,9 @@ run_story() {
     step scale-and-factor step_scale_and_factor
     step operator-restart step_operator_restart
     step rolling-update step_rolling_update
+    step hibernate step_hibernate
+    step restart step_restart
+    step wiped-volume step_wiped_volume
     step delete-gc step_delete_gc
   fi
 }
