@@ -78,6 +78,28 @@ impl Ca {
     /// A certificate (PEM) and its new key (PEM) for `names` (DNS names or
     /// IP addresses), good as a server's and as a client's.
     pub fn issue(&self, common_name: &str, names: &[&str]) -> Result<(String, String), PkiError> {
+        self.issue_params(common_name, names, None)
+    }
+
+    /// [`Ca::issue`], valid from `not_before` to `not_after` only (rcgen's
+    /// default is a validity without end): for certificates that are
+    /// renewed, such as those kv-operator generates on Kubernetes.
+    pub fn issue_valid(
+        &self,
+        common_name: &str,
+        names: &[&str],
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> Result<(String, String), PkiError> {
+        self.issue_params(common_name, names, Some((not_before, not_after)))
+    }
+
+    fn issue_params(
+        &self,
+        common_name: &str,
+        names: &[&str],
+        validity: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    ) -> Result<(String, String), PkiError> {
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut p = CertificateParams::new(names).map_err(err("certificate names"))?;
         p.distinguished_name.push(DnType::CommonName, common_name);
@@ -90,6 +112,10 @@ impl Ca {
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         p.use_authority_key_identifier_extension = true;
+        if let Some((not_before, not_after)) = validity {
+            p.not_before = not_before.into();
+            p.not_after = not_after.into();
+        }
         let key = KeyPair::generate().map_err(err("certificate key"))?;
         let ca = ca_params(&self.common_name)?;
         let issuer = Issuer::from_params(&ca, &self.key);

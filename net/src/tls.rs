@@ -44,6 +44,9 @@ pub enum TlsError {
     },
     #[error("CA {path}: {message}")]
     Ca { path: PathBuf, message: String },
+    /// PEM held in memory (a Kubernetes Secret's data), not in a file.
+    #[error("{what}: {message}")]
+    Pem { what: &'static str, message: String },
 }
 
 /// The one crypto provider we use (aws-lc-rs, rustls' default), named
@@ -367,6 +370,52 @@ pub fn client_config(ca: &Path, identity: Option<Arc<Identity>>) -> Result<Clien
         .with_custom_certificate_verifier(Arc::new(verifier));
     let mut config = match identity {
         Some(id) => builder.with_client_cert_resolver(id),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// A client configuration trusting the CA certificates of `ca_pem` only,
+/// presenting `identity` (a certificate chain and its key, PEM) when a
+/// server asks for a client certificate: for clients that hold their TLS
+/// material in memory rather than in files (kv-operator, which reads it from
+/// Secrets at each reconcile).
+pub fn client_config_pem(
+    ca_pem: &[u8],
+    identity: Option<(&[u8], &[u8])>,
+) -> Result<ClientConfig, TlsError> {
+    let pem = |what: &'static str| {
+        move |e: &dyn std::fmt::Display| TlsError::Pem {
+            what,
+            message: e.to_string(),
+        }
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        let cert = cert.map_err(|e| pem("trusted CA")(&e))?;
+        roots.add(cert).map_err(|e| pem("trusted CA")(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(pem("trusted CA")(&"no PEM certificate"));
+    }
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pem("protocol versions")(&e))?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert_pem, key_pem)) => {
+            let certs = CertificateDer::pem_slice_iter(cert_pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem("client certificate")(&e))?;
+            if certs.is_empty() {
+                return Err(pem("client certificate")(&"no PEM certificate"));
+            }
+            let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| pem("client key")(&e))?;
+            builder
+                .with_client_auth_cert(certs, key)
+                .map_err(|e| pem("client certificate and key")(&e))?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
