@@ -624,3 +624,75 @@ fn network_policy_enabled_false_makes_none() {
     let kvc = cluster("{networkPolicy: {enabled: false}}");
     assert!(objects::network_policy(&kvc, Some("ops")).is_none());
 }
+
+#[test]
+fn tls_generated_mounts_the_certificate_secret_passes_the_tls_flags_and_probes_over_https() {
+    let pod_of = |kvc: &KvCluster| {
+        let sts = objects::statefulset(kvc, 3);
+        sts.spec
+            .and_then(|s| s.template.spec)
+            .expect("a pod template")
+    };
+    let off = pod_of(&cluster("{}"));
+    let on = pod_of(&cluster("{tls: {mode: Generated}}"));
+    let tls_args = |pod: &k8s_openapi::api::core::v1::PodSpec| -> Vec<String> {
+        pod.containers[0]
+            .args
+            .iter()
+            .flatten()
+            .filter(|a| a.starts_with("--tls-"))
+            .cloned()
+            .collect()
+    };
+    assert!(tls_args(&off).is_empty(), "plaintext by default");
+    assert_eq!(
+        tls_args(&on),
+        [
+            "--tls-cert=/etc/kvstore/tls/tls.crt",
+            "--tls-key=/etc/kvstore/tls/tls.key",
+            "--tls-cluster-ca=/etc/kvstore/tls/ca.crt",
+        ]
+    );
+    let volume = |pod: &k8s_openapi::api::core::v1::PodSpec| {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "tls")
+            .cloned()
+    };
+    assert!(volume(&off).is_none());
+    let secret = volume(&on).and_then(|v| v.secret).expect("a Secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some("demo-tls"));
+    assert_eq!(secret.default_mode, Some(0o440));
+    let keys: Vec<String> = secret
+        .items
+        .iter()
+        .flatten()
+        .map(|i| i.key.clone())
+        .collect();
+    assert_eq!(keys, ["tls.crt", "tls.key", "ca.crt"], "never the CA's key");
+    let mount = on.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == "tls")
+        .expect("mounted");
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.read_only),
+        ("/etc/kvstore/tls", Some(true))
+    );
+    let schemes = |pod: &k8s_openapi::api::core::v1::PodSpec| {
+        let c = &pod.containers[0];
+        [&c.readiness_probe, &c.liveness_probe, &c.startup_probe]
+            .map(|p| p.as_ref().and_then(|p| p.http_get.as_ref()?.scheme.clone()))
+    };
+    assert_eq!(schemes(&off), [None, None, None]);
+    assert_eq!(
+        schemes(&on),
+        [
+            Some("HTTPS".to_string()),
+            Some("HTTPS".to_string()),
+            Some("HTTPS".to_string())
+        ]
+    );
+}

@@ -2724,3 +2724,334 @@ async fn a_restart_waits_while_the_cluster_is_hibernated() {
         "{status}"
     );
 }
+
+/// The first calls of a reconcile of `kvc` with `spec.tls.mode: Generated`
+/// and both token Secrets there: the reads, ending with the two TLS Secrets
+/// answered by `ca` and `tls` (404 when `None`).
+fn tls_observe_calls(kvc: &KvCluster, ca: Option<Value>, tls: Option<Value>) -> Vec<Call> {
+    let answer =
+        |v: Option<Value>| move |_: &Value| v.map_or_else(not_found, |v| (StatusCode::OK, v));
+    let t = topology(kvc, 1, &[NodeState::Up; 3]);
+    let cm = configmap(kvc, &t);
+    vec![
+        call(
+            Method::GET,
+            &format!("{NS}/configmaps/demo-topology"),
+            move |_| (StatusCode::OK, cm),
+        ),
+        call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+            not_found()
+        }),
+        call(Method::GET, &format!("{NS}/pods"), |_| {
+            (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+        }),
+        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+            (StatusCode::OK, secret())
+        }),
+        call(
+            Method::GET,
+            &format!("{NS}/secrets/demo-cluster-auth"),
+            |_| (StatusCode::OK, cluster_secret()),
+        ),
+        call(Method::GET, &format!("{NS}/secrets/demo-ca"), answer(ca)),
+        call(Method::GET, &format!("{NS}/secrets/demo-tls"), answer(tls)),
+    ]
+}
+
+/// The calls after the TLS Secrets' (`writes`): the ConfigMap, the owned
+/// objects and the status.
+fn tls_apply_calls(kvc: &KvCluster, mut writes: Vec<Call>) -> Vec<Call> {
+    writes.extend([
+        call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
+        call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+        call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+        call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+        call(
+            Method::PATCH,
+            &format!("{POLICY}/poddisruptionbudgets/demo"),
+            echo,
+        ),
+        call(
+            Method::PATCH,
+            &format!("{NETWORKING}/networkpolicies/demo"),
+            echo,
+        ),
+        call(
+            Method::PATCH,
+            &format!("{KVC}/demo/status"),
+            status_answer(kvc.clone()),
+        ),
+    ]);
+    writes
+}
+
+fn tls_cluster() -> KvCluster {
+    cluster("{tls: {mode: Generated}}")
+}
+
+fn as_secret(v: &Value) -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(v.clone()).expect("a Secret")
+}
+
+fn secret_text(s: &k8s_openapi::api::core::v1::Secret, key: &str) -> String {
+    let raw = s
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .unwrap_or_else(|| panic!("{key} in the Secret"));
+    String::from_utf8(raw.0.clone()).expect("PEM is text")
+}
+
+/// Serves `filter` over TLS on loopback with `cert`/`key` (PEM), asking
+/// clients for a certificate of `client_ca` (the peer port's mutual TLS).
+async fn serve_tls<F>(
+    dir: &std::path::Path,
+    cert: &str,
+    key: &str,
+    client_ca: &str,
+    filter: F,
+) -> std::net::SocketAddr
+where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let files = kv_net::tls::ServerFiles {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+        client_ca: Some(dir.join("ca.crt")),
+    };
+    std::fs::write(&files.cert, cert).expect("write");
+    std::fs::write(&files.key, key).expect("write");
+    std::fs::write(dir.join("ca.crt"), client_ca).expect("write");
+    let tls = kv_net::tls::ServerTls::load(&files).expect("the generated files load");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Held by the server task: the server runs until the test ends.
+    tokio::spawn(async move {
+        let _stop = stop;
+        kv_net::serve_tls("test", filter, listener, Some(tls), stopped).await
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_tls_cluster_gets_a_ca_and_a_certificate_for_every_pod_name_that_a_mutual_tls_server_accepts()
+ {
+    let kvc = tls_cluster();
+    let writes = vec![
+        call(Method::POST, &format!("{NS}/secrets"), echo),
+        call(Method::POST, &format!("{NS}/secrets"), echo),
+    ];
+    let (_, seen) = run(kvc.clone(), {
+        let mut calls = tls_observe_calls(&kvc, None, None);
+        calls.extend(tls_apply_calls(&kvc, writes));
+        calls
+    })
+    .await;
+    let (ca, tls) = (as_secret(&seen[7].body), as_secret(&seen[8].body));
+    assert_eq!(ca.metadata.name.as_deref(), Some("demo-ca"));
+    assert_eq!(tls.metadata.name.as_deref(), Some("demo-tls"));
+    let keys = |s: &k8s_openapi::api::core::v1::Secret| -> Vec<String> {
+        s.data.iter().flat_map(|d| d.keys().cloned()).collect()
+    };
+    assert_eq!(keys(&ca), ["ca.crt", "ca.key"]);
+    assert_eq!(
+        keys(&tls),
+        ["ca.crt", "tls.crt", "tls.key"],
+        "no CA key beside the nodes' certificate"
+    );
+    assert_eq!(secret_text(&tls, "ca.crt"), secret_text(&ca, "ca.crt"));
+
+    // The pods mount demo-tls and serve it; probes use HTTPS.
+    let sts = &seen[12].body["spec"]["template"]["spec"];
+    let args = sts["containers"][0]["args"].as_array().expect("args");
+    for flag in [
+        "--tls-cert=/etc/kvstore/tls/tls.crt",
+        "--tls-key=/etc/kvstore/tls/tls.key",
+        "--tls-cluster-ca=/etc/kvstore/tls/ca.crt",
+    ] {
+        assert!(
+            args.iter().any(|a| a == flag),
+            "{flag} missing from {args:?}"
+        );
+    }
+    let volume = sts["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "tls")
+        .expect("a tls volume");
+    assert_eq!(volume["secret"]["secretName"], "demo-tls");
+    assert_eq!(
+        sts["containers"][0]["readinessProbe"]["httpGet"]["scheme"],
+        "HTTPS"
+    );
+
+    // A server with these files, asking for a cluster certificate as the
+    // peer port does, accepts the operator's client (trusting the CA only,
+    // presenting the certificate) under every pod's DNS names.
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    use warp::Filter;
+    let hello = warp::any().map(|| "hello");
+    let addr = serve_tls(
+        dir.path(),
+        &secret_text(&tls, "tls.crt"),
+        &secret_text(&tls, "tls.key"),
+        &secret_text(&ca, "ca.crt"),
+        hello,
+    )
+    .await;
+    let config = kv_operator::k8s::tls::client_config(&ca, &tls).expect("the operator's client");
+    let mut names = Vec::new();
+    for o in 0..3 {
+        names.push(format!("demo-{o}.demo-peers.ns.svc"));
+        names.push(format!("demo-{o}.demo-peers.ns.svc.cluster.local"));
+    }
+    names.extend([
+        "demo.ns.svc".to_string(),
+        "demo.ns.svc.cluster.local".to_string(),
+    ]);
+    let client_for = |name: &str, config: rustls::ClientConfig| {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(config)
+            .resolve(name, addr)
+            .build()
+            .expect("client")
+    };
+    for name in &names {
+        let answer = client_for(name, config.clone())
+            .get(format!("https://{name}:{}/", addr.port()))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("https to {name}: {e:?}"));
+        assert_eq!(answer.text().await.expect("body"), "hello", "{name}");
+    }
+    // A name of a pod the StatefulSet does not run is not certified, and a
+    // client without a certificate of the CA is refused.
+    let other = "demo-3.demo-peers.ns.svc";
+    assert!(
+        client_for(other, config.clone())
+            .get(format!("https://{other}:{}/", addr.port()))
+            .send()
+            .await
+            .is_err()
+    );
+    let anonymous = kv_net::tls::client_config_pem(secret_text(&ca, "ca.crt").as_bytes(), None)
+        .expect("a client without a certificate");
+    let name = "demo-0.demo-peers.ns.svc";
+    assert!(
+        client_for(name, anonymous)
+            .get(format!("https://{name}:{}/", addr.port()))
+            .send()
+            .await
+            .is_err(),
+        "mutual TLS refuses a client without a certificate"
+    );
+}
+
+#[tokio::test]
+async fn a_tls_cluster_whose_secrets_are_there_is_called_over_https_with_its_certificate_and_writes_no_secret()
+ {
+    use kv_operator::k8s::tls;
+    use warp::Filter;
+    let kvc = tls_cluster();
+    let (ca, ca_secret) = tls::new_ca(&kvc).expect("CA");
+    let cert = tls::cert_secret(&kvc, &ca, 3, std::time::SystemTime::now()).expect("certificate");
+    // The report server: the same CA, named `localhost` (where the test
+    // reaches it), asking for a client certificate of the CA.
+    let (server_cert, server_key) = ca
+        .issue("server", &["localhost"])
+        .expect("server certificate");
+    let asked: Arc<Mutex<Vec<u32>>> = Arc::default();
+    let recorded = asked.clone();
+    let reports = warp::get()
+        .and(warp::path!(u32 / "v1" / "cluster"))
+        .and(warp::header::<String>("authorization"))
+        .map(move |ordinal: u32, auth: String| {
+            if auth == "Bearer token" {
+                recorded.lock().expect("asked").push(ordinal);
+            }
+            warp::reply::json(&node_report(ordinal, 1, 1, 1.0))
+        });
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let addr = serve_tls(
+        dir.path(),
+        &server_cert,
+        &server_key,
+        ca.cert_pem(),
+        reports,
+    )
+    .await;
+    let links = NodeReports {
+        http: reqwest::Client::new(),
+        url: Box::new(move |_, o| format!("https://localhost:{}/{o}/v1/cluster", addr.port())),
+        topology_url: Box::new(move |_, o| {
+            format!("https://localhost:{}/{o}/internal/v1/topology", addr.port())
+        }),
+    };
+    let calls = {
+        let mut calls = tls_observe_calls(
+            &kvc,
+            Some(serde_json::to_value(&ca_secret).expect("json")),
+            Some(serde_json::to_value(&cert).expect("json")),
+        );
+        calls.extend(tls_apply_calls(&kvc, vec![]));
+        calls
+    };
+    run_with(kvc.clone(), calls, Some(links)).await;
+    let mut asked = asked.lock().expect("asked").clone();
+    asked.sort();
+    assert_eq!(
+        asked,
+        [0, 1, 2],
+        "every node's report was asked for over mutual TLS with the client token"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_with_less_than_a_third_of_its_validity_left_is_replaced_in_place_under_the_same_ca()
+ {
+    use kv_operator::k8s::tls;
+    let kvc = tls_cluster();
+    let (ca, ca_secret) = tls::new_ca(&kvc).expect("CA");
+    let day = std::time::Duration::from_secs(24 * 3600);
+    let issued = std::time::SystemTime::now() - 61 * day;
+    let mut old = tls::cert_secret(&kvc, &ca, 3, issued).expect("certificate");
+    old.metadata.resource_version = Some("41".into());
+    let old_cert = secret_text(&old, "tls.crt");
+    let writes = vec![call(Method::PUT, &format!("{NS}/secrets/demo-tls"), echo)];
+    let (_, seen) = run(kvc.clone(), {
+        let mut calls = tls_observe_calls(
+            &kvc,
+            Some(serde_json::to_value(&ca_secret).expect("json")),
+            Some(serde_json::to_value(&old).expect("json")),
+        );
+        calls.extend(tls_apply_calls(&kvc, writes));
+        calls
+    })
+    .await;
+    let renewed = as_secret(&seen[7].body);
+    assert_eq!(
+        renewed.metadata.resource_version.as_deref(),
+        Some("41"),
+        "replaced only over the version read"
+    );
+    assert_ne!(secret_text(&renewed, "tls.crt"), old_cert);
+    assert_eq!(
+        secret_text(&renewed, "ca.crt"),
+        ca.cert_pem(),
+        "the CA is kept"
+    );
+    assert_eq!(
+        tls::reissue_reason(
+            Some(&renewed),
+            ca.cert_pem(),
+            3,
+            std::time::SystemTime::now()
+        ),
+        None
+    );
+}

@@ -1,10 +1,11 @@
 //! The reconcile loop: observe, decide, apply, write the status, requeue.
 //!
 //! One reconcile of a KvCluster reads, in this order: the topology ConfigMap,
-//! the StatefulSet, the node pods, the token Secret, and (in a real cluster)
-//! each live node's `/v1/cluster`. It hands that to the
-//! [planner](crate::planner) (see [`decide`]) and then applies, in this order: the generated Secret (created once, never
-//! overwritten), the topology ConfigMap, the peer and client Services, the
+//! the StatefulSet, the node pods, the token Secrets, with `spec.tls` the CA
+//! and certificate Secrets ([`tls`]), and (in a real cluster) each live
+//! node's `/v1/cluster` (over https with `spec.tls`). It hands that to the
+//! [planner](crate::planner) (see [`decide`]) and then applies, in this order: the generated Secrets (created once, never
+//! overwritten; the nodes' certificate is renewed in place), the topology ConfigMap, the peer and client Services, the
 //! StatefulSet, the PodDisruptionBudget (or its removal), the NetworkPolicy
 //! (or its removal), the deletion of pods
 //! held down by fault injection, Events for what changed, and the status with
@@ -29,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
@@ -51,6 +52,7 @@ use super::hibernation::{self, Hibernation};
 use super::metrics::Metrics;
 use super::objects;
 use super::restart;
+use super::tls;
 use crate::planner::{
     self, Desired, NodeObservation, NodeProgress, Observed, PlannerConfig, Rebalance,
 };
@@ -65,6 +67,8 @@ pub enum Error {
     Serialization(&'static str, serde_json::Error),
     #[error("KvCluster has no namespace")]
     MissingNamespace,
+    #[error("TLS certificates: {0}")]
+    Tls(kv_net::pki::PkiError),
 }
 
 impl Error {
@@ -73,6 +77,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Serialization(..) => "serialization",
             Error::MissingNamespace => "missing_namespace",
+            Error::Tls(_) => "tls",
         }
     }
 }
@@ -98,12 +103,17 @@ pub struct Context {
 /// The report URL of one node of a cluster.
 pub type ReportUrl = Box<dyn Fn(&KvCluster, u32) -> String + Send + Sync>;
 
+/// How long the operator waits for a node's answer.
+pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Where and how the controller talks to nodes: their reports, and the
 /// topology it pushes to them.
 pub struct NodeReports {
+    /// For clusters without TLS; a cluster with `spec.tls` is called with a
+    /// client built from its Secrets at each reconcile ([`tls::client_config`]).
     pub http: reqwest::Client,
     /// The report URL of a node: `http://<pod>.<name>-peers.<ns>.svc:7400/v1/cluster`
-    /// in a cluster; tests point it at a local server.
+    /// in a cluster (`https://` with `spec.tls`); tests point it at a local server.
     pub url: ReportUrl,
     /// Where a node takes a new topology (peer port, cluster token):
     /// `http://<pod>.<name>-peers.<ns>.svc:7401/internal/v1/topology`.
@@ -120,26 +130,60 @@ impl NodeReports {
             // reqwest's default setup cannot build a client without them
             // (node reports and pushes would then be silently off).
             http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
+                .timeout(NODE_CALL_TIMEOUT)
                 .tls_backend_preconfigured(kv_net::tls::plaintext_client_config().ok()?)
                 .build()
                 .ok()?,
             url: Box::new(|kvc, ordinal| {
                 format!(
-                    "http://{}:{}/v1/cluster",
+                    "{}://{}:{}/v1/cluster",
+                    scheme(kvc),
                     objects::pod_host(kvc, ordinal),
                     objects::CLIENT_PORT
                 )
             }),
             topology_url: Box::new(|kvc, ordinal| {
                 format!(
-                    "http://{}:{}/internal/v1/topology",
+                    "{}://{}:{}/internal/v1/topology",
+                    scheme(kvc),
                     objects::pod_host(kvc, ordinal),
                     objects::PEER_PORT
                 )
             }),
         })
     }
+}
+
+fn scheme(kvc: &KvCluster) -> &'static str {
+    if tls::enabled(kvc) { "https" } else { "http" }
+}
+
+/// The client for this cluster's nodes: [`NodeReports::http`] without TLS;
+/// with TLS one trusting the cluster CA and presenting the nodes'
+/// certificate, or none while those Secrets are not there (not made yet:
+/// no node runs without them).
+fn node_client(
+    reports: &NodeReports,
+    kvc: &KvCluster,
+    ca_secret: Option<&Secret>,
+    tls_secret: Option<&Secret>,
+) -> Option<reqwest::Client> {
+    if !tls::enabled(kvc) {
+        return Some(reports.http.clone());
+    }
+    let config = match tls::client_config(ca_secret?, tls_secret?) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(kvcluster = %kvc.name_any(), error = %e, "cannot call the nodes over TLS");
+            return None;
+        }
+    };
+    reqwest::Client::builder()
+        .timeout(NODE_CALL_TIMEOUT)
+        .tls_backend_preconfigured(config)
+        .build()
+        .inspect_err(|e| warn!(kvcluster = %kvc.name_any(), error = %e, "cannot build the TLS client for the nodes"))
+        .ok()
 }
 
 impl Context {
@@ -394,6 +438,18 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     } else {
         get_opt(&secrets, &cluster_secret_name).await?
     };
+    let (ca_secret, tls_secret) = if tls::enabled(kvc) {
+        (
+            get_opt(&secrets, &tls::ca_secret_name(kvc)).await?,
+            get_opt(&secrets, &tls::tls_secret_name(kvc)).await?,
+        )
+    } else {
+        (None, None)
+    };
+    let node_http = ctx
+        .node_reports
+        .as_ref()
+        .and_then(|r| node_client(r, kvc, ca_secret.as_ref(), tls_secret.as_ref()));
 
     // The KvCluster's UID names the cluster: a KvCluster deleted and made
     // again under the same name is another cluster, and nodes on volumes it
@@ -423,8 +479,9 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         ready.insert(ordinal, pod_ready(pod));
         observed.nodes.insert(ordinal, observe_pod(pod));
     }
-    if let (Some(reports), Some(token)) = (
+    if let (Some(reports), Some(http), Some(token)) = (
         &ctx.node_reports,
+        &node_http,
         secret_token(secret.as_ref(), objects::TOKEN_KEY),
     ) {
         // All at once: a node that does not answer costs one timeout, not one each.
@@ -434,7 +491,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             .filter(|(_, o)| o.running)
             .map(|(&ordinal, _)| {
                 let url = (reports.url)(kvc, ordinal);
-                let (http, token) = (&reports.http, &token);
+                let token = &token;
                 async move { (ordinal, fetch_report(http, &url, token).await) }
             });
         let mut held_by_nodes: Vec<Topology> = Vec::new();
@@ -589,6 +646,10 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             "Secret {secret_name} is missing or lacks the keys token and cluster-token"
         ));
     }
+    if tls::enabled(kvc) {
+        let pods = decision.pods.max(kvc.spec.replicas);
+        problems.extend(ensure_tls(kvc, &secrets, ca_secret, tls_secret, pods).await?);
+    }
     let cm = objects::topology_configmap(kvc, &decision.topology)
         .map_err(|e| Error::Serialization("topology", e))?;
     write_topology(&cms, &cm_name, cm, stored_version).await?;
@@ -598,8 +659,9 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     // are given; one that missed this push reports an older epoch and is
     // pushed to again at the next reconcile.
     if decision.push_topology
-        && let (Some(links), Some(cluster_token)) = (
+        && let (Some(links), Some(http), Some(cluster_token)) = (
             &ctx.node_reports,
+            &node_http,
             secret_token(cluster_secret.as_ref(), objects::CLUSTER_TOKEN_KEY),
         )
     {
@@ -609,7 +671,15 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             .filter(|(_, o)| o.running)
             .map(|(&o, _)| o)
             .collect();
-        push_topology(links, kvc, &running, &decision.topology, &cluster_token).await;
+        push_topology(
+            links,
+            http,
+            kvc,
+            &running,
+            &decision.topology,
+            &cluster_token,
+        )
+        .await;
     }
     let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     apply(
@@ -1042,12 +1112,65 @@ fn secret_token(secret: Option<&Secret>, key: &str) -> Option<String> {
     kv_net::token::parse("token", text).ok()?.into_iter().next()
 }
 
+/// Keeps `<name>-ca` and `<name>-tls` (`spec.tls.mode: Generated`): the CA
+/// made once, the certificate for pods `0..pods` issued again when
+/// [`tls::reissue_reason`] says so (conditionally on the version read). A
+/// CA Secret that is there but unusable is a problem for the status, never
+/// replaced: certificates the nodes trust may chain to it.
+async fn ensure_tls(
+    kvc: &KvCluster,
+    secrets: &Api<Secret>,
+    ca_secret: Option<Secret>,
+    tls_secret: Option<Secret>,
+    pods: u32,
+) -> Result<Option<String>, Error> {
+    let name = kvc.name_any();
+    let ca = match &ca_secret {
+        Some(s) => match tls::ca_of(kvc, s) {
+            Some(ca) => ca,
+            None => {
+                return Ok(Some(format!(
+                    "Secret {} holds no usable CA ({} and {}); it is never replaced: delete it to have a new CA made",
+                    tls::ca_secret_name(kvc),
+                    tls::CA_CERT_KEY,
+                    tls::CA_KEY_KEY
+                )));
+            }
+        },
+        None => {
+            let (ca, s) = tls::new_ca(kvc).map_err(Error::Tls)?;
+            secrets.create(&PostParams::default(), &s).await?;
+            info!(kvcluster = %name, secret = %tls::ca_secret_name(kvc), "generated the cluster CA");
+            ca
+        }
+    };
+    let now = SystemTime::now();
+    let Some(reason) = tls::reissue_reason(tls_secret.as_ref(), ca.cert_pem(), pods, now) else {
+        return Ok(None);
+    };
+    let mut s = tls::cert_secret(kvc, &ca, pods, now).map_err(Error::Tls)?;
+    match tls_secret {
+        None => {
+            secrets.create(&PostParams::default(), &s).await?;
+        }
+        Some(old) => {
+            s.metadata.resource_version = old.metadata.resource_version;
+            secrets
+                .replace(&tls::tls_secret_name(kvc), &PostParams::default(), &s)
+                .await?;
+        }
+    }
+    info!(kvcluster = %name, secret = %tls::tls_secret_name(kvc), %reason, pods, "issued the nodes' certificate");
+    Ok(None)
+}
+
 /// `PUT` the topology to each of `ordinals` at once. A node that refuses or
 /// does not answer is logged and otherwise left alone: it reports its epoch,
 /// and the planner neither commits nor removes pods while a node that
 /// answers is behind.
 async fn push_topology(
     links: &NodeReports,
+    http: &reqwest::Client,
     kvc: &KvCluster,
     ordinals: &[u32],
     topology: &Topology,
@@ -1062,8 +1185,7 @@ async fn push_topology(
     };
     let pushes = ordinals.iter().map(|&ordinal| {
         let url = (links.topology_url)(kvc, ordinal);
-        let request = links
-            .http
+        let request = http
             .put(url)
             .bearer_auth(cluster_token)
             .header("x-kv-epoch", topology.epoch)

@@ -159,6 +159,39 @@ pub struct KvClusterSpec {
     /// after the wake-up.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hibernation: bool,
+
+    /// TLS on both ports of every node (`mode: Generated`), or plaintext
+    /// (`Off`, the default).
+    #[serde(default, skip_serializing_if = "TlsSettings::is_off")]
+    pub tls: TlsSettings,
+}
+
+/// How the nodes get their certificates.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSettings {
+    /// `Off`: plaintext HTTP on both ports. `Generated`: the operator keeps
+    /// a cluster CA in the Secret `<name>-ca` (made once, never replaced)
+    /// and a certificate for every pod's DNS names in `<name>-tls`, renewed
+    /// when less than a third of its validity is left; the nodes serve both
+    /// ports over TLS (the peer port mutual TLS) and the operator calls them
+    /// over https.
+    #[serde(default)]
+    pub mode: TlsMode,
+}
+
+impl TlsSettings {
+    pub fn is_off(&self) -> bool {
+        self.mode == TlsMode::Off
+    }
+}
+
+/// See [`TlsSettings::mode`].
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum TlsMode {
+    #[default]
+    Off,
+    Generated,
 }
 
 /// Who may reach the node pods. The peer port (7401) is open only to the
@@ -478,6 +511,7 @@ impl Default for KvClusterSpec {
             failure_detection_seconds: default_failure_detection_seconds(),
             network_policy: NetworkPolicySettings::default(),
             hibernation: false,
+            tls: TlsSettings::default(),
         }
     }
 }

@@ -18,6 +18,7 @@ pub mod objects;
 pub mod render;
 pub mod restart;
 pub mod run;
+pub mod tls;
 
 pub use controller::{Context, Error, error_policy, reconcile};
 pub use crd::{KvCluster, KvClusterSpec, KvClusterStatus};

@@ -141,7 +141,7 @@ pub fn node_info(kvc: &KvCluster, ordinal: u32, state: kv_core::NodeState) -> No
     }
 }
 
-fn namespace(kvc: &KvCluster) -> String {
+pub(crate) fn namespace(kvc: &KvCluster) -> String {
     kvc.namespace().unwrap_or_else(|| "default".to_string())
 }
 
@@ -173,7 +173,7 @@ pub fn labels(kvc: &KvCluster, component: &str) -> BTreeMap<String, String> {
 
 /// Metadata with the owner reference that makes Kubernetes garbage-collect the
 /// object with its KvCluster.
-fn meta(kvc: &KvCluster, name: String, component: &str) -> ObjectMeta {
+pub(crate) fn meta(kvc: &KvCluster, name: String, component: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: kvc.namespace(),
@@ -191,7 +191,8 @@ fn meta(kvc: &KvCluster, name: String, component: &str) -> ObjectMeta {
 pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
     let spec = &kvc.spec;
     let retention = spec.storage.persistent_volume_claim_retention_policy;
-    let args = vec![
+    let tls = super::tls::enabled(kvc);
+    let mut args = vec![
         format!("--listen=0.0.0.0:{CLIENT_PORT}"),
         format!("--peer-listen=0.0.0.0:{PEER_PORT}"),
         format!(
@@ -206,10 +207,21 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
         format!("--topology-file={TOPOLOGY_DIR}/{TOPOLOGY_KEY}"),
         format!("--held-file={TOPOLOGY_DIR}/{HELD_KEY}"),
     ];
+    if tls {
+        use super::tls::{CA_CERT_KEY, CERT_KEY, KEY_KEY, TLS_DIR};
+        args.extend([
+            format!("--tls-cert={TLS_DIR}/{CERT_KEY}"),
+            format!("--tls-key={TLS_DIR}/{KEY_KEY}"),
+            format!("--tls-cluster-ca={TLS_DIR}/{CA_CERT_KEY}"),
+        ]);
+    }
     let http_probe = |path: &str, period: i32, failures: i32| Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.to_string()),
             port: IntOrString::String("client".to_string()),
+            // The kubelet does not verify the certificate of an HTTPS
+            // probe, and the client port asks for no client certificate.
+            scheme: tls.then(|| "HTTPS".to_string()),
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period),
@@ -217,7 +229,7 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
         timeout_seconds: Some(2),
         ..Probe::default()
     };
-    let container = Container {
+    let mut container = Container {
         name: "kv-node".to_string(),
         image: Some(spec.image.clone()),
         image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
@@ -298,7 +310,18 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
         ]),
         ..Container::default()
     };
-    let volumes = vec![
+    if tls {
+        container
+            .volume_mounts
+            .get_or_insert_default()
+            .push(VolumeMount {
+                name: "tls".to_string(),
+                mount_path: super::tls::TLS_DIR.to_string(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+    }
+    let mut volumes = vec![
         Volume {
             name: "topology".to_string(),
             config_map: Some(ConfigMapVolumeSource {
@@ -311,11 +334,11 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
         // pod holds both tokens unless the user's one Secret does. The
         // kubelet updates these files when a Secret changes (no subPath),
         // and the node reads them again (a token rotation).
-        secret_volume("secret", auth_secret_name(kvc), TOKEN_KEY),
+        secret_volume("secret", auth_secret_name(kvc), &[TOKEN_KEY]),
         secret_volume(
             "cluster-secret",
             cluster_auth_secret_name(kvc),
-            CLUSTER_TOKEN_KEY,
+            &[CLUSTER_TOKEN_KEY],
         ),
         // SQLite's temporary files, since the root filesystem is read-only.
         Volume {
@@ -324,6 +347,17 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
             ..Volume::default()
         },
     ];
+    if tls {
+        // The certificate, its key and the cluster CA's certificate (never
+        // the CA's key, which stays in `<name>-ca`), updated in place when
+        // the operator renews them.
+        use super::tls::{CA_CERT_KEY, CERT_KEY, KEY_KEY};
+        volumes.push(secret_volume(
+            "tls",
+            super::tls::tls_secret_name(kvc),
+            &[CERT_KEY, KEY_KEY, CA_CERT_KEY],
+        ));
+    }
     let affinity = spec
         .affinity
         .clone()
@@ -513,18 +547,22 @@ pub fn topology_configmap(
     })
 }
 
-/// A volume of one key of a Secret, readable by the node's group only.
-fn secret_volume(name: &str, secret: String, key: &str) -> Volume {
+/// A volume of some keys of a Secret, readable by the node's group only.
+fn secret_volume(name: &str, secret: String, keys: &[&str]) -> Volume {
     Volume {
         name: name.to_string(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(secret),
             default_mode: Some(0o440),
-            items: Some(vec![KeyToPath {
-                key: key.to_string(),
-                path: key.to_string(),
-                mode: None,
-            }]),
+            items: Some(
+                keys.iter()
+                    .map(|key| KeyToPath {
+                        key: key.to_string(),
+                        path: key.to_string(),
+                        mode: None,
+                    })
+                    .collect(),
+            ),
             ..SecretVolumeSource::default()
         }),
         ..Volume::default()
