@@ -143,7 +143,7 @@ fn put_takes_a_value_stdin_or_a_file() {
         &["strategy", "ring"],
         &["strategy", "full", "--replication-factor", "0"],
         &["--consistency", "some", "get", "k"],
-        &["-o", "yaml", "nodes"],
+        &["-o", "xml", "nodes"],
         &["bench", "--read-ratio", "1.5"],
         &["bench", "--duration", "10x"],
         &["bench", "--ops", "5", "--duration", "1s"],
