@@ -70,3 +70,38 @@ fn the_invalid_examples_are_refused_for_the_reason_in_their_name() {
         "every invalid example is covered here (plus unknown-field.yaml)"
     );
 }
+
+/// The API server reads manifests as YAML 1.1, where unquoted `on`, `off`,
+/// `yes`, `no`, `y`, `n` (any case) are booleans: a default or enum value
+/// spelled so becomes `false` and the CRD, or a user's manifest, is refused
+/// (the real API server refused `default: Off` for `spec.tls.mode`).
+#[test]
+fn no_default_or_enum_value_in_the_crd_reads_as_a_yaml_1_1_boolean() {
+    let crd =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crd.yaml"))
+            .expect("deploy/crd.yaml");
+    let words = ["on", "off", "yes", "no", "y", "n"];
+    let mut in_enum = false;
+    for (i, line) in crd.lines().enumerate() {
+        let t = line.trim();
+        let value = if let Some(v) = t.strip_prefix("default:") {
+            in_enum = false;
+            Some(v.trim())
+        } else if t == "enum:" {
+            in_enum = true;
+            None
+        } else if in_enum && t.starts_with("- ") {
+            Some(t[2..].trim())
+        } else {
+            in_enum = false;
+            None
+        };
+        if let Some(v) = value {
+            assert!(
+                !words.contains(&v.to_ascii_lowercase().as_str()),
+                "deploy/crd.yaml line {}: {t:?} is a boolean to a YAML 1.1 reader",
+                i + 1
+            );
+        }
+    }
+}

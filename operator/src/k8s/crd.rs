@@ -161,7 +161,7 @@ pub struct KvClusterSpec {
     pub hibernation: bool,
 
     /// TLS on both ports of every node (`mode: Generated`), or plaintext
-    /// (`Off`, the default).
+    /// (`Disabled`, the default).
     #[serde(default, skip_serializing_if = "TlsSettings::is_off")]
     pub tls: TlsSettings,
 }
@@ -170,7 +170,7 @@ pub struct KvClusterSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TlsSettings {
-    /// `Off`: plaintext HTTP on both ports. `Generated`: the operator keeps
+    /// `Disabled`: plaintext HTTP on both ports. `Generated`: the operator keeps
     /// a cluster CA in the Secret `<name>-ca` (made once, never replaced)
     /// and a certificate for every pod's DNS names in `<name>-tls`, renewed
     /// when less than a third of its validity is left; the nodes serve both
@@ -182,15 +182,17 @@ pub struct TlsSettings {
 
 impl TlsSettings {
     pub fn is_off(&self) -> bool {
-        self.mode == TlsMode::Off
+        self.mode == TlsMode::Disabled
     }
 }
 
-/// See [`TlsSettings::mode`].
+/// See [`TlsSettings::mode`]. Not `Off`: YAML 1.1 parsers, the API
+/// server's among them, read an unquoted `Off` as the boolean false, and the
+/// real API server refused the CRD whose default was `Off`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum TlsMode {
     #[default]
-    Off,
+    Disabled,
     Generated,
 }
 
