@@ -426,30 +426,6 @@ step_rolling_update() {
 node_pods() { kn get pods -l "app.kubernetes.io/instance=$story_name,app.kubernetes.io/component=node" -o name; }
 node_pod_uids() { kn get pods -l "app.kubernetes.io/instance=$story_name,app.kubernetes.io/component=node" -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.uid} {end}'; }
 data_pvcs() { kn get pvc -o name | grep -c "/data-$story_name-" || true; }
-hibernated() {
-  phase_is Hibernated && [ "$(kn get sts "$story_name" -o jsonpath='{.spec.replicas}')" = 0 ] && [ -z "$(node_pods)" ]
-}
-
-# Hibernation (issue 20): every pod stops, the volumes stay, and waking up
-# brings the same nodes back with their data: no node marked Failed, no new
-# epoch, every key written before readable, co-owners agreeing.
-step_hibernate() {
-  local epoch pvcs
-  story_token=$(token)
-  load_start hib; sleep 3; load_stop hib || return 1
-  epoch=$(kvc_field '{.status.topologyEpoch}'); pvcs=$(data_pvcs)
-  kn patch kvc "$story_name" --type merge -p '{"spec":{"hibernation":true}}' >/dev/null
-  wait_for "$story_wait" "phase Hibernated, StatefulSet at 0, no node pod" hibernated || return 1
-  [ "$(data_pvcs)" = "$pvcs" ] || { why "PVCs went from $pvcs to $(data_pvcs) while hibernated"; return 1; }
-  say "  hibernated: $pvcs PVCs kept, epoch $(kvc_field '{.status.topologyEpoch}')"
-  kn patch kvc "$story_name" --type merge -p '{"spec":{"hibernation":false}}' >/dev/null
-  wait_for "$story_wait" "awake: settled with 3 nodes Up" settled 3 || return 1
-  [ "$(kvc_field '{.status.topologyEpoch}')" = "$epoch" ] \
-    || { why "topology epoch went from $epoch to $(kvc_field '{.status.topologyEpoch}') across hibernation (a node marked down, or a rebalance)"; return 1; }
-  check_acked hib || return 1
-  verify_clean
-}
-
 restart_done() { # restart_done VALUE UIDS: finished for VALUE, and no pod kept its uid
   local uid
   [ "$(kvc_field '{.status.lastRestart.requestedAt}')" = "$1" ] || return 1
@@ -548,7 +524,6 @@ run_story() {
     step scale-and-factor step_scale_and_factor
     step operator-restart step_operator_restart
     step rolling-update step_rolling_update
-    step hibernate step_hibernate
     step restart step_restart
     step wiped-volume step_wiped_volume
     step delete-gc step_delete_gc
