@@ -1051,9 +1051,9 @@ fn accept_one(
         Some((v, false)) if v > ballot => return Ok(CreateVote::Newer(v)),
         _ => {}
     }
-    if promised(tx, &record.key)? != Some(ballot) {
-        let p = promised(tx, &record.key)?.unwrap_or(Version::ZERO);
-        return Ok(CreateVote::Promised(p));
+    let promise = promised(tx, &record.key)?;
+    if promise != Some(ballot) {
+        return Ok(CreateVote::Promised(promise.unwrap_or(Version::ZERO)));
     }
     apply_one(tx, digests, record)?;
     tx.prepare_cached("DELETE FROM promises WHERE key = ?1")?
