@@ -15,7 +15,7 @@ KEYS="${BENCH_KEYS:-100000}"               # key space of scenarios 1, 2, 5
 CATCHUP_KEYS="${BENCH_CATCHUP_KEYS:-100000}" # writes node 2 misses (scenario 3)
 MEM_KEYS="${BENCH_MEM_KEYS:-1000000}"      # keys written before measuring RSS (scenario 4)
 FILL_CONNS="${BENCH_FILL_CONNECTIONS:-128}" # connections of the bulk-load steps (not measured)
-SCENARIOS="${BENCH_SCENARIOS:-1 5 3 4 2}"  # which scenarios, in this order
+SCENARIOS="${BENCH_SCENARIOS:-1 5 3 4 2 6 7}"  # which scenarios, in this order
 PORT_BASE="${BENCH_PORT_BASE:-17400}"      # kvstore ports; etcd +5000.., redis +6000
 CATCHUP_TIMEOUT="${BENCH_CATCHUP_TIMEOUT:-300}" # seconds
 RAW_DIR="${BENCH_RAW_DIR:-$BENCH_DIR/raw}"  # per-run JSON + manifests
@@ -112,7 +112,8 @@ wait_port_free() { # port: up to 10 s
 wait_http() { # url expected-code seconds what
     local url="$1" want="$2" secs="$3" what="$4" i code
     for ((i = 0; i < secs * 10; i++)); do
-        code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)"
+        # shellcheck disable=SC2046 # curl_tls: zero or two words
+        code="$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 $(curl_tls) "$url" || true)"
         [[ "$code" == "$want" ]] && return 0
         sleep 0.1
     done
@@ -125,6 +126,9 @@ kv_port() { echo $((PORT_BASE + $1)); }
 kv_peer_port() { echo $((PORT_BASE + 10 + $1)); }
 KV_EPOCH=0
 KV_TAG=""
+KV_TLS=() # cert key ca: the nodes serve both ports over TLS (scenario 6)
+kv_scheme() { if ((${#KV_TLS[@]})); then echo https; else echo http; fi; }
+curl_tls() { if ((${#KV_TLS[@]})); then echo "--cacert ${KV_TLS[2]}"; fi; }
 declare -a KV_STATE=(Up Up Up)
 TOPO="$WORK/topology.json"
 
@@ -163,6 +167,7 @@ start_kv_node() { # ordinal datadir [topology-file] ; name kv<ordinal>
     local args=(--listen "127.0.0.1:$port" --peer-listen "127.0.0.1:$peer" --data-dir "$dir"
         --node-id "$i" --token "$TOKEN" --cluster-token "$CLUSTER_TOKEN")
     if [[ -n "$topo" ]]; then args+=(--topology-file "$topo"); fi
+    if ((${#KV_TLS[@]})); then args+=(--tls-cert "${KV_TLS[0]}" --tls-key "${KV_TLS[1]}" --tls-cluster-ca "${KV_TLS[2]}"); fi
     RUST_LOG="${BENCH_RUST_LOG:-warn}" "$KV_NODE" "${args[@]}" >>"$WORK/kv$i.log" 2>&1 &
     PIDS[kv$i]=$!
 }
@@ -173,7 +178,7 @@ start_kv_cluster() { # tag: fresh data, 3 nodes, RF 3, Quorum/Quorum, all Up
     KV_STATE=(Up Up Up)
     write_topology
     for i in 0 1 2; do start_kv_node "$i" "$WORK/$tag/kv$i" "$TOPO"; done
-    for i in 0 1 2; do wait_http "http://127.0.0.1:$(kv_port "$i")/readyz" 200 60 "kv node $i"; done
+    for i in 0 1 2; do wait_http "$(kv_scheme)://127.0.0.1:$(kv_port "$i")/readyz" 200 60 "kv node $i"; done
     log "kvstore cluster $tag up (pids ${PIDS[kv0]} ${PIDS[kv1]} ${PIDS[kv2]})"
 }
 stop_kv_cluster() {
@@ -182,7 +187,7 @@ stop_kv_cluster() {
 }
 kv_endpoints() { # ordinals...
     local out="" i
-    for i in "$@"; do out+="${out:+,}http://127.0.0.1:$(kv_port "$i")"; done
+    for i in "$@"; do out+="${out:+,}$(kv_scheme)://127.0.0.1:$(kv_port "$i")"; done
     echo "$out"
 }
 
@@ -272,7 +277,7 @@ bench() {
     local args=(bench --driver "$driver" --value-size "$VALUE_SIZE" --quiet -o json)
     if [[ " $* " != *" --connections "* ]]; then args+=(--connections "$CONNS"); fi
     if [[ " $* " != *" --warmup "* ]]; then args+=(--warmup "$WARMUP"); fi
-    if [[ "$driver" == kvstore ]]; then args+=(--token "$TOKEN"); fi
+    if [[ "$driver" == kvstore && " $* " != *" --token "* ]]; then args+=(--token "$TOKEN"); fi
     # CPU of the system under test (its server processes) and of the load
     # generator over the whole run (warm-up included): what each operation
     # costs, and whether the 2 cores were the limit.
@@ -495,17 +500,82 @@ machine_info() {
     } >"$f"
 }
 
+scenario_6() { # TLS vs plaintext: the same 3-node cluster, once over http, once over https
+    begin_scenario 6
+    local tls_dir="$WORK/tls" san="subjectAltName=IP:127.0.0.1,DNS:localhost"
+    mkdir -p "$tls_dir"
+    # The shape `kvctl up --tls` and kv-operator's Generated mode give: a P-256
+    # CA, one certificate for server and client use (the peer port is mutual TLS).
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$tls_dir/ca.key" \
+        -out "$tls_dir/ca.crt" -subj /CN=bench-ca -days 2 \
+        -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null \
+        || die "openssl: the bench CA"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$tls_dir/node.key" \
+        -out "$tls_dir/node.csr" -subj /CN=bench-node 2>/dev/null || die "openssl: the node key"
+    openssl x509 -req -in "$tls_dir/node.csr" -CA "$tls_dir/ca.crt" -CAkey "$tls_dir/ca.key" -CAcreateserial \
+        -days 2 -out "$tls_dir/node.crt" \
+        -extfile <(printf '%s\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n' "$san") \
+        2>/dev/null || die "openssl: the node certificate"
+    local plain_rr tls_rr
+    plain_rr="$(kv_endpoints 0 1 2)"
+    start_kv_cluster s6p
+    bench s6-w-plain "plaintext: write, quorum, round-robin" kvstore "${common[@]}" --read-ratio 0 --endpoints "$plain_rr" --consistency quorum
+    bench s6-fill-plain "plaintext: write the key space once" kvstore --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$plain_rr"
+    bench s6-r-plain "plaintext: read, quorum, round-robin" kvstore "${common[@]}" --read-ratio 1 --endpoints "$plain_rr" --consistency quorum
+    bench s6-m-plain "plaintext: 50/50, quorum, round-robin" kvstore "${common[@]}" --read-ratio 0.5 --endpoints "$plain_rr" --consistency quorum
+    stop_kv_cluster
+    KV_TLS=("$tls_dir/node.crt" "$tls_dir/node.key" "$tls_dir/ca.crt")
+    tls_rr="$(kv_endpoints 0 1 2)"
+    start_kv_cluster s6t
+    bench s6-w-tls "TLS: write, quorum, round-robin" kvstore "${common[@]}" --read-ratio 0 --endpoints "$tls_rr" --consistency quorum --cacert "$tls_dir/ca.crt"
+    bench s6-fill-tls "TLS: write the key space once" kvstore --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "$tls_rr" --cacert "$tls_dir/ca.crt"
+    bench s6-r-tls "TLS: read, quorum, round-robin" kvstore "${common[@]}" --read-ratio 1 --endpoints "$tls_rr" --consistency quorum --cacert "$tls_dir/ca.crt"
+    bench s6-m-tls "TLS: 50/50, quorum, round-robin" kvstore "${common[@]}" --read-ratio 0.5 --endpoints "$tls_rr" --consistency quorum --cacert "$tls_dir/ca.crt"
+    stop_kv_cluster
+    KV_TLS=()
+    pair "writes: TLS / plaintext" s6-w-tls s6-w-plain
+    pair "reads: TLS / plaintext" s6-r-tls s6-r-plain
+    pair "50/50: TLS / plaintext" s6-m-tls s6-m-plain
+}
+
+scenario_7() { # kvctl up's gateway vs node 0 direct, on the same cluster
+    begin_scenario 7
+    local gw_port=$((PORT_BASE + 40)) dir="$WORK/up" tok node0 gw
+    wait_port_free "$gw_port"
+    # kvctl up runs its nodes as `kvctl node` subprocesses of the same binary.
+    RUST_LOG="${BENCH_RUST_LOG:-warn}" "$KVCTL" up --data-dir "$dir" --nodes 3 --strategy full \
+        --listen "127.0.0.1:$gw_port" >>"$WORK/up.log" 2>&1 &
+    PIDS[kvup]=$!
+    gw="http://127.0.0.1:$gw_port"
+    wait_http "$gw/readyz" 200 120 "kvctl up gateway"
+    tok="$(head -n 1 "$dir/token")"
+    node0="$(curl -s --max-time 5 -H "Authorization: Bearer $tok" "$gw/v1/cluster" |
+        jq -r '.topology.nodes[] | select(.ordinal == 0) | .address')"
+    [[ "$node0" == 127.0.0.1:* ]] || die "kvctl up: no address of node 0 in $gw/v1/cluster"
+    fact "gateway" "$gw"
+    fact "node0" "http://$node0"
+    local g=(--token "$tok")
+    bench s7-w-gw "gateway: write, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 0 --endpoints "$gw" --consistency quorum
+    bench s7-w-direct "node 0 direct: write, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 0 --endpoints "http://$node0" --consistency quorum
+    bench s7-fill "write the key space once (through node 0)" kvstore "${g[@]}" --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "http://$node0"
+    bench s7-r-gw "gateway: read, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 1 --endpoints "$gw" --consistency quorum
+    bench s7-r-direct "node 0 direct: read, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 1 --endpoints "http://$node0" --consistency quorum
+    stop_pid kvup
+    pair "writes: gateway / node 0 direct" s7-w-gw s7-w-direct
+    pair "reads: gateway / node 0 direct" s7-r-gw s7-r-direct
+}
+
 T_START="$(now)"
 machine_info
 for s in $SCENARIOS; do
     case "$s" in
-        1 | 2 | 3 | 4 | 5)
+        1 | 2 | 3 | 4 | 5 | 6 | 7)
             t_s="$(now)"
             "scenario_$s"
             fact started "$(date -u -d "@${t_s%.*}" '+%Y-%m-%d %H:%M UTC')"
             fact seconds "$(python3 -c "print(round($(now) - $t_s))")"
             ;;
-        *) die "unknown scenario $s (1..5)" ;;
+        *) die "unknown scenario $s (1..7)" ;;
     esac
 done
 python3 "$BENCH_DIR/render.py" --raw "$RAW_DIR" --out "$RESULTS" \

@@ -6,11 +6,22 @@
 #   scripts/build-images.sh              both images
 #   scripts/build-images.sh kv-node      one of them
 # Cargo target directory: $KV_IMAGE_TARGET_DIR (default target-deploy/).
+# Cargo profile: $KV_IMAGE_PROFILE (default release; scripts/test.sh asks for
+# image-test, unoptimised, because the tests only need the images to run and
+# a cold release build was the longest single step of CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tag="${KV_IMAGE_TAG:-dev}"
-target=x86_64-unknown-linux-gnu
+# The machine's own architecture (x86_64 or aarch64, e.g. kind on an arm64
+# host) unless KV_IMAGE_TARGET names another target (its linker is then yours).
+target="${KV_IMAGE_TARGET:-$(uname -m)-unknown-linux-gnu}"
+case "$target" in
+  x86_64-unknown-linux-gnu | aarch64-unknown-linux-gnu) ;;
+  *) echo "unsupported image target $target (x86_64 or aarch64 -unknown-linux-gnu)" >&2; exit 2 ;;
+esac
 target_dir="${KV_IMAGE_TARGET_DIR:-$PWD/target-deploy}"
+profile="${KV_IMAGE_PROFILE:-release}"
+case "$profile" in dev) profile_dir=debug ;; *) profile_dir=$profile ;; esac
 images=("$@")
 [ "${#images[@]}" -gt 0 ] || images=(kv-node kv-operator)
 
@@ -23,9 +34,9 @@ for img in "${images[@]}"; do
 done
 
 rustup target add "$target" >/dev/null 2>&1 || true
-echo "==> cargo build --release --target $target (static) ${packages[*]}"
+echo "==> cargo build --profile $profile --target $target (static) ${packages[*]}"
 RUSTFLAGS='-C target-feature=+crt-static' CARGO_TARGET_DIR="$target_dir" CARGO_PROFILE_RELEASE_DEBUG=false \
-  cargo build --release --locked --target "$target" "${packages[@]}"
+  cargo build --profile "$profile" --locked --target "$target" "${packages[@]}"
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)"
 revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
@@ -33,7 +44,7 @@ created="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
 for img in "${images[@]}"; do
-  bin="$target_dir/$target/release/$img"
+  bin="$target_dir/$target/$profile_dir/$img"
   # static: no program interpreter, so it runs in an empty filesystem
   if readelf -l "$bin" | grep 'Requesting program interpreter' >/dev/null; then
     echo "$bin is dynamically linked; it cannot run FROM scratch" >&2

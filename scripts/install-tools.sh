@@ -16,6 +16,9 @@
 #   - from Debian too, when dockerd is missing: docker.io (dockerd, containerd,
 #     runc; the machine may have only the docker CLI): scripts/dockerd.sh starts
 #     a daemon of it for the image checks and the multi-container test.
+#   - the Prometheus Operator's PodMonitor CRD (prometheus-operator's Go module,
+#     from the Go module proxy; digest pinned) into crds/, for the real-Kubernetes
+#     story (the operator's per-cluster PodMonitor);
 #   - s3s-fs, an S3-compatible server over a directory, built from crates.io
 #     with `cargo install` (about 4 min cold on 2 cores): kvctl's backup test
 #     (kvctl/tests/backup.rs) runs `kvctl backup`/`restore` against it.
@@ -126,6 +129,34 @@ if [ ! -x "$tools/bin/s3s-fs" ] || [ "$(cat "$tools/bin/.s3s-fs" 2>/dev/null)" !
   rm -rf "$s3s_build"
   ln -sf "$tools/s3s-fs/bin/s3s-fs" "$tools/bin/s3s-fs"
   echo "$s3s_pin" > "$tools/bin/.s3s-fs"
+fi
+
+# --- the Prometheus Operator's PodMonitor CRD ---------------------------------
+# The real-Kubernetes story installs it to prove the operator's per-cluster
+# PodMonitor against the real schema. Its release is a Go module, so it comes
+# from the Go module proxy (the one place here that serves it); the file is
+# checked against its pinned digest.
+pm_version="v0.85.0"
+pm_sha256="8ce88c52c51209993511cae093089c9525f5552def88119e3f559123ee9d454b"
+pm_crd="$tools/crds/monitoring.coreos.com_podmonitors.yaml"
+if [ "$(sha256sum "$pm_crd" 2>/dev/null | cut -d' ' -f1)" != "$pm_sha256" ]; then
+  echo "fetching the PodMonitor CRD of prometheus-operator $pm_version from the Go module proxy"
+  pm_work="$(mktemp -d)"
+  proxy="${GOPROXY:-https://proxy.golang.org}"; proxy="${proxy%%,*}"
+  curl -fsSL --retry 3 -o "$pm_work/m.zip" \
+    "$proxy/github.com/prometheus-operator/prometheus-operator/@v/$pm_version.zip"
+  "$venv/bin/python" - "$pm_work/m.zip" "$pm_work/crd.yaml" "$pm_version" <<'EOF2'
+import sys, zipfile
+src, dest, version = sys.argv[1:]
+name = f"github.com/prometheus-operator/prometheus-operator@{version}/example/prometheus-operator-crd/monitoring.coreos.com_podmonitors.yaml"
+with zipfile.ZipFile(src) as z, open(dest, "wb") as out:
+    out.write(z.read(name))
+EOF2
+  [ "$(sha256sum "$pm_work/crd.yaml" | cut -d' ' -f1)" = "$pm_sha256" ] \
+    || { echo "PodMonitor CRD: digest mismatch" >&2; exit 1; }
+  mkdir -p "$tools/crds"
+  mv "$pm_work/crd.yaml" "$pm_crd"
+  rm -rf "$pm_work"
 fi
 
 echo "tools in $tools/bin:"

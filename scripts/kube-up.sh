@@ -8,8 +8,9 @@
 # (default test/kube/bin). Everything listens on 127.0.0.1 only, on free ports.
 #
 #   KV_KUBE_DIR      state dir (certificates, kubeconfigs, etcd data, logs,
-#                    pids); default ${TMPDIR:-/tmp}/kvstore-kube. Must not exist
-#                    yet (scripts/kube-down.sh removes it).
+#                    pids); default ${TMPDIR:-/tmp}/kvstore-kube. Must not hold a
+#                    running control plane (scripts/kube-down.sh removes it);
+#                    one left behind with no process running is removed.
 #   KV_KUBE_TIMEOUT  seconds to wait for each component to become healthy (180)
 #
 # Prints the admin kubeconfig's path; $KV_KUBE_DIR/env has
@@ -29,8 +30,27 @@ for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl; do
 done
 command -v openssl >/dev/null || die "openssl is needed"
 command -v curl >/dev/null || die "curl is needed"
+# A state dir whose recorded processes are all gone was left behind by a run
+# that died (or a machine copied mid-run): removed, so the next run starts.
+# One with a live process is a control plane that is up: never touched.
+left_behind() {
+  local f pid exe
+  [ -f "$dir/$marker" ] || return 1
+  for f in "$dir"/pids/*.pid; do
+    [ -f "$f" ] || continue
+    pid=$(cat "$f")
+    exe=$(readlink "/proc/$pid/exe" 2>/dev/null) || continue
+    [ "$(basename "${exe% (deleted)}")" = "$(basename "$f" .pid)" ] && return 1
+  done
+  return 0
+}
 if [ -e "$dir" ]; then
-  die "$dir exists: a control plane is up (scripts/kube-down.sh stops it) or was left behind"
+  if left_behind; then
+    log "$dir was left behind (none of its processes runs): removing it"
+    rm -rf "$dir"
+  else
+    die "$dir exists: a control plane is up (scripts/kube-down.sh stops it) or it is not a kube-up.sh state dir"
+  fi
 fi
 mkdir -p "$dir"/{pki,logs,pids,etcd,apiserver}
 chmod 700 "$dir/etcd" "$dir/pki"

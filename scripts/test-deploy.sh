@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Checks kvstore's deployment artefacts (run by scripts/test.sh after the cargo
 # tests; needs scripts/install-tools.sh first):
-#   - the chart's CRD copy equals deploy/crd.yaml;
+#   - the chart's CRD copies equal deploy/crd.yaml and deploy/crd-kvbackup.yaml;
 #   - helm lint --strict and helm template with every charts/kvstore/ci/*.yaml;
 #   - every built-in object rendered (and deploy/*.yaml) validates with
 #     kubernetes-validate --strict for Kubernetes 1.33 and 1.37;
@@ -45,21 +45,26 @@ done
 have_crd=0
 if git ls-files --error-unmatch deploy/crd.yaml >/dev/null 2>&1; then
   have_crd=1
-  step "chart CRD is deploy/crd.yaml"
-  cmp -s deploy/crd.yaml "$chart/files/crd.yaml" \
-    || fail "$chart/files/crd.yaml differs from deploy/crd.yaml (cp deploy/crd.yaml $chart/files/crd.yaml)"
+  step "chart CRDs are deploy/crd.yaml and deploy/crd-kvbackup.yaml"
+  for f in crd.yaml crd-kvbackup.yaml; do
+    cmp -s "deploy/$f" "$chart/files/$f" \
+      || fail "$chart/files/$f differs from deploy/$f (cp deploy/$f $chart/files/$f)"
+  done
 else
   fail "deploy/crd.yaml is not in git: the chart and the KvCluster checks need it"
 fi
 
 # --- helm lint + template ------------------------------------------------------
 # splits rendered YAML into built-in objects (dir builtin/) and KvClusters
-# (dir kvcluster/); the Prometheus Operator kinds are checked by name only.
+# (dir kvcluster/); the Prometheus Operator and cert-manager kinds are checked
+# by name and apiVersion only.
 split_objects() { # <file> <outdir>
   kv-python - "$1" "$2" <<'EOF'
 import os, sys, yaml
 src, out = sys.argv[1], sys.argv[2]
-crd_kinds = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+crd_kinds = {"ServiceMonitor": "monitoring.coreos.com/v1", "PodMonitor": "monitoring.coreos.com/v1",
+             "PrometheusRule": "monitoring.coreos.com/v1", "Issuer": "cert-manager.io/v1",
+             "Certificate": "cert-manager.io/v1"}
 for d in ("builtin", "kvcluster"):
     os.makedirs(os.path.join(out, d), exist_ok=True)
 with open(src) as f:
@@ -67,7 +72,7 @@ with open(src) as f:
 for i, doc in enumerate(docs):
     kind = doc.get("kind")
     if kind in crd_kinds:
-        if doc.get("apiVersion") != "monitoring.coreos.com/v1":
+        if doc.get("apiVersion") != crd_kinds[kind]:
             sys.exit(f"{kind} with apiVersion {doc.get('apiVersion')}")
         continue
     sub = "kvcluster" if kind == "KvCluster" else "builtin"
@@ -110,10 +115,38 @@ for values in "$chart"/ci/*.yaml; do
   diff -u "$work/h4.yaml" "$work/h3.yaml" || fail "helm3 and helm render $values differently"
 done
 
+step "kvCluster.certManager: a Certificate naming every pod, and the KvCluster on it"
+helm template kvstore "$chart" -n kvstore-system -f "$chart/ci/cert-manager-values.yaml" >"$work/cm.yaml" \
+  || fail "helm template -f cert-manager-values.yaml"
+kv-python - "$work/cm.yaml" <<'EOF' || fail "kvCluster.certManager renders a Certificate the KvCluster does not use, or that misses the pods"
+import fnmatch, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kvc = next(d for d in docs if d["kind"] == "KvCluster")
+name, ns = kvc["metadata"]["name"], kvc["metadata"]["namespace"]
+certs = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Certificate"}
+issuers = {d["metadata"]["name"] for d in docs if d["kind"] == "Issuer"}
+tls = kvc["spec"]["tls"]
+assert tls == {"mode": "Provided", "secretName": f"{name}-cert"}, tls
+cert = certs[f"{name}-cert"]["spec"]
+assert cert["secretName"] == tls["secretName"], cert
+# what kv-operator calls each pod (objects::pod_host), also after a scale-up;
+# a wildcard covers one label only
+for o in range(0, kvc["spec"]["replicas"] + 5):
+    host = f"{name}-{o}.{name}-peers.{ns}.svc"
+    assert any(fnmatch.fnmatchcase(host, n) and n.count(".") == host.count(".") for n in cert["dnsNames"]), host
+assert {"server auth", "client auth"} <= set(cert["usages"]), cert["usages"]
+assert cert["issuerRef"]["name"] in issuers, (cert["issuerRef"], issuers)
+ca = certs[f"{name}-ca"]["spec"]
+assert ca["isCA"] is True and ca["issuerRef"]["name"] in issuers, ca
+print("certificate for", tls["secretName"], "names", cert["dnsNames"])
+EOF
+
 step "the CRD template keeps the CRD on uninstall and can be switched off"
 helm template kvstore "$chart" --show-only templates/crd.yaml >"$work/crd-template.yaml"
-grep -q 'helm.sh/resource-policy: keep' "$work/crd-template.yaml" \
-  || fail "templates/crd.yaml: no helm.sh/resource-policy: keep"
+[ "$(grep -c 'helm.sh/resource-policy: keep' "$work/crd-template.yaml")" = 2 ] \
+  || fail "templates/crd.yaml: not both CRDs with helm.sh/resource-policy: keep"
+grep -q 'name: kvbackups.kvstore.dev' "$work/crd-template.yaml" \
+  || fail "templates/crd.yaml: no KvBackup CRD"
 helm template kvstore "$chart" --set crds.install=false >"$work/no-crd.yaml"
 if grep -q 'kind: CustomResourceDefinition' "$work/no-crd.yaml"; then
   fail "crds.install=false still renders the CRD"
@@ -132,6 +165,8 @@ if cargo build -q -p kv-operator --locked; then
   operator="${CARGO_TARGET_DIR:-target}/debug/kv-operator"
   "$operator" crd | diff -u deploy/crd.yaml - >/dev/null \
     || fail "deploy/crd.yaml differs from 'kv-operator crd'"
+  "$operator" crd kvbackup | diff -u deploy/crd-kvbackup.yaml - >/dev/null \
+    || fail "deploy/crd-kvbackup.yaml differs from 'kv-operator crd kvbackup'"
   mkdir -p "$work/operator"
   for ex in deploy/examples/*.yaml; do
     "$operator" render -f "$ex" >"$work/operator/rendered-$(basename "$ex")" \
@@ -192,7 +227,7 @@ fi
 step "yamllint"
 yamllint_config='{extends: default, rules: {line-length: {max: 160}, document-start: disable, indentation: {spaces: 2, indent-sequences: whatever}, truthy: {check-keys: false}, comments: {min-spaces-from-content: 1}, braces: {max-spaces-inside: 1}, brackets: {max-spaces-inside: 1}}}'
 yamllint --strict -d "$yamllint_config" \
-  "$chart/Chart.yaml" "$chart/values.yaml" "$chart"/ci/*.yaml "$chart/files/rules.yaml" "$chart/files/crd.yaml" \
+  "$chart/Chart.yaml" "$chart/values.yaml" "$chart"/ci/*.yaml "$chart/files/rules.yaml" "$chart/files/crd.yaml" "$chart/files/crd-kvbackup.yaml" \
   deploy/ observability/ $( [ -d .github ] && echo .github/ ) \
   || fail "yamllint"
 
@@ -233,7 +268,8 @@ for e in exprs:
 if bad:
     sys.exit(f"metrics not in docs/design.md: {bad}")
 rules_out = {"groups": [{"name": "dashboard", "rules": [
-    {"record": f"dashboard:query{i}", "expr": e.replace("$__rate_interval", "5m")} for i, e in enumerate(exprs)]}]}
+    {"record": f"dashboard:query{i}", "expr": e.replace("$__rate_interval", "5m").replace("$kvcluster", ".*")}
+    for i, e in enumerate(exprs)]}]}
 yaml.safe_dump(rules_out, open(out, "w"))
 print(f"{len(exprs)} queries")
 EOF

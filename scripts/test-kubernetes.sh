@@ -29,7 +29,14 @@ KNOWN_OPERATOR_GAPS=()
 # shellcheck source=/dev/null
 eval "$(. test/kube/lib.sh && declare -p KV_KUBE_BIN)"
 export KV_KUBE_BIN
-export KV_KUBE_DIR=${KV_KUBE_DIR:-${TMPDIR:-/tmp}/kvstore-e2e}
+# A state dir of this run's own unless one is given: a fixed path collides
+# with a control plane another run left up or behind (a CI machine inherited
+# one once, and the story failed at kube-up).
+if [ -z "${KV_KUBE_DIR:-}" ]; then
+  KV_KUBE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/kvstore-e2e.XXXXXX")/kube
+  kube_dir_parent_ours=1
+fi
+export KV_KUBE_DIR kube_dir_parent_ours=${kube_dir_parent_ours:-0}
 export KV_E2E_WAIT=${KV_E2E_WAIT:-240}
 target=${KV_KUBELET_TARGET_DIR:-$root/target-kubelet}
 bin_dir=${KV_E2E_BIN_DIR:-$target/release}
@@ -118,6 +125,7 @@ finish() {
     while read -r pid id; do stop_pid "$pid" kv-operator; done < <(running_operators)
     [ -n "$kubelet_pid" ] && stop_pid "$kubelet_pid" kv-test-kubelet
     scripts/kube-down.sh >/dev/null 2>&1 || echo "kube-down.sh failed" >&2
+    if [ "$kube_dir_parent_ours" = 1 ]; then rmdir "$(dirname "$KV_KUBE_DIR")" 2>/dev/null || true; fi
   fi
   echo "test-kubernetes: $((SECONDS - t_start)) s"
   if [ "$story_failed" -gt 0 ] && [ "$rc" = 0 ]; then rc=1; fi
@@ -136,13 +144,22 @@ trap finish EXIT
 say "kv-test-kubelet (images $image_a and $image_b: one kv-node build)"
 "$target/debug/kv-test-kubelet" --node-name "$node" --root "$state/kubelet" \
   --image-map "$image_a=$bin_dir/kv-node" --image-map "$image_b=$bin_dir/kv-node" \
-  --configmap-sync-delay "${KV_E2E_CONFIGMAP_DELAY:-90}" --restart-backoff 1 --pod-ip-prefix "$pod_prefix" \
+  --storage-class kv-expandable \
+  --configmap-sync-delay "${KV_E2E_CONFIGMAP_DELAY:-90}" --secret-sync-delay "${KV_E2E_SECRET_DELAY:-10}" --restart-backoff 1 --pod-ip-prefix "$pod_prefix" \
   > "$state/kubelet.log" 2>&1 &
 kubelet_pid=$!
 hosts=$state/kubelet/hosts
 node_ready() { [ "$(k get node "$node" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
 story_dir=$state/story; mkdir -p "$story_dir"
 wait_for 60 "Node $node Ready" node_ready
+k apply -f - >/dev/null <<'YAML'
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: kv-expandable}
+provisioner: kvstore.dev/test-kubelet
+allowVolumeExpansion: true
+volumeBindingMode: Immediate
+YAML
 [ -f "$hosts" ] || { echo "the kubelet wrote no $hosts (cluster DNS off?)" >&2; exit 1; }
 
 # with_cluster_dns CMD...: run CMD in its own mount namespace that sees the
@@ -153,9 +170,33 @@ with_cluster_dns() {
   unshare -m --propagation private sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$hosts" "$@"
 }
 platform_kvctl() { with_cluster_dns "$bin_dir/kvctl" "$@"; }
+platform_curl() { with_cluster_dns curl "$@"; }
 platform_service_url() { echo "http://$story_name.$ns.svc:7400"; }
 platform_pod_url() { echo "http://$story_name-$1.$story_name-peers.$ns.svc:7400"; }
 platform_extra_spec() { :; }
+# The test kubelet provisions and resizes this class (created below).
+platform_expandable_class() { echo kv-expandable; }
+# platform_s3_start DIR: an S3-compatible server (s3s-fs, scripts/install-tools.sh)
+# over DIR/root on 127.0.0.1, where the operator and kvctl (both on this host)
+# reach it; prints its endpoint. Each directory under the root is a bucket.
+s3s_fs=${KV_S3S_FS:-${KV_TOOLS_DIR:-$root/.tools}/bin/s3s-fs}
+platform_s3_start() {
+  local d=$1 port
+  [ -x "$s3s_fs" ] || { echo "$s3s_fs missing: run scripts/install-tools.sh" >&2; return 1; }
+  mkdir -p "$d/root"
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  "$s3s_fs" --host 127.0.0.1 --port "$port" --access-key "$s3_access_key" --secret-key "$s3_secret_key" "$d/root" \
+    > "$d/s3s-fs.log" 2>&1 &
+  echo $! > "$d/s3s-fs.pid"
+  for _ in $(seq 1 100); do
+    if curl -s -o /dev/null "http://127.0.0.1:$port/"; then echo "http://127.0.0.1:$port"; return 0; fi
+    sleep 0.1
+  done
+  echo "s3s-fs did not listen on 127.0.0.1:$port" >&2; return 1
+}
+platform_s3_stop() { [ -f "$1/s3s-fs.pid" ] && stop_pid "$(cat "$1/s3s-fs.pid")" s3s-fs; rm -f "$1/s3s-fs.pid"; }
+s3_access_key=kvstore-e2e
+s3_secret_key=kvstore-e2e-secret
 
 # --- kv-operator as its ServiceAccount ---------------------------------------
 sa_kubeconfig=$state/kv-operator.kubeconfig
@@ -202,12 +243,18 @@ platform_operator_kill() {
   echo "none leading"
 }
 
+# The Prometheus Operator's PodMonitor CRD (scripts/install-tools.sh), so
+# that the operator makes its per-cluster PodMonitor against the real schema.
+podmonitor_crd=${KV_PODMONITOR_CRD:-${KV_TOOLS_DIR:-$root/.tools}/crds/monitoring.coreos.com_podmonitors.yaml}
 step_crd_established() {
   local out
-  out=$(k apply -f deploy/crd.yaml 2>&1) || { why "kubectl apply deploy/crd.yaml: $out"; return 1; }
+  out=$(k apply -f deploy/crd.yaml -f deploy/crd-kvbackup.yaml 2>&1) || { why "kubectl apply deploy/crd.yaml deploy/crd-kvbackup.yaml: $out"; return 1; }
   say "  $(tr '\n' ' ' <<<"$out")"
-  k wait --for condition=established crd/kvclusters.kvstore.dev --timeout=60s >/dev/null \
-    || { why "CRD not Established within 60 s"; return 1; }
+  [ -f "$podmonitor_crd" ] || { why "$podmonitor_crd missing: run scripts/install-tools.sh"; return 1; }
+  out=$(k apply --server-side -f "$podmonitor_crd" 2>&1) || { why "kubectl apply $podmonitor_crd: $out"; return 1; }
+  say "  $out"
+  k wait --for condition=established crd/kvclusters.kvstore.dev crd/kvbackups.kvstore.dev crd/podmonitors.monitoring.coreos.com --timeout=60s >/dev/null \
+    || { why "CRDs not Established within 60 s"; return 1; }
 }
 
 step_operator_runs_as_its_service_account() {

@@ -11,7 +11,9 @@
 # the host against kubectl port-forwards, so it cannot resolve the nodes'
 # cluster DNS names: `kvctl verify`, which asks every node at the address in
 # the topology, fails here until kvctl runs inside the cluster (no image has
-# it yet); the steps that verify then FAIL with that reason.
+# it yet); the steps that verify then FAIL with that reason. So does the tls
+# step's kvctl over https, whose URL must carry a name the certificate
+# names; its curl checks go through port-forwards (platform_curl).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cluster=kvstore-e2e
@@ -31,28 +33,51 @@ story_dir=$(mktemp -d)
 . deploy/kind/steps.sh
 
 declare -A pf_pids=()
-# port_forward TARGET: a kubectl port-forward to TARGET's port 7400 on a port
-# the kernel chose (kubectl prints it), reused while it lives.
+# port_forward TARGET [PORT]: a kubectl port-forward to TARGET's port PORT
+# (default 7400) on a port the kernel chose (kubectl prints it), reused
+# while it lives.
 port_forward() {
-  local target=$1 port log
-  if [ -n "${pf_pids[$target]:-}" ] && kill -0 "${pf_pids[$target]%%:*}" 2>/dev/null; then
-    echo "${pf_pids[$target]#*:}"; return 0
+  local target=$1 remote=${2:-7400} port log key
+  key=$target:$remote
+  if [ -n "${pf_pids[$key]:-}" ] && kill -0 "${pf_pids[$key]%%:*}" 2>/dev/null; then
+    echo "${pf_pids[$key]#*:}"; return 0
   fi
-  log=$story_dir/pf-${target//\//-}.log
-  kn port-forward "$target" :7400 > "$log" 2>&1 &
+  log=$story_dir/pf-${target//\//-}-$remote.log
+  kn port-forward "$target" ":$remote" > "$log" 2>&1 &
   for _ in $(seq 1 50); do
     port=$(sed -n 's/^Forwarding from 127.0.0.1:\([0-9]*\) .*/\1/p' "$log" | head -n 1)
     [ -n "$port" ] && break
     sleep 0.2
   done
   [ -n "$port" ] || { echo "port-forward to $target: $(cat "$log")" >&2; return 1; }
-  pf_pids[$target]="$!:$port"
+  pf_pids[$key]="$!:$port"
   echo "$port"
 }
 platform_kvctl() { "${KVCTL:-target/release/kvctl}" "$@"; }
+# platform_curl ARGS...: curl with its URL's cluster name (<svc>.<ns>.svc or
+# <pod>.<svc>.<ns>.svc) connected to a port-forward of that Service or pod,
+# so that TLS still checks the name the certificate carries.
+platform_curl() {
+  local a url= host port target
+  for a in "$@"; do case $a in http://* | https://*) url=$a ;; esac; done
+  host=${url#*://}; host=${host%%/*}; port=${host##*:}; host=${host%:*}
+  case $host in
+    *.*.$ns.svc) target=pod/${host%%.*} ;;
+    *.$ns.svc) target=svc/${host%%.*} ;;
+    *) curl "$@"; return ;;
+  esac
+  curl --connect-to "$host:$port:127.0.0.1:$(port_forward "$target" "$port")" "$@"
+}
 platform_service_url() { echo "http://127.0.0.1:$(port_forward "svc/$story_name")"; }
 platform_pod_url() { echo "http://127.0.0.1:$(port_forward "pod/$story_name-$1")"; }
 platform_extra_spec() { echo "  imagePullPolicy: Never"; }
+# kind's default class (local-path) does not allow volume expansion.
+platform_expandable_class() { :; }
+# No S3-compatible server runs in kind here: the backup step says so and does nothing.
+platform_s3_start() { return 1; }
+platform_s3_stop() { :; }
+s3_access_key=
+s3_secret_key=
 platform_operator_leaders() {
   local holder lead=0 waiting=0 p
   holder=$(k -n "$op_ns" get lease kv-operator -o jsonpath='{.spec.holderIdentity}')

@@ -10,6 +10,7 @@
 #   kube          the kubectl to use (a path or a function name)
 # and defines:
 #   platform_kvctl ARGS...       kvctl able to reach pods by their cluster DNS names
+#   platform_curl ARGS...        curl able to reach them too (URLs by those names)
 #   platform_service_url         the client Service's URL for kvctl
 #   platform_pod_url ORDINAL     one node's URL
 #   platform_operator_kill       SIGKILL the leading operator; echo its name
@@ -17,6 +18,8 @@
 #   platform_operator_leaders    echo how many replicas say they lead, then how many wait
 #   platform_dump DIR            copy logs and object dumps to DIR
 #   platform_extra_spec          YAML lines added under the KvCluster's spec (may be empty)
+#   platform_expandable_class    echo a storage class that allows volume expansion
+#                                and whose volumes really grow (empty: none)
 # Each step prints PASS, FAIL (with why) or SKIP (a known operator gap, with
 # the issue item); a failed step does not stop the later ones where they can
 # still run. run_story returns non-zero if any step failed.
@@ -120,11 +123,13 @@ stop_loads() {
 }
 
 # --- a write load in the background ---------------------------------------------
-# load_start NAME: Quorum writes of NAME-i through the client Service; each
-# write retried twice (what a client library does); acknowledged ones go to
-# $story_dir/NAME.acked, those failing after the retries to NAME.failed.
+# load_start NAME [secret]: Quorum writes of NAME-i through the client
+# Service; each write retried twice (what a client library does);
+# acknowledged ones go to $story_dir/NAME.acked, those failing after the
+# retries to NAME.failed. With `secret` the token is read from the client
+# token Secret before each write (its first line: the one to send).
 load_start() {
-  local name=$1
+  local name=$1 from_secret=${2:-}
   rm -f "$story_dir/$name".{acked,failed,stop,err}
   touch "$story_dir/$name".{acked,failed,err}
   (
@@ -132,6 +137,7 @@ load_start() {
     while [ ! -f "$story_dir/$name.stop" ]; do
       i=$((i + 1)); ok=0
       for _ in 1 2 3; do
+        if [ "$from_secret" = secret ]; then story_token=$(first_token "$story_name-auth" token); fi
         if kv --endpoint "$(platform_service_url)" --consistency quorum put "$name-$i" "v$i" >/dev/null 2>>"$story_dir/$name.err"; then
           ok=1; break
         fi
@@ -426,6 +432,61 @@ step_rolling_update() {
 node_pods() { kn get pods -l "app.kubernetes.io/instance=$story_name,app.kubernetes.io/component=node" -o name; }
 node_pod_uids() { kn get pods -l "app.kubernetes.io/instance=$story_name,app.kubernetes.io/component=node" -o jsonpath='{range .items[*]}{.metadata.name}={.metadata.uid} {end}'; }
 data_pvcs() { kn get pvc -o name | grep -c "/data-$story_name-" || true; }
+hibernated() {
+  phase_is Hibernated && [ "$(kn get sts "$story_name" -o jsonpath='{.spec.replicas}')" = 0 ] && [ -z "$(node_pods)" ]
+}
+awake() { [ "$(ready_pods '.metadata.name' | wc -w)" = 3 ] && settled 3; }
+# told_early: sets wake_phase to the status' phase, and wake_early (returning
+# 0) when a status of the current generation shows Running, or a node Up,
+# whose pod is not Ready. The status is read before the pods: during a
+# wake-up pods only become Ready, so a status written before a pod was Ready
+# is caught, never one written after.
+told_early() {
+  local gen obs states ready o
+  read -r gen obs wake_phase states < <(kvc_field '{.metadata.generation} {.status.observedGeneration} {.status.phase} {range .status.nodes[*]}{.ordinal}={.state} {end}')
+  ready=$(ready_pods '.metadata.name' | tr '\n' ' ')
+  [ "$gen" = "$obs" ] || return 1
+  if [ "$wake_phase" = Running ] && [ "$(wc -w <<<"$ready")" != 3 ]; then
+    wake_early="phase Running with Ready pods [${ready% }]"; return 0
+  fi
+  for o in $(tr ' ' '\n' <<<"$states" | sed -n 's/=Up$//p'); do
+    grep -qw "$story_name-$o" <<<"$ready" \
+      || { wake_early="node $o Up while its pod is not Ready (phase $wake_phase, nodes $states)"; return 0; }
+  done
+  return 1
+}
+
+# Hibernation (issue 20): every pod stops, the volumes stay, and waking up
+# brings the same nodes back with their data: no node marked Failed, no new
+# epoch, every key written before readable, co-owners agreeing. While the
+# pods come back the status must not say Running or show a node Up whose
+# pod is not Ready (the first real run saw both one second after waking).
+step_hibernate() {
+  local epoch pvcs t0 phases= wake_phase wake_early
+  story_token=$(token)
+  load_start hib; sleep 3; load_stop hib || return 1
+  epoch=$(kvc_field '{.status.topologyEpoch}'); pvcs=$(data_pvcs)
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"hibernation":true}}' >/dev/null
+  wait_for "$story_wait" "phase Hibernated, StatefulSet at 0, no node pod" hibernated || return 1
+  [ "$(data_pvcs)" = "$pvcs" ] || { why "PVCs went from $pvcs to $(data_pvcs) while hibernated"; return 1; }
+  say "  hibernated: $pvcs PVCs kept, epoch $(kvc_field '{.status.topologyEpoch}')"
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"hibernation":false}}' >/dev/null
+  t0=$SECONDS
+  until awake; do
+    [ $((SECONDS - t0)) -lt "$story_wait" ] \
+      || { why "not awake within $story_wait s: phase $(kvc_field '{.status.phase}'), nodes $(node_states), Ready pods $(ready_pods '.metadata.name' | wc -w)"; return 1; }
+    if told_early; then why "the status ran ahead of the pods while waking: $wake_early"; return 1; fi
+    case " $phases " in *" $wake_phase "*) ;; *) phases="$phases $wake_phase" ;; esac
+    sleep 0.5
+  done
+  say "  awake in $((SECONDS - t0)) s: 3 pods Ready, Running with 3 nodes Up (phases seen:$phases)"
+  [ "$(kvc_field '{.status.topologyEpoch}')" = "$epoch" ] \
+    || { why "topology epoch went from $epoch to $(kvc_field '{.status.topologyEpoch}') across hibernation (a node marked down, or a rebalance)"; return 1; }
+  check_endpointslices || return 1
+  check_acked hib || return 1
+  verify_clean
+}
+
 restart_done() { # restart_done VALUE UIDS: finished for VALUE, and no pod kept its uid
   local uid
   [ "$(kvc_field '{.status.lastRestart.requestedAt}')" = "$1" ] || return 1
@@ -453,6 +514,51 @@ step_restart() {
   say "  restarted 3 pods in $((SECONDS - t0)) s; fewest Ready pods seen $worst"
   load_stop rst || return 1
   [ "$worst" -ge 2 ] || { why "more than one pod down at once during the restart (Ready $worst)"; return 1; }
+  verify_clean
+}
+
+# first_token SECRET KEY: the first token a token Secret holds (the one sent)
+first_token() { kn get secret "$1" -o "jsonpath={.data.${2//./\\.}}" | base64 -d | head -n 1; }
+# code_with TOKEN: the HTTP status of a read through the client Service with TOKEN
+code_with() {
+  platform_curl -s -m 5 -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $1" "$(platform_service_url)/v1/kv/rotation-probe" || true
+}
+
+# Token rotation on Kubernetes (issue 18): kvctl rotate-token --cluster
+# writes the token Secret in three steps, each awaited in the nodes'
+# fingerprints in the status, under a write load whose client takes its
+# token from the Secret before each write (as a client that mounts it
+# would). No write fails; the old token is refused at the end, the new one
+# taken; the cluster token rotates the same way.
+step_rotate_token() {
+  local old new out fp_new shown code
+  old=$(first_token "$story_name-auth" token)
+  [ -n "$old" ] || { why "no token in Secret $story_name-auth"; return 1; }
+  story_token=$old
+  load_start rot secret
+  out=$(platform_kvctl --timeout 10 rotate-token client --cluster "$story_name" -n "$ns" --wait-timeout 120 -o json 2>"$story_dir/rotate.err") \
+    || { story_token=$(first_token "$story_name-auth" token); load_stop rot || true; why "kvctl rotate-token client --cluster: $(tail -n 3 "$story_dir/rotate.err" | tr '\n' ' ')"; return 1; }
+  new=$(first_token "$story_name-auth" token)
+  story_token=$new # the acknowledged writes are read back with the new token
+  load_stop rot || return 1
+  [ "$(kn get secret "$story_name-auth" -o jsonpath='{.data.token}' | base64 -d | grep -c .)" = 1 ] \
+    || { why "Secret $story_name-auth holds more than the new token after the rotation"; return 1; }
+  fp_new=$(jq -r .fingerprint <<<"$out")
+  say "  client token rotated: $(jq -c '[.steps[] | {tokens, nodes, s: (.waitedMs / 1000)}]' <<<"$out")"
+  shown=$(kvc_field '{range .status.nodes[*]}{.tokens.client[0]}{" "}{end}')
+  [ "$(tr ' ' '\n' <<<"$shown" | grep -c "^$fp_new$")" = 3 ] || { why "status.nodes[].tokens.client shows '$shown', not $fp_new on 3 nodes"; return 1; }
+  code=$(code_with "$old"); case $code in 401|403) ;; *) why "the old client token got $code, not 401/403"; return 1 ;; esac
+  [ "$(code_with "$new")" = 404 ] || { why "the new client token got $(code_with "$new") for a missing key, not 404"; return 1; }
+  say "  old token: $code; new token: 404 for a missing key"
+  [ -z "$(kvc_field '{.metadata.annotations.kvstore\.dev/token-rotation}')" ] || { why "the token-rotation annotation is still set"; return 1; }
+
+  story_token=$new
+  load_start crot
+  out=$(platform_kvctl --timeout 10 rotate-token cluster --cluster "$story_name" -n "$ns" --wait-timeout 120 -o json 2>"$story_dir/rotate.err") \
+    || { load_stop crot || true; why "kvctl rotate-token cluster --cluster: $(tail -n 3 "$story_dir/rotate.err" | tr '\n' ' ')"; return 1; }
+  load_stop crot || return 1
+  say "  cluster token rotated: $(jq -c '[.steps[] | {nodes, s: (.waitedMs / 1000)}]' <<<"$out")"
+  settled 3 || { why "not settled after the rotations: phase $(kvc_field '{.status.phase}'), nodes $(node_states)"; return 1; }
   verify_clean
 }
 
@@ -485,6 +591,402 @@ step_wiped_volume() {
   verify_clean
 }
 
+volumes_condition() { # volumes_condition KVC: "STATUS REASON" of VolumesResized
+  kn get kvc "$1" -o jsonpath='{.status.conditions[?(@.type=="VolumesResized")].status} {.status.conditions[?(@.type=="VolumesResized")].reason}'
+}
+volumes_condition_is() { [ "$(volumes_condition "$1")" = "$2" ]; }
+claim_is() { # claim_is PVC REQUEST CAPACITY
+  [ "$(kn get pvc "$1" -o jsonpath='{.spec.resources.requests.storage} {.status.capacity.storage}')" = "$2 $3" ]
+}
+
+# Volume expansion (issue 17 item 3). The story's claims have no storage
+# class, which the API server never lets grow: a larger size must say so and
+# change no claim. A cluster of a class that allows expansion grows every
+# claim, and its pods keep running.
+step_volume_expansion() {
+  local class pvc="data-$story_name-0" before
+  before=$(kn get pvc "$pvc" -o jsonpath='{.spec.resources.requests.storage}')
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"storage":{"size":"128Mi"}}}' >/dev/null
+  wait_for 60 "no class: VolumesResized False ExpansionNotSupported" \
+    volumes_condition_is "$story_name" "False ExpansionNotSupported" || return 1
+  [ "$(kn get pvc "$pvc" -o jsonpath='{.spec.resources.requests.storage}')" = "$before" ] \
+    || { why "$pvc was changed though its class cannot grow"; return 1; }
+  settled 3 || { why "the refused resize disturbed the cluster: $(node_states) $(kvc_field '{.status.phase}')"; return 1; }
+  kn patch kvc "$story_name" --type merge -p "{\"spec\":{\"storage\":{\"size\":\"$before\"}}}" >/dev/null
+  wait_for 60 "size back: VolumesResized True" volumes_condition_is "$story_name" "True Resized" || return 1
+
+  class=$(platform_expandable_class)
+  if [ -z "$class" ]; then say "  no storage class here lets volumes grow: the growing half is not run"; return 0; fi
+  kn apply -f - >/dev/null <<YAML || { why "kubectl apply of KvCluster grow"; return 1; }
+apiVersion: kvstore.dev/v1alpha1
+kind: KvCluster
+metadata: {name: grow}
+spec:
+  replicas: 1
+  replication: {factor: 1}
+  image: $image_a
+  storage: {size: 64Mi, storageClassName: $class}
+$(platform_extra_spec)
+YAML
+  grow_running() { [ "$(kn get kvc grow -o jsonpath='{.status.phase}')" = Running ]; }
+  wait_for "$story_wait" "KvCluster grow Running" grow_running || return 1
+  kn patch kvc grow --type merge -p '{"spec":{"storage":{"size":"256Mi"}}}' >/dev/null
+  wait_for 60 "grow: VolumesResized True Resized" volumes_condition_is grow "True Resized" || return 1
+  claim_is data-grow-0 256Mi 256Mi || { why "data-grow-0: $(kn get pvc data-grow-0 -o jsonpath='{.spec.resources.requests.storage} {.status.capacity.storage}')"; return 1; }
+  [ "$(kn get sts grow -o jsonpath='{.spec.volumeClaimTemplates[0].spec.resources.requests.storage}')" = 64Mi ] \
+    || { why "the StatefulSet's claim template changed"; return 1; }
+  grow_running || { why "grow is $(kn get kvc grow -o jsonpath='{.status.phase}') after the resize"; return 1; }
+  kn delete kvc grow --wait=true --timeout=60s >/dev/null || { why "kubectl delete kvc grow"; return 1; }
+}
+
+pod_monitor_field() { kn get podmonitor "$story_name" -o "jsonpath=$1" 2>/dev/null; }
+pod_monitor_gone() { ! kn get podmonitor "$story_name" -o name >/dev/null 2>&1; }
+pod_monitor_there() { kn get podmonitor "$story_name" -o name >/dev/null 2>&1; }
+
+# Monitoring per cluster (issue 20): where the Prometheus Operator's CRDs are
+# installed, the operator makes a PodMonitor for the cluster's node pods (the
+# API server checks it against the real CRD's schema), owned by the
+# KvCluster; spec.monitoring.podMonitor false deletes it.
+step_pod_monitor() {
+  if ! k get crd podmonitors.monitoring.coreos.com >/dev/null 2>&1; then
+    say "  no PodMonitor CRD on this cluster: nothing to check"; return 0
+  fi
+  wait_for 60 "PodMonitor $story_name" pod_monitor_there || return 1
+  local instance port label owner
+  instance=$(pod_monitor_field '{.spec.selector.matchLabels.app\.kubernetes\.io/instance}')
+  port=$(pod_monitor_field '{.spec.podMetricsEndpoints[0].port}')
+  label=$(pod_monitor_field '{.spec.podMetricsEndpoints[0].relabelings[0].targetLabel}')
+  owner=$(pod_monitor_field '{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}')
+  [ "$instance $port $label $owner" = "$story_name client kvcluster KvCluster/$story_name" ] \
+    || { why "PodMonitor: selector instance '$instance', port '$port', relabel '$label', owner '$owner'"; return 1; }
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"monitoring":{"podMonitor":false}}}' >/dev/null
+  wait_for 60 "podMonitor false: PodMonitor deleted" pod_monitor_gone || return 1
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"monitoring":{"podMonitor":true}}}' >/dev/null
+  wait_for 60 "podMonitor true: PodMonitor back" pod_monitor_there
+}
+
+# --- tls: a second cluster with spec.tls.mode Generated ---------------------------
+secure_field() { kn get kvc secure -o "jsonpath=$1"; }
+# secure_running N: KvCluster secure Running, N nodes in its status, all Up
+secure_running() {
+  local states
+  [ "$(secure_field '{.status.phase}')" = Running ] || return 1
+  states=$(secure_field '{range .status.nodes[*]}{.state}{"\n"}{end}') || return 1
+  [ "$(grep -c . <<<"$states")" = "$1" ] && [ "$(grep -c '^Up$' <<<"$states")" = "$1" ]
+}
+secure_pods_ready() {
+  [ "$(kn get pods -l app.kubernetes.io/instance=secure,app.kubernetes.io/component=node -o json \
+    | jq '[.items[] | select(any(.status.conditions[]?; .type == "Ready" and .status == "True"))] | length')" = "$1" ]
+}
+# secret_file SECRET KEY FILE: one key of a Secret, decoded into FILE (not empty)
+secret_file() {
+  kn get secret "$1" -o "jsonpath={.data.${2//./\\.}}" | base64 -d > "$3" && [ -s "$3" ]
+}
+# curl_code ARGS...: "EXIT STATUS" of a curl through the cluster's names
+# (STATUS 000: no HTTP answer)
+curl_code() {
+  local code rc=0
+  code=$(platform_curl -s -m 5 -o /dev/null -w '%{http_code}' "$@") || rc=$?
+  echo "$rc ${code:-000}"
+}
+
+# TLS (issue 18): the client port serves HTTPS only, the peer port wants a
+# client certificate from the cluster's CA, and the pods are Ready only if
+# the kubelet's HTTPS probes pass. Cluster secure is deleted at the end.
+step_tls() {
+  local rc=0
+  tls_checks || rc=$?
+  kn delete kvc secure --wait=true --timeout=120s >/dev/null 2>&1 || { [ "$rc" != 0 ] || why "kubectl delete kvc secure"; rc=1; }
+  kn delete pvc data-secure-0 data-secure-1 data-secure-2 --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  return "$rc"
+}
+tls_checks() {
+  local d=$story_dir/secure svc="secure.$ns.svc" peer="secure-0.secure-peers.$ns.svc" tok ctok got out seen
+  mkdir -p "$d"
+  kn apply -f - >/dev/null <<YAML || { why "kubectl apply of KvCluster secure"; return 1; }
+apiVersion: kvstore.dev/v1alpha1
+kind: KvCluster
+metadata: {name: secure}
+spec:
+  replicas: 3
+  image: $image_a
+  replication: {factor: 3}
+  storage: {size: 64Mi}
+  tls: {mode: Generated}
+$(platform_extra_spec)
+YAML
+  wait_for "$story_wait" "KvCluster secure Running, 3 nodes Up" secure_running 3 \
+    || { why "secure: phase $(secure_field '{.status.phase}'), nodes $(secure_field '{range .status.nodes[*]}{.ordinal}={.state} {end}')"; return 1; }
+  [ "$(kn get sts secure -o jsonpath='{.spec.template.spec.containers[0].readinessProbe.httpGet.scheme}')" = HTTPS ] \
+    || { why "the readiness probe of secure's pods is not HTTPS"; return 1; }
+  wait_for 60 "3 pods of secure Ready on HTTPS probes" secure_pods_ready 3 || return 1
+  secret_file secure-ca ca.crt "$d/ca.crt" || { why "no ca.crt in Secret secure-ca"; return 1; }
+  if ! secret_file secure-tls tls.crt "$d/tls.crt" || ! secret_file secure-tls tls.key "$d/tls.key"; then
+    why "no tls.crt and tls.key in Secret secure-tls"; return 1
+  fi
+  tok=$(kn get secret secure-auth -o jsonpath='{.data.token}' | base64 -d)
+  ctok=$(kn get secret secure-cluster-auth -o jsonpath='{.data.cluster-token}' | base64 -d)
+  if [ -z "$tok" ] || [ -z "$ctok" ]; then why "no token in Secret secure-auth or secure-cluster-auth"; return 1; fi
+
+  # At All every node stores the write: the nodes reach each other over mutual TLS.
+  KV_TOKEN=$tok platform_kvctl --timeout 5 --cacert "$d/ca.crt" --endpoint "https://$svc:7400" --consistency all put tls-key over-https >/dev/null \
+    || { why "kvctl --cacert put at All over https://$svc:7400 failed"; return 1; }
+  got=$(KV_TOKEN=$tok platform_kvctl --timeout 5 --cacert "$d/ca.crt" --endpoint "https://secure-2.secure-peers.$ns.svc:7400" --consistency one get tls-key) \
+    || { why "kvctl --cacert get through node 2 failed"; return 1; }
+  [ "$got" = over-https ] || { why "tls-key reads '$got' through node 2"; return 1; }
+  say "  kvctl --cacert: put at All and read back through node 2 over https"
+
+  if out=$(KV_TOKEN=$tok platform_kvctl --timeout 5 --endpoint "https://$svc:7400" get tls-key 2>&1); then
+    why "kvctl without the cluster's CA was answered: $out"; return 1
+  fi
+  grep -qi certificate <<<"$out" || { why "kvctl without the CA failed, but not on the certificate: $out"; return 1; }
+  say "  kvctl without the CA refused: $(tail -n 1 <<<"$out")"
+
+  seen=$(curl_code --cacert "$d/ca.crt" "https://$svc:7400/healthz")
+  [ "$seen" = "0 200" ] || { why "https /healthz with the CA: curl exit and status $seen, not 0 200"; return 1; }
+  seen=$(curl_code "http://$svc:7400/healthz")
+  case ${seen#* } in 2*|3*) why "plain http to the client port answered $seen"; return 1 ;; esac
+  say "  client port: https /healthz 200; plain http: curl exit and status $seen"
+
+  seen=$(curl_code --cacert "$d/ca.crt" --cert "$d/tls.crt" --key "$d/tls.key" -H "Authorization: Bearer $ctok" "https://$peer:7401/internal/v1/clock")
+  [ "$seen" = "0 200" ] || { why "peer port with the cluster's certificate and token: curl exit and status $seen, not 0 200"; return 1; }
+  seen=$(curl_code --cacert "$d/ca.crt" -H "Authorization: Bearer $ctok" "https://$peer:7401/internal/v1/clock")
+  case ${seen#* } in 000) ;; *) why "peer port without a client certificate answered $seen"; return 1 ;; esac
+  say "  peer port: 200 with the cluster's certificate and token; without a client certificate: curl exit and status $seen"
+}
+
+# --- tls-provided: a certificate issued elsewhere (spec.tls.mode Provided) ------
+# issue_cert DIR NAME DNS...: a CA and a certificate for the DNS names, good
+# for server and client authentication, in DIR/{ca.crt,NAME.crt,NAME.key}:
+# the files a cert-manager Certificate writes into its Secret.
+issue_cert() {
+  local d=$1 name=$2 san; shift 2
+  san=$(printf 'DNS:%s,' "$@"); san=${san%,}
+  [ -f "$d/ca.crt" ] || openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$d/ca.key" -out "$d/ca.crt" -subj /CN=e2e-issuer -days 2 \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign 2>/dev/null || return 1
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$d/$name.key" \
+    -out "$d/$name.csr" -subj "/CN=$name" 2>/dev/null || return 1
+  openssl x509 -req -in "$d/$name.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial -days 2 \
+    -out "$d/$name.crt" -extfile <(printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n' "$san") 2>/dev/null
+}
+# provided_kvc NAME N: a KvCluster of N nodes (factor N) on the Secret NAME-cert
+provided_kvc() {
+  cat <<YAML
+apiVersion: kvstore.dev/v1alpha1
+kind: KvCluster
+metadata: {name: $1}
+spec:
+  replicas: $2
+  image: $image_a
+  replication: {factor: $2}
+  storage: {size: 64Mi}
+  tls: {mode: Provided, secretName: $1-cert}
+$(platform_extra_spec)
+YAML
+}
+provided_field() { kn get kvc "$1" -o "jsonpath=$2"; }
+# progressing_is KVC "STATUS REASON"
+progressing_is() { [ "$(provided_field "$1" '{.status.conditions[?(@.type=="Progressing")].status} {.status.conditions[?(@.type=="Progressing")].reason}')" = "$2" ]; }
+provided_running() {
+  local states
+  [ "$(provided_field provided '{.status.phase}')" = Running ] || return 1
+  states=$(provided_field provided '{range .status.nodes[*]}{.state}{"\n"}{end}') || return 1
+  [ "$(grep -c '^Up$' <<<"$states")" = 2 ]
+}
+
+# TLS with a certificate issued elsewhere (issue 18): the Secret a
+# cert-manager Certificate would write (tls.crt, tls.key, ca.crt; the
+# certificate names every pod through a wildcard), made here with openssl.
+# The nodes serve it on both ports, talk to each other over mutual TLS with
+# it, and the operator calls them trusting its ca.crt. A Secret whose
+# certificate does not name the pods is reported, not used quietly.
+step_tls_provided() {
+  local rc=0
+  tls_provided_checks || rc=$?
+  kn delete kvc provided misnamed --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1 || { [ "$rc" != 0 ] || why "kubectl delete kvc provided misnamed"; rc=1; }
+  kn delete pvc data-provided-0 data-provided-1 data-misnamed-0 --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  kn delete secret provided-cert misnamed-cert --ignore-not-found >/dev/null 2>&1 || true
+  return "$rc"
+}
+tls_provided_checks() {
+  local d=$story_dir/provided tok got
+  mkdir -p "$d"
+  issue_cert "$d" provided "*.provided-peers.$ns.svc" "*.provided-peers.$ns.svc.cluster.local" "provided.$ns.svc" \
+    || { why "openssl could not issue the test certificate"; return 1; }
+  issue_cert "$d" misnamed "*.elsewhere.$ns.svc" || { why "openssl could not issue the misnamed certificate"; return 1; }
+  kn create secret generic provided-cert --from-file=tls.crt="$d/provided.crt" --from-file=tls.key="$d/provided.key" \
+    --from-file=ca.crt="$d/ca.crt" >/dev/null || { why "kubectl create secret provided-cert"; return 1; }
+  kn create secret generic misnamed-cert --from-file=tls.crt="$d/misnamed.crt" --from-file=tls.key="$d/misnamed.key" \
+    --from-file=ca.crt="$d/ca.crt" >/dev/null || { why "kubectl create secret misnamed-cert"; return 1; }
+  { provided_kvc provided 2; echo ---; provided_kvc misnamed 1; } | kn apply -f - >/dev/null \
+    || { why "kubectl apply of KvClusters provided and misnamed"; return 1; }
+  wait_for "$story_wait" "KvCluster provided Running, 2 nodes Up" provided_running \
+    || { why "provided: phase $(provided_field provided '{.status.phase}'), nodes $(provided_field provided '{range .status.nodes[*]}{.ordinal}={.state} {end}'), conditions $(provided_field provided '{.status.conditions}')"; return 1; }
+  [ "$(kn get secret -o name | grep -c '^secret/provided-\(ca\|tls\)$')" = 0 ] \
+    || { why "the operator made a CA or certificate Secret for a Provided cluster"; return 1; }
+  tok=$(kn get secret provided-auth -o jsonpath='{.data.token}' | base64 -d)
+  KV_TOKEN=$tok platform_kvctl --timeout 5 --cacert "$d/ca.crt" --endpoint "https://provided.$ns.svc:7400" --consistency all put provided-key issued-elsewhere >/dev/null \
+    || { why "kvctl --cacert put at All over https://provided.$ns.svc:7400 failed"; return 1; }
+  got=$(KV_TOKEN=$tok platform_kvctl --timeout 5 --cacert "$d/ca.crt" --endpoint "https://provided-1.provided-peers.$ns.svc:7400" --consistency one get provided-key) \
+    || { why "kvctl --cacert get through node 1 failed"; return 1; }
+  [ "$got" = issued-elsewhere ] || { why "provided-key reads '$got' through node 1"; return 1; }
+  say "  provided: Running on the user's certificate; put at All (mutual TLS between the nodes) and read back through node 1"
+  wait_for 60 "misnamed: Progressing False TlsSecretInvalid" progressing_is misnamed "False TlsSecretInvalid" \
+    || { why "misnamed: conditions $(provided_field misnamed '{.status.conditions}')"; return 1; }
+  got=$(provided_field misnamed '{.status.conditions[?(@.type=="Progressing")].message}')
+  grep -q "not valid for misnamed-0.misnamed-peers.$ns.svc" <<<"$got" || { why "misnamed: the message does not name the pod: $got"; return 1; }
+  say "  misnamed: $got"
+}
+
+# --- backup: a KvBackup under a write load, restored into a new cluster ------
+# (issue 20) The operator takes the backup to a real S3-compatible server;
+# kvctl restores it into a KvCluster of another placement; every write
+# acknowledged before the backup began reads back there with its value.
+step_backup() {
+  local d=$story_dir/backup rc=0 endpoint
+  mkdir -p "$d"
+  if ! endpoint=$(platform_s3_start "$d"); then
+    say "  no S3-compatible server on this platform: the backup step does nothing here"
+    return 0
+  fi
+  backup_checks "$endpoint" "$d" || rc=$?
+  platform_s3_stop "$d"
+  kn patch kvc "$story_name" --type json -p '[{"op":"remove","path":"/spec/backup"}]' >/dev/null 2>&1 || true
+  kn delete kvbackup story-backup story-backup-again --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  kn delete kvbackup -l "kvstore.dev/scheduled-for=$story_name" --wait=false >/dev/null 2>&1 || true
+  kn delete kvc restored --wait=true --timeout=120s >/dev/null 2>&1 || { [ "$rc" != 0 ] || why "kubectl delete kvc restored"; rc=1; }
+  kn delete pvc data-restored-0 data-restored-1 data-restored-2 --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  return "$rc"
+}
+backup_field() { kn get kvbackup "$1" -o "jsonpath=$2"; }
+scheduled_backups() {
+  kn get kvbackup -l "kvstore.dev/scheduled-for=$story_name" \
+    -o jsonpath='{range .items[*]}{.metadata.name}={.status.phase} {.spec.destination}; {end}'
+}
+scheduled_completed() { grep -q '=Completed ' <<<"$(scheduled_backups)"; }
+backup_phase_is() { [ "$(backup_field "$1" '{.status.phase}')" = "$2" ]; }
+backup_gone() { ! kn get kvbackup "$1" -o name >/dev/null 2>&1; }
+schedule_refused() {
+  kn get events --field-selector reason=BackupScheduleInvalid -o jsonpath='{range .items[*]}{.message}{"\n"}{end}' \
+    | grep -q 'every day'
+}
+restored_field() { kn get kvc restored -o "jsonpath=$1"; }
+restored_running() {
+  local states
+  [ "$(restored_field '{.status.phase}')" = Running ] || return 1
+  states=$(restored_field '{range .status.nodes[*]}{.state}{"\n"}{end}') || return 1
+  [ "$(grep -c . <<<"$states")" = 3 ] && [ "$(grep -c '^Up$' <<<"$states")" = 3 ]
+}
+backup_checks() {
+  local endpoint=$1 d=$2 url="s3://kv-backups/$story_name/first" out records phase n lost=0 key val got old
+  local restored_url tok ctok
+  mkdir -p "$d/root/kv-backups"
+  kn create secret generic backup-s3 --from-literal=accessKeyId="$s3_access_key" \
+    --from-literal=secretAccessKey="$s3_secret_key" --dry-run=client -o yaml | kn apply -f - >/dev/null \
+    || { why "cannot create the Secret backup-s3"; return 1; }
+  story_token=$(token)
+  load_start backup
+  sleep 3
+  # every write acknowledged before the backup begins must be in it
+  cp "$story_dir/backup.acked" "$d/before.acked"
+  out=$(platform_kvctl backup --cluster "$story_name" -n "$ns" --to "$url" --backup-name story-backup \
+    --s3-endpoint "$endpoint" --s3-region us-east-1 --s3-credentials-secret backup-s3 --backup-timeout 180 2>&1) \
+    || { why "kvctl backup --cluster: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; load_stop backup || true; return 1; }
+  say "  $(tail -n 1 <<<"$out")"
+  load_stop backup || return 1
+  phase=$(backup_field story-backup '{.status.phase}')
+  records=$(backup_field story-backup '{.status.records}')
+  n=$(wc -l < "$d/before.acked")
+  [ "$phase" = Completed ] || { why "KvBackup story-backup is '$phase', not Completed"; return 1; }
+  [ "${records:-0}" -ge "$n" ] || { why "KvBackup story-backup holds $records records, fewer than the $n writes acknowledged before it began"; return 1; }
+  [ -f "$d/root/kv-backups/$story_name/first/manifest.json" ] \
+    || { why "no manifest.json under the S3 server's kv-backups/$story_name/first"; return 1; }
+  say "  KvBackup Completed: $records records, $(backup_field story-backup '{.status.bytes}') bytes, $(backup_field story-backup '{.status.segmentsDone}') segments, epoch $(backup_field story-backup '{.status.epoch}'); $n writes were acknowledged before it began"
+
+  # A KvBackup's spec is immutable, and a destination holding a backup is refused.
+  if out=$(kn patch kvbackup story-backup --type merge -p '{"spec":{"destination":"s3://kv-backups/elsewhere"}}' 2>&1); then
+    why "a change of a KvBackup's spec was accepted: $out"; return 1
+  fi
+  grep -q "cannot change" <<<"$out" || { why "the spec change was refused, but not by the CEL rule: $out"; return 1; }
+  if out=$(platform_kvctl backup --cluster "$story_name" -n "$ns" --to "$url" --backup-name story-backup-again \
+    --s3-endpoint "$endpoint" --s3-credentials-secret backup-s3 --backup-timeout 60 2>&1); then
+    why "a second backup to $url succeeded: $out"; return 1
+  fi
+  [ "$(backup_field story-backup-again '{.status.phase}')" = Failed ] || { why "the second backup to $url is not Failed: $out"; return 1; }
+  grep -q "already holds a backup" <<<"$(backup_field story-backup-again '{.status.message}')" \
+    || { why "the second backup failed for another reason: $(backup_field story-backup-again '{.status.message}')"; return 1; }
+  say "  spec change refused by the API server; a second backup to the same place Failed: already holds a backup"
+
+  # spec.backup.schedule: an invalid one is told (Warning Event) and the
+  # cluster goes on; every minute, a KvBackup of the scheduled time is made
+  # under <destination>/<its name> and completes.
+  kn patch kvc "$story_name" --type merge -p "{\"spec\":{\"backup\":{\"schedule\":\"every day\",\"destination\":\"s3://kv-backups/$story_name/scheduled\",\"s3\":{\"endpoint\":\"$endpoint\",\"credentialsSecret\":\"backup-s3\"}}}}" >/dev/null \
+    || { why "cannot set spec.backup"; return 1; }
+  wait_for 60 "Warning BackupScheduleInvalid for the schedule 'every day'" schedule_refused || return 1
+  phase_is Running || { why "phase $(kvc_field '{.status.phase}') with an invalid backup schedule, not Running"; return 1; }
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"backup":{"schedule":"* * * * *"}}}' >/dev/null \
+    || { why "cannot set spec.backup.schedule"; return 1; }
+  wait_for 90 "a scheduled KvBackup Completed" scheduled_completed || { why "scheduled KvBackups: $(scheduled_backups)"; return 1; }
+  [ -f "$d/root/kv-backups/$story_name/scheduled/$(kn get kvbackup -l "kvstore.dev/scheduled-for=$story_name" -o jsonpath='{.items[0].metadata.name}')/manifest.json" ] \
+    || { why "no manifest.json of the first scheduled backup under kv-backups/$story_name/scheduled/<its name>"; return 1; }
+  # keep: 1 deletes an older scheduled backup, its objects first (one made
+  # here in the form a schedule makes, for a time long past).
+  old="$story_name-20200101-000000"
+  kn apply -f - >/dev/null <<YAML || { why "kubectl apply of KvBackup $old"; return 1; }
+apiVersion: kvstore.dev/v1alpha1
+kind: KvBackup
+metadata:
+  name: $old
+  labels: {kvstore.dev/scheduled-for: $story_name}
+  annotations: {kvstore.dev/scheduled-at: "2020-01-01T00:00:00Z"}
+spec:
+  cluster: $story_name
+  destination: s3://kv-backups/$story_name/scheduled/$old
+  s3: {endpoint: "$endpoint", credentialsSecret: backup-s3}
+YAML
+  wait_for 60 "KvBackup $old Completed" backup_phase_is "$old" Completed || return 1
+  [ -f "$d/root/kv-backups/$story_name/scheduled/$old/manifest.json" ] || { why "no manifest.json of $old"; return 1; }
+  kn patch kvc "$story_name" --type merge -p '{"spec":{"backup":{"keep":1}}}' >/dev/null \
+    || { why "cannot set spec.backup.keep"; return 1; }
+  wait_for 60 "KvBackup $old deleted by keep: 1" backup_gone "$old" || return 1
+  [ "$(find "$d/root/kv-backups/$story_name/scheduled/$old" -type f 2>/dev/null | wc -l)" = 0 ] \
+    || { why "objects of $old left after it was deleted: $(find "$d/root/kv-backups/$story_name/scheduled/$old" -type f | head -n 3 | tr '\n' ' ')"; return 1; }
+  scheduled_completed || { why "keep: 1 left no Completed scheduled backup: $(scheduled_backups)"; return 1; }
+  kn patch kvc "$story_name" --type json -p '[{"op":"remove","path":"/spec/backup"}]' >/dev/null \
+    || { why "cannot remove spec.backup"; return 1; }
+  say "  keep: 1 deleted $old and its objects; scheduled now: $(scheduled_backups)"
+
+  # Restore into a new cluster of another placement (factor 2), with kvctl.
+  kn apply -f - >/dev/null <<YAML || { why "kubectl apply of KvCluster restored"; return 1; }
+apiVersion: kvstore.dev/v1alpha1
+kind: KvCluster
+metadata: {name: restored}
+spec:
+  replicas: 3
+  image: $image_a
+  replication: {factor: 2}
+  storage: {size: 64Mi}
+$(platform_extra_spec)
+YAML
+  wait_for "$story_wait" "KvCluster restored Running, 3 nodes Up" restored_running \
+    || { why "restored: phase $(restored_field '{.status.phase}')"; return 1; }
+  tok=$(kn get secret restored-auth -o jsonpath='{.data.token}' | base64 -d)
+  ctok=$(kn get secret restored-cluster-auth -o jsonpath='{.data.cluster-token}' | base64 -d)
+  restored_url=$(story_name=restored platform_service_url)
+  out=$(AWS_ENDPOINT_URL=$endpoint AWS_ACCESS_KEY_ID=$s3_access_key AWS_SECRET_ACCESS_KEY=$s3_secret_key AWS_REGION=us-east-1 \
+    KV_TOKEN=$tok KV_CLUSTER_TOKEN=$ctok platform_kvctl --timeout 30 --endpoint "$restored_url" restore --from "$url" 2>&1) \
+    || { why "kvctl restore into restored: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; return 1; }
+  say "  kvctl restore: $(tail -n 1 <<<"$out")"
+  while read -r key val; do
+    got=$(KV_TOKEN=$tok platform_kvctl --timeout 5 --endpoint "$restored_url" --consistency quorum get "$key" 2>&1) || got="ERROR $got"
+    if [ "$got" != "$val" ]; then lost=$((lost + 1)); [ "$lost" -le 3 ] && say "  $key=$val reads '$got' in restored"; fi
+  done < "$d/before.acked"
+  [ "$lost" = 0 ] || { why "$lost of $n writes acknowledged before the backup are missing from the restored cluster"; return 1; }
+  out=$(KV_TOKEN=$tok platform_kvctl --endpoint "$restored_url" verify 2>&1) || { why "kvctl verify of restored: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; return 1; }
+  say "  all $n writes acknowledged before the backup read back in restored at Quorum; verify: $(tail -n 1 <<<"$out")"
+}
+
 owned_gone() {
   [ -z "$(kn get sts,svc,cm,pdb,pods -l "app.kubernetes.io/instance=$story_name" -o name 2>/dev/null)" ]
 }
@@ -494,12 +996,12 @@ pod_gone() { ! kn get pod "$1" -o name >/dev/null 2>&1; }
 step_delete_gc() {
   local policy pvcs_before pvcs_after
   policy=$(kn get sts "$story_name" -o jsonpath='{.spec.persistentVolumeClaimRetentionPolicy.whenDeleted}')
-  pvcs_before=$(kn get pvc -o name | wc -l)
+  pvcs_before=$(data_pvcs) # the story cluster's only: other steps' claims may still be terminating
   kn delete kvc "$story_name" --wait=true --timeout="${story_wait}s" >/dev/null \
     || { why "kubectl delete kvc did not return within $story_wait s"; return 1; }
   wait_for 120 "owned StatefulSet, Services, ConfigMap, PDB, pods garbage-collected" owned_gone || return 1
   sleep 5
-  pvcs_after=$(kn get pvc -o name | wc -l)
+  pvcs_after=$(data_pvcs)
   say "  StatefulSet PVC retention whenDeleted='${policy:-<unset: Retain>}': PVCs $pvcs_before before, $pvcs_after after"
   grep -q persistentVolumeClaimRetentionPolicy < <(k get crd kvclusters.kvstore.dev -o yaml) \
     || { why "spec.storage has no PVC retention policy: $pvcs_after PVCs left behind (retention cannot be chosen)"; return 1; }
@@ -524,8 +1026,15 @@ run_story() {
     step scale-and-factor step_scale_and_factor
     step operator-restart step_operator_restart
     step rolling-update step_rolling_update
+    step hibernate step_hibernate
     step restart step_restart
+    step rotate-token step_rotate_token
     step wiped-volume step_wiped_volume
+    step volume-expansion step_volume_expansion
+    step pod-monitor step_pod_monitor
+    step tls step_tls
+    step tls-provided step_tls_provided
+    step backup step_backup
     step delete-gc step_delete_gc
   fi
 }

@@ -85,6 +85,12 @@ impl From<Level> for Consistency {
 }
 
 /// `kvctl strategy full|consistent-hashing`.
+/// Default seconds `rotate-token` waits per step against `kvctl up`, and
+/// on Kubernetes (the kubelet copies a changed Secret into the pods within
+/// a minute or two).
+pub const ROTATE_WAIT_LOCAL: f64 = 30.0;
+pub const ROTATE_WAIT_KUBERNETES: f64 = 300.0;
+
 /// Which token `kvctl rotate-token` rotates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TokenArg {
@@ -241,24 +247,41 @@ pub enum Command {
     /// times (old+new accepted, then new sent, then old refused), each step
     /// awaited until every running node reports it. Prints the new client
     /// token; the cluster token stays in `<data-dir>/cluster-token`.
+    ///
+    /// With `--cluster NAME`: the same three steps written to the
+    /// KvCluster's token Secret, each awaited until every node that is not
+    /// Failed shows it in status.nodes[].tokens (the kubelet copies a
+    /// changed Secret into the pods within a minute or two). Needs `get`
+    /// and `patch` on that Secret; the new token stays in the Secret.
     RotateToken {
         #[arg(value_enum, default_value_t = TokenArg::Client)]
         which: TokenArg,
-        /// Seconds to wait for every node at each of the three steps.
-        #[arg(long, default_value_t = 30.0, value_parser = parse_wait)]
-        wait_timeout: f64,
+        /// Seconds to wait for every node at each of the three steps
+        /// (default 30; 300 with --cluster).
+        #[arg(long, value_parser = parse_wait)]
+        wait_timeout: Option<f64>,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Back the cluster up (every record with its version, tombstones
     /// included, and a manifest) to `file:///dir` or `s3://bucket/prefix`,
     /// without stopping writes.
+    ///
+    /// With --cluster NAME: a KvBackup resource that kv-operator takes (to a
+    /// destination the operator reaches; file:// is the operator's own
+    /// filesystem), and the wait until it completed or failed.
     Backup {
         /// Where to write it: file:///absolute/dir or s3://bucket/prefix
         /// (S3 settings from the AWS_* environment; AWS_ENDPOINT_URL for an
-        /// S3-compatible server).
+        /// S3-compatible server; with --cluster, the --s3-* flags).
         #[arg(long, value_name = "URL")]
         to: String,
         #[command(flatten)]
         access: ClusterAccess,
+        #[command(flatten)]
+        on_cluster: BackupOnCluster,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Restore a backup into a new, empty cluster with the records' original
     /// versions, then check every bucket's digest against the manifest.
@@ -351,6 +374,31 @@ pub struct KubeArgs {
     pub context: Option<String>,
 }
 
+/// `backup --cluster`: the KvBackup's name, its S3 settings and the wait.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Kubernetes (backup --cluster)")]
+pub struct BackupOnCluster {
+    /// The KvBackup's name (default: the cluster's name and the UTC time).
+    #[arg(long, value_name = "NAME", requires = "cluster")]
+    pub backup_name: Option<String>,
+    /// The S3-compatible server kv-operator writes to (default: AWS).
+    #[arg(long, value_name = "URL", requires = "cluster")]
+    pub s3_endpoint: Option<String>,
+    /// The S3 region.
+    #[arg(long, value_name = "REGION", requires = "cluster")]
+    pub s3_region: Option<String>,
+    /// A Secret in the cluster's namespace with the keys accessKeyId and
+    /// secretAccessKey.
+    #[arg(long, value_name = "SECRET", requires = "cluster")]
+    pub s3_credentials_secret: Option<String>,
+    /// Return once the KvBackup is created.
+    #[arg(long, requires = "cluster")]
+    pub no_wait: bool,
+    /// Seconds to wait for the backup to complete or fail.
+    #[arg(long, default_value_t = 600.0, value_parser = parse_wait, conflicts_with = "no_wait")]
+    pub backup_timeout: f64,
+}
+
 /// `--follow` / `--tail N` of `logs`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct LogArgs {
@@ -367,7 +415,7 @@ pub struct LogArgs {
 
 /// The node-to-node token `backup` and `restore` need: given, or read with
 /// the client token from a `kvctl up` data directory's token files.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Default, Args)]
 pub struct ClusterAccess {
     /// Node-to-node (cluster) token.
     #[arg(long, env = "KV_CLUSTER_TOKEN", hide_env_values = true)]

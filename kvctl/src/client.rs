@@ -113,19 +113,7 @@ struct ErrorBody {
 }
 
 /// Renders an error and its sources on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let t = src.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = src.source();
-    }
-    s
-}
+pub use kv_net::error_chain;
 
 /// Builds the error for a non-2xx answer from its status and body.
 pub fn server_error(status: StatusCode, body: &[u8]) -> ClientError {
@@ -502,5 +490,15 @@ fn transport_detail(e: &reqwest::Error) -> String {
     match chain.split_once(": ") {
         Some((head, rest)) if head.starts_with("error sending request") => rest.to_string(),
         _ => chain,
+    }
+}
+
+/// `kvctl backup|restore` read the topology from the client API.
+impl kv_backup::TopologySource for Client {
+    async fn topology(&self) -> Result<kv_core::Topology, String> {
+        self.cluster()
+            .await
+            .map(|(c, _)| c.topology)
+            .map_err(|e| e.to_string())
     }
 }

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow};
 use kv_core::NodeReport;
 use kv_core::NodeState;
-use kvctl::cli::{Cli, Command, KubeArgs, LogArgs, Output, PutArgs, ValueSource, WaitArgs};
+use kvctl::cli::{
+    Cli, Command, KubeArgs, LogArgs, Output, PutArgs, TokenArg, ValueSource, WaitArgs,
+};
 use kvctl::client::Client;
 use kvctl::k8s::{self, Target};
 use kvctl::output::{self, NodeRow};
@@ -38,7 +40,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Recover { node, kube, wait } => Some((Kube::Recover(*node, wait), kube)),
         Command::Nodes { kube } => Some((Kube::Nodes, kube)),
         Command::Restart { kube, wait } => Some((Kube::Restart(wait), kube)),
+        Command::RotateToken {
+            which,
+            wait_timeout,
+            kube,
+        } => Some((
+            Kube::RotateToken(
+                *which,
+                wait_timeout.unwrap_or(kvctl::cli::ROTATE_WAIT_KUBERNETES),
+            ),
+            kube,
+        )),
         Command::Logs { node, logs, kube } => Some((Kube::Logs(*node, logs), kube)),
+        Command::Backup {
+            to,
+            on_cluster,
+            kube,
+            ..
+        } => Some((Kube::Backup(to, on_cluster), kube)),
         _ => None,
     };
     if let Some((
@@ -114,7 +133,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::RotateToken {
             which,
             wait_timeout,
+            ..
         } => {
+            let wait_timeout = wait_timeout.unwrap_or(kvctl::cli::ROTATE_WAIT_LOCAL);
             let path = format!("/v1/tokens/{}/rotate?timeout={wait_timeout}", which.name());
             // three steps, each up to the bound, and the answer
             let t = Duration::from_secs_f64(3.0 * wait_timeout) + timeout;
@@ -127,7 +148,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             })
         }
-        Command::Backup { to, access } => {
+        Command::Backup { to, access, .. } => {
             let reach = crate::cmd_backup::Reach {
                 endpoint: &cli.endpoint,
                 token: cli.token,
@@ -157,7 +178,19 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             "give `node` as the first argument (kvctl node --help)"
         )),
         Command::Bench(args) => {
-            crate::cmd_bench::run(&cli.endpoint, cli.token, cli.consistency, args, json_out).await
+            let tls = kvctl::client::TlsOptions {
+                cacert: cli.cacert.clone(),
+                insecure: cli.insecure,
+            };
+            crate::cmd_bench::run(
+                &cli.endpoint,
+                cli.token,
+                cli.consistency,
+                args,
+                tls,
+                json_out,
+            )
+            .await
         }
     }
 }
@@ -167,7 +200,9 @@ enum Kube<'a> {
     Fail(u32, bool, &'a WaitArgs),
     Recover(u32, &'a WaitArgs),
     Restart(&'a WaitArgs),
+    RotateToken(TokenArg, f64),
     Logs(u32, &'a LogArgs),
+    Backup(&'a str, &'a kvctl::cli::BackupOnCluster),
     Nodes,
 }
 
@@ -212,6 +247,27 @@ async fn kube_cmd(
             return wait_for_effect(&target, &outcome, NodeState::Up, wait, timeout, json_out)
                 .await;
         }
+        Kube::RotateToken(which, wait_timeout) => {
+            let limit = Duration::from_secs_f64(wait_timeout);
+            let say = |line: &str| {
+                if !json_out {
+                    eprintln!("{line}");
+                }
+            };
+            // three steps, each up to the bound, plus the calls around them
+            let rotation = target
+                .within(
+                    3 * (limit + timeout) + timeout,
+                    target.rotate_token(which, limit, say),
+                )
+                .await?;
+            if json_out {
+                print_json(&rotation)?;
+            } else {
+                write_stdout(k8s::render_rotation(&rotation).as_bytes())?;
+            }
+        }
+        Kube::Backup(to, on) => return backup_on_cluster(&target, to, on, timeout, json_out).await,
         Kube::Restart(wait) => {
             let at = kv_operator::k8s::restart::request_now();
             let outcome = target.within(timeout, target.restart(&at)).await?;
@@ -219,6 +275,58 @@ async fn kube_cmd(
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `backup --cluster NAME --to URL`: a KvBackup, and (unless --no-wait)
+/// the wait for its outcome; a failed backup or one still running at the
+/// bound is an error.
+async fn backup_on_cluster(
+    target: &Target,
+    to: &str,
+    on: &kvctl::cli::BackupOnCluster,
+    timeout: Duration,
+    json_out: bool,
+) -> Result<ExitCode> {
+    use kv_operator::k8s::backup::{BackupPhase, S3Settings};
+    let s3 =
+        (on.s3_endpoint.is_some() || on.s3_region.is_some() || on.s3_credentials_secret.is_some())
+            .then(|| S3Settings {
+                endpoint: on.s3_endpoint.clone(),
+                region: on.s3_region.clone(),
+                credentials_secret: on.s3_credentials_secret.clone(),
+            });
+    let req = k8s::BackupRequest {
+        name: on.backup_name.clone(),
+        destination: to.to_string(),
+        s3,
+    };
+    let created = target.within(timeout, target.create_backup(&req)).await?;
+    let name = created.metadata.name.clone().unwrap_or_default();
+    let b = if on.no_wait {
+        created
+    } else {
+        if !json_out {
+            eprintln!("KvBackup {name} created; waiting for kv-operator to take it");
+        }
+        target
+            .wait_backup(&name, Duration::from_secs_f64(on.backup_timeout), timeout)
+            .await?
+    };
+    if json_out {
+        print_json(&serde_json::to_value(&b)?)?;
+    } else {
+        write_stdout(k8s::render_backup(&b).as_bytes())?;
+    }
+    let phase = b.status.as_ref().and_then(|s| s.phase);
+    match phase {
+        _ if on.no_wait => Ok(ExitCode::SUCCESS),
+        Some(BackupPhase::Completed) => Ok(ExitCode::SUCCESS),
+        Some(BackupPhase::Failed) => Err(anyhow!("KvBackup {name} failed")),
+        _ => Err(anyhow!(
+            "KvBackup {name} has not finished after {} s; `kubectl get kvbackup {name}` shows it",
+            on.backup_timeout
+        )),
+    }
 }
 
 /// `logs NODE --cluster NAME`: the node's pod log copied to stdout as it

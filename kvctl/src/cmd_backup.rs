@@ -90,7 +90,7 @@ pub async fn backup(reach: Reach<'_>, to: &str, json_out: bool) -> Result<ExitCo
     let (client, peers) = clients(reach)?;
     let target = Target::open(to)?;
     let began = Instant::now();
-    let m = backup::backup(&client, &peers, &target).await?;
+    let m = backup::backup(&client, &peers, &target, &backup::Progress::default()).await?;
     if json_out {
         let mut v = serde_json::to_value(&m).context("cannot render JSON")?;
         // the per-bucket table is in the manifest object; the summary stays short

@@ -11,9 +11,10 @@ pub async fn run(
     token: Option<String>,
     consistency: Option<Level>,
     args: BenchArgs,
+    tls: kvctl::client::TlsOptions,
     json_out: bool,
 ) -> Result<ExitCode> {
-    let cfg = BenchConfig::from_args(&args, endpoint, token, consistency.map(Into::into))?;
+    let cfg = BenchConfig::from_args(&args, endpoint, token, consistency.map(Into::into), tls)?;
     let report = bench::run(cfg).await?;
     if json_out {
         crate::cmd::print_json(&report)?;
@@ -24,9 +25,12 @@ pub async fn run(
         let kinds: Vec<String> = report
             .errors_by_kind
             .iter()
-            .map(|(k, v)| format!("{k} {v}"))
+            .map(|(k, v)| match report.error_examples.get(k) {
+                Some(first) => format!("{k} {v}, the first: {first}"),
+                None => format!("{k} {v}"),
+            })
             .collect();
-        bail!("every operation failed ({})", kinds.join(", "));
+        bail!("every operation failed ({})", kinds.join("; "));
     }
     Ok(ExitCode::SUCCESS)
 }

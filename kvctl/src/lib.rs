@@ -9,7 +9,7 @@
 //! Kubernetes ([`k8s`]), and the same commands as the kubectl plugin
 //! `kubectl kv` ([`plugin`]).
 
-pub mod backup;
+pub use kv_backup as backup;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -14,7 +14,10 @@ use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
-use crate::cli::{Cli, Command, KubeArgs, LogArgs, Output, WaitArgs, parse_timeout};
+use crate::cli::{
+    BackupOnCluster, Cli, ClusterAccess, Command, KubeArgs, LogArgs, Output, TokenArg, WaitArgs,
+    parse_timeout,
+};
 
 /// The executable name kubectl looks for on PATH for `kubectl kv`.
 pub const PLUGIN_NAME: &str = "kubectl-kv";
@@ -98,6 +101,29 @@ pub enum PluginCommand {
         #[command(flatten)]
         wait: WaitArgs,
     },
+    /// Rotate the client (default) or cluster token in its Secret, in three
+    /// steps each awaited on every node, with no failed request.
+    RotateToken {
+        /// The KvCluster.
+        cluster: String,
+        #[arg(value_enum, default_value_t = TokenArg::Client)]
+        which: TokenArg,
+        /// Seconds to wait for every node at each of the three steps.
+        #[arg(long, default_value_t = crate::cli::ROTATE_WAIT_KUBERNETES, value_parser = crate::cli::parse_wait)]
+        wait_timeout: f64,
+    },
+    /// A backup of the cluster, taken by kv-operator (a KvBackup); returns
+    /// once it completed or failed.
+    Backup {
+        /// The KvCluster.
+        cluster: String,
+        /// Where: s3://bucket/prefix, or file:///dir on the operator's
+        /// filesystem.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        #[command(flatten)]
+        on_cluster: BackupOnCluster,
+    },
     /// A node's log (the kv-node container of its pod).
     Logs {
         /// The KvCluster.
@@ -144,6 +170,25 @@ impl PluginCli {
             },
             PluginCommand::Restart { cluster, wait } => Command::Restart {
                 wait,
+                kube: kube(cluster),
+            },
+            PluginCommand::RotateToken {
+                cluster,
+                which,
+                wait_timeout,
+            } => Command::RotateToken {
+                which,
+                wait_timeout: Some(wait_timeout),
+                kube: kube(cluster),
+            },
+            PluginCommand::Backup {
+                cluster,
+                to,
+                on_cluster,
+            } => Command::Backup {
+                to,
+                access: ClusterAccess::default(),
+                on_cluster,
                 kube: kube(cluster),
             },
             PluginCommand::Logs {
@@ -272,4 +317,62 @@ pub fn current_executable() -> Result<PathBuf, InstallError> {
     std::env::current_exe()
         .and_then(|p| p.canonicalize())
         .map_err(InstallError::NoExecutable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_backup_is_kvctl_backup_with_the_cluster_and_its_s3_flags() {
+        let p = PluginCli::try_parse_from([
+            "kubectl kv",
+            "backup",
+            "demo",
+            "-n",
+            "prod",
+            "--to",
+            "s3://b/nightly",
+            "--s3-endpoint",
+            "http://s3:9000",
+            "--s3-credentials-secret",
+            "creds",
+            "--no-wait",
+        ])
+        .expect("parses");
+        let Command::Backup {
+            to,
+            on_cluster,
+            kube,
+            ..
+        } = p.into_cli().command
+        else {
+            panic!("not a backup");
+        };
+        assert_eq!(to, "s3://b/nightly");
+        assert_eq!(kube.cluster.as_deref(), Some("demo"));
+        assert_eq!(kube.namespace.as_deref(), Some("prod"));
+        assert_eq!(on_cluster.s3_endpoint.as_deref(), Some("http://s3:9000"));
+        assert_eq!(on_cluster.s3_credentials_secret.as_deref(), Some("creds"));
+        assert!(on_cluster.no_wait);
+        assert!(
+            PluginCli::try_parse_from(["kubectl kv", "backup", "demo"]).is_err(),
+            "a backup without --to was accepted"
+        );
+    }
+
+    #[test]
+    fn kvctl_backup_s3_flags_need_the_cluster() {
+        let local = Cli::try_parse_from(["kvctl", "backup", "--to", "file:///b"]);
+        assert!(local.is_ok(), "{local:?}");
+        let bad = Cli::try_parse_from([
+            "kvctl",
+            "backup",
+            "--to",
+            "s3://b/p",
+            "--s3-endpoint",
+            "http://s3:9000",
+        ]);
+        assert!(bad.is_err(), "--s3-endpoint without --cluster was accepted");
+    }
 }

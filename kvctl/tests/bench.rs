@@ -140,8 +140,9 @@ fn percentiles_come_from_the_histogram() {
     rec.record(OpKind::Read, Outcome::Miss, Duration::from_micros(10));
     rec.error("timeout");
     let mut other = Recorder::new();
-    other.error("timeout");
-    other.error("http_503_unavailable");
+    other.error_with("timeout", "no answer within 1s");
+    other.error_with("http_503_unavailable", "the first 503");
+    other.error_with("http_503_unavailable", "a later 503");
     // Longer than the histogram's range: clamped, not lost.
     other.record(OpKind::Write, Outcome::Ok, Duration::from_secs(600));
     rec.merge(&other);
@@ -155,7 +156,7 @@ fn percentiles_come_from_the_histogram() {
     assert_eq!(Latency::of(&rec.writes).count, 2);
     assert!(Latency::of(&rec.writes).max >= 59_000_000);
     assert_eq!(rec.misses, 1);
-    assert_eq!(rec.error_count(), 3);
+    assert_eq!(rec.error_count(), 4);
 
     let mut report = Report {
         driver: "redis".into(),
@@ -171,15 +172,23 @@ fn percentiles_come_from_the_histogram() {
     assert_eq!(report.ops, 1003);
     assert_eq!((report.reads, report.writes, report.misses), (1001, 2, 1));
     assert!((report.ops_per_second - 501.5).abs() < 1e-9);
-    assert_eq!(report.errors, 3);
+    assert_eq!(report.errors, 4);
     assert_eq!(report.errors_by_kind["timeout"], 2);
+    assert_eq!(
+        report.error_examples["http_503_unavailable"], "the first 503",
+        "the first message of each kind is kept"
+    );
     let text = report.render();
     assert!(
         text.contains("ops        1003 (501.5 ops/s): 1001 reads (1 misses), 2 writes"),
         "{text}"
     );
     assert!(
-        text.contains("errors     3 (http_503_unavailable 1, timeout 2)"),
+        text.contains("errors     4 (http_503_unavailable 2, timeout 2)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("  first http_503_unavailable: the first 503"),
         "{text}"
     );
     assert!(text.contains("latency    p50 0.50ms"), "{text}");
@@ -221,7 +230,14 @@ fn args(extra: &[&str]) -> BenchArgs {
 
 #[test]
 fn config_resolves_endpoints_per_driver() {
-    let c = BenchConfig::from_args(&args(&[]), "127.0.0.1:5000", Some("t".into()), None).unwrap();
+    let c = BenchConfig::from_args(
+        &args(&[]),
+        "127.0.0.1:5000",
+        Some("t".into()),
+        None,
+        Default::default(),
+    )
+    .unwrap();
     assert_eq!(c.driver.kind, DriverKind::Kvstore);
     assert_eq!(c.driver.endpoints, vec!["http://127.0.0.1:5000"]);
     assert_eq!(c.driver.token.as_deref(), Some("t"));
@@ -242,6 +258,7 @@ fn config_resolves_endpoints_per_driver() {
         "x:1",
         None,
         Some(kv_core::Consistency::One),
+        Default::default(),
     )
     .unwrap();
     assert_eq!(c.driver.endpoints, vec!["http://a:1", "http://b:2"]);
@@ -254,6 +271,7 @@ fn config_resolves_endpoints_per_driver() {
         "x:1",
         Some("t".into()),
         Some(kv_core::Consistency::All),
+        Default::default(),
     )
     .unwrap();
     assert_eq!(c.driver.endpoints, vec!["redis://127.0.0.1:6379"]);
@@ -272,13 +290,21 @@ fn config_resolves_endpoints_per_driver() {
         "x:1",
         None,
         None,
+        Default::default(),
     )
     .unwrap();
     assert_eq!(c.driver.endpoints, vec!["http://h:2379"]);
     assert!(c.driver.etcd_serializable);
-    assert!(
-        BenchConfig::from_args(&args(&["--endpoints", "https://h:1"]), "x", None, None).is_err()
-    );
+    // https endpoints are trusted as kvctl's --cacert/--insecure say.
+    let c = BenchConfig::from_args(
+        &args(&["--endpoints", "https://h:1"]),
+        "x",
+        None,
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    assert_eq!(c.driver.endpoints, vec!["https://h:1"]);
 }
 
 #[test]
@@ -309,6 +335,7 @@ fn cfg(
             etcd_serializable: false,
             timeout: Duration::from_secs(10),
             connections: 4,
+            tls: Default::default(),
         },
         keys: 200,
         value_size: 64,
@@ -488,7 +515,11 @@ fn bench_cli_prints_json_against_redis() {
     assert_eq!(o.status.code(), Some(1));
     let err = common::stderr(&o);
     assert!(
-        err.starts_with("kvctl: every operation failed (connect 5)"),
+        err.starts_with("kvctl: every operation failed (connect 5, the first: "),
         "{err}"
+    );
+    assert!(
+        err.contains("Connection refused"),
+        "the reason, not just a count: {err}"
     );
 }

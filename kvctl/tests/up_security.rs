@@ -291,6 +291,41 @@ fn with_tls_the_gateway_serves_https_and_kvctl_needs_the_ca() {
             "--insecure: {}",
             stderr(&insecure)
         );
+        // The load generator trusts the CA the same way (issue 18: bench over TLS).
+        let bench = |extra: &[&str]| {
+            let mut args = extra.to_vec();
+            args.extend_from_slice(&[
+                "-o",
+                "json",
+                "bench",
+                "--ops",
+                "200",
+                "--connections",
+                "2",
+                "--keys",
+                "50",
+                "--warmup",
+                "0s",
+            ]);
+            kvctl(&args)
+        };
+        let trusted = bench(&["--cacert", &ca]);
+        assert!(
+            trusted.status.success(),
+            "bench over TLS: {}",
+            stderr(&trusted)
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(&stdout(&trusted)).expect("a JSON bench report");
+        assert_eq!(report["ops"], 200, "{report}");
+        assert_eq!(report["errors"], 0, "{report}");
+        let refused = bench(&[]);
+        assert!(!refused.status.success(), "bench without the CA succeeded");
+        assert!(
+            stderr(&refused).to_lowercase().contains("certificate"),
+            "{}",
+            stderr(&refused)
+        );
         let plain = run_kvctl(
             &[
                 "--endpoint",

@@ -10,10 +10,26 @@
 
 pub mod http;
 pub mod pki;
-mod port;
+pub mod port;
 mod serve;
 pub mod tls;
 pub mod token;
 
 pub use port::free_port;
 pub use serve::{is_client_disconnect, refuse_before_routing, serve, serve_tls};
+
+/// An error and its causes on one line, each cause once (reqwest's and
+/// hyper's messages often repeat their source's).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        let t = src.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = src.source();
+    }
+    s
+}

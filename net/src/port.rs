@@ -9,18 +9,27 @@ use std::time::{SystemTime, UNIX_EPOCH};
 /// the kernel (`bind :0`) can be taken by a connection before the node binds it
 /// (seen as "Address already in use" at start under test load).
 pub fn free_port() -> std::io::Result<u16> {
+    use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU32, Ordering};
     const LOW: u32 = 20_000;
     const SPAN: u32 = 12_000;
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    // a start that differs between processes picking at the same time
-    let seed = std::process::id().wrapping_mul(2_654_435_761)
-        ^ SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
+    // One start per process, different between processes picking at the same
+    // time. Fixed within a process so that the walk below (a stride coprime
+    // with SPAN) never hands out the same port twice: a port handed out but
+    // not bound yet passes the bind check, and a start drawn anew per call let
+    // two threads of one test binary get the same port (a node then failed to
+    // start with exit status 1).
+    static SEED: OnceLock<u32> = OnceLock::new();
+    let seed = *SEED.get_or_init(|| {
+        std::process::id().wrapping_mul(2_654_435_761)
+            ^ SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+    });
     for _ in 0..SPAN {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = LOW + seed.wrapping_add(n.wrapping_mul(7_919)) % SPAN;
+        let port = LOW + (seed % SPAN + (n % SPAN) * 7_919) % SPAN;
         if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
             drop(l);
             return Ok(port as u16);
@@ -31,12 +40,77 @@ pub fn free_port() -> std::io::Result<u16> {
         .map(|a| a.port())
 }
 
+/// A port held for a process started later: bound on 127.0.0.1 without
+/// listening and without `SO_REUSEADDR`, so no other bind takes it (a
+/// connection to it is refused) until the reservation is dropped, right
+/// before that process binds it itself.
+#[derive(Debug)]
+pub struct Reservation {
+    port: u16,
+    _socket: socket2::Socket,
+}
+
+impl Reservation {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// A [`free_port`] held until the [`Reservation`] is dropped. The window in
+/// which another process may bind a port handed out (seen: two `kvctl up`
+/// clusters of one test binary, the second started while the first issued
+/// its certificates, and a node that then never started) shrinks from
+/// "until the node starts" to the moment between the drop and its bind.
+pub fn reserve() -> std::io::Result<Reservation> {
+    use socket2::{Domain, Socket, Type};
+    let mut last = None;
+    for _ in 0..16 {
+        let port = free_port()?;
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        match socket.bind(&addr.into()) {
+            Ok(()) => {
+                return Ok(Reservation {
+                    port,
+                    _socket: socket,
+                });
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free loopback port")))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_reserved_port_cannot_be_bound_or_reached_until_it_is_released() {
+        let r = super::reserve().unwrap();
+        let p = r.port();
+        assert!(std::net::TcpListener::bind(("127.0.0.1", p)).is_err());
+        assert!(std::net::TcpStream::connect(("127.0.0.1", p)).is_err());
+        // and free_port walks past it
+        for _ in 0..100 {
+            assert_ne!(super::free_port().unwrap(), p);
+        }
+        drop(r);
+        std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+    }
+
     #[test]
     fn a_free_port_can_be_bound_and_is_below_the_ephemeral_range() {
         let p = super::free_port().unwrap();
         assert!((20_000..32_000).contains(&p), "{p}");
         std::net::TcpListener::bind(("127.0.0.1", p)).unwrap();
+    }
+
+    #[test]
+    fn ports_handed_out_but_not_yet_bound_are_never_handed_out_again() {
+        // Callers bind later: the bind check cannot see these, only the walk.
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3_000 {
+            let p = super::free_port().unwrap();
+            assert!(seen.insert(p), "port {p} handed out twice");
+        }
     }
 }

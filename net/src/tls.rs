@@ -391,14 +391,7 @@ pub fn client_config_pem(
             message: e.to_string(),
         }
     };
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem) {
-        let cert = cert.map_err(|e| pem("trusted CA")(&e))?;
-        roots.add(cert).map_err(|e| pem("trusted CA")(&e))?;
-    }
-    if roots.is_empty() {
-        return Err(pem("trusted CA")(&"no PEM certificate"));
-    }
+    let roots = roots_pem("trusted CA", ca_pem)?;
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| pem("protocol versions")(&e))?
@@ -422,6 +415,81 @@ pub fn client_config_pem(
     Ok(config)
 }
 
+/// A trust store of the certificates of `ca_pem` (`what` names it in errors);
+/// refused when it holds none.
+fn roots_pem(what: &'static str, ca_pem: &[u8]) -> Result<RootCertStore, TlsError> {
+    let pem = |e: &dyn std::fmt::Display| TlsError::Pem {
+        what,
+        message: e.to_string(),
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.map_err(|e| pem(&e))?).map_err(|e| pem(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(pem(&"no PEM certificate"));
+    }
+    Ok(roots)
+}
+
+/// Checks a certificate someone else issued (a Secret a cert-manager
+/// `Certificate` writes) before nodes are given it: `key_pem` belongs to the
+/// first certificate of `cert_pem`, and that chain is valid at `now` under
+/// `ca_pem` as a server for each of `names` and as a client (the peer port
+/// wants mutual TLS, so every node also presents it to its peers). The
+/// error names the first thing that fails.
+pub fn check_identity_pem(
+    ca_pem: &[u8],
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    names: &[String],
+    now: std::time::SystemTime,
+) -> Result<(), TlsError> {
+    let pem = |what: &'static str, e: &dyn std::fmt::Display| TlsError::Pem {
+        what,
+        message: e.to_string(),
+    };
+    let roots = Arc::new(roots_pem("ca.crt", ca_pem)?);
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem("tls.crt", &e))?;
+    let Some((end, intermediates)) = chain.split_first() else {
+        return Err(pem("tls.crt", &"no PEM certificate"));
+    };
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| pem("tls.key", &e))?;
+    CertifiedKey::from_der(chain.clone(), key, &provider())
+        .map_err(|e| pem("tls.crt and tls.key", &e))?;
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|e| pem("the clock", &e))?;
+    let at = UnixTime::since_unix_epoch(secs);
+    let server = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| pem("ca.crt", &e))?;
+    for name in names {
+        let server_name =
+            ServerName::try_from(name.clone()).map_err(|e| pem("a node's DNS name", &e))?;
+        server
+            .verify_server_cert(end, intermediates, &server_name, &[], at)
+            .map_err(|e| TlsError::Pem {
+                what: "tls.crt",
+                message: format!("not valid for {name}: {e}"),
+            })?;
+    }
+    let client = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| pem("ca.crt", &e))?;
+    client
+        .verify_client_cert(end, intermediates, at)
+        .map_err(|e| TlsError::Pem {
+            what: "tls.crt",
+            message: format!(
+                "not valid as a client certificate (peers present it to each other): {e}"
+            ),
+        })?;
+    Ok(())
+}
+
 /// A client configuration that trusts no certificate, for clients that
 /// speak plain HTTP only. reqwest's own TLS setup loads the system's CA
 /// certificates when a client is built and fails where there are none (the
@@ -436,6 +504,38 @@ pub fn plaintext_client_config() -> Result<ClientConfig, rustls::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_certificate_issued_elsewhere_is_checked_for_every_name_its_key_and_its_ca() {
+        let ca = crate::pki::Ca::generate("test CA").expect("CA");
+        let (cert, key) = ca
+            .issue("node", &["a.peers.ns.svc", "*.wild.ns.svc"])
+            .expect("certificate");
+        let now = std::time::SystemTime::now();
+        let check = |ca_pem: &str, cert: &str, key: &str, names: &[&str]| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            check_identity_pem(
+                ca_pem.as_bytes(),
+                cert.as_bytes(),
+                key.as_bytes(),
+                &names,
+                now,
+            )
+            .map_err(|e| e.to_string())
+        };
+        let pem = ca.cert_pem();
+        check(pem, &cert, &key, &["a.peers.ns.svc", "x-3.wild.ns.svc"]).expect("valid");
+        let e = check(pem, &cert, &key, &["b.peers.ns.svc"]).expect_err("a name it lacks");
+        assert!(e.contains("not valid for b.peers.ns.svc"), "{e}");
+        let other = crate::pki::Ca::generate("other CA").expect("CA");
+        let e = check(other.cert_pem(), &cert, &key, &["a.peers.ns.svc"]).expect_err("other CA");
+        assert!(e.contains("a.peers.ns.svc"), "{e}");
+        let (_, other_key) = ca.issue("x", &["a.peers.ns.svc"]).expect("certificate");
+        let e = check(pem, &cert, &other_key, &[]).expect_err("another key");
+        assert!(e.contains("tls.key"), "{e}");
+        let e = check(pem, "", &key, &[]).expect_err("no certificate");
+        assert!(e.contains("tls.crt"), "{e}");
+    }
 
     #[test]
     fn files_that_do_not_load_are_a_configuration_error() {

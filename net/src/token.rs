@@ -101,6 +101,11 @@ pub fn fingerprint(token: &str) -> String {
     d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The [`fingerprint`] of each token, in order.
+pub fn fingerprints<T: AsRef<str>>(tokens: &[T]) -> Vec<String> {
+    tokens.iter().map(|t| fingerprint(t.as_ref())).collect()
+}
+
 /// Reads a token file once.
 pub fn read_file(what: &'static str, path: &Path) -> Result<Vec<String>, TokenError> {
     parse(what, &read_text(what, path)?)
@@ -210,7 +215,7 @@ impl Tokens {
 
     /// The [`fingerprint`] of every token, in the file's order.
     pub fn fingerprints(&self) -> Vec<String> {
-        self.tokens().iter().map(|t| fingerprint(t)).collect()
+        fingerprints(self.tokens().as_slice())
     }
 
     /// The file the tokens come from, if any.
@@ -247,7 +252,7 @@ impl Inner {
         let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
         match parse(self.what, &text) {
             Ok(tokens) => {
-                tracing::info!(what = self.what, file = %path.display(), fingerprints = ?tokens.iter().map(|t| fingerprint(t)).collect::<Vec<_>>(), "token file changed; reloaded");
+                tracing::info!(what = self.what, file = %path.display(), fingerprints = ?fingerprints(&tokens), "token file changed; reloaded");
                 st.tokens = Arc::new(tokens);
             }
             Err(e) => {

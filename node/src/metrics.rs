@@ -19,6 +19,8 @@ pub struct Metrics {
     pub keys: IntGauge,
     pub tombstones: IntGauge,
     pub db_bytes: IntGauge,
+    pub volume_size_bytes: IntGauge,
+    pub volume_free_bytes: IntGauge,
     pub topology_epoch: IntGauge,
     pub node_state: IntGaugeVec,
     pub hints_pending: IntGauge,
@@ -96,6 +98,14 @@ impl Metrics {
             keys: gauge("kv_keys", "Live keys stored on this node"),
             tombstones: gauge("kv_tombstones", "Tombstones stored on this node"),
             db_bytes: gauge("kv_db_bytes", "Size of the SQLite database in bytes"),
+            volume_size_bytes: gauge(
+                "kv_volume_size_bytes",
+                "Size of the filesystem that holds the data directory",
+            ),
+            volume_free_bytes: gauge(
+                "kv_volume_free_bytes",
+                "Bytes of the data directory's filesystem free for the node's use",
+            ),
             topology_epoch: gauge("kv_topology_epoch", "Epoch of the topology this node holds"),
             node_state: must(IntGaugeVec::new(
                 Opts::new("kv_node_state", "1 for this node's current state"),
@@ -170,6 +180,8 @@ impl Metrics {
         reg(Box::new(m.keys.clone()));
         reg(Box::new(m.tombstones.clone()));
         reg(Box::new(m.db_bytes.clone()));
+        reg(Box::new(m.volume_size_bytes.clone()));
+        reg(Box::new(m.volume_free_bytes.clone()));
         reg(Box::new(m.topology_epoch.clone()));
         reg(Box::new(m.node_state.clone()));
         reg(Box::new(m.hints_pending.clone()));

@@ -391,6 +391,15 @@ impl Node {
                 if let Ok(Ok(s)) = tokio::task::spawn_blocking(move || store.stats()).await {
                     self.metrics.set_store_stats(&s);
                 }
+                // For the volume-usage alert: what the filesystem has left
+                // for an unprivileged writer (f_bavail), as `df` shows it.
+                if let Ok(v) = rustix::fs::statvfs(&self.config.data_dir) {
+                    let bytes = |blocks: u64| {
+                        i64::try_from(blocks.saturating_mul(v.f_frsize)).unwrap_or(i64::MAX)
+                    };
+                    self.metrics.volume_size_bytes.set(bytes(v.f_blocks));
+                    self.metrics.volume_free_bytes.set(bytes(v.f_bavail));
+                }
             }
             round += 1;
             let store = self.store.clone();

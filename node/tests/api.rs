@@ -430,6 +430,17 @@ fn cluster_placement_digests_and_metrics_describe_the_node() {
     ] {
         assert!(m.contains(want), "metrics lack {want}:\n{m}");
     }
+    // The volume gauges are the data directory's filesystem, as df shows it.
+    let gauge = |name: &str| -> i64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{m}"))
+    };
+    let (size, free) = (gauge("kv_volume_size_bytes"), gauge("kv_volume_free_bytes"));
+    assert!(
+        size > 0 && free > 0 && free <= size,
+        "size {size}, free {free}"
+    );
 }
 
 #[test]

@@ -67,14 +67,24 @@ enum Command {
         )]
         log_format: LogFormat,
     },
-    /// Print the KvCluster CRD as YAML (checked in as deploy/crd.yaml).
-    Crd,
+    /// Print a CRD as YAML: KvCluster (checked in as deploy/crd.yaml) or
+    /// KvBackup (deploy/crd-kvbackup.yaml).
+    Crd {
+        #[arg(value_enum, default_value = "kvcluster")]
+        kind: CrdKind,
+    },
     /// Print the objects a KvCluster would own, as YAML documents.
     Render {
         /// A KvCluster manifest.
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum CrdKind {
+    Kvcluster,
+    Kvbackup,
 }
 
 fn init_logs(format: LogFormat) {
@@ -91,8 +101,12 @@ fn init_logs(format: LogFormat) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crd => {
-            let yaml = crd::crd_yaml().context("serializing the CRD")?;
+        Command::Crd { kind } => {
+            let yaml = match kind {
+                CrdKind::Kvcluster => crd::crd_yaml(),
+                CrdKind::Kvbackup => kv_operator::k8s::backup::crd_yaml(),
+            }
+            .context("serializing the CRD")?;
             print!("{yaml}");
         }
         Command::Render { file } => {

@@ -105,6 +105,15 @@ impl Default for Desired {
 }
 
 impl Desired {
+    /// How many of `nodes` (ordinal, state) are Failed because this holds
+    /// them down: a drill, not a failure (the metrics tell them apart).
+    pub fn held_down(&self, nodes: impl IntoIterator<Item = (u32, NodeState)>) -> usize {
+        nodes
+            .into_iter()
+            .filter(|(o, s)| *s == NodeState::Failed && self.failed_nodes.contains(o))
+            .count()
+    }
+
     /// The placement this asks for. `Full` records the member count as its
     /// factor, so that two placements are equal exactly when they place
     /// every bucket on the same nodes.
@@ -475,8 +484,17 @@ fn check(desired: &Desired, observed: &Observed) -> Result<(), String> {
 /// Holding nodes down must leave every key W live owners, unless forced.
 /// Only a request that holds down a node not already Failed is checked, so
 /// that a cluster already short of owners can still be changed.
+///
+/// The planner keeps no memory of when a hold was asked for, so a hold it
+/// accepted must stay acceptable on every later plan unless the user asks
+/// for more. A held node the topology does not have yet (a new member
+/// waiting for the others to start) stays out of it for several plans; it
+/// is judged against the target placement with the held nodes alone, so a
+/// node that crashes meanwhile does not turn an accepted spec into a
+/// refused one (which would stop the whole cluster from being operated).
 fn check_writes_stay_possible(desired: &Desired, observed: &Observed) -> Result<(), String> {
     let current = observed.topology.as_ref();
+    let state_now = |o: u32| current.and_then(|t| t.state_of(o));
     let failed_now: BTreeSet<u32> = current
         .map(|t| {
             t.nodes
@@ -486,31 +504,38 @@ fn check_writes_stay_possible(desired: &Desired, observed: &Observed) -> Result<
                 .collect()
         })
         .unwrap_or_default();
-    let newly: Vec<u32> = desired
+    let (live, future): (Vec<u32>, Vec<u32>) = desired
         .failed_nodes
         .iter()
         .copied()
-        .filter(|o| !failed_now.contains(o))
-        .collect();
-    if newly.is_empty() {
-        return Ok(());
-    }
-    let down: BTreeSet<u32> = desired.failed_nodes.union(&failed_now).copied().collect();
+        .filter(|&o| state_now(o) != Some(NodeState::Failed))
+        .partition(|&o| state_now(o).is_some());
     let target = desired.placement();
-    let committed = current.map_or_else(|| target.clone(), |t| t.placement.clone());
-    let mut specs = vec![committed];
-    if specs[0] != target {
-        specs.push(target);
-    }
     let w = desired.write_consistency;
-    for spec in &specs {
-        if let Some((live, owners)) = short_bucket(spec, &down, w) {
-            return Err(format!(
-                "holding down node(s) {newly:?} would leave some keys with {live} of {owners} owners live, \
-                 but writes at {w} need {}: hold down fewer nodes, lower the write consistency, or force it",
-                w.required(owners)
-            ));
+    let refuse = |newly: &[u32], live: usize, owners: usize| {
+        format!(
+            "holding down node(s) {newly:?} would leave some keys with {live} of {owners} owners live, \
+             but writes at {w} need {}: hold down fewer nodes, lower the write consistency, or force it",
+            w.required(owners)
+        )
+    };
+    if !live.is_empty() {
+        let down: BTreeSet<u32> = desired.failed_nodes.union(&failed_now).copied().collect();
+        let committed = current.map_or_else(|| target.clone(), |t| t.placement.clone());
+        let mut specs = vec![committed];
+        if specs[0] != target {
+            specs.push(target.clone());
         }
+        for spec in &specs {
+            if let Some((l, owners)) = short_bucket(spec, &down, w) {
+                return Err(refuse(&live, l, owners));
+            }
+        }
+    }
+    if !future.is_empty()
+        && let Some((l, owners)) = short_bucket(&target, &desired.failed_nodes, w)
+    {
+        return Err(refuse(&future, l, owners));
     }
     Ok(())
 }

@@ -56,8 +56,8 @@ fn every_cel_rule_of_the_crd_compiles_and_fits_the_cost_budget() {
         }
     }
     assert_eq!(
-        rules, 3,
-        "factor <= replicas, failed ordinals in range, immutable storage"
+        rules, 4,
+        "factor <= replicas, failed ordinals in range, immutable storage class, tls.secretName with Provided"
     );
 }
 
@@ -102,20 +102,78 @@ fn a_full_strategy_may_name_a_factor_above_replicas() {
 }
 
 #[test]
-fn storage_cannot_change_but_the_rest_of_the_spec_can() {
+fn the_storage_size_may_change_but_not_the_class() {
     let schema = schema();
     let old = yaml("deploy/examples/minimal.yaml");
     let mut scaled = old.clone();
     scaled["spec"]["replicas"] = 5.into();
+    scaled["spec"]["storage"] = serde_json::json!({"size": "5Gi"});
     assert!(
         Validator::new()
             .validate(&schema, &scaled, Some(&old))
+            .is_ok(),
+        "a resize (the operator refuses a shrink itself, with a condition)"
+    );
+    let mut classed = old.clone();
+    classed["spec"]["storage"] = serde_json::json!({"size": "1Gi", "storageClassName": "fast"});
+    for (new, old) in [(&classed, &old), (&old, &classed)] {
+        let err = Validator::new()
+            .validate(&schema, new, Some(old))
+            .expect_err("a class added or removed is refused");
+        assert!(
+            err.to_string().contains("storageClassName is immutable"),
+            "{err}"
+        );
+    }
+    let mut reclassed = classed.clone();
+    reclassed["spec"]["storage"]["storageClassName"] = "slow".into();
+    assert!(
+        Validator::new()
+            .validate(&schema, &reclassed, Some(&classed))
+            .is_err(),
+        "another class is refused"
+    );
+    let mut grown = classed.clone();
+    grown["spec"]["storage"]["size"] = "2Gi".into();
+    assert!(
+        Validator::new()
+            .validate(&schema, &grown, Some(&classed))
             .is_ok()
     );
-    let mut resized = old.clone();
-    resized["spec"]["storage"] = serde_json::json!({"size": "5Gi"});
-    let err = Validator::new()
-        .validate(&schema, &resized, Some(&old))
-        .expect_err("a storage change is refused");
-    assert!(err.to_string().contains("storage is immutable"), "{err}");
+}
+
+#[test]
+fn a_tls_secret_name_is_given_exactly_with_the_provided_mode() {
+    let spec = |tls: &str| -> Value {
+        serde_yaml::from_str(&format!(
+            "{{apiVersion: kvstore.dev/v1alpha1, kind: KvCluster, metadata: {{name: x}},
+              spec: {{replicas: 3, tls: {tls}}}}}"
+        ))
+        .expect("yaml")
+    };
+    let v = Validator::new();
+    for ok in [
+        "{mode: Provided, secretName: x-cert}",
+        "{mode: Generated}",
+        "{mode: Disabled}",
+        "{}",
+    ] {
+        if let Err(e) = v.validate(&schema(), &spec(ok), None) {
+            panic!("tls {ok}: {e}");
+        }
+    }
+    for bad in [
+        "{mode: Provided}",
+        "{mode: Generated, secretName: x-cert}",
+        "{secretName: x-cert}",
+    ] {
+        let err = v
+            .validate(&schema(), &spec(bad), None)
+            .expect_err(&format!("tls {bad} passed the CEL rules"));
+        assert!(
+            err.to_string()
+                .contains("tls.secretName is given exactly when tls.mode is Provided"),
+            "tls {bad}: {err}"
+        );
+    }
 }

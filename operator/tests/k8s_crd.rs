@@ -1,18 +1,37 @@
-//! The checked-in CRD (`deploy/crd.yaml`) is exactly what the Rust types generate.
+//! The checked-in CRDs (`deploy/crd.yaml`, `deploy/crd-kvbackup.yaml`) are
+//! exactly what the Rust types generate.
 
 use std::path::Path;
 
-#[test]
-fn the_checked_in_crd_matches_the_rust_types() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crd.yaml");
+fn matches(file: &str, kind: &str, generated: String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(file);
     let checked_in = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
-    let generated = kv_operator::k8s::crd::crd_yaml().expect("the CRD serializes");
     assert!(
         checked_in == generated,
-        "deploy/crd.yaml is stale; regenerate it with\n  \
-         cargo run -p kv-operator -- crd > deploy/crd.yaml\n\
+        "deploy/{file} is stale; regenerate it with\n  \
+         cargo run -p kv-operator -- crd {kind} > deploy/{file}\n\
          --- generated ---\n{generated}"
+    );
+}
+
+#[test]
+fn the_checked_in_crd_matches_the_rust_types() {
+    matches(
+        "crd.yaml",
+        "kvcluster",
+        kv_operator::k8s::crd::crd_yaml().expect("the CRD serializes"),
+    );
+}
+
+#[test]
+fn the_checked_in_kvbackup_crd_matches_the_rust_types() {
+    matches(
+        "crd-kvbackup.yaml",
+        "kvbackup",
+        kv_operator::k8s::backup::crd_yaml().expect("the CRD serializes"),
     );
 }
 
@@ -77,9 +96,18 @@ fn the_invalid_examples_are_refused_for_the_reason_in_their_name() {
 /// (the real API server refused `default: Off` for `spec.tls.mode`).
 #[test]
 fn no_default_or_enum_value_in_the_crd_reads_as_a_yaml_1_1_boolean() {
-    let crd =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/crd.yaml"))
-            .expect("deploy/crd.yaml");
+    for file in ["crd.yaml", "crd-kvbackup.yaml"] {
+        no_yaml_1_1_booleans(file);
+    }
+}
+
+fn no_yaml_1_1_booleans(file: &str) {
+    let crd = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(file),
+    )
+    .expect("deploy CRD");
     let words = ["on", "off", "yes", "no", "y", "n"];
     let mut in_enum = false;
     for (i, line) in crd.lines().enumerate() {
@@ -99,7 +127,7 @@ fn no_default_or_enum_value_in_the_crd_reads_as_a_yaml_1_1_boolean() {
         if let Some(v) = value {
             assert!(
                 !words.contains(&v.to_ascii_lowercase().as_str()),
-                "deploy/crd.yaml line {}: {t:?} is a boolean to a YAML 1.1 reader",
+                "deploy/{file} line {}: {t:?} is a boolean to a YAML 1.1 reader",
                 i + 1
             );
         }

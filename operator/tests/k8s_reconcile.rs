@@ -178,6 +178,11 @@ fn assert_allowed_by_rbac(method: &Method, path: &str) {
         ["apis", g, _, rest @ ..] => (*g, rest),
         _ => panic!("unexpected API path {path}"),
     };
+    // Discovery (/apis/G/V) is open to every authenticated user
+    // (ClusterRole system:discovery), not granted by rbac.yaml.
+    if rest.is_empty() && method == Method::GET {
+        return;
+    }
     let rest = match rest {
         ["namespaces", _, rest @ ..] => rest,
         rest => rest,
@@ -232,14 +237,24 @@ async fn run_for_result(
     calls: Vec<Call>,
     reports: Option<NodeReports>,
 ) -> (Result<Action, kv_operator::k8s::Error>, Vec<Seen>) {
+    run_ctx(kvc, calls, reports, false).await
+}
+
+/// [`run_for_result`], with PodMonitors made where they are served.
+async fn run_ctx(
+    kvc: KvCluster,
+    calls: Vec<Call>,
+    reports: Option<NodeReports>,
+    pod_monitors: bool,
+) -> (Result<Action, kv_operator::k8s::Error>, Vec<Seen>) {
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = kube::Client::new(service, "default");
     let registry = prometheus::Registry::new();
-    let ctx = Arc::new(Context::new(
-        client,
-        Metrics::new(&registry).expect("metrics"),
-        reports,
-    ));
+    let mut ctx = Context::new(client, Metrics::new(&registry).expect("metrics"), reports);
+    if pod_monitors {
+        ctx = ctx.with_pod_monitors();
+    }
+    let ctx = Arc::new(ctx);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let seen_by_server = seen.clone();
     let server = tokio::spawn(async move {
@@ -641,6 +656,301 @@ async fn a_node_already_held_down_is_not_deleted_again() {
     );
 }
 
+fn claim(ordinal: u32, requested: &str, capacity: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+           "metadata": {"name": format!("data-demo-{ordinal}"), "namespace": "ns"},
+           "spec": {"storageClassName": "fast", "resources": {"requests": {"storage": requested}}},
+           "status": {"phase": "Bound", "capacity": {"storage": capacity}}})
+}
+
+/// One reconcile of a settled 3-node cluster whose spec asks for 2Gi while
+/// its StatefulSet's claim template says 1Gi; the class `fast` allows
+/// expansion or not. Returns what the controller sent.
+async fn resize(class_allows: bool) -> Vec<Seen> {
+    let kvc = cluster("{storage: {size: 2Gi, storageClassName: fast}}");
+    let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Up, NodeState::Up]);
+    let cm = configmap(&kvc, &current);
+    let mut live = serde_json::to_value(objects::statefulset(
+        &cluster("{storage: {storageClassName: fast}}"),
+        3,
+    ))
+    .expect("sts");
+    live["metadata"]["resourceVersion"] = "7".into();
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), move |_| {
+                (StatusCode::OK, live)
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
+            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(Method::GET, &format!("{NS}/persistentvolumeclaims"), |_| {
+                (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaimList", "metadata": {},
+                           "items": [claim(0, "1Gi", "1Gi"), claim(1, "1Gi", "1Gi"), claim(2, "2Gi", "1Gi")]}),
+                )
+            }),
+            call(
+                Method::GET,
+                "/apis/storage.k8s.io/v1/storageclasses/fast",
+                move |_| {
+                    (
+                        StatusCode::OK,
+                        json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                               "metadata": {"name": "fast"}, "provisioner": "example.com/fast",
+                               "allowVolumeExpansion": class_allows}),
+                    )
+                },
+            ),
+        ]
+        .into_iter()
+        .chain((0..2).filter(|_| class_allows).map(|o| {
+            call(
+                Method::PATCH,
+                &format!("{NS}/persistentvolumeclaims/data-demo-{o}"),
+                echo,
+            )
+        }))
+        .chain([
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ])
+        .collect(),
+    )
+    .await;
+    let sts = seen
+        .iter()
+        .find(|s| s.path.ends_with("/statefulsets/demo") && !s.body.is_null())
+        .expect("the StatefulSet was applied");
+    assert_eq!(
+        sts.body["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "1Gi",
+        "the claim template keeps its size: the API server refuses a change to it"
+    );
+    seen
+}
+
+fn volumes_condition(seen: &[Seen]) -> Value {
+    let status = &seen.last().expect("calls").body["status"];
+    status["conditions"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "VolumesResized"))
+        .cloned()
+        .expect("a VolumesResized condition")
+}
+
+#[tokio::test]
+async fn a_larger_size_resizes_each_claim_below_it_and_waits_for_the_capacity() {
+    let seen = resize(true).await;
+    let patched: Vec<(&str, &Value)> = seen
+        .iter()
+        .filter(|s| s.path.contains("/persistentvolumeclaims/"))
+        .map(|s| {
+            (
+                s.path.as_str(),
+                &s.body["spec"]["resources"]["requests"]["storage"],
+            )
+        })
+        .collect();
+    assert_eq!(
+        patched,
+        [
+            (
+                "/api/v1/namespaces/ns/persistentvolumeclaims/data-demo-0",
+                &json!("2Gi")
+            ),
+            (
+                "/api/v1/namespaces/ns/persistentvolumeclaims/data-demo-1",
+                &json!("2Gi")
+            ),
+        ],
+        "data-demo-2 already asks for 2Gi"
+    );
+    let c = volumes_condition(&seen);
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&json!("False"), &json!("Resizing"))
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("data-demo-2 has 1Gi")),
+        "{c}"
+    );
+}
+
+#[tokio::test]
+async fn a_class_that_does_not_allow_expansion_changes_no_claim_and_says_so() {
+    let seen = resize(false).await;
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.path.contains("/persistentvolumeclaims/")),
+        "no claim patched"
+    );
+    let c = volumes_condition(&seen);
+    assert_eq!(
+        (&c["status"], &c["reason"]),
+        (&json!("False"), &json!("ExpansionNotSupported"))
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("storage class fast does not allow volume expansion")),
+        "{c}"
+    );
+}
+
+/// One reconcile of a settled 3-node cluster with PodMonitors on: the
+/// discovery answer (`served`) decides whether the cluster's PodMonitor is
+/// applied (or, with `spec`'s podMonitor false, deleted).
+async fn with_monitoring(spec: &str, served: bool, monitor_call: Option<Method>) -> Vec<Seen> {
+    let kvc = cluster(spec);
+    let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Up, NodeState::Up]);
+    let cm = configmap(&kvc, &current);
+    let mut calls = vec![
+        call(
+            Method::GET,
+            &format!("{NS}/configmaps/demo-topology"),
+            move |_| (StatusCode::OK, cm),
+        ),
+        call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+            not_found()
+        }),
+        call(Method::GET, &format!("{NS}/pods"), |_| {
+            (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
+        }),
+        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+            (StatusCode::OK, secret())
+        }),
+        call(
+            Method::GET,
+            &format!("{NS}/secrets/demo-cluster-auth"),
+            |_| (StatusCode::OK, cluster_secret()),
+        ),
+        call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
+        call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+        call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+        call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+        call(
+            Method::PATCH,
+            &format!("{POLICY}/poddisruptionbudgets/demo"),
+            echo,
+        ),
+        call(
+            Method::PATCH,
+            &format!("{NETWORKING}/networkpolicies/demo"),
+            echo,
+        ),
+        call(Method::GET, "/apis/monitoring.coreos.com/v1", move |_| {
+            if served {
+                (
+                    StatusCode::OK,
+                    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "monitoring.coreos.com/v1",
+                           "resources": [{"name": "podmonitors", "singularName": "podmonitor", "namespaced": true,
+                                          "kind": "PodMonitor", "verbs": ["create", "delete", "get", "list", "patch"]}]}),
+                )
+            } else {
+                not_found()
+            }
+        }),
+    ];
+    if let Some(method) = monitor_call {
+        calls.push(call(
+            method,
+            "/apis/monitoring.coreos.com/v1/namespaces/ns/podmonitors/demo",
+            echo,
+        ));
+    }
+    calls.push(call(
+        Method::PATCH,
+        &format!("{KVC}/demo/status"),
+        status_answer(kvc.clone()),
+    ));
+    let (result, seen) = run_ctx(kvc, calls, None, true).await;
+    result.expect("reconcile succeeded");
+    seen
+}
+
+#[tokio::test]
+async fn a_pod_monitor_per_cluster_is_applied_where_the_prometheus_operator_is_installed() {
+    let seen = with_monitoring(
+        "{monitoring: {labels: {release: prom}, interval: 15s}}",
+        true,
+        Some(Method::PATCH),
+    )
+    .await;
+    let pm = &seen[seen.len() - 2];
+    assert!(
+        pm.query.contains("fieldManager=kv-operator"),
+        "{}",
+        pm.query
+    );
+    assert_eq!(pm.body["kind"], "PodMonitor");
+    assert_eq!(pm.body["metadata"]["labels"]["release"], "prom");
+    assert_eq!(
+        pm.body["metadata"]["ownerReferences"][0]["kind"],
+        "KvCluster"
+    );
+    assert_eq!(
+        pm.body["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"],
+        "demo"
+    );
+    let endpoint = &pm.body["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"], "client");
+    assert_eq!(endpoint["path"], "/metrics");
+    assert_eq!(endpoint["interval"], "15s");
+    assert_eq!(endpoint["relabelings"][0]["targetLabel"], "kvcluster");
+    assert!(
+        endpoint.get("scheme").is_none(),
+        "plaintext without spec.tls"
+    );
+}
+
+#[tokio::test]
+async fn no_pod_monitor_is_made_without_the_prometheus_operator_and_one_turned_off_is_deleted() {
+    let seen = with_monitoring("{}", false, None).await;
+    assert!(!seen.iter().any(|s| s.path.contains("podmonitors")));
+    with_monitoring(
+        "{monitoring: {podMonitor: false}}",
+        true,
+        Some(Method::DELETE),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_cluster_whose_one_secret_held_both_tokens_gets_its_cluster_token_in_a_secret_of_its_own()
 {
@@ -763,6 +1073,38 @@ async fn an_invalid_spec_gets_a_condition_and_an_event_and_nothing_is_applied() 
             .as_str()
             .is_some_and(|m| m.contains("exceeds replicas"))
     );
+}
+
+/// The status is applied over the KvCluster version it was computed from; a
+/// write that lost to a newer one (409) is a conflict, retried at once from
+/// the new object, not a failure that backs off (issue 17 item 2).
+#[tokio::test]
+async fn the_status_is_applied_over_the_version_read_and_a_409_is_a_conflict() {
+    let mut kvc = cluster("{replicas: 2, replication: {factor: 3}}");
+    kvc.metadata.resource_version = Some("41".into());
+    let (result, seen) = run_for_result(
+        kvc.clone(),
+        vec![
+            call(Method::POST, EVENTS, echo),
+            call(Method::PATCH, &format!("{KVC}/demo/status"), |_| {
+                (
+                    StatusCode::CONFLICT,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                           "message": "the object has been modified", "reason": "Conflict", "code": 409}),
+                )
+            }),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(
+        seen[1].body["metadata"]["resourceVersion"], "41",
+        "the apply carries the version read as its precondition"
+    );
+    assert_eq!(seen[1].body["status"]["phase"], "Failed");
+    let err = result.expect_err("the write was refused");
+    assert!(err.is_conflict(), "{err}");
+    assert_eq!(err.metric_label(), "conflict");
 }
 
 #[tokio::test]
@@ -2466,8 +2808,12 @@ async fn waking_up_restores_the_statefulset_and_fails_no_node_whose_pod_is_not_b
     let status = status_written(&seen);
     let h = condition(&status, "Hibernated").expect("condition");
     assert_eq!(h["reason"], "WakingUp");
+    // No pod exists yet: not Running, no node Up (the real control plane
+    // once showed Running with every node Up one second after waking).
+    assert_eq!(status["phase"], "WakingUp");
     for n in status["nodes"].as_array().expect("nodes") {
         assert_eq!(n.get("unreachableSince"), None, "{n}");
+        assert_eq!(n["state"], "Recovering", "{n}");
     }
 
     // Still waking a while later (past failureDetectionSeconds), pods 0
@@ -2495,10 +2841,16 @@ async fn waking_up_restores_the_statefulset_and_fails_no_node_whose_pod_is_not_b
     .await;
     assert_eq!(topology_in(&seen[5]), current);
     assert_eq!(event_reasons(&seen), Vec::<String>::new());
-    assert_eq!(
-        status_written(&seen)["nodes"][2].get("unreachableSince"),
-        None
-    );
+    let status = status_written(&seen);
+    assert_eq!(status["nodes"][2].get("unreachableSince"), None);
+    assert_eq!(status["phase"], "WakingUp");
+    let states: Vec<&Value> = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| &n["state"])
+        .collect();
+    assert_eq!(states, ["Up", "Up", "Recovering"]);
 
     // Every pod back: awake.
     let (_, seen) = run(
@@ -2521,6 +2873,69 @@ async fn waking_up_restores_the_statefulset_and_fails_no_node_whose_pod_is_not_b
         "Awake"
     );
     assert_eq!(status["phase"], "Running");
+}
+
+#[tokio::test]
+async fn a_waking_node_whose_pod_is_ready_but_does_not_report_is_not_back() {
+    let up3 = [NodeState::Up; 3];
+    let current = topology(&cluster("{}"), 4, &up3);
+    let mut waking = earlier_status("WakingUp", &up3, &[], "{}");
+    waking.conditions = vec![
+        serde_json::from_value(json!({
+            "type": "Hibernated", "status": "False", "reason": "WakingUp",
+            "message": "", "lastTransitionTime": ago(30), "observedGeneration": 1
+        }))
+        .expect("condition"),
+    ];
+    let kvc = cluster("{}");
+    let kvc = with_status(&kvc, &serde_json::to_value(&waking).expect("json"));
+    let pods = || (0..3).map(running_pod).collect();
+
+    // Every pod Ready, node 2 not answering: still waking up.
+    let reports = report_server(vec![(4, 4, 1.0), (4, 4, 1.0)]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            pods(),
+            then(apply_objects(), vec![write_status(&kvc)]),
+        ),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(event_reasons(&seen), Vec::<String>::new());
+    let status = status_written(&seen);
+    assert_eq!(status["phase"], "WakingUp");
+    assert_eq!(status["nodes"][2]["state"], "Recovering");
+    let h = condition(&status, "Hibernated").expect("condition");
+    assert!(
+        h["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("nodes {2}")),
+        "{h}"
+    );
+
+    // Node 2 answers: awake, Running.
+    let reports = report_server(vec![(4, 4, 1.0); 3]).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        observe_pods(
+            &kvc,
+            &current,
+            pods(),
+            then(
+                apply_objects(),
+                vec![call(Method::POST, EVENTS, echo), write_status(&kvc)],
+            ),
+        ),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(event_reasons(&seen), ["Awake"]);
+    let status = status_written(&seen);
+    assert_eq!(status["phase"], "Running");
+    assert_eq!(status["nodes"][2]["state"], "Up");
 }
 
 fn restart_requested(spec: &str, at: &str) -> KvCluster {

@@ -713,6 +713,39 @@ fn holding_down_a_node_next_to_one_already_failed_is_refused_unless_forced() {
 }
 
 #[test]
+fn an_accepted_hold_of_a_node_still_to_come_is_not_refused_when_another_node_crashes() {
+    // Growing 1 -> 4 with node 1 held down: node 1 stays out of the topology
+    // while nodes 2 and 3 start. A crash of node 0 meanwhile must not turn
+    // the spec the planner accepted into a refused one: a refused plan has no
+    // actions, so the cluster would no longer be operated at all.
+    let one = Desired {
+        factor: 1,
+        ..desired(1)
+    };
+    let (t, _) = settle(&one, None, 1);
+    let grown = Desired {
+        strategy: Strategy::Full,
+        ..held(4, &[1])
+    };
+    let nodes = vec![(0, down(0)), (2, running()), (3, running())];
+    let o = observed(Some(t.clone()), nodes.clone());
+    let p = step(&grown, &o);
+    assert_eq!(p.refusal, None);
+    let t1 = after(&p, &o);
+    assert_eq!(t1.state_of(0), Some(Failed), "node 0 crashed long ago");
+    assert_eq!(t1.state_of(1), None, "node 1 joins with the new placement");
+    let again = step(&grown, &observed(Some(t1), nodes));
+    assert_eq!(again.refusal, None, "refused on its own output");
+    // A hold that would leave the target placement short is still refused.
+    let too_many = Desired {
+        strategy: Strategy::Full,
+        ..held(4, &[1, 2])
+    };
+    let p = step(&too_many, &observed(Some(t), vec![(0, reporting(1, 1))]));
+    assert!(p.refusal.is_some(), "2 of 4 live, quorum needs 3");
+}
+
+#[test]
 fn a_first_plan_holding_down_too_many_nodes_is_refused() {
     let p = step(&held(2, &[0]), &observed(None, vec![]));
     assert!(p.refusal.is_some());

@@ -62,6 +62,8 @@ pub struct DriverConfig {
     pub etcd_serializable: bool,
     pub timeout: Duration,
     pub connections: usize,
+    /// How an https endpoint is trusted (kvctl's `--cacert` / `--insecure`).
+    pub tls: crate::client::TlsOptions,
 }
 
 /// Something that can make a worker's connection.
@@ -77,16 +79,23 @@ impl Connector {
             return Err(OpError::new("config", "no endpoints"));
         }
         let http = match cfg.kind {
-            DriverKind::Kvstore => Some(
-                reqwest::Client::builder()
+            DriverKind::Kvstore => {
+                let builder = reqwest::Client::builder()
                     .pool_max_idle_per_host(cfg.connections.max(1))
                     .pool_idle_timeout(Duration::from_secs(90))
                     .tcp_nodelay(true)
                     .timeout(cfg.timeout)
-                    .connect_timeout(cfg.timeout.min(Duration::from_secs(5)))
-                    .build()
-                    .map_err(|e| OpError::new("config", error_chain(&e)))?,
-            ),
+                    .connect_timeout(cfg.timeout.min(Duration::from_secs(5)));
+                let builder = cfg
+                    .tls
+                    .apply(builder)
+                    .map_err(|e| OpError::new("config", e.to_string()))?;
+                Some(
+                    builder
+                        .build()
+                        .map_err(|e| OpError::new("config", error_chain(&e)))?,
+                )
+            }
             _ => None,
         };
         Ok(Connector { cfg, http })

@@ -146,16 +146,7 @@ pub fn normalize_endpoint(kind: DriverKind, e: &str) -> Result<String, BenchErro
         return Err(BenchError::Config("empty endpoint".into()));
     }
     Ok(match kind {
-        DriverKind::Kvstore => {
-            let url = base_url(e).map_err(|x| BenchError::Config(x.to_string()))?;
-            // The load generator has no --cacert of its own yet.
-            if url.starts_with("https://") {
-                return Err(BenchError::Config(format!(
-                    "{url}: kvctl bench speaks plain HTTP only for now"
-                )));
-            }
-            url
-        }
+        DriverKind::Kvstore => base_url(e).map_err(|x| BenchError::Config(x.to_string()))?,
         DriverKind::Redis if e.contains("://") => e.to_string(),
         DriverKind::Redis => format!("redis://{e}"),
         DriverKind::Etcd if e.contains("://") => e.to_string(),
@@ -171,6 +162,7 @@ impl BenchConfig {
         endpoint: &str,
         token: Option<String>,
         consistency: Option<Consistency>,
+        tls: crate::client::TlsOptions,
     ) -> Result<BenchConfig, BenchError> {
         let raw: Vec<String> = if !args.endpoints.is_empty() {
             args.endpoints.clone()
@@ -212,6 +204,7 @@ impl BenchConfig {
                 etcd_serializable: args.etcd_serializable,
                 timeout: args.op_timeout.max(Duration::from_millis(1)),
                 connections,
+                tls,
             },
             keys: args.keys,
             value_size: usize::try_from(args.value_size)
@@ -471,7 +464,7 @@ async fn worker(
         if measuring {
             match res {
                 Ok(outcome) => rec.record(op, outcome, done - t0),
-                Err(e) => rec.error(&e.kind),
+                Err(e) => rec.error_with(&e.kind, &e.detail),
             }
             last = Some(done);
         }

@@ -38,6 +38,8 @@ pub struct Recorder {
     pub writes: Histogram<u64>,
     pub misses: u64,
     pub errors: BTreeMap<String, u64>,
+    /// The first error of each kind, in full: what a count cannot explain.
+    pub first_errors: BTreeMap<String, String>,
 }
 
 impl Default for Recorder {
@@ -54,6 +56,7 @@ impl Recorder {
             writes: new_hist(),
             misses: 0,
             errors: BTreeMap::new(),
+            first_errors: BTreeMap::new(),
         }
     }
 
@@ -77,6 +80,14 @@ impl Recorder {
         *self.errors.entry(kind.to_string()).or_insert(0) += 1;
     }
 
+    /// [`Recorder::error`], keeping the first `detail` of each kind.
+    pub fn error_with(&mut self, kind: &str, detail: &str) {
+        self.error(kind);
+        self.first_errors
+            .entry(kind.to_string())
+            .or_insert_with(|| detail.to_string());
+    }
+
     pub fn merge(&mut self, other: &Recorder) {
         // Same bounds on both sides: adding cannot fail; if it did, the
         // values were clamped on record already.
@@ -86,6 +97,11 @@ impl Recorder {
         self.misses += other.misses;
         for (k, v) in &other.errors {
             *self.errors.entry(k.clone()).or_insert(0) += v;
+        }
+        for (k, d) in &other.first_errors {
+            self.first_errors
+                .entry(k.clone())
+                .or_insert_with(|| d.clone());
         }
     }
 
@@ -155,6 +171,9 @@ pub struct Report {
     pub misses: u64,
     pub errors: u64,
     pub errors_by_kind: BTreeMap<String, u64>,
+    /// One full error message of each kind counted in `errors_by_kind`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_examples: BTreeMap<String, String>,
     /// Microseconds, every answered operation.
     pub latency_us: Latency,
     pub read_latency_us: Latency,
@@ -174,6 +193,7 @@ impl Report {
         self.misses = rec.misses;
         self.errors = rec.error_count();
         self.errors_by_kind = rec.errors.clone();
+        self.error_examples = rec.first_errors.clone();
         self.ops_per_second = if secs > 0.0 {
             self.ops as f64 / secs
         } else {
@@ -233,6 +253,9 @@ impl Report {
                 .map(|(k, v)| format!("{k} {v}"))
                 .collect();
             let _ = writeln!(o, "errors     {} ({})", self.errors, kinds.join(", "));
+            for (k, d) in &self.error_examples {
+                let _ = writeln!(o, "  first {k}: {d}");
+            }
         }
         for (name, l) in [
             ("latency", &self.latency_us),

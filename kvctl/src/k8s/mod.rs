@@ -33,17 +33,24 @@
 //! conflict retry), [`change`] (the pure decisions and the planner check),
 //! [`render`] (what `nodes`, `fail` and `recover` print), [`restart`]
 //! (`restart --cluster`: the annotation kv-operator restarts the nodes on,
-//! and what its status shows of that restart).
+//! and what its status shows of that restart), [`tokens`] (`rotate-token
+//! --cluster`: the token Secret written in three steps, each awaited in the
+//! status), [`backup`] (`backup --cluster`: a KvBackup, and the wait for
+//! its outcome).
 
+mod backup;
 mod change;
 mod render;
 mod restart;
 mod target;
+mod tokens;
 
+pub use backup::*;
 pub use change::*;
 pub use render::*;
 pub use restart::*;
 pub use target::*;
+pub use tokens::*;
 
 /// Reads and writes of one `fail` or `recover`, when every write meets a
 /// concurrent change (409 Conflict).
@@ -130,10 +137,26 @@ pub enum KubeError {
         name: String,
         message: String,
     },
+    #[error("cannot {verb} KvBackup {name}: {message}")]
+    Backup {
+        verb: &'static str,
+        name: String,
+        message: String,
+    },
     #[error("no answer from the Kubernetes API server at {url} within {secs}s")]
     Timeout { url: String, secs: f64 },
     #[error("KvCluster {0} has no metadata.resourceVersion; cannot write it safely")]
     NoResourceVersion(String),
+    #[error("no token to rotate in Secret {namespace}/{secret} key {key:?}: {problem}")]
+    NoToken {
+        secret: String,
+        namespace: String,
+        key: &'static str,
+        problem: String,
+    },
+    /// A rotation step that not every node took up in time.
+    #[error("{0}")]
+    RotationStalled(String),
 }
 
 #[cfg(test)]

@@ -4,22 +4,27 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, LogParams, Patch, PatchParams};
 use kube::config::{Config, KubeConfigOptions};
 use kube::{Client, ResourceExt};
 use kv_operator::k8s::crd::{KvCluster, RESTARTED_AT};
 use serde::Serialize;
+use serde_json::Value;
+
+use crate::cli::TokenArg;
 
 use super::*;
 
 /// One KvCluster, through the API of the client it was built with.
 pub struct Target {
-    api: Api<KvCluster>,
+    pub(super) api: Api<KvCluster>,
     /// The cluster's pods, for `logs`.
     pods: Api<Pod>,
-    name: String,
-    namespace: String,
+    /// Its token Secrets, for `rotate-token`.
+    secrets: Api<Secret>,
+    pub(super) name: String,
+    pub(super) namespace: String,
     /// The API server's URL, for messages ("" when not known).
     url: String,
 }
@@ -53,7 +58,8 @@ impl Target {
     pub fn new(client: Client, namespace: &str, name: &str) -> Target {
         Target {
             api: Api::namespaced(client.clone(), namespace),
-            pods: Api::namespaced(client, namespace),
+            pods: Api::namespaced(client.clone(), namespace),
+            secrets: Api::namespaced(client, namespace),
             name: name.to_string(),
             namespace: namespace.to_string(),
             url: String::new(),
@@ -217,10 +223,7 @@ impl Target {
     /// alone, so nothing concurrent is overwritten; a new value is a new
     /// request whatever else changed).
     pub async fn restart(&self, at: &str) -> Result<RestartOutcome, KubeError> {
-        let params = PatchParams {
-            field_manager: Some(FIELD_MANAGER.to_string()),
-            ..PatchParams::default()
-        };
+        let params = self.params();
         let stored = self
             .api
             .patch(&self.name, &params, &Patch::Merge(&restart_patch(at)))
@@ -301,6 +304,143 @@ impl Target {
             })
     }
 
+    /// Rotate `which` token of the KvCluster (see [`super::tokens`]): three
+    /// writes of its Secret, each awaited until every node that is not
+    /// Failed shows it in the status, at most `step_limit` each; `progress`
+    /// is told each step as it is written.
+    pub async fn rotate_token(
+        &self,
+        which: TokenArg,
+        step_limit: Duration,
+        progress: impl Fn(&str),
+    ) -> Result<Rotation, KubeError> {
+        let kvc = self.get().await?;
+        let place = token_secret(&kvc, which);
+        let current = self.secret_tokens(&place).await?;
+        let new = kv_operator::token::random_token();
+        let mut rotation = Rotation {
+            cluster: self.name.clone(),
+            namespace: self.namespace.clone(),
+            token: which.name(),
+            secret: place.secret.clone(),
+            key: place.key,
+            fingerprint: kv_net::token::fingerprint(&new),
+            steps: Vec::new(),
+        };
+        let steps: Vec<Vec<String>> = if nobody_runs(&kvc) {
+            // Hibernated: each node reads the Secret when it wakes.
+            vec![vec![new.clone()]]
+        } else {
+            rotation_steps(&current, &new).into()
+        };
+        for (i, tokens) in steps.iter().enumerate() {
+            let step = i + 1;
+            self.patch_kvc(&rotation_annotation_patch(Some(&format!(
+                "{} {step}/3",
+                which.name()
+            ))))
+            .await?;
+            self.patch_secret(&place, &secret_patch(place.key, tokens))
+                .await?;
+            let expected = kv_net::token::fingerprints(tokens);
+            progress(&format!(
+                "step {step} of 3: Secret {} key {} holds {}; waiting for every node",
+                place.secret,
+                place.key,
+                expected.join(",")
+            ));
+            let t0 = tokio::time::Instant::now();
+            let nodes = loop {
+                let kvc = self.get().await?;
+                if nobody_runs(&kvc) {
+                    break Vec::new();
+                }
+                let late = behind(&kvc, which, &expected);
+                if late.is_empty() {
+                    break waited_on(&kvc).map(|n| n.ordinal).collect();
+                }
+                if t0.elapsed() >= step_limit {
+                    let _ = self.patch_kvc(&rotation_annotation_patch(None)).await;
+                    return Err(KubeError::RotationStalled(stalled_message(
+                        which, step, step_limit, &late,
+                    )));
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            rotation.steps.push(RotationStep {
+                tokens: expected,
+                nodes,
+                waited_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+            });
+        }
+        self.patch_kvc(&rotation_annotation_patch(None)).await?;
+        Ok(rotation)
+    }
+
+    /// The tokens a Secret's key holds, in order.
+    async fn secret_tokens(&self, place: &TokenSecret) -> Result<Vec<String>, KubeError> {
+        let secret = self
+            .secrets
+            .get(&place.secret)
+            .await
+            .map_err(|e| self.secret_error("get", &place.secret, e))?;
+        let no_token = |problem: String| KubeError::NoToken {
+            secret: place.secret.clone(),
+            namespace: self.namespace.clone(),
+            key: place.key,
+            problem,
+        };
+        let raw = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(place.key))
+            .ok_or_else(|| no_token("the key is missing".into()))?;
+        let text = std::str::from_utf8(&raw.0).map_err(|_| no_token("it is not UTF-8".into()))?;
+        kv_net::token::parse("token", text).map_err(|e| no_token(e.to_string()))
+    }
+
+    async fn patch_secret(&self, place: &TokenSecret, patch: &Value) -> Result<(), KubeError> {
+        self.secrets
+            .patch(&place.secret, &self.params(), &Patch::Merge(patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.secret_error("patch", &place.secret, e))
+    }
+
+    async fn patch_kvc(&self, patch: &Value) -> Result<(), KubeError> {
+        self.api
+            .patch(&self.name, &self.params(), &Patch::Merge(patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("patch", e))
+    }
+
+    /// kvctl's writes, recorded under [`FIELD_MANAGER`].
+    fn params(&self) -> PatchParams {
+        PatchParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
+        }
+    }
+
+    fn secret_error(&self, verb: &'static str, secret: &str, e: kube::Error) -> KubeError {
+        match e {
+            kube::Error::Api(s) if s.code == 404 => KubeError::NoToken {
+                secret: secret.to_string(),
+                namespace: self.namespace.clone(),
+                key: "",
+                problem: "the Secret does not exist (kv-operator makes it when it first reconciles the KvCluster)".into(),
+            },
+            kube::Error::Api(s) if s.code == 403 => KubeError::Forbidden {
+                verb,
+                resource: "secrets",
+                namespace: self.namespace.clone(),
+                message: s.message,
+            },
+            other => self.error(verb, other),
+        }
+    }
+
     /// Read, decide on what was read, write with that read's resourceVersion
     /// as precondition; on 409 Conflict start over.
     async fn update(
@@ -332,10 +472,7 @@ impl Target {
             let rv = kvc
                 .resource_version()
                 .ok_or_else(|| KubeError::NoResourceVersion(self.name.clone()))?;
-            let params = PatchParams {
-                field_manager: Some(FIELD_MANAGER.to_string()),
-                ..PatchParams::default()
-            };
+            let params = self.params();
             let patch = fault_injection_patch(&rv, &change);
             match self
                 .api

@@ -22,6 +22,7 @@ fn cluster(spec_yaml: &str, states: &[NodeState]) -> KvCluster {
                 state: *s,
                 resync_progress: None,
                 unreachable_since: None,
+                tokens: None,
             })
             .collect(),
         conditions: vec![],

@@ -23,6 +23,10 @@
 //! condition `SpecRefused` and a Warning Event, and carries the new spec out
 //! at the first reconcile where the planner accepts it.
 //!
+//! The status this writes is computed in [`status`](super::status), the
+//! Events it publishes in [`events`](super::events), and its calls to the
+//! nodes (reports, topology pushes) are in [`nodes`](super::nodes).
+//!
 //! Failure detection: a node is unreachable when it neither runs nor reports;
 //! `status.nodes[].unreachableSince` keeps since when (across reconciles and
 //! operator restarts), and the planner makes it Failed once that is
@@ -33,13 +37,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::{Resource, ResourceExt};
 use kv_core::{NodeState, Topology};
 use serde::Serialize;
@@ -47,14 +52,25 @@ use tracing::{info, warn};
 
 use super::crd::{
     AcceptedSpec, Condition, FORCE_FAULT_INJECTION, KvCluster, KvClusterStatus, NodeStatus, Phase,
+    TlsMode,
 };
 use super::hibernation::{self, Hibernation};
 use super::metrics::Metrics;
 use super::objects;
 use super::restart;
 use super::tls;
+use super::volumes;
 use crate::planner::{
     self, Desired, NodeObservation, NodeProgress, Observed, PlannerConfig, Rebalance,
+};
+
+use super::events::{publish, publish_hibernation, publish_transitions, warn_invalid_annotation};
+pub use super::nodes::{NODE_CALL_TIMEOUT, NodeReports, ReportUrl, adopt};
+use super::nodes::{fetch_report, node_client, push_topology};
+pub use super::status::{FORCE_CONDITION, SPEC_REFUSED, force_condition, status_patch};
+use super::status::{
+    cond, conditions_of, merge_conditions, parse_ms, rfc3339, show_restart, spec_refused,
+    status_of, write_status,
 };
 
 /// Why a reconcile failed. Variant names are the `result` label of
@@ -74,11 +90,18 @@ pub enum Error {
 impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
+            e if e.is_conflict() => "conflict",
             Error::Kube(_) => "kube",
             Error::Serialization(..) => "serialization",
             Error::MissingNamespace => "missing_namespace",
             Error::Tls(_) => "tls",
         }
+    }
+
+    /// The API server refused a write made over a stale version (409): the
+    /// object changed since it was read, and its watch event is on its way.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Error::Kube(kube::Error::Api(s)) if s.code == 409)
     }
 }
 
@@ -98,93 +121,15 @@ pub struct Context {
     pub operator_namespace: Option<String>,
     /// Consecutive failed reconciles per cluster (`namespace/name`), for backoff.
     failures: std::sync::Mutex<BTreeMap<String, u32>>,
+    /// Whether the API server serves PodMonitors, and when that was last
+    /// asked; `None`: never asked, no PodMonitor is made (see
+    /// [`Context::with_pod_monitors`]).
+    pod_monitors: Option<std::sync::Mutex<Option<(Instant, bool)>>>,
 }
 
-/// The report URL of one node of a cluster.
-pub type ReportUrl = Box<dyn Fn(&KvCluster, u32) -> String + Send + Sync>;
-
-/// How long the operator waits for a node's answer.
-pub const NODE_CALL_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Where and how the controller talks to nodes: their reports, and the
-/// topology it pushes to them.
-pub struct NodeReports {
-    /// For clusters without TLS; a cluster with `spec.tls` is called with a
-    /// client built from its Secrets at each reconcile ([`tls::client_config`]).
-    pub http: reqwest::Client,
-    /// The report URL of a node: `http://<pod>.<name>-peers.<ns>.svc:7400/v1/cluster`
-    /// in a cluster (`https://` with `spec.tls`); tests point it at a local server.
-    pub url: ReportUrl,
-    /// Where a node takes a new topology (peer port, cluster token):
-    /// `http://<pod>.<name>-peers.<ns>.svc:7401/internal/v1/topology`.
-    pub topology_url: ReportUrl,
-}
-
-impl NodeReports {
-    /// Reports from the nodes' stable DNS names, with a short timeout so that
-    /// one dead node does not stall a reconcile.
-    pub fn in_cluster() -> Option<NodeReports> {
-        Some(NodeReports {
-            // Plain HTTP to the nodes, with a TLS setup that needs no
-            // system CA certificates: the operator image has none, and
-            // reqwest's default setup cannot build a client without them
-            // (node reports and pushes would then be silently off).
-            http: reqwest::Client::builder()
-                .timeout(NODE_CALL_TIMEOUT)
-                .tls_backend_preconfigured(kv_net::tls::plaintext_client_config().ok()?)
-                .build()
-                .ok()?,
-            url: Box::new(|kvc, ordinal| {
-                format!(
-                    "{}://{}:{}/v1/cluster",
-                    scheme(kvc),
-                    objects::pod_host(kvc, ordinal),
-                    objects::CLIENT_PORT
-                )
-            }),
-            topology_url: Box::new(|kvc, ordinal| {
-                format!(
-                    "{}://{}:{}/internal/v1/topology",
-                    scheme(kvc),
-                    objects::pod_host(kvc, ordinal),
-                    objects::PEER_PORT
-                )
-            }),
-        })
-    }
-}
-
-fn scheme(kvc: &KvCluster) -> &'static str {
-    if tls::enabled(kvc) { "https" } else { "http" }
-}
-
-/// The client for this cluster's nodes: [`NodeReports::http`] without TLS;
-/// with TLS one trusting the cluster CA and presenting the nodes'
-/// certificate, or none while those Secrets are not there (not made yet:
-/// no node runs without them).
-fn node_client(
-    reports: &NodeReports,
-    kvc: &KvCluster,
-    ca_secret: Option<&Secret>,
-    tls_secret: Option<&Secret>,
-) -> Option<reqwest::Client> {
-    if !tls::enabled(kvc) {
-        return Some(reports.http.clone());
-    }
-    let config = match tls::client_config(ca_secret?, tls_secret?) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(kvcluster = %kvc.name_any(), error = %e, "cannot call the nodes over TLS");
-            return None;
-        }
-    };
-    reqwest::Client::builder()
-        .timeout(NODE_CALL_TIMEOUT)
-        .tls_backend_preconfigured(config)
-        .build()
-        .inspect_err(|e| warn!(kvcluster = %kvc.name_any(), error = %e, "cannot build the TLS client for the nodes"))
-        .ok()
-}
+/// How long the answer to "are PodMonitors served?" is kept: installing the
+/// Prometheus Operator later is noticed within this.
+pub const MONITORING_DISCOVERY_TTL: Duration = Duration::from_secs(300);
 
 impl Context {
     pub fn new(
@@ -203,7 +148,15 @@ impl Context {
             node_reports,
             operator_namespace: None,
             failures: Default::default(),
+            pod_monitors: None,
         }
+    }
+
+    /// Make a PodMonitor per cluster whenever the API server serves the
+    /// Prometheus Operator's `monitoring.coreos.com/v1` PodMonitors.
+    pub fn with_pod_monitors(mut self) -> Context {
+        self.pod_monitors = Some(Default::default());
+        self
     }
 
     /// The operator runs in `namespace` (see [`Context::operator_namespace`]).
@@ -213,15 +166,15 @@ impl Context {
     }
 }
 
-fn apply_params() -> PatchParams {
+pub(super) fn apply_params() -> PatchParams {
     PatchParams::apply(objects::MANAGER).force()
 }
 
-fn is_not_found(e: &kube::Error) -> bool {
+pub(super) fn is_not_found(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
-async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>, Error>
+pub(super) async fn get_opt<K>(api: &Api<K>, name: &str) -> Result<Option<K>, Error>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -232,12 +185,28 @@ where
     }
 }
 
-async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<(), Error>
+pub(super) async fn apply<K>(api: &Api<K>, name: &str, obj: &K) -> Result<(), Error>
 where
     K: Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
     api.patch(name, &apply_params(), &Patch::Apply(obj)).await?;
     Ok(())
+}
+
+/// Apply `obj`, or, when the spec asks for none, delete the one made before
+/// (already gone is fine).
+async fn apply_or_delete<K>(api: &Api<K>, name: &str, obj: Option<&K>) -> Result<(), Error>
+where
+    K: Clone + Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match obj {
+        Some(obj) => apply(api, name, obj).await,
+        None => match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        },
+    }
 }
 
 /// What the planner decided, in the controller's terms.
@@ -309,6 +278,7 @@ fn decide_for(kvc: &KvCluster, desired: &Desired, observed: &Observed) -> Result
                 state: n.state,
                 resync_progress: n.resync_progress,
                 unreachable_since: None,
+                tokens: None,
             })
             .collect(),
         transitions: plan.transitions,
@@ -340,6 +310,9 @@ fn cluster_key(kvc: &KvCluster) -> String {
     format!("{}/{}", kvc.namespace().unwrap_or_default(), kvc.name_any())
 }
 
+/// Retry delay after a write lost to a concurrent one (409).
+pub const CONFLICT_RETRY: Duration = Duration::from_secs(1);
+
 /// Retry delay after `failures` consecutive failed reconciles: 5 s doubling
 /// up to 5 minutes, so that a failing API server is not hammered. A watch
 /// event still triggers a reconcile at once.
@@ -349,6 +322,12 @@ pub fn backoff(failures: u32) -> Duration {
 }
 
 pub fn error_policy(kvc: Arc<KvCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        // Lost a race with another writer: plan again from what it wrote,
+        // soon, and without the backoff meant for a failing API server.
+        info!(kvcluster = %kvc.name_any(), error = %error, "conflict; reconciling again from the current objects");
+        return Action::requeue(CONFLICT_RETRY);
+    }
     let failures = match ctx.failures.lock() {
         Ok(mut f) => {
             let n = f.entry(cluster_key(&kvc)).or_insert(0);
@@ -388,7 +367,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             now,
         )
         .await?;
-        ctx.metrics.observe_cluster(&key, Phase::Failed, vec![]);
+        ctx.metrics.observe_cluster(&key, Phase::Failed, vec![], 0);
         return Ok(Action::await_change());
     }
 
@@ -438,14 +417,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     } else {
         get_opt(&secrets, &cluster_secret_name).await?
     };
-    let (ca_secret, tls_secret) = if tls::enabled(kvc) {
-        (
-            get_opt(&secrets, &tls::ca_secret_name(kvc)).await?,
-            get_opt(&secrets, &tls::tls_secret_name(kvc)).await?,
-        )
-    } else {
-        (None, None)
-    };
+    let (ca_secret, tls_secret) = tls_secrets(&secrets, kvc).await?;
     let node_http = ctx
         .node_reports
         .as_ref()
@@ -472,6 +444,10 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     // Nodes whose store is new or rebuilt (a wiped or replaced volume):
     // they serve nothing until they have pulled their buckets.
     let mut catching_up = BTreeSet::new();
+    let mut tokens_held: BTreeMap<u32, kv_core::report::TokenFingerprints> = BTreeMap::new();
+    // Whether the nodes were asked for their reports: a node that is asked
+    // is back from hibernation only once it answers.
+    let mut reporting = false;
     for pod in &pod_list.items {
         let Some(ordinal) = ordinal_of(&name, &pod.name_any()) else {
             continue;
@@ -484,6 +460,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         &node_http,
         secret_token(secret.as_ref(), objects::TOKEN_KEY),
     ) {
+        reporting = true;
         // All at once: a node that does not answer costs one timeout, not one each.
         let asks = observed
             .nodes
@@ -501,6 +478,9 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             }
             if report.as_ref().is_some_and(|r| r.store_catching_up) {
                 catching_up.insert(ordinal);
+            }
+            if let Some(r) = &report {
+                tokens_held.insert(ordinal, r.tokens.clone());
             }
             held_by_nodes.extend(report.map(|r| r.topology));
         }
@@ -551,7 +531,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     // Waking up from hibernation: nodes whose pods are not back yet were
     // stopped on request, not lost (see `hibernation`).
     let waking = hibernation::waking(kvc, &previous, now);
-    let all_back = hibernation::all_back(&observed);
+    let not_back = hibernation::not_back(&observed, &ready, reporting);
     if waking {
         hibernation::spare_waking_nodes(&mut observed, &mut unreachable);
     }
@@ -582,7 +562,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
                         now,
                     )
                     .await?;
-                    ctx.metrics.observe_cluster(&key, Phase::Failed, vec![]);
+                    ctx.metrics.observe_cluster(&key, Phase::Failed, vec![], 0);
                     // The refusal may depend on nodes that are down: look again later.
                     return Ok(Action::requeue(Duration::from_secs(60)));
                 }
@@ -642,13 +622,24 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     } else if secret_token(secret.as_ref(), objects::TOKEN_KEY).is_none()
         || secret_token(cluster_secret.as_ref(), objects::CLUSTER_TOKEN_KEY).is_none()
     {
-        problems.push(format!(
-            "Secret {secret_name} is missing or lacks the keys token and cluster-token"
+        problems.push((
+            "AuthSecretMissing",
+            format!("Secret {secret_name} is missing or lacks the keys token and cluster-token"),
         ));
     }
-    if tls::enabled(kvc) {
-        let pods = decision.pods.max(kvc.spec.replicas);
-        problems.extend(ensure_tls(kvc, &secrets, ca_secret, tls_secret, pods).await?);
+    let named = decision.pods.max(kvc.spec.replicas);
+    match kvc.spec.tls.mode {
+        TlsMode::Generated => problems.extend(
+            ensure_tls(kvc, &secrets, ca_secret, tls_secret, named)
+                .await?
+                .map(|p| ("TlsCaUnusable", p)),
+        ),
+        TlsMode::Provided => problems.extend(
+            tls::check_provided(kvc, tls_secret.as_ref(), named, SystemTime::now())
+                .err()
+                .map(|p| ("TlsSecretInvalid", p)),
+        ),
+        TlsMode::Disabled => {}
     }
     let cm = objects::topology_configmap(kvc, &decision.topology)
         .map_err(|e| Error::Serialization("topology", e))?;
@@ -694,35 +685,33 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         &objects::client_service(kvc),
     )
     .await?;
-    apply(
-        &stss,
-        &objects::statefulset_name(kvc),
-        &objects::statefulset(kvc, decision.pods),
-    )
-    .await?;
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
-    match objects::pdb(kvc) {
-        Some(pdb) => apply(&pdbs, &objects::pdb_name(kvc), &pdb).await?,
-        None => match pdbs
-            .delete(&objects::pdb_name(kvc), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        },
+    let mut statefulset = objects::statefulset(kvc, decision.pods);
+    if let Some(live) = &sts {
+        volumes::keep_template_size(&mut statefulset, live);
     }
+    apply(&stss, &objects::statefulset_name(kvc), &statefulset).await?;
+    // Once a resize was asked for, the claims are watched over (a scale-up
+    // makes claims of the template's size; a size set back is reported).
+    let resized_before = previous
+        .conditions
+        .iter()
+        .any(|c| c.type_ == volumes::CONDITION);
+    let volumes_condition =
+        if resized_before || volumes::resize_asked(&kvc.spec.storage.size, sts.as_ref()) {
+            Some(resize_volumes(ctx, kvc, &selector).await?)
+        } else {
+            None
+        };
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
+    apply_or_delete(&pdbs, &objects::pdb_name(kvc), objects::pdb(kvc).as_ref()).await?;
     let nps: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-    match objects::network_policy(kvc, ctx.operator_namespace.as_deref()) {
-        Some(np) => apply(&nps, &objects::network_policy_name(kvc), &np).await?,
-        None => match nps
-            .delete(&objects::network_policy_name(kvc), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(e.into()),
-        },
+    let np = objects::network_policy(kvc, ctx.operator_namespace.as_deref());
+    apply_or_delete(&nps, &objects::network_policy_name(kvc), np.as_ref()).await?;
+    if pod_monitors_served(ctx).await {
+        let monitors: Api<DynamicObject> =
+            Api::namespaced_with(ctx.client.clone(), &ns, &objects::pod_monitor_resource());
+        let pm = objects::pod_monitor(kvc);
+        apply_or_delete(&monitors, &objects::pod_monitor_name(kvc), pm.as_ref()).await?;
     }
     for &ordinal in &decision.delete_pods {
         let pod = objects::pod_name(kvc, ordinal);
@@ -781,7 +770,7 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         hibernated,
         decision.hibernation_deferred.as_deref(),
         waking,
-        all_back,
+        &not_back,
         &previous,
     );
     publish_hibernation(ctx, kvc, hibernation.as_ref(), &previous).await;
@@ -816,10 +805,12 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         sts.as_ref(),
         &previous,
         problems,
+        hibernation.as_ref(),
         now,
     );
     for n in &mut status.nodes {
         n.unreachable_since = unreachable.get(&n.ordinal).map(|&ms| rfc3339(ms));
+        n.tokens = tokens_held.get(&n.ordinal).cloned().map(Into::into);
         // Shown as what it is to a user: not serving, catching up. (The
         // topology keeps it Up: the node itself refuses reads and its
         // acknowledgements do not count until it has caught up.)
@@ -853,15 +844,27 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
             now,
         );
     }
+    // A resize in progress is looked at again soon, like a rollout.
+    let volumes_settled = volumes_condition
+        .as_ref()
+        .is_none_or(|c| c.status == "True" || c.reason == "ExpansionNotSupported");
+    if let Some(c) = volumes_condition {
+        status.conditions = merge_conditions(&status.conditions, vec![c], generation, now);
+    }
     show_restart(&mut status, &restart, generation, now);
     status.last_restart = restart.status.clone();
     status.accepted_spec = Some(accepted);
-    write_status(&kvcs, &name, &status).await?;
+    write_status(&kvcs, kvc, &status).await?;
     let phase = status.phase.unwrap_or(decision.phase);
+    // Failed nodes listed in faultInjection.failedNodes are a drill.
+    let held = kvc
+        .desired()
+        .held_down(decision.topology.nodes.iter().map(|n| (n.ordinal, n.state)));
     ctx.metrics.observe_cluster(
         &key,
         phase,
         decision.topology.nodes.iter().map(|n| n.state).collect(),
+        held,
     );
     info!(kvcluster = %name, phase = ?phase, epoch = decision.topology.epoch, "reconciled");
 
@@ -869,11 +872,21 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     // node reports are polled, not watched.
     let in_topology = decision.topology.nodes.last().map_or(0, |n| n.ordinal + 1);
     let keeps_retired_pods = decision.pods > in_topology;
+    // A token rotation in progress (kvctl rotate-token --cluster waits on
+    // the fingerprints in the status): look again soon until every node
+    // holds what the Secrets hold.
+    let tokens_settled = tokens_settled(
+        &tokens_held,
+        secret_fingerprints(secret.as_ref(), objects::TOKEN_KEY),
+        secret_fingerprints(cluster_secret.as_ref(), objects::CLUSTER_TOKEN_KEY),
+    );
     let settled = matches!(phase, Phase::Running | Phase::Hibernated)
+        && tokens_settled
         && refused.is_none()
         && !decision.push_topology
         && !keeps_retired_pods
         && !restart.in_progress()
+        && volumes_settled
         && hibernation
             .as_ref()
             .is_none_or(|h| matches!(h, Hibernation::Hibernated | Hibernation::Awake));
@@ -882,33 +895,6 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     } else {
         5
     })))
-}
-
-/// A Warning Event `InvalidAnnotation` when the force annotation has a value
-/// other than `"true"` or `"false"`, once: not again while the status
-/// already shows that value as invalid (an annotation edit does not change
-/// the generation, so the condition's message is what tells them apart).
-async fn warn_invalid_annotation(ctx: &Context, kvc: &KvCluster, previous: &KvClusterStatus) {
-    let Some(c) = force_condition(kvc, kvc.meta().generation).filter(|c| c.status == "False")
-    else {
-        return;
-    };
-    let shown = previous
-        .conditions
-        .iter()
-        .any(|p| p.type_ == FORCE_CONDITION && p.reason == c.reason && p.message == c.message);
-    if !shown {
-        warn!(kvcluster = %kvc.name_any(), message = %c.message, "invalid annotation");
-        publish(
-            ctx,
-            kvc,
-            EventType::Warning,
-            "InvalidAnnotation",
-            "Validate",
-            &c.message,
-        )
-        .await;
-    }
 }
 
 /// Nothing is applied: a condition and (once per generation) an Event say
@@ -956,36 +942,103 @@ async fn refuse(
         ),
         ..previous.clone()
     };
-    write_status(kvcs, &kvc.name_any(), &status).await
+    write_status(kvcs, kvc, &status).await
 }
 
-async fn write_status(
-    api: &Api<KvCluster>,
-    name: &str,
-    status: &KvClusterStatus,
-) -> Result<(), Error> {
-    let patch = serde_json::json!({
-        "apiVersion": "kvstore.dev/v1alpha1",
-        "kind": "KvCluster",
-        "status": status,
-    });
-    api.patch_status(name, &apply_params(), &Patch::Apply(&patch))
-        .await?;
-    Ok(())
-}
-
-/// The condition of a spec the planner refuses.
-pub const SPEC_REFUSED: &str = "SpecRefused";
-
-/// `SpecRefused` True with the planner's reason, and which generation is
-/// carried out meanwhile (`carried`; `None` when none is).
-fn spec_refused(reason: &str, carried: Option<Option<i64>>, generation: Option<i64>) -> Condition {
-    let message = match carried {
-        Some(Some(g)) => format!("{reason} (still carrying out the spec of generation {g})"),
-        Some(None) => format!("{reason} (still carrying out the last accepted spec)"),
-        None => format!("{reason} (no accepted spec to carry out meanwhile)"),
+/// Whether PodMonitors can be made here (the Prometheus Operator's CRDs are
+/// installed), asked of the API server's discovery at most once per
+/// [`MONITORING_DISCOVERY_TTL`]. A failed question is not remembered.
+async fn pod_monitors_served(ctx: &Context) -> bool {
+    let Some(cache) = &ctx.pod_monitors else {
+        return false;
     };
-    cond(SPEC_REFUSED, true, "PlannerRefused", &message, generation)
+    if let Ok(c) = cache.lock()
+        && let Some((at, served)) = *c
+        && at.elapsed() < MONITORING_DISCOVERY_TTL
+    {
+        return served;
+    }
+    let resource = objects::pod_monitor_resource();
+    let served = match ctx
+        .client
+        .list_api_group_resources(&resource.api_version)
+        .await
+    {
+        Ok(list) => list.resources.iter().any(|r| r.name == resource.plural),
+        Err(e) if is_not_found(&e) => false,
+        Err(e) => {
+            warn!(error = %e, "cannot tell whether PodMonitors are served; none made this time");
+            return false;
+        }
+    };
+    if let Ok(mut c) = cache.lock() {
+        *c = Some((Instant::now(), served));
+    }
+    served
+}
+
+/// Grow the claims of `kvc` (those of label `selector`) to
+/// `spec.storage.size` where their class allows it; the condition
+/// [`volumes::CONDITION`] says how far it got (see [`volumes`]).
+async fn resize_volumes(
+    ctx: &Context,
+    kvc: &KvCluster,
+    selector: &str,
+) -> Result<Condition, Error> {
+    let ns = kvc.namespace().ok_or(Error::MissingNamespace)?;
+    let generation = kvc.meta().generation;
+    let want = &kvc.spec.storage.size;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let claims = pvcs
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items;
+    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
+    let mut allows = BTreeMap::new();
+    for class in claims.iter().filter_map(volumes::class_of) {
+        if allows.contains_key(&class) {
+            continue;
+        }
+        let allowed = get_opt(&classes, &class)
+            .await?
+            .and_then(|c| c.allow_volume_expansion)
+            .unwrap_or(false);
+        allows.insert(class, allowed);
+    }
+    let assessment = volumes::assess(want, &claims, &allows);
+    let patch = serde_json::json!({"spec": {"resources": {"requests": {"storage": want}}}});
+    for claim in &assessment.expand {
+        match pvcs
+            .patch(claim, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                info!(kvcluster = %kvc.name_any(), claim, size = %want, "resizing the volume claim");
+            }
+            // The API server's admission has the last word (e.g. a class
+            // edited since it was read): say what it said.
+            Err(kube::Error::Api(e)) if e.code == 403 || e.code == 422 => {
+                return Ok(cond(
+                    volumes::CONDITION,
+                    false,
+                    "ExpansionRefused",
+                    &format!(
+                        "the API server refused to resize {claim} to {want}: {}",
+                        e.message
+                    ),
+                    generation,
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(cond(
+        volumes::CONDITION,
+        assessment.done,
+        assessment.reason,
+        &assessment.message,
+        generation,
+    ))
 }
 
 /// The plan of the last accepted spec (`status.acceptedSpec`), when the
@@ -1043,19 +1096,6 @@ fn track_unreachable(observed: &mut Observed, previous: &KvClusterStatus) -> BTr
     out
 }
 
-fn parse_ms(rfc3339: &str) -> Option<u64> {
-    let t: Timestamp = rfc3339.parse().ok()?;
-    u64::try_from(t.as_millisecond()).ok()
-}
-
-fn rfc3339(ms: u64) -> String {
-    i64::try_from(ms)
-        .ok()
-        .and_then(|ms| Timestamp::from_millisecond(ms).ok())
-        .unwrap_or(Timestamp::UNIX_EPOCH)
-        .to_string()
-}
-
 /// `demo-2` of cluster `demo` → 2.
 pub fn ordinal_of(cluster: &str, pod: &str) -> Option<u32> {
     pod.strip_prefix(cluster)?.strip_prefix('-')?.parse().ok()
@@ -1103,13 +1143,63 @@ pub fn observe_pod(pod: &Pod) -> NodeObservation {
     }
 }
 
-/// The token to send from a Secret's `key`: its first line (during a
-/// rotation the key holds two, in kv_net::token's format); `None` when the
-/// Secret, the key or a valid token is missing.
-fn secret_token(secret: Option<&Secret>, key: &str) -> Option<String> {
+/// The Secrets holding the cluster CA and the nodes' certificate under
+/// `spec.tls` (one Secret for both when Provided); none without TLS.
+pub(super) async fn tls_secrets(
+    secrets: &Api<Secret>,
+    kvc: &KvCluster,
+) -> Result<(Option<Secret>, Option<Secret>), Error> {
+    Ok(match kvc.spec.tls.mode {
+        TlsMode::Generated => (
+            get_opt(secrets, &tls::ca_secret_name(kvc)).await?,
+            get_opt(secrets, &tls::tls_secret_name(kvc)).await?,
+        ),
+        // The user's Secret carries the CA beside the certificate.
+        TlsMode::Provided => {
+            let s = get_opt(secrets, &tls::tls_secret_name(kvc)).await?;
+            (s.clone(), s)
+        }
+        TlsMode::Disabled => (None, None),
+    })
+}
+
+/// Every token a Secret's `key` holds, in its order (during a rotation it
+/// holds two, in kv_net::token's format); `None` when the Secret, the key or
+/// a valid token is missing.
+fn secret_tokens(secret: Option<&Secret>, key: &str) -> Option<Vec<String>> {
     let raw = secret?.data.as_ref()?.get(key)?;
     let text = std::str::from_utf8(&raw.0).ok()?;
-    kv_net::token::parse("token", text).ok()?.into_iter().next()
+    kv_net::token::parse("token", text).ok()
+}
+
+/// The token to send from a Secret's `key`: its first line.
+pub(super) fn secret_token(secret: Option<&Secret>, key: &str) -> Option<String> {
+    secret_tokens(secret, key)?.into_iter().next()
+}
+
+/// The fingerprints of every token a Secret's `key` holds, in its order.
+fn secret_fingerprints(secret: Option<&Secret>, key: &str) -> Option<Vec<String>> {
+    secret_tokens(secret, key).map(|t| kv_net::token::fingerprints(&t))
+}
+
+/// Does every node that reported hold exactly the tokens of the Secrets,
+/// one token each (no rotation under way)? A Secret that cannot be read
+/// says nothing against it.
+fn tokens_settled(
+    held: &BTreeMap<u32, kv_core::report::TokenFingerprints>,
+    client: Option<Vec<String>>,
+    cluster: Option<Vec<String>>,
+) -> bool {
+    let one = |f: &Option<Vec<String>>| f.as_ref().is_none_or(|f| f.len() <= 1);
+    one(&client)
+        && one(&cluster)
+        && held.values().all(|t| {
+            // A node that shows no tokens (an older version) is not waited on.
+            let same = |want: &Option<Vec<String>>, shown: &Vec<String>| {
+                shown.is_empty() || want.as_ref().is_none_or(|w| w == shown)
+            };
+            same(&client, &t.client) && same(&cluster, &t.cluster)
+        })
 }
 
 /// Keeps `<name>-ca` and `<name>-tls` (`spec.tls.mode: Generated`): the CA
@@ -1164,78 +1254,6 @@ async fn ensure_tls(
     Ok(None)
 }
 
-/// `PUT` the topology to each of `ordinals` at once. A node that refuses or
-/// does not answer is logged and otherwise left alone: it reports its epoch,
-/// and the planner neither commits nor removes pods while a node that
-/// answers is behind.
-async fn push_topology(
-    links: &NodeReports,
-    http: &reqwest::Client,
-    kvc: &KvCluster,
-    ordinals: &[u32],
-    topology: &Topology,
-    cluster_token: &str,
-) {
-    let body = match serde_json::to_vec(topology) {
-        Ok(b) => b,
-        Err(e) => {
-            warn!(error = %e, "cannot serialise the topology to push");
-            return;
-        }
-    };
-    let pushes = ordinals.iter().map(|&ordinal| {
-        let url = (links.topology_url)(kvc, ordinal);
-        let request = http
-            .put(url)
-            .bearer_auth(cluster_token)
-            .header("x-kv-epoch", topology.epoch)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.clone());
-        async move { (ordinal, request.send().await) }
-    });
-    for (ordinal, result) in futures::future::join_all(pushes).await {
-        match result.map(|r| r.status()) {
-            Ok(status) if status.is_success() => {}
-            Ok(status) => {
-                warn!(kvcluster = %kvc.name_any(), ordinal, %status, epoch = topology.epoch, "node refused the topology")
-            }
-            Err(e) => {
-                info!(kvcluster = %kvc.name_any(), ordinal, error = %e, epoch = topology.epoch, "topology push failed; the node is pushed to again while it reports an older epoch")
-            }
-        }
-    }
-}
-
-/// Ask a node for its own view (`GET /v1/cluster`, a [`kv_core::NodeReport`]);
-/// an unreachable node or a body that is not a report gives no report
-/// (never a guess).
-async fn fetch_report(
-    http: &reqwest::Client,
-    url: &str,
-    token: &str,
-) -> Option<kv_core::NodeReport> {
-    let report: kv_core::NodeReport = http
-        .get(url)
-        .bearer_auth(token)
-        .send()
-        .await
-        .ok()?
-        .error_for_status()
-        .ok()?
-        .json()
-        .await
-        .ok()?;
-    Some(report)
-}
-
-/// The newest valid topology of this cluster (one of `ids`) among those
-/// the nodes hold.
-pub fn adopt(held: Vec<Topology>, ids: &[&str]) -> Option<Topology> {
-    held.into_iter()
-        .filter(|t| ids.contains(&t.cluster_id.as_str()) && t.validate().is_ok())
-        .max_by_key(|t| t.epoch)
-}
-
 /// Write the topology ConfigMap only over the version it was planned from
 /// (`stored`: `None` when there was none, then it is created): two
 /// controllers overlapping across a leader change cannot both publish the
@@ -1257,63 +1275,6 @@ async fn write_topology(
         }
     }
     Ok(())
-}
-
-async fn publish(
-    ctx: &Context,
-    kvc: &KvCluster,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: &str,
-) {
-    let event = Event {
-        type_,
-        reason: reason.to_string(),
-        note: Some(note.chars().take(1000).collect()),
-        action: action.to_string(),
-        secondary: None,
-    };
-    // An Event that cannot be written is logged, never a reason to fail a reconcile.
-    if let Err(e) = ctx.recorder.publish(&event, &kvc.object_ref(&())).await {
-        warn!(kvcluster = %kvc.name_any(), error = %e, reason, "could not publish event");
-    }
-}
-
-/// An Event when the hibernation state changes from what the last status
-/// showed (a deferral's reason is shown once per reason).
-async fn publish_hibernation(
-    ctx: &Context,
-    kvc: &KvCluster,
-    now: Option<&Hibernation>,
-    previous: &KvClusterStatus,
-) {
-    let Some(h) = now else { return };
-    let shown = previous
-        .conditions
-        .iter()
-        .find(|c| c.type_ == hibernation::CONDITION)
-        .map(|c| c.reason.as_str());
-    if shown == Some(h.reason()) {
-        return;
-    }
-    let (type_, note) = match h {
-        Hibernation::Hibernated => (
-            EventType::Normal,
-            "hibernating: the StatefulSet goes to 0 pods; volumes and topology are kept"
-                .to_string(),
-        ),
-        Hibernation::Deferred(reason) => (EventType::Warning, reason.clone()),
-        Hibernation::WakingUp => (
-            EventType::Normal,
-            "waking up: the pods start again on their volumes".to_string(),
-        ),
-        Hibernation::Awake => (
-            EventType::Normal,
-            "awake: every node runs again".to_string(),
-        ),
-    };
-    publish(ctx, kvc, type_, h.reason(), "Hibernation", &note).await;
 }
 
 /// The rolling restart's next step (see [`restart`]), from the pods and
@@ -1345,7 +1306,7 @@ fn restart_step(
     }
     let hold = match hibernation {
         Some(Hibernation::Hibernated) => Some("the cluster to wake up (spec.hibernation)"),
-        Some(Hibernation::WakingUp) => Some("the cluster to finish waking up"),
+        Some(Hibernation::WakingUp(_)) => Some("the cluster to finish waking up"),
         _ if d.phase == Phase::Rebalancing || d.topology.pending.is_some() => {
             Some("the pending placement change to commit")
         }
@@ -1361,411 +1322,51 @@ fn restart_step(
     )
 }
 
-/// While a rolling restart is under way and nothing else is progressing,
-/// Progressing says so.
-fn show_restart(
-    status: &mut KvClusterStatus,
-    step: &restart::Step,
-    generation: Option<i64>,
-    now: Timestamp,
-) {
-    let Some(r) = step.status.as_ref().filter(|_| step.in_progress()) else {
-        return;
-    };
-    let idle = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == "Progressing" && c.reason == "Reconciled");
-    if !idle {
-        return;
-    }
-    let doing = match (&r.restarting, &r.waiting_for) {
-        (_, Some(w)) => format!("waiting for {w}"),
-        (Some(n), None) => format!("restarting node {}", n.ordinal),
-        (None, None) => "starting".to_string(),
-    };
-    let message = format!(
-        "rolling restart {}: {} of {} nodes done; {doing}",
-        r.requested_at,
-        r.restarted.len(),
-        status.nodes.len()
-    );
-    status.conditions = merge_conditions(
-        &status.conditions,
-        vec![cond(
-            "Progressing",
-            true,
-            "Restarting",
-            &message,
-            generation,
-        )],
-        generation,
-        now,
-    );
-}
-
-async fn publish_transitions(ctx: &Context, kvc: &KvCluster, d: &Decision) {
-    for t in &d.transitions {
-        let pod = objects::pod_name(kvc, t.ordinal);
-        let (type_, reason) = match (t.from, t.to) {
-            (Some(_), NodeState::Failed) => (EventType::Warning, "NodeFailed"),
-            (Some(NodeState::Failed), NodeState::Recovering) => {
-                (EventType::Normal, "NodeRecovering")
-            }
-            (Some(NodeState::Recovering), NodeState::Up) => (EventType::Normal, "NodeRecovered"),
-            _ => continue,
-        };
-        let note = format!("node {} ({pod}) is now {}", t.ordinal, t.to);
-        publish(ctx, kvc, type_, reason, "UpdateTopology", &note).await;
-    }
-    match d.rebalance {
-        Some(step @ (Rebalance::Started | Rebalance::Replaced)) => {
-            let note = format!(
-                "moving to placement {:?} (epoch {})",
-                d.topology.pending.as_ref().map(|p| &p.members),
-                d.topology.epoch
-            );
-            let reason = if step == Rebalance::Started {
-                "RebalanceStarted"
-            } else {
-                "RebalanceRestarted"
-            };
-            publish(ctx, kvc, EventType::Normal, reason, "UpdateTopology", &note).await;
-        }
-        Some(Rebalance::Cancelled) => {
-            let note = format!(
-                "placement change cancelled: back to {:?} (epoch {})",
-                d.topology.placement.members, d.topology.epoch
-            );
-            publish(
-                ctx,
-                kvc,
-                EventType::Normal,
-                "RebalanceCancelled",
-                "UpdateTopology",
-                &note,
-            )
-            .await;
-        }
-        Some(Rebalance::Committed) => {
-            let note = format!(
-                "placement {:?} committed (epoch {})",
-                d.topology.placement.members, d.topology.epoch
-            );
-            publish(
-                ctx,
-                kvc,
-                EventType::Normal,
-                "RebalanceCommitted",
-                "UpdateTopology",
-                &note,
-            )
-            .await;
-        }
-        None => {}
-    }
-}
-
-fn cond(
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-) -> Condition {
-    Condition {
-        type_: type_.to_string(),
-        status: if status { "True" } else { "False" }.to_string(),
-        observed_generation: generation,
-        last_transition_time: None,
-        reason: reason.to_string(),
-        message: message.to_string(),
-    }
-}
-
-/// The condition that shows the [`FORCE_FAULT_INJECTION`] annotation.
-pub const FORCE_CONDITION: &str = "ForceFaultInjection";
-
-/// The `ForceFaultInjection` condition, present only while the annotation
-/// asks for something: True (reason `Annotated`) while it is `"true"` and the
-/// planner carries out hold-downs that leave keys short of W live owners;
-/// False (reason `InvalidAnnotation`) for a value other than `"true"` or
-/// `"false"`, which is planned without force. `None` (the condition is
-/// removed) when the annotation is absent or `"false"`.
-pub fn force_condition(kvc: &KvCluster, generation: Option<i64>) -> Option<Condition> {
-    match kvc.force_fault_injection() {
-        Ok(false) => None,
-        Ok(true) => Some(cond(
-            FORCE_CONDITION,
-            true,
-            "Annotated",
-            &format!(
-                "{FORCE_FAULT_INJECTION} is \"true\": nodes in faultInjection.failedNodes are held down even when some keys are left with fewer live owners than writes need"
-            ),
-            generation,
-        )),
-        Err(value) => Some(cond(
-            FORCE_CONDITION,
-            false,
-            "InvalidAnnotation",
-            &format!(
-                "{FORCE_FAULT_INJECTION} is {value:?}; only \"true\" or \"false\" are understood, so the cluster is planned without force"
-            ),
-            generation,
-        )),
-    }
-}
-
-/// `merge_conditions` with `new` plus the annotation's condition, which is
-/// dropped from the status when the annotation no longer asks for anything.
-fn conditions_of(
-    kvc: &KvCluster,
-    previous: &[Condition],
-    mut new: Vec<Condition>,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> Vec<Condition> {
-    let force = force_condition(kvc, generation);
-    let drop_force = force.is_none();
-    new.extend(force);
-    let mut merged = merge_conditions(previous, new, generation, now);
-    if drop_force {
-        merged.retain(|c| c.type_ != FORCE_CONDITION);
-    }
-    merged
-}
-
-/// Replace conditions by type, keeping `lastTransitionTime` when the status did not change.
-fn merge_conditions(
-    previous: &[Condition],
-    new: Vec<Condition>,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> Vec<Condition> {
-    let mut out: Vec<Condition> = previous
-        .iter()
-        .filter(|p| !new.iter().any(|n| n.type_ == p.type_))
-        .cloned()
-        .collect();
-    for mut c in new {
-        let old = previous.iter().find(|p| p.type_ == c.type_);
-        c.last_transition_time = match old {
-            Some(o) if o.status == c.status => o.last_transition_time.clone(),
-            _ => Some(now.to_string()),
-        };
-        c.observed_generation = generation;
-        out.push(c);
-    }
-    out.sort_by(|a, b| a.type_.cmp(&b.type_));
-    out
-}
-
-fn status_of(
-    kvc: &KvCluster,
-    d: &Decision,
-    ready: &BTreeMap<u32, bool>,
-    sts: Option<&StatefulSet>,
-    previous: &KvClusterStatus,
-    problems: Vec<String>,
-    now: Timestamp,
-) -> KvClusterStatus {
-    let generation = kvc.meta().generation;
-    let t = &d.topology;
-    let is_ready = |o: u32| ready.get(&o).copied().unwrap_or(false);
-    let ready_replicas = t.nodes.iter().filter(|n| is_ready(n.ordinal)).count();
-
-    // A new cluster stays Creating until every node meant to run is Ready
-    // once; after that, readiness no longer decides the phase.
-    let expected_ready = t
-        .nodes
-        .iter()
-        .filter(|n| n.state != NodeState::Failed)
-        .count();
-    let was_creating = matches!(previous.phase, None | Some(Phase::Creating));
-    let phase = if was_creating
-        && !matches!(d.phase, Phase::Rebalancing | Phase::Hibernated)
-        && ready_replicas < expected_ready
-    {
-        Phase::Creating
-    } else {
-        d.phase
-    };
-
-    // Available: every key keeps W live owners, i.e. at most factor − W members are down.
-    let members = &t.placement.members;
-    let factor = t.placement.effective_factor();
-    let slack = factor.saturating_sub(t.write_consistency.required(factor));
-    let down = members
-        .iter()
-        .filter(|&&o| !(t.state_of(o).is_some_and(|s| s.counts_in_quorum()) && is_ready(o)))
-        .count();
-    let available = if d.phase == Phase::Hibernated {
-        cond(
-            "Available",
-            false,
-            "Hibernated",
-            "every pod is stopped (spec.hibernation)",
-            generation,
-        )
-    } else if members.is_empty() || down > slack {
-        cond(
-            "Available",
-            false,
-            "QuorumLost",
-            &format!(
-                "{down} of {} nodes not Up and Ready; writes at {} tolerate {slack}",
-                members.len(),
-                t.write_consistency
-            ),
-            generation,
-        )
-    } else {
-        cond(
-            "Available",
-            true,
-            "QuorumAvailable",
-            &format!("{ready_replicas} of {} nodes Ready", t.nodes.len()),
-            generation,
-        )
-    };
-
-    let catching_up: Vec<u32> = t
-        .nodes
-        .iter()
-        .filter(|n| matches!(n.state, NodeState::Joining | NodeState::Recovering))
-        .map(|n| n.ordinal)
-        .collect();
-    let rollout_incomplete = sts.and_then(|s| s.status.as_ref()).is_some_and(|s| {
-        s.updated_replicas.unwrap_or(0) < s.replicas
-            || s.current_revision.is_some() && s.current_revision != s.update_revision
-    });
-    let progressing = if let Some(p) = &problems.first() {
-        cond("Progressing", false, "AuthSecretMissing", p, generation)
-    } else if d.phase == Phase::Hibernated {
-        cond(
-            "Progressing",
-            false,
-            "Hibernated",
-            "nothing runs until spec.hibernation is false",
-            generation,
-        )
-    } else if t.pending.is_some() {
-        cond(
-            "Progressing",
-            true,
-            "Rebalancing",
-            "new owners are streaming their buckets in",
-            generation,
-        )
-    } else if phase == Phase::Creating {
-        cond(
-            "Progressing",
-            true,
-            "Creating",
-            "the nodes are starting",
-            generation,
-        )
-    } else if !catching_up.is_empty() {
-        cond(
-            "Progressing",
-            true,
-            "CatchingUp",
-            &format!("nodes {catching_up:?} are catching up"),
-            generation,
-        )
-    } else if rollout_incomplete {
-        let prev = previous
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "Progressing");
-        let since = prev
-            .filter(|c| {
-                c.status == "True"
-                    && c.reason == "RollingOut"
-                    && c.observed_generation == generation
-            })
-            .and_then(|c| c.last_transition_time.as_ref())
-            .and_then(|s| s.parse::<Timestamp>().ok());
-        match since {
-            Some(s) if now.as_second() - s.as_second() > ROLLOUT_DEADLINE_SECONDS => cond(
-                "Progressing",
-                false,
-                "RolloutStuck",
-                "the StatefulSet rollout has not completed; edit the spec to fix it",
-                generation,
-            ),
-            _ => cond(
-                "Progressing",
-                true,
-                "RollingOut",
-                "the StatefulSet is rolling out",
-                generation,
-            ),
-        }
-    } else {
-        cond(
-            "Progressing",
-            false,
-            "Reconciled",
-            "nothing is changing",
-            generation,
-        )
-    };
-
-    let not_up: Vec<String> = t
-        .nodes
-        .iter()
-        .filter(|n| n.state != NodeState::Up)
-        .map(|n| format!("{}={}", n.ordinal, n.state))
-        .collect();
-    let degraded = if !not_up.is_empty() {
-        cond(
-            "Degraded",
-            true,
-            "NodesNotUp",
-            &format!("nodes not Up: {}", not_up.join(", ")),
-            generation,
-        )
-    } else if objects::max_unavailable(kvc).is_none() {
-        cond(
-            "Degraded",
-            true,
-            "NoDisruptionBudget",
-            "factor − W is 0: no PodDisruptionBudget protects the nodes, so a drain can make keys unwritable",
-            generation,
-        )
-    } else {
-        cond(
-            "Degraded",
-            false,
-            "AllNodesUp",
-            "every node is Up",
-            generation,
-        )
-    };
-
-    KvClusterStatus {
-        phase: Some(phase),
-        observed_generation: generation,
-        ready_replicas: u32::try_from(ready_replicas).unwrap_or(u32::MAX),
-        topology_epoch: t.epoch,
-        // Every node's pod name, also of a node whose pod does not exist now.
-        nodes: d.nodes.clone(),
-        accepted_spec: previous.accepted_spec.clone(),
-        last_restart: previous.last_restart.clone(),
-        conditions: conditions_of(
-            kvc,
-            &previous.conditions,
-            vec![available, progressing, degraded],
-            generation,
-            now,
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tokens_are_settled_only_when_every_node_holds_exactly_the_secrets_tokens() {
+        let secret = |text: &str| Secret {
+            data: Some(
+                [(
+                    "token".to_string(),
+                    k8s_openapi::ByteString(text.as_bytes().to_vec()),
+                )]
+                .into(),
+            ),
+            ..Secret::default()
+        };
+        let fp = |t: &str| kv_net::token::fingerprint(t);
+        let a = secret_fingerprints(Some(&secret("aaaa")), "token");
+        assert_eq!(a, Some(vec![fp("aaaa")]));
+        let ab = secret_fingerprints(Some(&secret("aaaa\nbbbb\n")), "token");
+        assert_eq!(ab, Some(vec![fp("aaaa"), fp("bbbb")]));
+        assert_eq!(secret_fingerprints(Some(&secret("")), "token"), None);
+        assert_eq!(secret_fingerprints(None, "token"), None);
+
+        let node = |client: &[&str]| kv_core::report::TokenFingerprints {
+            client: client.iter().map(|t| fp(t)).collect(),
+            cluster: vec![fp("cccc")],
+        };
+        let cluster = Some(vec![fp("cccc")]);
+        let held: BTreeMap<u32, _> = [(0, node(&["aaaa"])), (1, node(&["aaaa"]))].into();
+        assert!(tokens_settled(&held, a.clone(), cluster.clone()));
+        // The Secret holds two tokens: a rotation is under way.
+        assert!(!tokens_settled(&held, ab.clone(), cluster.clone()));
+        // One node has not read the Secret's new content yet.
+        let b = Some(vec![fp("bbbb")]);
+        let behind: BTreeMap<u32, _> = [(0, node(&["bbbb"])), (1, node(&["aaaa"]))].into();
+        assert!(!tokens_settled(&behind, b.clone(), cluster.clone()));
+        // A node that shows no tokens is not waited on.
+        let silent: BTreeMap<u32, _> = [
+            (0, node(&["bbbb"])),
+            (1, kv_core::report::TokenFingerprints::default()),
+        ]
+        .into();
+        assert!(tokens_settled(&silent, b, cluster));
+    }
 
     fn rolling_out(generation: i64, sts_updated: i32) -> (KvCluster, Decision, StatefulSet) {
         let mut kvc = KvCluster::new("demo", serde_yaml::from_str("{}").expect("spec"));
@@ -1824,24 +1425,25 @@ mod tests {
             Some(&sts),
             &KvClusterStatus::default(),
             vec![],
+            None,
             t0,
         );
         assert_eq!(progressing(&start).reason, "RollingOut");
-        let soon = status_of(&kvc, &d, &ready, Some(&sts), &start, vec![], t0);
+        let soon = status_of(&kvc, &d, &ready, Some(&sts), &start, vec![], None, t0);
         assert_eq!(progressing(&soon).reason, "RollingOut");
-        let stuck = status_of(&kvc, &d, &ready, Some(&sts), &start, vec![], late);
+        let stuck = status_of(&kvc, &d, &ready, Some(&sts), &start, vec![], None, late);
         assert_eq!(progressing(&stuck).status, "False");
         assert_eq!(progressing(&stuck).reason, "RolloutStuck");
 
         // Editing the spec (a new generation) starts a new rollout clock.
         let (kvc3, d3, sts3) = rolling_out(3, 1);
-        let edited = status_of(&kvc3, &d3, &ready, Some(&sts3), &stuck, vec![], late);
+        let edited = status_of(&kvc3, &d3, &ready, Some(&sts3), &stuck, vec![], None, late);
         assert_eq!(progressing(&edited).reason, "RollingOut");
         assert_eq!(progressing(&edited).observed_generation, Some(3));
 
         // A finished rollout is simply reconciled.
         let (kvc, d, done) = rolling_out(3, 3);
-        let fine = status_of(&kvc, &d, &ready, Some(&done), &edited, vec![], late);
+        let fine = status_of(&kvc, &d, &ready, Some(&done), &edited, vec![], None, late);
         assert_eq!(progressing(&fine).reason, "Reconciled");
         assert_eq!(fine.phase, Some(Phase::Running));
     }
@@ -1952,6 +1554,97 @@ mod tests {
         );
         let types: Vec<&str> = without.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Degraded"]);
+    }
+
+    /// The status the controller writes in a reconcile just after
+    /// `spec.hibernation` went false: three nodes Up at epoch 4, the last
+    /// status Hibernated, the pods of `back` Ready and reporting, the
+    /// others not made yet. The same steps as `reconcile_inner`.
+    fn woken_status(back: &[u32]) -> KvClusterStatus {
+        let now: Timestamp = "2026-01-01T01:00:00Z".parse().expect("time");
+        let (mut kvc, asleep) = two_of_three_held_down(None);
+        kvc.spec.fault_injection = Default::default();
+        let previous = KvClusterStatus {
+            phase: Some(Phase::Hibernated),
+            topology_epoch: 4,
+            nodes: decide(&kvc, &asleep).expect("planned").nodes,
+            conditions: vec![Hibernation::Hibernated.condition(4, Some(2))],
+            ..KvClusterStatus::default()
+        };
+        let report = NodeProgress {
+            epoch: 4,
+            synced_epoch: 4,
+            resync_progress: 1.0,
+        };
+        let mut observed = Observed {
+            nodes: BTreeMap::new(),
+            now_ms: u64::try_from(now.as_millisecond()).expect("time"),
+            ..asleep
+        };
+        let mut ready = BTreeMap::new();
+        for &o in back {
+            ready.insert(o, true);
+            observed.nodes.insert(
+                o,
+                NodeObservation {
+                    running: true,
+                    down_since_ms: None,
+                    report: Some(report.clone()),
+                },
+            );
+        }
+        // No pod: down since the StatefulSet was made, as reconcile sees it.
+        for o in 0..3 {
+            observed.nodes.entry(o).or_insert(NodeObservation {
+                running: false,
+                down_since_ms: Some(0),
+                report: None,
+            });
+        }
+        let mut unreachable = track_unreachable(&mut observed, &previous);
+        let waking = hibernation::waking(&kvc, &previous, now);
+        let not_back = hibernation::not_back(&observed, &ready, true);
+        if waking {
+            hibernation::spare_waking_nodes(&mut observed, &mut unreachable);
+        }
+        let d = decide(&kvc, &observed).expect("planned");
+        assert_eq!(d.topology.epoch, 4, "waking issues no epoch");
+        let h = hibernation::state(false, None, waking, &not_back, &previous);
+        status_of(&kvc, &d, &ready, None, &previous, vec![], h.as_ref(), now)
+    }
+
+    fn states(s: &KvClusterStatus) -> Vec<NodeState> {
+        s.nodes.iter().map(|n| n.state).collect()
+    }
+
+    fn reason<'a>(s: &'a KvClusterStatus, type_: &str) -> &'a str {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .map_or("", |c| c.reason.as_str())
+    }
+
+    #[test]
+    fn waking_up_is_not_running_until_every_pod_is_back_ready_and_reporting() {
+        let none = woken_status(&[]);
+        assert_eq!(none.phase, Some(Phase::WakingUp));
+        assert_eq!(states(&none), [NodeState::Recovering; 3]);
+        assert_eq!(reason(&none, "Progressing"), "WakingUp");
+        assert_eq!(reason(&none, "Degraded"), "NodesNotUp");
+        assert_eq!(reason(&none, "Available"), "QuorumLost");
+
+        let two = woken_status(&[0, 2]);
+        assert_eq!(two.phase, Some(Phase::WakingUp));
+        assert_eq!(
+            states(&two),
+            [NodeState::Up, NodeState::Recovering, NodeState::Up]
+        );
+        assert_eq!(reason(&two, "Available"), "QuorumAvailable");
+
+        let all = woken_status(&[0, 1, 2]);
+        assert_eq!(all.phase, Some(Phase::Running));
+        assert_eq!(states(&all), [NodeState::Up; 3]);
+        assert_eq!(reason(&all, "Progressing"), "Reconciled");
     }
 
     #[test]

@@ -73,6 +73,9 @@ pub const MAX_REPLICAS: u32 = kv_core::MAX_NODES as u32;
 #[x_kube(validation = Rule::new(
     "!has(self.faultInjection) || !has(self.faultInjection.failedNodes) || self.faultInjection.failedNodes.all(o, o < self.replicas)"
 ).message("every ordinal in faultInjection.failedNodes must be below replicas").field_path(".faultInjection.failedNodes"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.tls) || has(self.tls.secretName) == (has(self.tls.mode) && self.tls.mode == 'Provided')"
+).message("tls.secretName is given exactly when tls.mode is Provided").field_path(".tls.secretName"))]
 #[serde(rename_all = "camelCase")]
 pub struct KvClusterSpec {
     /// Number of kvstore nodes (pods of the StatefulSet, ordinals 0..replicas).
@@ -84,10 +87,11 @@ pub struct KvClusterSpec {
     #[serde(default)]
     pub replication: Replication,
 
-    /// The persistent volume of each node (mounted at /data). Immutable: a
-    /// StatefulSet cannot change its volume claim templates.
+    /// The persistent volume of each node (mounted at /data). `size` may
+    /// grow: the operator resizes each claim where its storage class allows
+    /// expansion (condition `VolumesResized`); it never shrinks. The storage
+    /// class cannot change.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("storage is immutable: a StatefulSet cannot change its volume claims"))]
     pub storage: Storage,
 
     /// Nodes held down on purpose (failure drills).
@@ -160,10 +164,20 @@ pub struct KvClusterSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub hibernation: bool,
 
+    /// Prometheus Operator monitoring of the node pods: a PodMonitor
+    /// `<name>` whenever its CRD is installed.
+    #[serde(default, skip_serializing_if = "MonitoringSettings::is_default")]
+    pub monitoring: MonitoringSettings,
+
     /// TLS on both ports of every node (`mode: Generated`), or plaintext
     /// (`Disabled`, the default).
     #[serde(default, skip_serializing_if = "TlsSettings::is_off")]
     pub tls: TlsSettings,
+
+    /// Backups on a schedule: a KvBackup made at each time of the cron
+    /// expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<super::backup::BackupSchedule>,
 }
 
 /// How the nodes get their certificates.
@@ -175,9 +189,19 @@ pub struct TlsSettings {
     /// and a certificate for every pod's DNS names in `<name>-tls`, renewed
     /// when less than a third of its validity is left; the nodes serve both
     /// ports over TLS (the peer port mutual TLS) and the operator calls them
-    /// over https.
+    /// over https. `Provided`: the certificate is someone else's (a
+    /// cert-manager `Certificate`, which also renews it) in the Secret
+    /// `secretName`, with the keys `tls.crt`, `tls.key` and `ca.crt`; it
+    /// must name every pod (`<name>-<i>.<name>-peers.<namespace>.svc`, a
+    /// wildcard `*.<name>-peers.<namespace>.svc` does) and be good for client
+    /// authentication too. The operator checks it (condition `Degraded`,
+    /// reason `TlsSecretInvalid`, while it is not) and never writes it.
     #[serde(default)]
     pub mode: TlsMode,
+    /// The Secret of the certificate (`mode: Provided` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
 }
 
 impl TlsSettings {
@@ -194,6 +218,42 @@ pub enum TlsMode {
     #[default]
     Disabled,
     Generated,
+    Provided,
+}
+
+/// The PodMonitor of the node pods' `/metrics` (client port), made when the
+/// Prometheus Operator's CRDs are installed: every series it scrapes carries
+/// `namespace`, `pod` and `kvcluster` labels.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSettings {
+    /// Make the PodMonitor `<name>`; `false` deletes the one the operator made.
+    #[serde(default = "default_true")]
+    pub pod_monitor: bool,
+    /// Labels of the PodMonitor, e.g. the one a Prometheus selects monitors
+    /// by (`release: kube-prometheus-stack`). The operator's own labels win.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Scrape interval, e.g. `30s`; the Prometheus's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub interval: Option<String>,
+}
+
+impl Default for MonitoringSettings {
+    fn default() -> Self {
+        MonitoringSettings {
+            pod_monitor: true,
+            labels: BTreeMap::new(),
+            interval: None,
+        }
+    }
+}
+
+impl MonitoringSettings {
+    fn is_default(&self) -> bool {
+        *self == MonitoringSettings::default()
+    }
 }
 
 /// Who may reach the node pods. The peer port (7401) is open only to the
@@ -271,10 +331,15 @@ impl Default for Replication {
 }
 
 /// The persistent volume claim of each node.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    // two lines: the CRD's YAML keeps within yamllint's 160 columns
+    "has(self.storageClassName) == has(oldSelf.storageClassName)\n&& (!has(self.storageClassName) || self.storageClassName == oldSelf.storageClassName)"
+).message("storage.storageClassName is immutable: a claim cannot move to another class"))]
 pub struct Storage {
-    /// Requested size of each node's volume (a Kubernetes quantity, e.g. `1Gi`).
+    /// Requested size of each node's volume (a Kubernetes quantity, e.g.
+    /// `1Gi`). A larger size resizes the claims (see `VolumesResized`).
     #[serde(default = "default_storage_size")]
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
     pub size: String,
@@ -512,8 +577,10 @@ impl Default for KvClusterSpec {
             topology_spread_constraints: None,
             failure_detection_seconds: default_failure_detection_seconds(),
             network_policy: NetworkPolicySettings::default(),
+            monitoring: MonitoringSettings::default(),
             hibernation: false,
             tls: TlsSettings::default(),
+            backup: None,
         }
     }
 }
@@ -533,6 +600,10 @@ pub enum Phase {
     Failed,
     /// Every pod stopped on request (`spec.hibernation`), volumes kept.
     Hibernated,
+    /// Hibernation turned off, and some node is not back yet: its pod not
+    /// Ready, or the node not reporting (condition `Hibernated`, reason
+    /// `WakingUp`, names them).
+    WakingUp,
 }
 
 impl From<crate::planner::Phase> for Phase {
@@ -550,13 +621,14 @@ impl From<crate::planner::Phase> for Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 6] = [
+    pub const ALL: [Phase; 7] = [
         Phase::Creating,
         Phase::Running,
         Phase::Degraded,
         Phase::Rebalancing,
         Phase::Failed,
         Phase::Hibernated,
+        Phase::WakingUp,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -567,6 +639,7 @@ impl Phase {
             Phase::Rebalancing => "Rebalancing",
             Phase::Failed => "Failed",
             Phase::Hibernated => "Hibernated",
+            Phase::WakingUp => "WakingUp",
         }
     }
 }
@@ -590,6 +663,34 @@ pub struct NodeStatus {
     /// `spec.failureDetectionSeconds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unreachable_since: Option<String>,
+    /// The tokens the node holds, as it last reported them: fingerprints
+    /// (first 8 hex digits of SHA-256), never the tokens, each list in its
+    /// token file's order (the first is the one it sends). `kvctl
+    /// rotate-token --cluster` waits on these; absent while the node does
+    /// not report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenFingerprints>,
+}
+
+/// See [`NodeStatus::tokens`].
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenFingerprints {
+    /// The client port's tokens.
+    #[serde(default)]
+    pub client: Vec<String>,
+    /// The peer port's tokens.
+    #[serde(default)]
+    pub cluster: Vec<String>,
+}
+
+impl From<kv_core::report::TokenFingerprints> for TokenFingerprints {
+    fn from(t: kv_core::report::TokenFingerprints) -> Self {
+        TokenFingerprints {
+            client: t.client,
+            cluster: t.cluster,
+        }
+    }
 }
 
 /// A standard Kubernetes condition (`Available`, `Progressing`, `Degraded`).

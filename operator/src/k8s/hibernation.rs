@@ -10,12 +10,18 @@
 //! not back yet are not counted as unreachable: they were all stopped at
 //! once on request, and failing them would make each catch up from the
 //! others when it returns (a catch-up storm for data they still hold). The
-//! wake-up ends when every node that is not held down runs again, or after
+//! wake-up ends when every node that is not held down is back ([`not_back`]:
+//! its pod Ready and the node reporting), or after
 //! [`WAKE_DEADLINE_SECONDS`]; then failure detection counts as usual.
+//!
+//! The planner keeps the waking nodes Up in the topology, so the status
+//! does not take their states from it: until a node is back it shows
+//! Recovering and the phase is `WakingUp` (a wake-up once showed Running
+//! with every node Up before any pod existed).
 //!
 //! [`Desired::hibernate`]: crate::planner::Desired::hibernate
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::jiff::Timestamp;
 use kv_core::NodeState;
@@ -38,8 +44,8 @@ pub enum Hibernation {
     Hibernated,
     /// Asked for, but a placement change is pending: the reason.
     Deferred(String),
-    /// Asked off, and some nodes are not back yet.
-    WakingUp,
+    /// Asked off, and these nodes are not back yet.
+    WakingUp(BTreeSet<u32>),
     /// Asked off, after a hibernation (or a deferral) the status showed.
     Awake,
 }
@@ -49,7 +55,7 @@ impl Hibernation {
         match self {
             Hibernation::Hibernated => "Hibernated",
             Hibernation::Deferred(_) => "RebalancePending",
-            Hibernation::WakingUp => "WakingUp",
+            Hibernation::WakingUp(_) => "WakingUp",
             Hibernation::Awake => "Awake",
         }
     }
@@ -61,8 +67,8 @@ impl Hibernation {
                 "every pod is stopped (spec.hibernation); the volumes and the topology (epoch {epoch}) are kept for the wake-up"
             ),
             Hibernation::Deferred(reason) => reason.clone(),
-            Hibernation::WakingUp => format!(
-                "the pods are starting on their volumes; nodes not back yet are not failed for up to {WAKE_DEADLINE_SECONDS} s"
+            Hibernation::WakingUp(nodes) => format!(
+                "the pods are starting on their volumes; nodes {nodes:?} are not back yet (pod Ready, node reporting) and are not failed for up to {WAKE_DEADLINE_SECONDS} s"
             ),
             Hibernation::Awake => "hibernation is off: the nodes run".to_string(),
         };
@@ -107,15 +113,32 @@ pub fn waking(kvc: &KvCluster, previous: &KvClusterStatus, now: Timestamp) -> bo
     })
 }
 
-/// Every node of the topology that is not Failed runs or answers again.
-pub fn all_back(observed: &Observed) -> bool {
+/// The nodes of the topology, Failed ones aside, that are not back: a node
+/// is back once it answers (it reported; when the controller does not ask
+/// for reports, `reporting` false, once it runs) and, if it is Up in the
+/// topology, its pod is Ready (`ready`, by ordinal). Only an Up node passes
+/// the readiness probe, and only a Ready pod is behind the client Service.
+pub fn not_back(
+    observed: &Observed,
+    ready: &BTreeMap<u32, bool>,
+    reporting: bool,
+) -> BTreeSet<u32> {
     let Some(t) = &observed.topology else {
-        return true;
+        return BTreeSet::new();
+    };
+    let back = |ordinal: u32, state: NodeState| {
+        let answers = observed
+            .nodes
+            .get(&ordinal)
+            .is_some_and(|o| o.report.is_some() || (!reporting && o.alive()));
+        let ready = state != NodeState::Up || ready.get(&ordinal).copied().unwrap_or(false);
+        answers && ready
     };
     t.nodes
         .iter()
-        .filter(|n| n.state != NodeState::Failed)
-        .all(|n| observed.nodes.get(&n.ordinal).is_some_and(|o| o.alive()))
+        .filter(|n| n.state != NodeState::Failed && !back(n.ordinal, n.state))
+        .map(|n| n.ordinal)
+        .collect()
 }
 
 /// While waking up, a node that is not back yet has no down time: the
@@ -135,7 +158,7 @@ pub fn state(
     hibernated: bool,
     deferred: Option<&str>,
     waking: bool,
-    all_back: bool,
+    not_back: &BTreeSet<u32>,
     previous: &KvClusterStatus,
 ) -> Option<Hibernation> {
     if hibernated {
@@ -144,8 +167,8 @@ pub fn state(
     if let Some(reason) = deferred {
         return Some(Hibernation::Deferred(reason.to_string()));
     }
-    if waking && !all_back {
-        return Some(Hibernation::WakingUp);
+    if waking && !not_back.is_empty() {
+        return Some(Hibernation::WakingUp(not_back.clone()));
     }
     let shown = previous_condition(previous).map(|c| c.reason.as_str());
     match shown {
@@ -158,7 +181,7 @@ pub fn state(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::NodeObservation;
+    use crate::planner::{NodeObservation, NodeProgress};
 
     fn status(reason: &str, since: &str) -> KvClusterStatus {
         KvClusterStatus {
@@ -225,25 +248,99 @@ mod tests {
         assert!(unreachable.is_empty());
     }
 
+    /// Three nodes Up at epoch 4, node 1 held down (Failed), as the
+    /// controller observes them with no pod yet.
+    fn woken(reporting_pods: &[u32]) -> Observed {
+        use kv_core::{Consistency, NodeInfo, PlacementSpec, Strategy, Topology};
+        let node = |ordinal, state| NodeInfo {
+            ordinal,
+            address: format!("demo-{ordinal}:7400"),
+            peer_address: format!("demo-{ordinal}:7401"),
+            state,
+        };
+        let mut observed = Observed {
+            topology: Some(Topology {
+                cluster_id: "demo".into(),
+                epoch: 4,
+                read_consistency: Consistency::Quorum,
+                write_consistency: Consistency::Quorum,
+                placement: PlacementSpec {
+                    strategy: Strategy::Full,
+                    factor: 3,
+                    members: vec![0, 1, 2],
+                },
+                pending: None,
+                nodes: vec![
+                    node(0, NodeState::Up),
+                    node(1, NodeState::Failed),
+                    node(2, NodeState::Up),
+                ],
+            }),
+            ..Observed::default()
+        };
+        for o in 0..3 {
+            let report = reporting_pods.contains(&o).then_some(NodeProgress {
+                epoch: 4,
+                synced_epoch: 4,
+                resync_progress: 1.0,
+            });
+            observed.nodes.insert(
+                o,
+                NodeObservation {
+                    running: report.is_some(),
+                    down_since_ms: None,
+                    report,
+                },
+            );
+        }
+        observed
+    }
+
+    #[test]
+    fn a_waking_node_is_back_once_its_pod_is_ready_and_it_reports() {
+        let none_ready = BTreeMap::new();
+        let all_ready: BTreeMap<u32, bool> = (0..3).map(|o| (o, true)).collect();
+        // No pod yet: every node but the held-down one is awaited.
+        assert_eq!(not_back(&woken(&[]), &none_ready, true), [0, 2].into());
+        // Reporting but not Ready (the client Service does not route to it yet).
+        assert_eq!(not_back(&woken(&[0, 2]), &none_ready, true), [0, 2].into());
+        // Ready, but node 2 does not answer.
+        assert_eq!(not_back(&woken(&[0]), &all_ready, true), [2].into());
+        assert_eq!(not_back(&woken(&[0, 2]), &all_ready, true), BTreeSet::new());
+        // Without reports, running and Ready is back.
+        let mut running = woken(&[]);
+        for o in running.nodes.values_mut() {
+            o.running = true;
+        }
+        assert_eq!(not_back(&running, &all_ready, false), BTreeSet::new());
+        assert_eq!(not_back(&running, &all_ready, true), [0, 2].into());
+    }
+
     #[test]
     fn the_condition_follows_hibernation_and_appears_only_once_asked_for() {
         let none = KvClusterStatus::default();
-        assert_eq!(state(false, None, false, true, &none), None);
+        let all_back = BTreeSet::new();
+        let two_missing: BTreeSet<u32> = [0, 2].into();
+        assert_eq!(state(false, None, false, &all_back, &none), None);
         assert_eq!(
-            state(true, None, false, false, &none),
+            state(true, None, false, &two_missing, &none),
             Some(Hibernation::Hibernated)
         );
         assert_eq!(
-            state(false, Some("wait"), false, true, &none),
+            state(false, Some("wait"), false, &all_back, &none),
             Some(Hibernation::Deferred("wait".into()))
         );
         let hibernated = status("Hibernated", "2026-01-01T00:00:00Z");
-        assert_eq!(
-            state(false, None, true, false, &hibernated),
-            Some(Hibernation::WakingUp)
+        let waking_up = state(false, None, true, &two_missing, &hibernated);
+        assert_eq!(waking_up, Some(Hibernation::WakingUp(two_missing.clone())));
+        let c = waking_up.expect("waking up").condition(7, Some(3));
+        assert!(
+            c.message.contains("nodes {0, 2} are not back"),
+            "{}",
+            c.message
         );
         assert_eq!(
-            state(false, None, true, true, &hibernated),
+            state(false, None, true, &all_back, &hibernated),
             Some(Hibernation::Awake)
         );
         let c = Hibernation::Hibernated.condition(7, Some(3));

@@ -4,21 +4,29 @@
 //! is split the way it thinks: [`objects`] computes every owned object from the
 //! spec as pure functions, the [planner](crate::planner) turns observations
 //! into the next topology and node states, [`controller`] observes the
-//! cluster and applies the result
-//! with server-side apply, [`hibernation`] and [`restart`] keep the state of
-//! those two requests across reconciles, [`metrics`] counts what it did, and [`run`] wires it
+//! cluster and applies the result with server-side apply ([`status`],
+//! [`events`] and [`nodes`] hold what it writes, publishes and asks of the
+//! nodes), [`hibernation`] and [`restart`] keep the state of
+//! those two requests across reconciles, [`volumes`] grows the nodes'
+//! claims when `spec.storage.size` grows, [`metrics`] counts what it did, and [`run`] wires it
 //! to the API server behind leader election. [`render`] prints the owned
-//! objects offline for review and schema validation.
+//! objects offline for review and schema validation. [`backup`] is the
+//! `KvBackup` resource and its own small controller.
 
+pub mod backup;
 pub mod controller;
 pub mod crd;
+pub mod events;
 pub mod hibernation;
 pub mod metrics;
+pub mod nodes;
 pub mod objects;
 pub mod render;
 pub mod restart;
 pub mod run;
+pub mod status;
 pub mod tls;
+pub mod volumes;
 
 pub use controller::{Context, Error, error_policy, reconcile};
 pub use crd::{KvCluster, KvClusterSpec, KvClusterStatus};

@@ -736,3 +736,62 @@ pub fn network_policy(kvc: &KvCluster, operator_namespace: Option<&str>) -> Opti
         }),
     })
 }
+
+/// The Prometheus Operator's PodMonitor kind (monitoring.coreos.com/v1).
+pub fn pod_monitor_resource() -> kube::api::ApiResource {
+    kube::api::ApiResource {
+        group: "monitoring.coreos.com".to_string(),
+        version: "v1".to_string(),
+        api_version: "monitoring.coreos.com/v1".to_string(),
+        kind: "PodMonitor".to_string(),
+        plural: "podmonitors".to_string(),
+    }
+}
+
+pub fn pod_monitor_name(kvc: &KvCluster) -> String {
+    kvc.name_any()
+}
+
+/// The PodMonitor of the node pods' `/metrics` on the client port (https
+/// with the cluster CA under `spec.tls`), or `None` when
+/// `spec.monitoring.podMonitor` is false. `kvcluster` comes from the pod's
+/// instance label; the Prometheus Operator adds `namespace` and `pod`.
+pub fn pod_monitor(kvc: &KvCluster) -> Option<kube::api::DynamicObject> {
+    let settings = &kvc.spec.monitoring;
+    if !settings.pod_monitor {
+        return None;
+    }
+    let mut labels = settings.labels.clone();
+    labels.extend(self::labels(kvc, "monitoring"));
+    let mut endpoint = serde_json::json!({
+        "port": "client",
+        "path": "/metrics",
+        "relabelings": [{
+            "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+            "targetLabel": "kvcluster",
+        }],
+    });
+    if let Some(interval) = &settings.interval {
+        endpoint["interval"] = interval.clone().into();
+    }
+    if super::tls::enabled(kvc) {
+        endpoint["scheme"] = "https".into();
+        // The nodes' certificate Secret carries the CA too: the CA Secret
+        // also holds the CA's key, which a scraper has no business reading.
+        endpoint["tlsConfig"] = serde_json::json!({
+            "ca": {"secret": {"name": super::tls::tls_secret_name(kvc), "key": super::tls::CA_CERT_KEY}},
+            "serverName": format!("{}.{}.svc", client_service_name(kvc), kvc.namespace().unwrap_or_default()),
+        });
+    }
+    let mut meta = meta(kvc, pod_monitor_name(kvc), "monitoring");
+    meta.labels = Some(labels);
+    let mut obj = kube::api::DynamicObject::new(&pod_monitor_name(kvc), &pod_monitor_resource());
+    obj.metadata = meta;
+    obj.data = serde_json::json!({
+        "spec": {
+            "selector": {"matchLabels": selector_labels(kvc)},
+            "podMetricsEndpoints": [endpoint],
+        }
+    });
+    Some(obj)
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -25,10 +25,13 @@ use prometheus::Registry;
 use tracing::{error, info, warn};
 use warp::Filter;
 
+use super::backup::{self, BackupContext, KvBackup};
 use super::controller::{Context, NodeReports, error_policy, reconcile};
 use super::crd::KvCluster;
+use super::events::publish;
 use super::metrics::Metrics;
 use super::objects;
+use kube::runtime::events::EventType;
 
 /// How `kv-operator run` is configured (flags and environment, see main.rs).
 #[derive(Clone, Debug)]
@@ -140,10 +143,87 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
             metrics,
             cfg.node_reports.then(NodeReports::in_cluster).flatten(),
         )
-        .with_operator_namespace(cfg.operator_namespace.clone()),
+        .with_operator_namespace(cfg.operator_namespace.clone())
+        .with_pod_monitors(),
     );
+    // KvBackups, where their CRD is installed (deploy/crd-kvbackup.yaml):
+    // an operator upgraded before the CRD runs without them.
+    let kvbs: Api<KvBackup> = scoped(&client, ns);
+    let backups_served = kvbs.list(&ListParams::default().limit(1)).await.is_ok();
     let controller = Controller::new(kvcs, watcher::Config::default());
     let store = controller.store();
+    // spec.backup.schedule: the KvBackups due, looked for every few seconds
+    // in the controller's cache of KvClusters (by the leader only: this runs
+    // after the Lease is held).
+    let schedules = store.clone();
+    let schedule_ctx = ctx.clone();
+    tokio::spawn(async move {
+        if !backups_served {
+            return;
+        }
+        // An invalid schedule is told once (log and Warning Event) per
+        // cluster and schedule text, not at every look.
+        let mut told: std::collections::BTreeSet<(String, String)> = Default::default();
+        let mut tick = tokio::time::interval(backup::SCHEDULE_EVERY);
+        loop {
+            tick.tick().await;
+            for kvc in schedules.state() {
+                match backup::run_schedule(&schedule_ctx.client, &kvc).await {
+                    Ok(run) => {
+                        if let Some(name) = run.created {
+                            let note = format!("KvBackup {name} made by spec.backup.schedule");
+                            publish(
+                                &schedule_ctx,
+                                &kvc,
+                                EventType::Normal,
+                                "BackupScheduled",
+                                "Backup",
+                                &note,
+                            )
+                            .await;
+                        }
+                        for name in run.pruned {
+                            let note = format!(
+                                "KvBackup {name} and its objects deleted (spec.backup.keep)"
+                            );
+                            publish(
+                                &schedule_ctx,
+                                &kvc,
+                                EventType::Normal,
+                                "BackupPruned",
+                                "Backup",
+                                &note,
+                            )
+                            .await;
+                        }
+                        if let Some(why) = run.invalid {
+                            let schedule = kvc
+                                .spec
+                                .backup
+                                .as_ref()
+                                .map(|b| format!("{b:?}"))
+                                .unwrap_or_default();
+                            if told.insert((kvc.name_any(), schedule)) {
+                                warn!(kvcluster = %kvc.name_any(), reason = %why, "backup schedule not used");
+                                publish(
+                                    &schedule_ctx,
+                                    &kvc,
+                                    EventType::Warning,
+                                    "BackupScheduleInvalid",
+                                    "Backup",
+                                    &why,
+                                )
+                                .await;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(kvcluster = %kvc.name_any(), error = %e, "cannot make the scheduled backup");
+                    }
+                }
+            }
+        }
+    });
     let gauges = ctx.metrics.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
@@ -187,6 +267,34 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<()> {
                 Err(e) => warn!(error = %e, "reconcile error"),
             }
         });
+    let backups = if backups_served {
+        let bctx = Arc::new(BackupContext::new(
+            client.clone(),
+            cfg.node_reports.then(NodeReports::in_cluster).flatten(),
+        ));
+        Controller::new(kvbs, watcher::Config::default())
+            .shutdown_on_signal()
+            .run(backup::reconcile, backup::error_policy, bctx)
+            .for_each(|res| async move {
+                if let Err(e) = res {
+                    warn!(error = %e, "KvBackup reconcile error");
+                }
+            })
+            .boxed()
+    } else {
+        warn!(
+            "the KvBackup API is not available: backups are off (kubectl apply -f deploy/crd-kvbackup.yaml)"
+        );
+        futures::future::pending::<()>().boxed()
+    };
+    // The KvCluster controller ends the process's work (a shutdown signal);
+    // the backup controller runs beside it.
+    let controller = async move {
+        tokio::select! {
+            () = controller => {}
+            () = backups => {}
+        }
+    };
 
     match leadership {
         None => controller.await,

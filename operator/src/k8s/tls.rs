@@ -45,15 +45,53 @@ pub const NOT_AFTER_ANNOTATION: &str = "kvstore.dev/not-after";
 pub const ORDINALS_ANNOTATION: &str = "kvstore.dev/ordinals";
 
 pub fn enabled(kvc: &KvCluster) -> bool {
-    kvc.spec.tls.mode == TlsMode::Generated
+    kvc.spec.tls.mode != TlsMode::Disabled
 }
 
 pub fn ca_secret_name(kvc: &KvCluster) -> String {
     format!("{}-ca", kvc.name_any())
 }
 
+/// The Secret the pods mount: `<name>-tls`, or the user's with `Provided`.
 pub fn tls_secret_name(kvc: &KvCluster) -> String {
-    format!("{}-tls", kvc.name_any())
+    match (&kvc.spec.tls.mode, &kvc.spec.tls.secret_name) {
+        (TlsMode::Provided, Some(name)) => name.clone(),
+        _ => format!("{}-tls", kvc.name_any()),
+    }
+}
+
+/// `spec.tls.mode: Provided`: is the user's Secret one the nodes can use for
+/// pods `0..pods` at `now`? Its three keys are there, the key belongs to the
+/// certificate, and the certificate chains to its `ca.crt` for every pod's
+/// name (what peers and the operator check) and as a client certificate.
+/// The error says what to fix.
+pub fn check_provided(
+    kvc: &KvCluster,
+    secret: Option<&Secret>,
+    pods: u32,
+    now: SystemTime,
+) -> Result<(), String> {
+    let name = tls_secret_name(kvc);
+    let Some(secret) = secret else {
+        return Err(format!(
+            "spec.tls.secretName: Secret {name} does not exist (a cert-manager Certificate writes it once issued)"
+        ));
+    };
+    let key = |k: &str| {
+        text(secret, k).ok_or_else(|| {
+            format!("Secret {name} has no {k}: it needs {CERT_KEY}, {KEY_KEY} and {CA_CERT_KEY}")
+        })
+    };
+    let (cert, private, ca) = (key(CERT_KEY)?, key(KEY_KEY)?, key(CA_CERT_KEY)?);
+    let names: Vec<String> = (0..pods).map(|o| objects::pod_host(kvc, o)).collect();
+    kv_net::tls::check_identity_pem(
+        ca.as_bytes(),
+        cert.as_bytes(),
+        private.as_bytes(),
+        &names,
+        now,
+    )
+    .map_err(|e| format!("Secret {name}: {e}"))
 }
 
 /// The CA's name, a function of the cluster's only: a CA read back from its
@@ -264,6 +302,44 @@ mod tests {
             Some("issued by another CA")
         );
         assert!(reissue_reason(None, pem, 3, issued).is_some());
+    }
+
+    #[test]
+    fn a_provided_secret_must_name_every_pod_and_carry_its_ca() {
+        let mut kvc = cluster();
+        kvc.spec.tls = crate::k8s::crd::TlsSettings {
+            mode: TlsMode::Provided,
+            secret_name: Some("demo-cert".into()),
+        };
+        assert_eq!(tls_secret_name(&kvc), "demo-cert");
+        let ca = Ca::generate("someone else's CA").expect("CA");
+        let secret = |names: &[&str]| {
+            let (cert, key) = ca.issue("demo", names).expect("certificate");
+            Secret {
+                data: Some(BTreeMap::from([
+                    (CERT_KEY.to_string(), bytes(&cert)),
+                    (KEY_KEY.to_string(), bytes(&key)),
+                    (CA_CERT_KEY.to_string(), bytes(ca.cert_pem())),
+                ])),
+                ..Secret::default()
+            }
+        };
+        let now = SystemTime::now();
+        // A wildcard over the headless Service names every pod, also later ones.
+        let wild = secret(&["*.demo-peers.ns.svc"]);
+        assert_eq!(check_provided(&kvc, Some(&wild), 5, now), Ok(()));
+        let two = secret(&["demo-0.demo-peers.ns.svc", "demo-1.demo-peers.ns.svc"]);
+        assert_eq!(check_provided(&kvc, Some(&two), 2, now), Ok(()));
+        let short = check_provided(&kvc, Some(&two), 3, now).expect_err("pod 2 not named");
+        assert!(short.contains("demo-2.demo-peers.ns.svc"), "{short}");
+        let mut no_ca = wild.clone();
+        if let Some(d) = no_ca.data.as_mut() {
+            d.remove(CA_CERT_KEY);
+        }
+        let e = check_provided(&kvc, Some(&no_ca), 3, now).expect_err("no ca.crt");
+        assert!(e.contains("has no ca.crt"), "{e}");
+        let e = check_provided(&kvc, None, 3, now).expect_err("no Secret");
+        assert!(e.contains("demo-cert does not exist"), "{e}");
     }
 
     #[test]

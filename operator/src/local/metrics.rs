@@ -45,7 +45,7 @@ impl LocalMetrics {
 
     /// Records one supervisor tick: its result, duration, the cluster's
     /// phase and its nodes' states after the plan.
-    pub fn record_tick(&self, started: Instant, plan: &Plan) {
+    pub fn record_tick(&self, started: Instant, plan: &Plan, held: usize) {
         let Some(m) = &self.metrics else {
             return;
         };
@@ -59,6 +59,7 @@ impl LocalMetrics {
             CLUSTER,
             Phase::from(plan.phase),
             plan.nodes.iter().map(|n| n.state).collect(),
+            held,
         );
     }
 
@@ -127,13 +128,14 @@ mod tests {
     fn ticks_publish_the_operator_metric_names() {
         let m = LocalMetrics::new();
         let t = Instant::now();
-        m.record_tick(t, &plan(PlanPhase::Running, &[NodeState::Up; 3]));
+        m.record_tick(t, &plan(PlanPhase::Running, &[NodeState::Up; 3]), 0);
         m.record_tick(
             t,
             &plan(
                 PlanPhase::Degraded,
                 &[NodeState::Up, NodeState::Failed, NodeState::Up],
             ),
+            1,
         );
         m.record_error(t);
         let (ct, text) = m.render();
@@ -146,6 +148,8 @@ mod tests {
             "kv_operator_clusters{phase=\"Running\"} 0",
             "kv_operator_nodes{state=\"Failed\"} 1",
             "kv_operator_nodes{state=\"Up\"} 2",
+            "kv_operator_cluster_held_nodes{kvcluster=\"local\",namespace=\"\"} 1",
+            "kv_operator_cluster_nodes{kvcluster=\"local\",namespace=\"\",state=\"Failed\"} 1",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

@@ -2,6 +2,7 @@
 //! killed (SIGKILL) when held down, stopped (SIGTERM, bounded) when they
 //! leave or at shutdown.
 
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -13,9 +14,25 @@ use super::{LocalError, Platform};
 /// Least time between two starts of the same node.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 
-/// A client and a peer port for a new ordinal.
+/// Ports handed to ordinals whose node has not started since: held bound
+/// (not listening) until [`Platform::start`] spawns it, so that another
+/// process picking ports meanwhile (certificates are issued in between) does
+/// not take one and leave the node unable to start.
+static RESERVED: std::sync::Mutex<BTreeMap<u16, kv_net::port::Reservation>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn reserved() -> std::sync::MutexGuard<'static, BTreeMap<u16, kv_net::port::Reservation>> {
+    RESERVED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A client and a peer port for a new ordinal, held until its node starts.
 pub(super) fn new_ports() -> Result<(u16, u16), LocalError> {
-    let port = || kv_net::free_port().map_err(LocalError::Port);
+    let port = || -> Result<u16, LocalError> {
+        let r = kv_net::port::reserve().map_err(LocalError::Port)?;
+        let p = r.port();
+        reserved().insert(p, r);
+        Ok(p)
+    };
     Ok((port()?, port()?))
 }
 
@@ -118,6 +135,11 @@ impl Platform {
         }
         inner.last_start.insert(o, Instant::now());
         inner.answered.remove(&o);
+        {
+            let mut held = reserved();
+            held.remove(&port);
+            held.remove(&peer);
+        }
         match cmd.spawn() {
             Ok(child) => {
                 inner.procs.insert(

@@ -76,15 +76,21 @@ impl Platform {
         let started = Instant::now();
         self.reap();
         self.poll_reports().await;
-        let (plan, observed) = {
+        let (plan, observed, desired) = {
             let inner = self.lock();
             let observed = self.observed(&inner, now_ms());
             let desired = inner.saved.desired();
-            (planner::plan(&desired, &observed, &self.config), observed)
+            (
+                planner::plan(&desired, &observed, &self.config),
+                observed,
+                desired,
+            )
         };
         let counted = plan.clone();
         self.apply(plan, observed).await;
-        self.metrics.record_tick(started, &counted);
+        // Failed nodes held down by `kvctl fail`: a drill, not a failure.
+        let held = desired.held_down(counted.nodes.iter().map(|n| (n.ordinal, n.state)));
+        self.metrics.record_tick(started, &counted, held);
     }
 
     fn reap(&self) {

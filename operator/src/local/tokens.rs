@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use kv_net::token::{Tokens, fingerprint, format};
+use kv_net::token::{Tokens, fingerprint, fingerprints, format};
 
 use super::state::write_atomic;
 use super::{LocalError, Platform};
@@ -156,7 +156,7 @@ impl Platform {
             // nodes with it, and every node accepts it at this step.
             tokens.reload();
             self.say(format!("{}: step {} of 3 written", kind.name(), i + 1));
-            let expected: Vec<String> = step.iter().map(|t| fingerprint(t)).collect();
+            let expected = fingerprints(&step);
             nodes = self
                 .await_tokens(kind, &expected, step_limit, i + 1)
                 .await?;

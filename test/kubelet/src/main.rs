@@ -58,6 +58,12 @@ pub struct Args {
     /// volume (the real kubelet: its sync period plus the cache TTL, ~60-90 s).
     #[arg(long, default_value_t = 60.0)]
     pub configmap_sync_delay: f64,
+    /// The same for Secret volumes (default: --configmap-sync-delay). The
+    /// end-to-end story keeps ConfigMaps slow (the operator must not wait on
+    /// them) and Secrets quicker, so that a token rotation's three steps fit
+    /// in its time.
+    #[arg(long)]
+    pub secret_sync_delay: Option<f64>,
     /// Storage classes whose claims this kubelet provisions, besides claims
     /// without a class (repeatable).
     #[arg(long = "storage-class")]

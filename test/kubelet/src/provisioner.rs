@@ -5,14 +5,19 @@
 //! controller-manager's PV controller then binds the claim. A released volume
 //! of ours with reclaim policy Delete is removed with its directory, as an
 //! external provisioner must do (the annotation `pv.kubernetes.io/provisioned-by`
-//! tells the PV controller to leave that to us).
+//! tells the PV controller to leave that to us). A bound claim of ours whose
+//! request grew is resized as a CSI external resizer and the kubelet would
+//! together: the volume's and then the claim's capacity become the request
+//! (a directory has no size to grow; shrinking is not emulated, the API
+//! server refuses it anyway).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{DeleteParams, ListParams, PostParams};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 
@@ -27,6 +32,64 @@ pub async fn run(ctx: Arc<Ctx>) {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+}
+
+fn storage(q: Option<&std::collections::BTreeMap<String, Quantity>>) -> Option<String> {
+    q?.get("storage").map(|q| q.0.clone())
+}
+
+async fn resize(
+    ctx: &Ctx,
+    claims: &Api<PersistentVolumeClaim>,
+    volumes: &Api<PersistentVolume>,
+    existing: &[PersistentVolume],
+) -> Result<()> {
+    for claim in claims.list(&ListParams::default()).await? {
+        let spec = claim.spec.clone().unwrap_or_default();
+        let bound = claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+        let Some(pv) = existing
+            .iter()
+            .find(|v| Some(v.name_any()) == spec.volume_name)
+        else {
+            continue;
+        };
+        let ours = pv
+            .annotations()
+            .get("pv.kubernetes.io/provisioned-by")
+            .map(String::as_str)
+            == Some(PROVISIONER);
+        let Some(wanted) = storage(spec.resources.as_ref().and_then(|r| r.requests.as_ref()))
+        else {
+            continue;
+        };
+        let has = storage(pv.spec.as_ref().and_then(|s| s.capacity.as_ref()));
+        let shown = storage(claim.status.as_ref().and_then(|s| s.capacity.as_ref()));
+        if !bound || !ours || (has.as_deref() == Some(&wanted) && shown.as_deref() == Some(&wanted))
+        {
+            continue;
+        }
+        let patch = json!({"spec": {"capacity": {"storage": wanted}}});
+        volumes
+            .patch(
+                &pv.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        let ns_claims: Api<PersistentVolumeClaim> =
+            Api::namespaced(ctx.client.clone(), &claim.namespace().unwrap_or_default());
+        let patch = json!({"status": {"capacity": {"storage": wanted}}});
+        ns_claims
+            .patch_status(
+                &claim.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await?;
+        tracing::info!(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any()),
+            volume = %pv.name_any(), from = ?has, to = %wanted, "resized");
+    }
+    Ok(())
 }
 
 fn volume_name(claim: &PersistentVolumeClaim) -> String {
@@ -80,6 +143,7 @@ async fn pass(ctx: &Ctx) -> Result<()> {
         tracing::info!(claim = %format!("{}/{}", claim.namespace().unwrap_or_default(), claim.name_any()),
             volume = %name, dir = %dir.display(), "provisioned");
     }
+    resize(ctx, &claims, &volumes, &existing.items).await?;
     for pv in existing {
         let ours = pv
             .annotations()

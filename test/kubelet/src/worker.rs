@@ -68,6 +68,8 @@ struct Worker {
     volumes: Option<BTreeMap<String, PathBuf>>,
     setup_error: Option<String>,
     next_volume_sync: Instant,
+    /// Secret volumes have their own delay (`--secret-sync-delay`).
+    next_secret_sync: Instant,
     /// Service-account tokens are re-requested at 80% of their lifetime, not every sync.
     next_token_refresh: Instant,
     ctrs: Vec<Ctr>,
@@ -168,6 +170,7 @@ impl Worker {
             volumes: None,
             setup_error: None,
             next_volume_sync: Instant::now(),
+            next_secret_sync: Instant::now(),
             next_token_refresh: Instant::now(),
             ctrs,
             start_time,
@@ -215,7 +218,7 @@ impl Worker {
                     self.setup_error = Some(msg);
                 }
             }
-        } else if Instant::now() >= self.next_volume_sync
+        } else if Instant::now() >= self.next_volume_sync.min(self.next_secret_sync)
             && let Err(e) = self.sync_volumes(false).await
         {
             tracing::warn!(pod = %self.who(), "refreshing volumes: {e:#}");
@@ -264,8 +267,23 @@ impl Worker {
     /// Materialises every volume (`first`) or refreshes the ones backed by
     /// API objects, then schedules the next refresh.
     async fn sync_volumes(&mut self, first: bool) -> Result<()> {
+        let now = Instant::now();
+        let cm_due = first || now >= self.next_volume_sync;
+        let secret_due = first || now >= self.next_secret_sync;
         let delay = Duration::from_secs_f64(self.ctx.args.configmap_sync_delay.max(0.1));
-        self.next_volume_sync = Instant::now() + delay;
+        let secret_delay = Duration::from_secs_f64(
+            self.ctx
+                .args
+                .secret_sync_delay
+                .unwrap_or(self.ctx.args.configmap_sync_delay)
+                .max(0.1),
+        );
+        if cm_due {
+            self.next_volume_sync = now + delay;
+        }
+        if secret_due {
+            self.next_secret_sync = now + secret_delay;
+        }
         let volumes = self
             .pod
             .spec
@@ -278,6 +296,16 @@ impl Worker {
             .to_string();
         for v in &volumes {
             let dir = self.dir.join("volumes").join(&v.name);
+            // Only the kinds whose delay has passed are refreshed.
+            let due = if v.secret.is_some() {
+                secret_due
+            } else {
+                cm_due
+            };
+            if !due {
+                dirs.insert(v.name.clone(), dir);
+                continue;
+            }
             let payload = if let Some(cm) = &v.config_map {
                 Some(
                     self.config_map_files(

@@ -1,10 +1,12 @@
-//! `kvctl backup` and `kvctl restore`: a running cluster's records to a
-//! directory or S3-compatible storage and back, exactly (versions and
-//! tombstones kept), without stopping writes.
+//! Backups: a running cluster's records to a directory or S3-compatible
+//! storage and back, exactly (versions and tombstones kept), without
+//! stopping writes. `kvctl backup|restore` and the operator's `KvBackup`
+//! both run this.
 //!
 //! Both go through the node-to-node API with the cluster token (see
-//! [`peer`]); the topology comes from the client API at `--endpoint`. No
-//! node needs anything new for them.
+//! [`peer`]); the topology comes from a [`TopologySource`] (kvctl: the
+//! client API at `--endpoint`; the operator: a node's report). No node needs
+//! anything new for them.
 //!
 //! Backup, for each segment of 64 buckets: ask every owner of each bucket
 //! that counts in quorum for the bucket's records, require answers from a
@@ -29,13 +31,13 @@ pub mod peer;
 pub mod target;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use kv_core::{BUCKETS, Consistency, Digest, Layout, NodeState, Record, Topology};
 use serde::Serialize;
 
-use crate::client::{Client, ClientError};
 use manifest::{
     BucketEntry, FORMAT, FORMAT_VERSION, FormatError, MANIFEST, Manifest, Mismatch, SEGMENTS,
     SegmentEntry,
@@ -56,7 +58,7 @@ const APPLY_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum BackupError {
     #[error("cannot read the topology: {0}")]
-    Topology(#[from] ClientError),
+    Topology(String),
     #[error(transparent)]
     Peer(#[from] PeerError),
     #[error(transparent)]
@@ -111,8 +113,49 @@ fn peer_node(t: &Topology, ordinal: u32) -> PeerNode {
     }
 }
 
-async fn topology(client: &Client) -> Result<Topology, BackupError> {
-    Ok(client.cluster().await?.0.topology)
+/// Where a backup or a restore reads the cluster's current topology (node
+/// addresses and states, the epoch every answer is checked against).
+pub trait TopologySource: Sync {
+    /// The topology now; the error says why it cannot be had.
+    fn topology(&self) -> impl Future<Output = Result<Topology, String>> + Send;
+}
+
+async fn topology(source: &impl TopologySource) -> Result<Topology, BackupError> {
+    source.topology().await.map_err(BackupError::Topology)
+}
+
+/// How far a running backup is, for whoever shows it (`KvBackup` status).
+#[derive(Debug, Default)]
+pub struct Progress {
+    segments_done: AtomicU32,
+    records: AtomicU64,
+    bytes: AtomicU64,
+}
+
+/// A snapshot of [`Progress`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProgressNow {
+    pub segments_done: u32,
+    pub segments: u32,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl Progress {
+    pub fn now(&self) -> ProgressNow {
+        ProgressNow {
+            segments_done: self.segments_done.load(Ordering::Relaxed),
+            segments: SEGMENTS,
+            records: self.records.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    fn add(&self, entry: &SegmentEntry) {
+        self.records.fetch_add(entry.records, Ordering::Relaxed);
+        self.bytes.fetch_add(entry.bytes, Ordering::Relaxed);
+        self.segments_done.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// What one segment of a backup holds.
@@ -123,11 +166,13 @@ struct SegmentDone {
     high_water: Option<kv_core::Version>,
 }
 
-/// Backs the cluster behind `client` up to `target`.
+/// Backs the cluster `client` reads the topology of up to `target`,
+/// counting segments written in `progress`.
 pub async fn backup(
-    client: &Client,
+    client: &impl TopologySource,
     peers: &PeerClient,
     target: &Target,
+    progress: &Progress,
 ) -> Result<Manifest, BackupError> {
     if target.get(MANIFEST).await?.is_some() {
         return Err(BackupError::Exists(target.url().to_string()));
@@ -139,7 +184,9 @@ pub async fn backup(
             let first = first.clone();
             async move {
                 let records = fetch_segment(client, peers, first, s).await?;
-                store_segment(target, s, records).await
+                let done = store_segment(target, s, records).await?;
+                progress.add(&done.entry);
+                Ok(done)
             }
         })
         .buffer_unordered(PARALLEL)
@@ -181,7 +228,7 @@ pub async fn backup(
 /// The newest version of every record of segment `s`, from a quorum of each
 /// bucket's owners.
 async fn fetch_segment(
-    client: &Client,
+    client: &impl TopologySource,
     peers: &PeerClient,
     mut topo: Topology,
     s: u32,
@@ -298,9 +345,10 @@ pub struct RestoreReport {
     pub replicas_checked: u64,
 }
 
-/// Restores the backup at `target` into the cluster behind `client`.
+/// Restores the backup at `target` into the cluster `client` reads the
+/// topology of.
 pub async fn restore(
-    client: &Client,
+    client: &impl TopologySource,
     peers: &PeerClient,
     target: &Target,
     force: bool,

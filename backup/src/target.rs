@@ -69,9 +69,31 @@ pub fn parse(url: &str) -> Result<Location, TargetError> {
     Err(bad())
 }
 
+/// S3 settings given outright (the operator's, from a `KvBackup` and its
+/// Secret) rather than read from the process environment.
+#[derive(Clone, Debug, Default)]
+pub struct S3Options {
+    /// `http(s)://host:port` of an S3-compatible server; AWS when `None`.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
 impl Target {
-    /// Opens a location; a directory is created when missing.
+    /// Opens a location; a directory is created when missing. S3 settings
+    /// come from the AWS environment variables.
     pub fn open(url: &str) -> Result<Target, TargetError> {
+        Self::open_in(url, None)
+    }
+
+    /// Opens a location with S3 settings given outright; the process
+    /// environment is not read.
+    pub fn open_with(url: &str, s3: &S3Options) -> Result<Target, TargetError> {
+        Self::open_in(url, Some(s3))
+    }
+
+    fn open_in(url: &str, s3: Option<&S3Options>) -> Result<Target, TargetError> {
         let store_err = |e: object_store::Error| TargetError::Store {
             url: url.to_string(),
             message: e.to_string(),
@@ -88,15 +110,37 @@ impl Target {
                 (Arc::new(fs), String::new())
             }
             Location::S3 { bucket, prefix } => {
-                let mut b = object_store::aws::AmazonS3Builder::from_env()
-                    .with_http_connector(super::http::ReqwestTransport::new(
+                use object_store::aws::AmazonS3Builder;
+                let (mut b, endpoint) = match s3 {
+                    None => (
+                        AmazonS3Builder::from_env(),
+                        std::env::var("AWS_ENDPOINT_URL")
+                            .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                            .unwrap_or_default(),
+                    ),
+                    Some(o) => {
+                        let mut b = AmazonS3Builder::new();
+                        if let Some(e) = &o.endpoint {
+                            b = b.with_endpoint(e);
+                        }
+                        if let Some(r) = &o.region {
+                            b = b.with_region(r);
+                        }
+                        if let Some(k) = &o.access_key_id {
+                            b = b.with_access_key_id(k);
+                        }
+                        if let Some(k) = &o.secret_access_key {
+                            b = b.with_secret_access_key(k);
+                        }
+                        (b, o.endpoint.clone().unwrap_or_default())
+                    }
+                };
+                b = b
+                    .with_http_connector(crate::http::ReqwestTransport::new(
                         std::time::Duration::from_secs(60),
                     ))
                     .with_bucket_name(bucket)
                     .with_virtual_hosted_style_request(false);
-                let endpoint = std::env::var("AWS_ENDPOINT_URL")
-                    .or_else(|_| std::env::var("AWS_ENDPOINT"))
-                    .unwrap_or_default();
                 if endpoint.starts_with("http://") {
                     b = b.with_allow_http(true);
                 }
@@ -135,6 +179,28 @@ impl Target {
             .await
             .map(|_| ())
             .map_err(|e| self.err(e))
+    }
+
+    /// Deletes every object under this location (a backup's data objects
+    /// and manifest); returns how many were deleted.
+    pub async fn delete_all(&self) -> Result<u64, TargetError> {
+        use futures::TryStreamExt;
+        let prefix = (!self.prefix.is_empty()).then(|| Path::from(self.prefix.as_str()));
+        let objects: Vec<_> = self
+            .store
+            .list(prefix.as_ref())
+            .try_collect()
+            .await
+            .map_err(|e| self.err(e))?;
+        let mut n = 0;
+        for o in objects {
+            match self.store.delete(&o.location).await {
+                Ok(()) => n += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.err(e)),
+            }
+        }
+        Ok(n)
     }
 
     /// The object's bytes, or `None` when it does not exist.
@@ -200,5 +266,17 @@ mod tests {
                 .join("nested/backup/data/segment-00.kvb")
                 .is_file()
         );
+        // a neighbour outside the location is not touched by delete_all
+        let other = Target::open(&format!("file://{}/nested/other", dir.path().display())).unwrap();
+        other.put("manifest.json", b"{}".to_vec()).await.unwrap();
+        t.put("manifest.json", b"{}".to_vec()).await.unwrap();
+        assert_eq!(t.delete_all().await.unwrap(), 2);
+        assert_eq!(t.get("manifest.json").await.unwrap(), None);
+        assert_eq!(t.get("data/segment-00.kvb").await.unwrap(), None);
+        assert_eq!(
+            other.get("manifest.json").await.unwrap(),
+            Some(b"{}".to_vec())
+        );
+        assert_eq!(t.delete_all().await.unwrap(), 0);
     }
 }

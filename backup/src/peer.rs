@@ -53,6 +53,14 @@ pub struct Answer<T> {
     pub epoch: u64,
 }
 
+fn setup(detail: String) -> PeerError {
+    PeerError::Unreachable {
+        node: u32::MAX,
+        address: String::new(),
+        detail,
+    }
+}
+
 /// Calls the peer routes with the cluster token.
 #[derive(Clone)]
 pub struct PeerClient {
@@ -92,17 +100,29 @@ impl PeerClient {
         timeout: Duration,
         tls: Option<&PeerTls>,
     ) -> Result<PeerClient, PeerError> {
-        let setup = |detail: String| PeerError::Unreachable {
-            node: u32::MAX,
-            address: String::new(),
-            detail,
+        let config = match tls {
+            None => None,
+            Some(t) => {
+                let id = kv_net::tls::Identity::load(&t.cert, &t.key)
+                    .map_err(|e| setup(format!("cannot load {}: {e}", t.cert.display())))?;
+                let config = kv_net::tls::client_config(&t.ca, Some(id))
+                    .map_err(|e| setup(format!("cannot use {}: {e}", t.ca.display())))?;
+                Some(config)
+            }
         };
+        Self::with_config(token, timeout, config)
+    }
+
+    /// A client with its TLS setup made elsewhere (the operator builds one
+    /// from a cluster's Secrets); `None` for plaintext peer ports.
+    pub fn with_config(
+        token: String,
+        timeout: Duration,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<PeerClient, PeerError> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let mut builder = reqwest::Client::builder();
-        if let Some(t) = tls {
-            let id = kv_net::tls::Identity::load(&t.cert, &t.key)
-                .map_err(|e| setup(format!("cannot load {}: {e}", t.cert.display())))?;
-            let config = kv_net::tls::client_config(&t.ca, Some(id))
-                .map_err(|e| setup(format!("cannot use {}: {e}", t.ca.display())))?;
+        if let Some(config) = tls {
             builder = builder.tls_backend_preconfigured(config);
         }
         let http = builder
@@ -114,7 +134,7 @@ impl PeerClient {
         Ok(PeerClient {
             http,
             token,
-            scheme: if tls.is_some() { "https" } else { "http" },
+            scheme,
         })
     }
 
@@ -136,7 +156,7 @@ impl PeerClient {
                 .map_err(|e| PeerError::Unreachable {
                     node: node.ordinal,
                     address: node.address.clone(),
-                    detail: crate::client::error_chain(&e),
+                    detail: kv_net::error_chain(&e),
                 })?;
         let status = resp.status();
         let epoch = resp
@@ -148,7 +168,7 @@ impl PeerClient {
         let bytes = resp.bytes().await.map_err(|e| PeerError::Unreachable {
             node: node.ordinal,
             address: node.address.clone(),
-            detail: crate::client::error_chain(&e),
+            detail: kv_net::error_chain(&e),
         })?;
         if !status.is_success() {
             return Err(PeerError::Status {
