@@ -138,6 +138,12 @@ struct WriteRequest {
 
 struct Shared {
     readers: Mutex<Vec<Connection>>,
+    /// Held by every write transaction of this process: the writer's and the
+    /// metadata writes on their own connections. SQLite's busy handler polls
+    /// with sleeps of up to 100 ms, so a writer waiting on it can miss every
+    /// window a busy neighbour leaves and fail "database is locked" after
+    /// its timeout (seen in CI); queueing on a mutex hands the lock over.
+    write_lock: Mutex<()>,
     /// Every bucket's digest as of the last committed transaction.
     digests: Mutex<Vec<Digest>>,
     path: PathBuf,
@@ -202,6 +208,7 @@ impl Store {
         }
         let shared = Arc::new(Shared {
             readers: Mutex::new(readers),
+            write_lock: Mutex::new(()),
             digests: Mutex::new(digests),
             path,
             commits: AtomicU64::new(0),
@@ -427,8 +434,10 @@ impl Store {
         if !self.catching_up() {
             return Ok(());
         }
-        let conn = self.meta_conn()?;
-        conn.execute("DELETE FROM meta WHERE name = 'catching_up'", [])?;
+        self.meta_write(|conn| {
+            conn.execute("DELETE FROM meta WHERE name = 'catching_up'", [])?;
+            Ok(())
+        })?;
         self.shared.catching_up.store(false, Ordering::Release);
         Ok(())
     }
@@ -447,27 +456,28 @@ impl Store {
 
     /// Records that the store is in contact with its cluster now.
     pub fn touch_alive(&self, now_ms: u64) -> Result<(), StorageError> {
-        let conn = self.meta_conn()?;
-        conn.execute(
-            "INSERT INTO meta (name, value) VALUES ('alive_at', ?1)
-             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            [now_ms.to_string()],
-        )?;
-        Ok(())
+        self.meta_write(|conn| {
+            conn.execute(
+                "INSERT INTO meta (name, value) VALUES ('alive_at', ?1)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                [now_ms.to_string()],
+            )?;
+            Ok(())
+        })
     }
 
     /// Empties a store that may hold data its cluster has since deleted for
     /// good (older than the tombstone grace period): it is rebuilt from its
     /// co-owners like a new one, so nothing deleted comes back.
     pub async fn rebuild(&self) -> Result<u64, StorageError> {
-        {
-            let conn = self.meta_conn()?;
+        self.meta_write(|conn| {
             conn.execute(
                 "INSERT INTO meta (name, value) VALUES ('catching_up', 'rebuild')
                  ON CONFLICT (name) DO NOTHING",
                 [],
             )?;
-        }
+            Ok(())
+        })?;
         self.shared.catching_up.store(true, Ordering::Release);
         let n = self.drop_buckets((0..BUCKETS).collect()).await?;
         let ids: Vec<i64> = self.read(|c| {
@@ -483,6 +493,21 @@ impl Store {
         let conn = Connection::open(&self.shared.path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(conn)
+    }
+
+    /// Runs a metadata write on a connection of its own, under the write
+    /// lock the writer thread takes for each of its transactions.
+    fn meta_write<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        let mut conn = self.meta_conn()?;
+        let _write = self
+            .shared
+            .write_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
     }
 
     /// Every record of `bucket`, tombstones included, ascending by key.
@@ -566,8 +591,16 @@ impl Store {
     /// refuses when it already belongs to another ordinal: a node keeps its
     /// identity on its volume and never takes over another node's data.
     pub fn claim_identity(&self, cluster_id: &str, ordinal: u32) -> Result<(), StorageError> {
+        self.meta_write(|conn| self.claim_identity_on(conn, cluster_id, ordinal))
+    }
+
+    fn claim_identity_on(
+        &self,
+        conn: &mut Connection,
+        cluster_id: &str,
+        ordinal: u32,
+    ) -> Result<(), StorageError> {
         let requested = format!("{cluster_id}/{ordinal}");
-        let mut conn = self.meta_conn()?;
         let stored: Option<String> = conn
             .query_row("SELECT value FROM meta WHERE name = 'identity'", [], |r| {
                 r.get(0)
@@ -712,7 +745,11 @@ fn writer_loop(
         }
         let ops: Vec<&WriteOp> = batch.iter().map(|r| &r.op).collect();
         let changes_before = conn.total_changes();
-        match commit_batch(&mut conn, &shared.digests, &ops) {
+        let committed = {
+            let _write = shared.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            commit_batch(&mut conn, &shared.digests, &ops)
+        };
+        match committed {
             Ok((results, changed)) => {
                 if !changed.is_empty() {
                     let mut digests = shared.digests.lock().unwrap_or_else(|p| p.into_inner());
@@ -742,6 +779,7 @@ fn writer_loop(
                 for req in batch {
                     let err = match &e {
                         StorageError::DiskFull(m) => StorageError::DiskFull(m.clone()),
+                        StorageError::Sqlite(m) => StorageError::Sqlite(m.clone()),
                         other => StorageError::Sqlite(other.to_string()),
                     };
                     let _ = req.done.send(Err(err));
