@@ -353,11 +353,7 @@ pub async fn restore(
     target: &Target,
     force: bool,
 ) -> Result<RestoreReport, BackupError> {
-    let bytes = target
-        .get(MANIFEST)
-        .await?
-        .ok_or_else(|| BackupError::NoManifest(target.url().to_string()))?;
-    let m = Manifest::from_json(&bytes)?;
+    let m = read_manifest(target).await?;
     let topo = topology(client).await?;
     let not_up: Vec<String> = topo
         .nodes
@@ -410,6 +406,49 @@ pub async fn restore(
     Ok(report)
 }
 
+/// The manifest of the backup at `target`.
+pub async fn read_manifest(target: &Target) -> Result<Manifest, BackupError> {
+    let bytes = target
+        .get(MANIFEST)
+        .await?
+        .ok_or_else(|| BackupError::NoManifest(target.url().to_string()))?;
+    Ok(Manifest::from_json(&bytes)?)
+}
+
+/// The records of one data object of the backup `m` describes, checked
+/// against the manifest (checksum, then every bucket's digest) before any
+/// of them is handed out.
+pub async fn read_segment(
+    target: &Target,
+    m: &Manifest,
+    entry: &SegmentEntry,
+) -> Result<Vec<Record>, BackupError> {
+    let bytes = target
+        .get(&entry.object)
+        .await?
+        .ok_or_else(|| FormatError::Segment {
+            object: entry.object.clone(),
+            detail: "missing".into(),
+        })?;
+    let records = manifest::decode_segment(entry, &bytes)?;
+    let got = manifest::digests(&records);
+    for b in manifest::segment_buckets(entry.segment) {
+        let have = got.get(&b).copied().unwrap_or(Digest::EMPTY);
+        if have != m.digest(b) {
+            return Err(FormatError::Segment {
+                object: entry.object.clone(),
+                detail: format!(
+                    "bucket {b} has digest {} here and {} in the manifest",
+                    have.to_hex(),
+                    m.digest(b).to_hex()
+                ),
+            }
+            .into());
+        }
+    }
+    Ok(records)
+}
+
 /// Every node's digest table; every node must answer.
 async fn all_digests(
     peers: &PeerClient,
@@ -437,31 +476,7 @@ async fn restore_segment(
     owners_of: &impl Fn(u32) -> Vec<u32>,
     entry: &SegmentEntry,
 ) -> Result<[u64; 3], BackupError> {
-    let bytes = target
-        .get(&entry.object)
-        .await?
-        .ok_or_else(|| FormatError::Segment {
-            object: entry.object.clone(),
-            detail: "missing".into(),
-        })?;
-    let records = manifest::decode_segment(entry, &bytes)?;
-    // The object must be what the manifest's digests describe before any
-    // of it is applied.
-    let got = manifest::digests(&records);
-    for b in manifest::segment_buckets(entry.segment) {
-        let have = got.get(&b).copied().unwrap_or(Digest::EMPTY);
-        if have != m.digest(b) {
-            return Err(FormatError::Segment {
-                object: entry.object.clone(),
-                detail: format!(
-                    "bucket {b} has digest {} here and {} in the manifest",
-                    have.to_hex(),
-                    m.digest(b).to_hex()
-                ),
-            }
-            .into());
-        }
-    }
+    let records = read_segment(target, m, entry).await?;
     let mut per_node: BTreeMap<u32, Vec<Record>> = BTreeMap::new();
     for r in records {
         for o in owners_of(r.bucket()) {

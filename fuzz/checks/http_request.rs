@@ -91,6 +91,7 @@ fn fixture() -> &'static Fixture {
                 max_clock_skew: Duration::from_secs(5),
                 clock_offset_ms: 0,
                 tls: None,
+                restore: None,
                 // not read by Node::open: the runtime here is the check's own
                 worker_threads: 1,
             };

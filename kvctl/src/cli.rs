@@ -468,6 +468,12 @@ pub struct UpArgs {
     /// gateway over TLS. Clients then use https and --cacert <data-dir>/tls/ca.crt.
     #[arg(long)]
     pub tls: bool,
+    /// Start a new cluster from a backup (`file:///dir` or
+    /// `s3://bucket/prefix`, S3 settings from the AWS_* environment): each
+    /// node loads the buckets it keeps from it before it serves. Refused
+    /// when the data directory already holds a cluster.
+    #[arg(long, value_name = "URL")]
+    pub restore_from: Option<String>,
 }
 
 #[derive(Debug, Args)]

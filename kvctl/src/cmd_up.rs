@@ -17,7 +17,22 @@ pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-    let (node_binary, node_args) = node_program(args.node_binary.as_deref())?;
+    let (node_binary, mut node_args) = node_program(args.node_binary.as_deref())?;
+    if let Some(url) = &args.restore_from {
+        // Only a store that is new loads the backup, so on a cluster that
+        // exists the flag would do nothing: say so instead.
+        let state = args.data_dir.join("cluster.json");
+        if state.exists() {
+            anyhow::bail!(
+                "{} already holds a cluster ({}); --restore-from starts a new one: choose an empty --data-dir, or use `kvctl restore --from {url}` against this cluster",
+                args.data_dir.display(),
+                state.display()
+            );
+        }
+        kv_backup::target::parse(url).with_context(|| format!("--restore-from {url}"))?;
+        node_args.push(OsString::from("--restore-from"));
+        node_args.push(OsString::from(url));
+    }
     let mut opts = UpOptions {
         replicas: args.nodes,
         strategy: args.strategy.map(|s| match s {

@@ -522,6 +522,116 @@ fn a_backup_taken_under_writes_restores_exactly_from_a_directory() {
     let _ = p.manifest;
 }
 
+/// The sum over the cluster's nodes of one counter of their /metrics.
+fn nodes_counter(up: &Up, name: &str) -> f64 {
+    let (_, v) = up.cluster();
+    let nodes = v["topology"]["nodes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(!nodes.is_empty(), "no nodes in /v1/cluster: {v:#}");
+    let mut sum = 0.0;
+    for n in nodes {
+        let address = n["address"].as_str().expect("a node's address");
+        let text = up
+            .http
+            .get(format!("http://{address}/metrics"))
+            .bearer_auth(&up.token)
+            .send()
+            .and_then(|r| r.text())
+            .expect("a node's /metrics");
+        sum += text
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} missing from {address}/metrics"));
+    }
+    sum
+}
+
+#[test]
+fn a_new_cluster_started_from_a_backup_loads_it_on_every_node_before_serving() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Up::start(&root.path().join("a"), "token-a", &[]);
+    let data = kvs(1000);
+    for (k, v) in &data {
+        assert_eq!(a.put(k, v), 200, "put {k}");
+    }
+    let deleted: Vec<&String> = data.iter().step_by(20).map(|(k, _)| k).collect();
+    for k in &deleted {
+        assert_eq!(a.delete(k), 200, "delete {k}");
+    }
+    let location = format!("file://{}", root.path().join("backups/one").display());
+    let o = a.kvctl(&["backup", "--to", &location, "-o", "json"], &[]);
+    let summary: Value = serde_json::from_str(&ok(&o, "kvctl backup")).unwrap();
+    let records = summary["records"].as_u64().unwrap();
+    assert_eq!(records, 1000);
+
+    // Over a cluster that exists it would do nothing: refused, saying so.
+    let o = run_kvctl(
+        &[
+            "up",
+            "--data-dir",
+            &root.path().join("a").display().to_string(),
+            "--restore-from",
+            &location,
+        ],
+        &[],
+        None,
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("already holds a cluster"),
+        "{}",
+        stderr(&o)
+    );
+
+    // Another placement: each node loads the buckets it keeps.
+    let b = Up::start(
+        &root.path().join("b"),
+        "token-b",
+        &[
+            "--strategy",
+            "consistent-hashing",
+            "--replication-factor",
+            "2",
+            "--restore-from",
+            &location,
+        ],
+    );
+    // Every record went to both owners of its bucket from the backup, not
+    // from a peer (more only if a placement changed during a load).
+    let stored = nodes_counter(&b, "kv_restore_records_total");
+    assert!(stored >= (2 * records) as f64, "{stored} copies stored from the backup");
+    assert_eq!(nodes_counter(&b, "kv_restore_failures_total"), 0.0);
+    let gone: std::collections::HashSet<&String> = deleted.into_iter().collect();
+    let wrong: Vec<String> = par(&data, 8, |(k, v)| {
+        let (s, body, version) = b.get(k);
+        if gone.contains(k) {
+            return (s != 404).then(|| format!("{k}: deleted, yet {s} {body:?}"));
+        }
+        let (_, _, at_a) = a.get(k);
+        (s != 200 || body != *v || version != at_a)
+            .then(|| format!("{k}: {s} {body:?} at {version}, want {v:?} at {at_a}"))
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} keys wrong, e.g. {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+    ok(
+        &b.kvctl(&["verify"], &[]),
+        "kvctl verify on the restored cluster",
+    );
+    // A write after the restore wins over the restored version.
+    assert_eq!(b.put("k-000001", "after"), 200);
+    assert_eq!(b.get("k-000001").1, "after");
+}
+
 /// The S3-compatible server: s3s-fs from scripts/install-tools.sh
 /// (`.tools/bin/s3s-fs`), `KV_S3S_FS`, or PATH.
 fn s3_server() -> Option<PathBuf> {

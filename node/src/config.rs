@@ -106,6 +106,35 @@ pub struct Args {
     /// peers' certificates are checked against it.
     #[arg(long, env = "KV_TLS_CLUSTER_CA", requires = "tls_cert")]
     pub tls_cluster_ca: Option<PathBuf>,
+    /// A backup (`s3://bucket/prefix` or `file:///dir`) a new store loads its
+    /// buckets from before it catches up and serves: how a cluster starts
+    /// from a backup (KvCluster `spec.bootstrap.fromBackup`). A store that
+    /// has caught up once never reads it.
+    #[arg(long, env = "KV_RESTORE_FROM")]
+    pub restore_from: Option<String>,
+    /// The S3-compatible server of --restore-from (`http(s)://host:port`).
+    /// With none of the --restore-s3-* settings, the AWS_* environment is read.
+    #[arg(long, env = "KV_RESTORE_S3_ENDPOINT", requires = "restore_from")]
+    pub restore_s3_endpoint: Option<String>,
+    /// The region of --restore-from's server.
+    #[arg(long, env = "KV_RESTORE_S3_REGION", requires = "restore_from")]
+    pub restore_s3_region: Option<String>,
+    /// The access key id for --restore-from.
+    #[arg(
+        long,
+        env = "KV_RESTORE_S3_ACCESS_KEY_ID",
+        hide_env_values = true,
+        requires = "restore_from"
+    )]
+    pub restore_s3_access_key_id: Option<String>,
+    /// The secret access key for --restore-from.
+    #[arg(
+        long,
+        env = "KV_RESTORE_S3_SECRET_ACCESS_KEY",
+        hide_env_values = true,
+        requires = "restore_from"
+    )]
+    pub restore_s3_secret_access_key: Option<String>,
     /// Log format.
     #[arg(long, env = "KV_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -188,6 +217,29 @@ pub struct Config {
     pub clock_offset_ms: i64,
     /// TLS on both ports and to peers; `None`: plaintext.
     pub tls: Option<Tls>,
+    /// The backup a new store loads before it catches up (`--restore-from`).
+    pub restore: Option<RestoreFrom>,
+}
+
+/// A backup to load a new store from, and how to reach it.
+#[derive(Clone)]
+pub struct RestoreFrom {
+    pub url: String,
+    /// `None`: S3 settings from the AWS_* environment.
+    pub s3: Option<kv_backup::target::S3Options>,
+}
+
+/// Without the credentials: a Config may be logged.
+impl std::fmt::Debug for RestoreFrom {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreFrom")
+            .field("url", &self.url)
+            .field(
+                "s3_endpoint",
+                &self.s3.as_ref().and_then(|s| s.endpoint.as_deref()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// Async worker threads for `cpus` available CPUs: the storage writer and the
@@ -265,6 +317,19 @@ impl Args {
             tombstone_grace: Duration::from_secs(self.tombstone_grace_secs),
             max_clock_skew: Duration::from_millis(self.max_clock_skew_ms.max(1)),
             clock_offset_ms: self.clock_offset_ms,
+            restore: self.restore_from.as_ref().map(|url| RestoreFrom {
+                url: url.clone(),
+                s3: (self.restore_s3_endpoint.is_some()
+                    || self.restore_s3_region.is_some()
+                    || self.restore_s3_access_key_id.is_some()
+                    || self.restore_s3_secret_access_key.is_some())
+                .then(|| kv_backup::target::S3Options {
+                    endpoint: self.restore_s3_endpoint.clone(),
+                    region: self.restore_s3_region.clone(),
+                    access_key_id: self.restore_s3_access_key_id.clone(),
+                    secret_access_key: self.restore_s3_secret_access_key.clone(),
+                }),
+            }),
             tls: match (&self.tls_cert, &self.tls_key, &self.tls_cluster_ca) {
                 (Some(cert), Some(key), Some(ca)) => Some(Tls::load(cert, key, ca)?),
                 _ => None,

@@ -27,6 +27,7 @@ pub mod node;
 pub mod peer;
 pub mod peer_api;
 pub mod process;
+pub mod restore;
 pub mod storage;
 pub mod sync;
 

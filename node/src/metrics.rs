@@ -38,6 +38,8 @@ pub struct Metrics {
     pub writes_reissued: IntCounter,
     pub create_conflicts: IntCounter,
     pub store_catching_up: IntGauge,
+    pub restore_records: IntCounter,
+    pub restore_failures: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -139,6 +141,14 @@ impl Metrics {
                 "kv_resync_progress",
                 "Progress of the current catch-up (0..1; 1 when idle)",
             )),
+            restore_records: counter(
+                "kv_restore_records_total",
+                "Records a new store stored from the backup it started from (--restore-from)",
+            ),
+            restore_failures: counter(
+                "kv_restore_failures_total",
+                "Failed loads of the backup a new store starts from; each is tried again",
+            ),
             resync_keys_moved: counter(
                 "kv_resync_keys_moved_total",
                 "Records applied by catch-up, rebalancing and anti-entropy",
@@ -199,6 +209,8 @@ impl Metrics {
         reg(Box::new(m.writes_reissued.clone()));
         reg(Box::new(m.create_conflicts.clone()));
         reg(Box::new(m.store_catching_up.clone()));
+        reg(Box::new(m.restore_records.clone()));
+        reg(Box::new(m.restore_failures.clone()));
         m.resync_progress.set(1.0);
         m
     }

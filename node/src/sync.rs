@@ -97,13 +97,54 @@ impl Node {
         let mut changed = self.cluster.subscribe();
         let every = self.config.anti_entropy_every;
         let mut last_ae = tokio::time::Instant::now();
+        // Whether this process loaded its buckets from --restore-from, and
+        // when it may try again after a failed load.
+        let mut restored = false;
+        let mut restore_retry = tokio::time::Instant::now();
         loop {
             let view = self.cluster.view();
             let epoch = view.topology.epoch;
             if self.cluster.synced_epoch() < epoch && self.cluster.confirmed() {
                 // a store that is new or rebuilt pulls every bucket it keeps
                 let full = self.store.catching_up();
-                match self.catch_up(&view).await {
+                // ... and in a cluster started from a backup, loads them
+                // from it first (a store that caught up once never does)
+                let loaded = match &self.config.restore {
+                    Some(from) if full && !restored => {
+                        if tokio::time::Instant::now() < restore_retry {
+                            false
+                        } else {
+                            match self.load_backup(from, &view).await {
+                                Ok(Some(l)) => {
+                                    restored = true;
+                                    self.metrics.restore_records.inc_by(l.stored);
+                                    tracing::info!(
+                                        buckets = l.buckets,
+                                        records = l.records,
+                                        stored = l.stored,
+                                        written_since = l.written_since,
+                                        "loaded this node's buckets from the backup; catching up with the peers"
+                                    );
+                                    true
+                                }
+                                Ok(None) => false,
+                                Err(e) => {
+                                    self.metrics.restore_failures.inc();
+                                    tracing::warn!(from = %from.url, error = %e, "cannot load the backup; the store stays catching up and tries again in 5 s");
+                                    restore_retry =
+                                        tokio::time::Instant::now() + Duration::from_secs(5);
+                                    false
+                                }
+                            }
+                        }
+                    }
+                    _ => true,
+                };
+                match if loaded {
+                    self.catch_up(&view).await
+                } else {
+                    Ok(false)
+                } {
                     Ok(true) => {
                         let mark = full && self.cluster.epoch() == epoch;
                         let recorded = if mark {
