@@ -851,12 +851,16 @@ step_backup() {
     return 0
   fi
   backup_checks "$endpoint" "$d" || rc=$?
+  # one restored cluster at a time on the platform's cores
+  kn delete kvc restored --wait=true --timeout=120s >/dev/null 2>&1 || { [ "$rc" != 0 ] || why "kubectl delete kvc restored"; rc=1; }
+  kn delete pvc data-restored-0 data-restored-1 data-restored-2 --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  if [ "$rc" = 0 ]; then bootstrap_checks "$endpoint" "$d" || rc=$?; fi
   platform_s3_stop "$d"
   kn patch kvc "$story_name" --type json -p '[{"op":"remove","path":"/spec/backup"}]' >/dev/null 2>&1 || true
   kn delete kvbackup story-backup story-backup-again --ignore-not-found --wait=false >/dev/null 2>&1 || true
   kn delete kvbackup -l "kvstore.dev/scheduled-for=$story_name" --wait=false >/dev/null 2>&1 || true
-  kn delete kvc restored --wait=true --timeout=120s >/dev/null 2>&1 || { [ "$rc" != 0 ] || why "kubectl delete kvc restored"; rc=1; }
-  kn delete pvc data-restored-0 data-restored-1 data-restored-2 --ignore-not-found --wait=false >/dev/null 2>&1 || true
+  kn delete kvc bootstrapped --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1 || { [ "$rc" != 0 ] || why "kubectl delete kvc bootstrapped"; rc=1; }
+  kn delete pvc data-bootstrapped-0 data-bootstrapped-1 data-bootstrapped-2 --ignore-not-found --wait=false >/dev/null 2>&1 || true
   return "$rc"
 }
 backup_field() { kn get kvbackup "$1" -o "jsonpath=$2"; }
@@ -877,6 +881,60 @@ restored_running() {
   [ "$(restored_field '{.status.phase}')" = Running ] || return 1
   states=$(restored_field '{range .status.nodes[*]}{.state}{"\n"}{end}') || return 1
   [ "$(grep -c . <<<"$states")" = 3 ] && [ "$(grep -c '^Up$' <<<"$states")" = 3 ]
+}
+bootstrapped_field() { kn get kvc bootstrapped -o "jsonpath=$1"; }
+bootstrapped_restored() {
+  [ "$(bootstrapped_field '{.status.bootstrap.phase}')" = Restored ] && [ "$(bootstrapped_field '{.status.phase}')" = Running ]
+}
+bootstrap_source_made() { kn get secret bootstrapped-bootstrap -o name >/dev/null 2>&1; }
+bootstrap_source_gone() { ! bootstrap_source_made; }
+# spec.bootstrap.fromBackup: a new KvCluster (another placement) whose nodes
+# load their buckets from the first backup before they serve; no kvctl
+# restore. Every write acknowledged before that backup began reads back.
+bootstrap_checks() {
+  local endpoint=$1 d=$2 url="s3://kv-backups/$story_name/first" out tok svc n lost=0 key val got started made sts_made
+  n=$(grep -c . "$d/before.acked")
+  started=$(date +%s)
+  kn apply -f - >/dev/null <<YAML || { why "kubectl apply of KvCluster bootstrapped"; return 1; }
+apiVersion: kvstore.dev/v1alpha1
+kind: KvCluster
+metadata: {name: bootstrapped}
+spec:
+  replicas: 3
+  image: $image_a
+  replication: {factor: 2}
+  storage: {size: 64Mi}
+  bootstrap:
+    fromBackup:
+      destination: $url
+      s3: {endpoint: "$endpoint", region: us-east-1, credentialsSecret: backup-s3}
+$(platform_extra_spec)
+YAML
+  # the source is there for the nodes before any of them can start
+  wait_for 30 "Secret bootstrapped-bootstrap made" bootstrap_source_made || return 1
+  made=$(kn get secret bootstrapped-bootstrap -o jsonpath='{.metadata.creationTimestamp}')
+  sts_made=$(kn get sts bootstrapped -o jsonpath='{.metadata.creationTimestamp}' 2>/dev/null || true)
+  if [ -n "$sts_made" ] && [[ "$sts_made" < "$made" ]]; then
+    why "StatefulSet bootstrapped made at $sts_made, before its source Secret ($made)"; return 1
+  fi
+  wait_for "$story_wait" "KvCluster bootstrapped Restored and Running" bootstrapped_restored \
+    || { why "bootstrapped: phase $(bootstrapped_field '{.status.phase}'), bootstrap $(bootstrapped_field '{.status.bootstrap}')"; return 1; }
+  say "  bootstrapped: Restored $(( $(date +%s) - started )) s after kubectl apply (finishedAt $(bootstrapped_field '{.status.bootstrap.finishedAt}'))"
+  wait_for 60 "Secret bootstrapped-bootstrap deleted once restored" bootstrap_source_gone || return 1
+  tok=$(kn get secret bootstrapped-auth -o jsonpath='{.data.token}' | base64 -d)
+  svc=$(story_name=bootstrapped platform_service_url)
+  while read -r key val; do
+    got=$(KV_TOKEN=$tok platform_kvctl --timeout 5 --endpoint "$svc" --consistency quorum get "$key" 2>&1) || got="ERROR $got"
+    if [ "$got" != "$val" ]; then lost=$((lost + 1)); [ "$lost" -le 3 ] && say "  $key=$val reads '$got' in bootstrapped"; fi
+  done < "$d/before.acked"
+  [ "$lost" = 0 ] || { why "$lost of $n writes acknowledged before the backup are missing from the bootstrapped cluster"; return 1; }
+  out=$(KV_TOKEN=$tok platform_kvctl --endpoint "$svc" verify 2>&1) || { why "kvctl verify of bootstrapped: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; return 1; }
+  say "  all $n writes acknowledged before the backup read back in bootstrapped at Quorum; verify: $(tail -n 1 <<<"$out")"
+  if out=$(kn patch kvc bootstrapped --type merge -p '{"spec":{"bootstrap":{"fromBackup":{"destination":"s3://kv-backups/elsewhere"}}}}' 2>&1); then
+    why "a change of spec.bootstrap was accepted: $out"; return 1
+  fi
+  grep -q "cannot change" <<<"$out" || { why "spec.bootstrap change refused for another reason: $out"; return 1; }
+  say "  a change of spec.bootstrap refused by the API server"
 }
 backup_checks() {
   local endpoint=$1 d=$2 url="s3://kv-backups/$story_name/first" out records phase n lost=0 key val got old

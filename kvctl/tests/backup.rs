@@ -602,7 +602,10 @@ fn a_new_cluster_started_from_a_backup_loads_it_on_every_node_before_serving() {
     // Every record went to both owners of its bucket from the backup, not
     // from a peer (more only if a placement changed during a load).
     let stored = nodes_counter(&b, "kv_restore_records_total");
-    assert!(stored >= (2 * records) as f64, "{stored} copies stored from the backup");
+    assert!(
+        stored >= (2 * records) as f64,
+        "{stored} copies stored from the backup"
+    );
     assert_eq!(nodes_counter(&b, "kv_restore_failures_total"), 0.0);
     let gone: std::collections::HashSet<&String> = deleted.into_iter().collect();
     let wrong: Vec<String> = par(&data, 8, |(k, v)| {

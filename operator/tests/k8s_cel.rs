@@ -56,8 +56,8 @@ fn every_cel_rule_of_the_crd_compiles_and_fits_the_cost_budget() {
         }
     }
     assert_eq!(
-        rules, 4,
-        "factor <= replicas, failed ordinals in range, immutable storage class, tls.secretName with Provided"
+        rules, 6,
+        "factor <= replicas, failed ordinals in range, immutable storage class, tls.secretName with Provided, immutable bootstrap, bootstrap destination"
     );
 }
 
@@ -176,4 +176,43 @@ fn a_tls_secret_name_is_given_exactly_with_the_provided_mode() {
             "tls {bad}: {err}"
         );
     }
+}
+
+#[test]
+fn bootstrap_is_given_at_creation_and_never_changes() {
+    let schema = schema();
+    let plain = yaml("deploy/examples/minimal.yaml");
+    let mut restored = plain.clone();
+    restored["spec"]["bootstrap"] =
+        serde_json::json!({"fromBackup": {"destination": "s3://backups/demo"}});
+    assert!(
+        Validator::new().validate(&schema, &restored, None).is_ok(),
+        "a new KvCluster started from a backup"
+    );
+    let mut scaled = restored.clone();
+    scaled["spec"]["replicas"] = 5.into();
+    assert!(
+        Validator::new()
+            .validate(&schema, &scaled, Some(&restored))
+            .is_ok(),
+        "other fields still change"
+    );
+    let mut elsewhere = restored.clone();
+    elsewhere["spec"]["bootstrap"]["fromBackup"]["destination"] = "s3://backups/other".into();
+    for (new, old) in [
+        (&restored, &plain),
+        (&plain, &restored),
+        (&elsewhere, &restored),
+    ] {
+        let err = Validator::new()
+            .validate(&schema, new, Some(old))
+            .expect_err("bootstrap added, removed or changed");
+        assert!(err.to_string().contains("cannot change"), "{err}");
+    }
+    let mut bad = plain.clone();
+    bad["spec"]["bootstrap"] = serde_json::json!({"fromBackup": {"destination": "http://x/y/z"}});
+    let err = Validator::new()
+        .validate(&schema, &bad, None)
+        .expect_err("not s3:// nor file:///");
+    assert!(err.to_string().contains("s3://bucket/prefix"), "{err}");
 }

@@ -3470,3 +3470,144 @@ async fn a_certificate_with_less_than_a_third_of_its_validity_left_is_replaced_i
         None
     );
 }
+
+fn bootstrap_secret() -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "demo-bootstrap", "namespace": "ns"},
+           "data": {"KV_RESTORE_FROM": "ZmlsZTovLy9i"}})
+}
+
+#[tokio::test]
+async fn a_cluster_started_from_a_backup_hands_the_source_to_its_nodes_before_any_starts() {
+    let kvc = cluster(
+        "{bootstrap: {fromBackup: {destination: 's3://backups/demo', s3: {endpoint: 'http://127.0.0.1:9000', credentialsSecret: creds}}}}",
+    );
+    let (_, seen) = run(
+        kvc.clone(),
+        vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                |_| not_found(),
+            ),
+            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/pods"), |_| {
+                (StatusCode::OK, pod_list(vec![]))
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                not_found()
+            }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| not_found(),
+            ),
+            call(Method::GET, &format!("{NS}/secrets/demo-bootstrap"), |_| {
+                not_found()
+            }),
+            call(Method::GET, &format!("{NS}/secrets/creds"), |_| {
+                (
+                    StatusCode::OK,
+                    json!({"apiVersion": "v1", "kind": "Secret",
+                           "metadata": {"name": "creds", "namespace": "ns"},
+                           // "AKID" and "s3cret"
+                           "data": {"accessKeyId": "QUtJRA==", "secretAccessKey": "czNjcmV0"}}),
+                )
+            }),
+            call(Method::POST, &format!("{NS}/secrets"), echo),
+            call(Method::POST, &format!("{NS}/secrets"), echo),
+            call(Method::POST, &format!("{NS}/secrets"), echo),
+            call(Method::POST, &format!("{NS}/configmaps"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{KVC}/demo/status"),
+                status_answer(kvc.clone()),
+            ),
+        ],
+    )
+    .await;
+    // The source first, then the tokens; the StatefulSet comes later.
+    let source = &seen[7].body;
+    assert_eq!(source["metadata"]["name"], "demo-bootstrap");
+    assert_eq!(
+        source["metadata"]["ownerReferences"][0]["uid"], "uid-1",
+        "owned: deleted with the cluster"
+    );
+    let data = |k: &str| {
+        let bytes: k8s_openapi::ByteString = serde_json::from_value(source["data"][k].clone())
+            .unwrap_or_else(|e| panic!("{k}: {e}"));
+        String::from_utf8(bytes.0).expect("utf8")
+    };
+    assert_eq!(data("KV_RESTORE_FROM"), "s3://backups/demo");
+    assert_eq!(data("KV_RESTORE_S3_ENDPOINT"), "http://127.0.0.1:9000");
+    assert_eq!(data("KV_RESTORE_S3_ACCESS_KEY_ID"), "AKID");
+    assert_eq!(data("KV_RESTORE_S3_SECRET_ACCESS_KEY"), "s3cret");
+    let container = &seen[13].body["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["envFrom"],
+        json!([{"secretRef": {"name": "demo-bootstrap", "optional": true}}]),
+        "read while it exists; a pod started after the restore finds none"
+    );
+    let status = &seen[16].body["status"];
+    assert_eq!(status["bootstrap"]["phase"], "Restoring");
+    assert_eq!(status["bootstrap"]["source"], "s3://backups/demo");
+}
+
+#[tokio::test]
+async fn a_cluster_started_from_a_backup_is_restored_once_every_node_is_up_and_the_source_goes() {
+    let mut kvc = cluster("{bootstrap: {fromBackup: {destination: 'file:///backups/demo'}}}");
+    let current = topology(&kvc, 1, &[NodeState::Up; 3]);
+    kvc.status = Some(KvClusterStatus {
+        topology_epoch: 1,
+        accepted_spec: Some(AcceptedSpec::of(&kvc)),
+        bootstrap: Some(
+            serde_json::from_value(json!({"phase": "Restoring", "source": "file:///backups/demo"}))
+                .expect("status"),
+        ),
+        ..KvClusterStatus::default()
+    });
+    let mut calls = reconcile_calls(&kvc, &current, 3, true);
+    calls.insert(
+        5,
+        call(Method::GET, &format!("{NS}/secrets/demo-bootstrap"), |_| {
+            (StatusCode::OK, bootstrap_secret())
+        }),
+    );
+    let (_, seen) = run(kvc.clone(), calls).await;
+    let event = &seen[seen.len() - 2].body;
+    assert_eq!(event["reason"], "Restored", "{event}");
+    let status = &seen[seen.len() - 1].body["status"];
+    assert_eq!(status["phase"], "Running");
+    assert_eq!(status["bootstrap"]["phase"], "Restored", "{status}");
+    assert!(status["bootstrap"]["finishedAt"].is_string());
+
+    // The next reconcile deletes the source: a volume replaced from now on
+    // is caught up from the peers, never from the backup.
+    kvc.status = Some(serde_json::from_value(status.clone()).expect("status"));
+    let mut calls = reconcile_calls(&kvc, &current, 3, false);
+    calls.insert(
+        5,
+        call(
+            Method::DELETE,
+            &format!("{NS}/secrets/demo-bootstrap"),
+            |_| (StatusCode::OK, bootstrap_secret()),
+        ),
+    );
+    let (_, seen) = run(kvc.clone(), calls).await;
+    let status = &seen[seen.len() - 1].body["status"];
+    assert_eq!(status["bootstrap"]["phase"], "Restored");
+}

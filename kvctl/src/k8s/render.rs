@@ -70,6 +70,20 @@ pub fn render_nodes(kvc: &KvCluster) -> String {
     if let Some(r) = &status.last_restart {
         let _ = writeln!(out, "{}", restart_line(r));
     }
+    if let Some(b) = &status.bootstrap {
+        let _ = writeln!(
+            out,
+            "bootstrap from {}: {:?}{}{}",
+            b.source,
+            b.phase,
+            b.finished_at
+                .as_ref()
+                .map_or(String::new(), |at| format!(" at {at}")),
+            b.message
+                .as_ref()
+                .map_or(String::new(), |m| format!(" ({m})"))
+        );
+    }
     if !status.conditions.is_empty() {
         let cells: Vec<Vec<String>> = status
             .conditions
@@ -140,6 +154,7 @@ pub fn nodes_json(kvc: &KvCluster) -> Value {
         "observedGeneration": status.observed_generation,
         "conditions": status.conditions,
         "lastRestart": status.last_restart,
+        "bootstrap": status.bootstrap,
     });
     if let (Some(fields), Value::Object(extra)) = (out.as_object_mut(), extra) {
         fields.extend(extra);

@@ -28,6 +28,7 @@ fn cluster(spec_yaml: &str, states: &[NodeState]) -> KvCluster {
         conditions: vec![],
         accepted_spec: None,
         last_restart: None,
+        bootstrap: None,
     });
     kvc
 }
@@ -445,4 +446,22 @@ fn nodes_show_the_last_restart_in_progress_and_finished() {
         "{}",
         render_nodes(&kvc)
     );
+}
+
+#[test]
+fn nodes_show_a_start_from_a_backup() {
+    let mut kvc = cluster("{replicas: 3}", &UP3);
+    let status = kvc.status.as_mut().expect("status");
+    status.bootstrap = Some(kv_operator::k8s::bootstrap::BootstrapStatus {
+        phase: kv_operator::k8s::bootstrap::BootstrapPhase::Restored,
+        source: "s3://b/p".into(),
+        message: None,
+        finished_at: Some("2026-12-04T10:00:00Z".into()),
+    });
+    let text = render_nodes(&kvc);
+    assert!(
+        text.contains("bootstrap from s3://b/p: Restored at 2026-12-04T10:00:00Z\n"),
+        "{text}"
+    );
+    assert_eq!(nodes_json(&kvc)["bootstrap"]["phase"], "Restored");
 }

@@ -50,6 +50,7 @@ use kv_core::{NodeState, Topology};
 use serde::Serialize;
 use tracing::{info, warn};
 
+use super::bootstrap;
 use super::crd::{
     AcceptedSpec, Condition, FORCE_FAULT_INJECTION, KvCluster, KvClusterStatus, NodeStatus, Phase,
     TlsMode,
@@ -600,6 +601,12 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
 
     // Apply.
     let mut problems = Vec::new();
+    // Before the StatefulSet: no node of a cluster started from a backup
+    // may start without the source.
+    let bootstrap_problem = bootstrap::prepare(kvc, &secrets, previous.bootstrap.as_ref()).await?;
+    if let Some(p) = &bootstrap_problem {
+        problems.push(("BootstrapSourceUnusable", p.clone()));
+    }
     if kvc.spec.auth_secret_name.is_none() {
         if secret.is_none() {
             let s = objects::auth_secret(kvc, &objects::random_token());
@@ -821,6 +828,37 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
     if status.phase == Some(Phase::Running) && status.nodes.iter().any(|n| n.state != NodeState::Up)
     {
         status.phase = Some(Phase::Degraded);
+    }
+    status.bootstrap = bootstrap::status(
+        kvc,
+        previous.bootstrap.as_ref(),
+        bootstrap_problem,
+        status.phase.unwrap_or(decision.phase),
+        status
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Up)
+            .count(),
+        &now.to_string(),
+    );
+    if status.bootstrap.as_ref().map(|b| b.phase) == Some(bootstrap::BootstrapPhase::Restored)
+        && previous.bootstrap.as_ref().map(|b| b.phase) != Some(bootstrap::BootstrapPhase::Restored)
+    {
+        publish(
+            ctx,
+            kvc,
+            EventType::Normal,
+            "Restored",
+            "Bootstrap",
+            &format!(
+                "every node loaded its buckets from {} and is Up",
+                kvc.spec
+                    .bootstrap
+                    .as_ref()
+                    .map_or("", |b| b.from_backup.destination.as_str())
+            ),
+        )
+        .await;
     }
     let generation = kvc.meta().generation;
     status.conditions = match &refused {

@@ -76,6 +76,12 @@ pub const MAX_REPLICAS: u32 = kv_core::MAX_NODES as u32;
 #[x_kube(validation = Rule::new(
     "!has(self.tls) || has(self.tls.secretName) == (has(self.tls.mode) && self.tls.mode == 'Provided')"
 ).message("tls.secretName is given exactly when tls.mode is Provided").field_path(".tls.secretName"))]
+#[x_kube(validation = Rule::new(
+    "has(self.bootstrap) == has(oldSelf.bootstrap) && (!has(self.bootstrap) || self.bootstrap == oldSelf.bootstrap)"
+).message("bootstrap is given when the KvCluster is created and cannot change: create another KvCluster").field_path(".bootstrap"))]
+#[x_kube(validation = Rule::new(
+    "!has(self.bootstrap) || self.bootstrap.fromBackup.destination.startsWith('s3://') || self.bootstrap.fromBackup.destination.startsWith('file:///')"
+).message("bootstrap.fromBackup.destination is s3://bucket/prefix or file:///absolute/dir").field_path(".bootstrap.fromBackup.destination"))]
 #[serde(rename_all = "camelCase")]
 pub struct KvClusterSpec {
     /// Number of kvstore nodes (pods of the StatefulSet, ordinals 0..replicas).
@@ -178,6 +184,12 @@ pub struct KvClusterSpec {
     /// expression.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<super::backup::BackupSchedule>,
+
+    /// How a new cluster starts: from a backup, each node loading the
+    /// buckets it keeps before it serves. Given when the KvCluster is
+    /// created; it cannot be added, changed or removed afterwards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<super::bootstrap::Bootstrap>,
 }
 
 /// How the nodes get their certificates.
@@ -460,6 +472,10 @@ pub struct KvClusterStatus {
     /// nothing again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart: Option<RestartStatus>,
+    /// A cluster started from a backup (`spec.bootstrap`): Restoring until
+    /// every node has loaded its buckets and been Up, then Restored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bootstrap: Option<super::bootstrap::BootstrapStatus>,
 }
 
 /// The annotation that asks kv-operator for a rolling restart: any new
@@ -581,6 +597,7 @@ impl Default for KvClusterSpec {
             hibernation: false,
             tls: TlsSettings::default(),
             backup: None,
+            bootstrap: None,
         }
     }
 }

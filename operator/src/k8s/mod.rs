@@ -11,9 +11,11 @@
 //! claims when `spec.storage.size` grows, [`metrics`] counts what it did, and [`run`] wires it
 //! to the API server behind leader election. [`render`] prints the owned
 //! objects offline for review and schema validation. [`backup`] is the
-//! `KvBackup` resource and its own small controller.
+//! `KvBackup` resource and its own small controller; [`bootstrap`] starts a
+//! new cluster from a backup.
 
 pub mod backup;
+pub mod bootstrap;
 pub mod controller;
 pub mod crd;
 pub mod events;

@@ -21,10 +21,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm, PodAntiAffinity,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
-    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
+    EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, Secret,
+    SecretEnvSource, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec,
     TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
     WeightedPodAffinityTerm,
 };
@@ -245,6 +245,17 @@ pub fn statefulset(kvc: &KvCluster, pods: u32) -> StatefulSet {
             }),
             ..EnvVar::default()
         }]),
+        // A cluster started from a backup: the source, while it restores
+        // (the Secret is deleted once it has; see `bootstrap`).
+        env_from: spec.bootstrap.as_ref().map(|_| {
+            vec![EnvFromSource {
+                secret_ref: Some(SecretEnvSource {
+                    name: super::bootstrap::secret_name(kvc),
+                    optional: Some(true),
+                }),
+                ..EnvFromSource::default()
+            }]
+        }),
         ports: Some(vec![
             ContainerPort {
                 name: Some("client".to_string()),

@@ -447,6 +447,7 @@ pub(super) fn status_of(
             .collect(),
         accepted_spec: previous.accepted_spec.clone(),
         last_restart: previous.last_restart.clone(),
+        bootstrap: previous.bootstrap.clone(),
         conditions: conditions_of(
             kvc,
             &previous.conditions,
