@@ -851,10 +851,9 @@ step_backup() {
     return 0
   fi
   backup_checks "$endpoint" "$d" || rc=$?
-  # one restored cluster at a time on the platform's cores
-  kn delete kvc restored --wait=true --timeout=120s >/dev/null 2>&1 || { [ "$rc" != 0 ] || why "kubectl delete kvc restored"; rc=1; }
-  kn delete pvc data-restored-0 data-restored-1 data-restored-2 --ignore-not-found --wait=false >/dev/null 2>&1 || true
   if [ "$rc" = 0 ]; then bootstrap_checks "$endpoint" "$d" || rc=$?; fi
+  kn delete kvc restored --ignore-not-found --wait=true --timeout=120s >/dev/null 2>&1 || { [ "$rc" != 0 ] || why "kubectl delete kvc restored"; rc=1; }
+  kn delete pvc data-restored-0 data-restored-1 data-restored-2 --ignore-not-found --wait=false >/dev/null 2>&1 || true
   platform_s3_stop "$d"
   kn patch kvc "$story_name" --type json -p '[{"op":"remove","path":"/spec/backup"}]' >/dev/null 2>&1 || true
   kn delete kvbackup story-backup story-backup-again --ignore-not-found --wait=false >/dev/null 2>&1 || true
@@ -888,28 +887,26 @@ bootstrapped_restored() {
 }
 bootstrap_source_made() { kn get secret bootstrapped-bootstrap -o name >/dev/null 2>&1; }
 bootstrap_source_gone() { ! bootstrap_source_made; }
-# spec.bootstrap.fromBackup: a new KvCluster (another placement) whose nodes
-# load their buckets from the first backup before they serve; no kvctl
-# restore. Every write acknowledged before that backup began reads back.
+# spec.bootstrap.fromBackup: `kvctl restore --cluster bootstrapped --like
+# restored` makes a new KvCluster (restored's spec: factor 2) whose nodes load
+# their buckets from the first backup before they serve; nothing is pushed
+# into it. Every write acknowledged before that backup began reads back.
 bootstrap_checks() {
   local endpoint=$1 d=$2 url="s3://kv-backups/$story_name/first" out tok svc n lost=0 key val got started made sts_made
   n=$(grep -c . "$d/before.acked")
   started=$(date +%s)
-  kn apply -f - >/dev/null <<YAML || { why "kubectl apply of KvCluster bootstrapped"; return 1; }
-apiVersion: kvstore.dev/v1alpha1
-kind: KvCluster
-metadata: {name: bootstrapped}
-spec:
-  replicas: 3
-  image: $image_a
-  replication: {factor: 2}
-  storage: {size: 64Mi}
-  bootstrap:
-    fromBackup:
-      destination: $url
-      s3: {endpoint: "$endpoint", region: us-east-1, credentialsSecret: backup-s3}
-$(platform_extra_spec)
-YAML
+  out=$(platform_kvctl restore --cluster bootstrapped -n "$ns" --like restored --from "$url" \
+    --s3-endpoint "$endpoint" --s3-region us-east-1 --s3-credentials-secret backup-s3 --no-wait 2>&1) \
+    || { why "kvctl restore --cluster bootstrapped: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; return 1; }
+  [ "$(bootstrapped_field '{.spec.bootstrap.fromBackup.destination}')" = "$url" ] \
+    || { why "KvCluster bootstrapped has no spec.bootstrap.fromBackup of $url: $(bootstrapped_field '{.spec}')"; return 1; }
+  # a KvCluster of that name now exists: a second restore is refused
+  if out=$(platform_kvctl restore --cluster bootstrapped -n "$ns" --from "$url" --no-wait 2>&1); then
+    why "a second kvctl restore --cluster bootstrapped succeeded: $out"; return 1
+  fi
+  grep -q "already exists" <<<"$out" || { why "the second restore failed for another reason: $out"; return 1; }
+  # one restoring cluster at a time on the platform's cores
+  kn delete kvc restored --wait=true --timeout=120s >/dev/null 2>&1 || { why "kubectl delete kvc restored"; return 1; }
   # the source is there for the nodes before any of them can start
   wait_for 30 "Secret bootstrapped-bootstrap made" bootstrap_source_made || return 1
   made=$(kn get secret bootstrapped-bootstrap -o jsonpath='{.metadata.creationTimestamp}')

@@ -285,16 +285,24 @@ pub enum Command {
     },
     /// Restore a backup into a new, empty cluster with the records' original
     /// versions, then check every bucket's digest against the manifest.
+    ///
+    /// With --cluster NAME: a new KvCluster NAME started from the backup
+    /// (spec.bootstrap.fromBackup: each node loads its buckets before it
+    /// serves), and the wait until its status says Restored.
     Restore {
         /// Where the backup is: file:///absolute/dir or s3://bucket/prefix.
         #[arg(long, value_name = "URL")]
         from: String,
         /// Apply even where the cluster already holds other data (the
         /// newest version of each key wins; the digest check then fails).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "cluster")]
         force: bool,
         #[command(flatten)]
         access: ClusterAccess,
+        #[command(flatten)]
+        on_cluster: RestoreOnCluster,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Load generator against kvstore, etcd or Redis.
     Bench(BenchArgs),
@@ -381,7 +389,21 @@ pub struct BackupOnCluster {
     /// The KvBackup's name (default: the cluster's name and the UTC time).
     #[arg(long, value_name = "NAME", requires = "cluster")]
     pub backup_name: Option<String>,
-    /// The S3-compatible server kv-operator writes to (default: AWS).
+    #[command(flatten)]
+    pub s3: S3OnCluster,
+    /// Return once the KvBackup is created.
+    #[arg(long, requires = "cluster")]
+    pub no_wait: bool,
+    /// Seconds to wait for the backup to complete or fail.
+    #[arg(long, default_value_t = 600.0, value_parser = parse_wait, conflicts_with = "no_wait")]
+    pub backup_timeout: f64,
+}
+
+/// How kv-operator (a KvBackup) or the nodes (a restore) reach an s3://
+/// location on Kubernetes.
+#[derive(Debug, Clone, Default, Args)]
+pub struct S3OnCluster {
+    /// The S3-compatible server (default: AWS).
     #[arg(long, value_name = "URL", requires = "cluster")]
     pub s3_endpoint: Option<String>,
     /// The S3 region.
@@ -391,12 +413,34 @@ pub struct BackupOnCluster {
     /// secretAccessKey.
     #[arg(long, value_name = "SECRET", requires = "cluster")]
     pub s3_credentials_secret: Option<String>,
-    /// Return once the KvBackup is created.
+}
+
+/// `restore --cluster`: the new KvCluster's spec, S3 settings and the wait.
+#[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "Kubernetes (restore --cluster)")]
+pub struct RestoreOnCluster {
+    /// Take the new KvCluster's spec (image, storage, resources,
+    /// replication, TLS mode...) from this one in the same namespace; not
+    /// its schedule of backups, held-down nodes, hibernation or Secrets.
+    #[arg(long, value_name = "KVCLUSTER", requires = "cluster")]
+    pub like: Option<String>,
+    /// Number of nodes (default 3, or --like's).
+    #[arg(long, requires = "cluster", value_parser = clap::value_parser!(u32).range(1..=128))]
+    pub nodes: Option<u32>,
+    /// Placement strategy (default full, or --like's).
+    #[arg(long, value_enum, requires = "cluster")]
+    pub strategy: Option<StrategyArg>,
+    /// Owners of each key with consistent-hashing.
+    #[arg(long, requires = "cluster", value_parser = clap::value_parser!(u32).range(1..))]
+    pub replication_factor: Option<u32>,
+    #[command(flatten)]
+    pub s3: S3OnCluster,
+    /// Return once the KvCluster is created.
     #[arg(long, requires = "cluster")]
     pub no_wait: bool,
-    /// Seconds to wait for the backup to complete or fail.
+    /// Seconds to wait for every node to have loaded the backup.
     #[arg(long, default_value_t = 600.0, value_parser = parse_wait, conflicts_with = "no_wait")]
-    pub backup_timeout: f64,
+    pub restore_timeout: f64,
 }
 
 /// `--follow` / `--tail N` of `logs`.

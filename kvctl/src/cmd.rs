@@ -58,6 +58,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             kube,
             ..
         } => Some((Kube::Backup(to, on_cluster), kube)),
+        Command::Restore {
+            from,
+            on_cluster,
+            kube,
+            ..
+        } => Some((Kube::Restore(from, on_cluster), kube)),
         _ => None,
     };
     if let Some((
@@ -162,6 +168,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             from,
             force,
             access,
+            ..
         } => {
             let reach = crate::cmd_backup::Reach {
                 endpoint: &cli.endpoint,
@@ -203,6 +210,7 @@ enum Kube<'a> {
     RotateToken(TokenArg, f64),
     Logs(u32, &'a LogArgs),
     Backup(&'a str, &'a kvctl::cli::BackupOnCluster),
+    Restore(&'a str, &'a kvctl::cli::RestoreOnCluster),
     Nodes,
 }
 
@@ -268,6 +276,9 @@ async fn kube_cmd(
             }
         }
         Kube::Backup(to, on) => return backup_on_cluster(&target, to, on, timeout, json_out).await,
+        Kube::Restore(from, on) => {
+            return restore_on_cluster(&target, from, on, timeout, json_out).await;
+        }
         Kube::Restart(wait) => {
             let at = kv_operator::k8s::restart::request_now();
             let outcome = target.within(timeout, target.restart(&at)).await?;
@@ -287,14 +298,8 @@ async fn backup_on_cluster(
     timeout: Duration,
     json_out: bool,
 ) -> Result<ExitCode> {
-    use kv_operator::k8s::backup::{BackupPhase, S3Settings};
-    let s3 =
-        (on.s3_endpoint.is_some() || on.s3_region.is_some() || on.s3_credentials_secret.is_some())
-            .then(|| S3Settings {
-                endpoint: on.s3_endpoint.clone(),
-                region: on.s3_region.clone(),
-                credentials_secret: on.s3_credentials_secret.clone(),
-            });
+    use kv_operator::k8s::backup::BackupPhase;
+    let s3 = s3_settings(&on.s3);
     let req = k8s::BackupRequest {
         name: on.backup_name.clone(),
         destination: to.to_string(),
@@ -326,6 +331,67 @@ async fn backup_on_cluster(
             "KvBackup {name} has not finished after {} s; `kubectl get kvbackup {name}` shows it",
             on.backup_timeout
         )),
+    }
+}
+
+/// The `--s3-*` flags as a KvBackup's or a bootstrap's `s3`.
+fn s3_settings(s3: &kvctl::cli::S3OnCluster) -> Option<kv_operator::k8s::backup::S3Settings> {
+    (s3.s3_endpoint.is_some() || s3.s3_region.is_some() || s3.s3_credentials_secret.is_some()).then(
+        || kv_operator::k8s::backup::S3Settings {
+            endpoint: s3.s3_endpoint.clone(),
+            region: s3.s3_region.clone(),
+            credentials_secret: s3.s3_credentials_secret.clone(),
+        },
+    )
+}
+
+/// `restore --cluster NAME --from URL`: a new KvCluster started from the
+/// backup, and (unless --no-wait) the wait until every node has loaded it;
+/// one not Restored at the bound is an error.
+async fn restore_on_cluster(
+    target: &Target,
+    from: &str,
+    on: &kvctl::cli::RestoreOnCluster,
+    timeout: Duration,
+    json_out: bool,
+) -> Result<ExitCode> {
+    kv_backup::target::parse(from).with_context(|| format!("--from {from}"))?;
+    let req = k8s::RestoreRequest {
+        from: from.to_string(),
+        s3: s3_settings(&on.s3),
+        like: None,
+        like_name: on.like.clone(),
+        replicas: on.nodes,
+        strategy: on.strategy.map(|s| match s {
+            kvctl::cli::StrategyArg::Full => kv_core::Strategy::Full,
+            kvctl::cli::StrategyArg::ConsistentHashing => kv_core::Strategy::ConsistentHashing,
+        }),
+        factor: on.replication_factor,
+    };
+    let created = target.within(timeout, target.create_restored(&req)).await?;
+    let name = target.name();
+    let kvc = if on.no_wait {
+        created
+    } else {
+        if !json_out {
+            eprintln!("KvCluster {name} created from {from}; waiting for every node to load it");
+        }
+        target
+            .wait_restored(Duration::from_secs_f64(on.restore_timeout), timeout)
+            .await?
+    };
+    if json_out {
+        print_json(&serde_json::to_value(&kvc)?)?;
+    } else {
+        write_stdout(k8s::render_restore(&kvc).as_bytes())?;
+    }
+    if on.no_wait || k8s::restored(&kvc) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(anyhow!(
+            "KvCluster {name} has not finished restoring after {} s; `kvctl nodes --cluster {name}` shows it",
+            on.restore_timeout
+        ))
     }
 }
 

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use clap::{Parser, Subcommand};
 
 use crate::cli::{
-    BackupOnCluster, Cli, ClusterAccess, Command, KubeArgs, LogArgs, Output, TokenArg, WaitArgs,
-    parse_timeout,
+    BackupOnCluster, Cli, ClusterAccess, Command, KubeArgs, LogArgs, Output, RestoreOnCluster,
+    TokenArg, WaitArgs, parse_timeout,
 };
 
 /// The executable name kubectl looks for on PATH for `kubectl kv`.
@@ -124,6 +124,19 @@ pub enum PluginCommand {
         #[command(flatten)]
         on_cluster: BackupOnCluster,
     },
+    /// A new KvCluster started from a backup (spec.bootstrap.fromBackup):
+    /// every node loads its buckets before it serves; returns once it is
+    /// Restored.
+    Restore {
+        /// The new KvCluster's name.
+        cluster: String,
+        /// Where the backup is: s3://bucket/prefix, or file:///dir every
+        /// node's pod can read.
+        #[arg(long, value_name = "URL")]
+        from: String,
+        #[command(flatten)]
+        on_cluster: RestoreOnCluster,
+    },
     /// A node's log (the kv-node container of its pod).
     Logs {
         /// The KvCluster.
@@ -187,6 +200,17 @@ impl PluginCli {
                 on_cluster,
             } => Command::Backup {
                 to,
+                access: ClusterAccess::default(),
+                on_cluster,
+                kube: kube(cluster),
+            },
+            PluginCommand::Restore {
+                cluster,
+                from,
+                on_cluster,
+            } => Command::Restore {
+                from,
+                force: false,
                 access: ClusterAccess::default(),
                 on_cluster,
                 kube: kube(cluster),
@@ -352,13 +376,66 @@ mod tests {
         assert_eq!(to, "s3://b/nightly");
         assert_eq!(kube.cluster.as_deref(), Some("demo"));
         assert_eq!(kube.namespace.as_deref(), Some("prod"));
-        assert_eq!(on_cluster.s3_endpoint.as_deref(), Some("http://s3:9000"));
-        assert_eq!(on_cluster.s3_credentials_secret.as_deref(), Some("creds"));
+        assert_eq!(on_cluster.s3.s3_endpoint.as_deref(), Some("http://s3:9000"));
+        assert_eq!(
+            on_cluster.s3.s3_credentials_secret.as_deref(),
+            Some("creds")
+        );
         assert!(on_cluster.no_wait);
         assert!(
             PluginCli::try_parse_from(["kubectl kv", "backup", "demo"]).is_err(),
             "a backup without --to was accepted"
         );
+    }
+
+    #[test]
+    fn plugin_restore_is_kvctl_restore_of_a_new_cluster_with_its_flags() {
+        let p = PluginCli::try_parse_from([
+            "kubectl kv",
+            "restore",
+            "copy",
+            "--from",
+            "s3://b/nightly/x",
+            "--like",
+            "prod",
+            "--nodes",
+            "5",
+            "--s3-credentials-secret",
+            "creds",
+        ])
+        .expect("parses");
+        let Command::Restore {
+            from,
+            force,
+            on_cluster,
+            kube,
+            ..
+        } = p.into_cli().command
+        else {
+            panic!("not a restore");
+        };
+        assert_eq!(from, "s3://b/nightly/x");
+        assert!(!force);
+        assert_eq!(kube.cluster.as_deref(), Some("copy"));
+        assert_eq!(on_cluster.like.as_deref(), Some("prod"));
+        assert_eq!(on_cluster.nodes, Some(5));
+        assert_eq!(
+            on_cluster.s3.s3_credentials_secret.as_deref(),
+            Some("creds")
+        );
+        // the local restore's --force means nothing for a new cluster
+        let bad = Cli::try_parse_from([
+            "kvctl",
+            "restore",
+            "--from",
+            "file:///b",
+            "--cluster",
+            "copy",
+            "--force",
+        ]);
+        assert!(bad.is_err(), "--force with --cluster was accepted");
+        let bad = Cli::try_parse_from(["kvctl", "restore", "--from", "file:///b", "--nodes", "5"]);
+        assert!(bad.is_err(), "--nodes without --cluster was accepted");
     }
 
     #[test]

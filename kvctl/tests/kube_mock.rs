@@ -119,9 +119,15 @@ where
                 .await
                 .unwrap_or_else(|| panic!("call {i} never made; expected calls: {expected:?}"));
             let (parts, body) = request.into_parts();
+            // a create goes to the collection
+            let path = if c.method == Method::POST {
+                PATH.trim_end_matches("/demo")
+            } else {
+                PATH
+            };
             assert_eq!(
                 (parts.method.clone(), parts.uri.path()),
-                (c.method.clone(), PATH),
+                (c.method.clone(), path),
                 "call {i} differs; expected calls: {expected:?}"
             );
             let bytes = body.collect_bytes().await.expect("request body");
@@ -702,5 +708,84 @@ async fn a_restart_wait_ignores_an_earlier_restart_and_says_how_far_this_one_got
             .split(" after ")
             .next(),
         Some("in progress: 0 of 3 nodes restarted")
+    );
+}
+
+#[tokio::test]
+async fn restore_creates_a_new_kvcluster_started_from_the_backup_and_waits_for_restored() {
+    let req = kvctl::k8s::RestoreRequest {
+        from: "s3://backups/prod/2026-12-04".into(),
+        s3: Some(kv_operator::k8s::backup::S3Settings {
+            endpoint: Some("http://127.0.0.1:9000".into()),
+            region: None,
+            credentials_secret: Some("creds".into()),
+        }),
+        replicas: Some(5),
+        factor: Some(2),
+        strategy: Some(kv_core::Strategy::ConsistentHashing),
+        ..Default::default()
+    };
+    let with_bootstrap = |phase: &str| {
+        let mut v = kvcluster("7", &[], &UP3);
+        v["status"]["bootstrap"] =
+            json!({"phase": phase, "source": "s3://backups/prod/2026-12-04"});
+        v
+    };
+    let (restoring, restored) = (with_bootstrap("Restoring"), with_bootstrap("Restored"));
+    let calls = vec![
+        call(Method::POST, |body| (StatusCode::CREATED, body.clone())),
+        call(Method::GET, move |_| (StatusCode::OK, restoring)),
+        call(Method::GET, move |_| (StatusCode::OK, restored)),
+    ];
+    let (result, seen) = run(calls, |t| async move {
+        t.create_restored(&req).await?;
+        t.wait_restored(Duration::from_secs(30), Duration::from_secs(5))
+            .await
+    })
+    .await;
+    let kvc = result.expect("restored");
+    assert!(kvctl::k8s::restored(&kvc));
+    assert!(
+        kvctl::k8s::render_restore(&kvc).contains("Restored from s3://backups/prod/2026-12-04"),
+        "{}",
+        kvctl::k8s::render_restore(&kvc)
+    );
+    let spec = &seen[0].body["spec"];
+    assert_eq!(seen[0].body["metadata"]["name"], "demo");
+    assert_eq!(spec["replicas"], 5);
+    assert_eq!(spec["replication"]["factor"], 2);
+    assert_eq!(spec["replication"]["strategy"], "ConsistentHashing");
+    assert_eq!(
+        spec["bootstrap"],
+        json!({"fromBackup": {"destination": "s3://backups/prod/2026-12-04",
+               "s3": {"endpoint": "http://127.0.0.1:9000", "credentialsSecret": "creds"}}})
+    );
+    assert!(
+        seen[0].query.contains("fieldManager=kvctl"),
+        "{}",
+        seen[0].query
+    );
+}
+
+#[tokio::test]
+async fn restore_into_a_kvcluster_that_exists_is_refused_and_says_what_to_do() {
+    let calls = vec![call(Method::POST, |_| {
+        (
+            StatusCode::CONFLICT,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": "kvclusters.kvstore.dev \"demo\" already exists",
+                   "reason": "AlreadyExists", "code": 409}),
+        )
+    })];
+    let req = kvctl::k8s::RestoreRequest {
+        from: "file:///b".into(),
+        ..Default::default()
+    };
+    let (result, _) = run(calls, |t| async move { t.create_restored(&req).await }).await;
+    let err = result.expect_err("an existing KvCluster");
+    assert!(matches!(err, KubeError::Exists { .. }), "{err}");
+    assert!(
+        err.to_string().contains("kvctl restore --endpoint"),
+        "{err}"
     );
 }

@@ -1,10 +1,16 @@
 //! `kvctl backup --cluster NAME --to URL`: a `KvBackup` for kv-operator to
 //! take, and the wait until its status says Completed or Failed.
+//! `kvctl restore --cluster NAME --from URL`: a new KvCluster started from
+//! the backup (`spec.bootstrap.fromBackup`), and the wait until it is
+//! Restored.
 
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, ObjectMeta, PostParams};
+use kv_operator::k8s::KvClusterSpec;
 use kv_operator::k8s::backup::{BackupPhase, KvBackup, KvBackupSpec, S3Settings};
+use kv_operator::k8s::bootstrap::{Bootstrap, BootstrapPhase, FromBackup};
+use kv_operator::k8s::crd::{KvCluster, TlsMode};
 
 use super::{FIELD_MANAGER, KubeError, Target};
 use crate::client::error_chain;
@@ -111,6 +117,147 @@ impl Target {
     }
 }
 
+/// What `restore --cluster` asks for.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreRequest {
+    pub from: String,
+    pub s3: Option<S3Settings>,
+    /// The spec is taken from this KvCluster's.
+    pub like: Option<KvClusterSpec>,
+    /// The KvCluster to take the spec from (read by `create_restored`).
+    pub like_name: Option<String>,
+    pub replicas: Option<u32>,
+    pub strategy: Option<kv_core::Strategy>,
+    pub factor: Option<u32>,
+}
+
+/// The new KvCluster's spec: `like`'s (or the defaults), with what belongs
+/// to that other cluster alone left out, the overrides, and the bootstrap.
+pub fn restored_spec(req: &RestoreRequest) -> KvClusterSpec {
+    let mut spec = req.like.clone().unwrap_or_default();
+    spec.backup = None;
+    spec.fault_injection = Default::default();
+    spec.hibernation = false;
+    spec.auth_secret_name = None;
+    if spec.tls.mode == TlsMode::Provided {
+        // its certificate names the other cluster's pods
+        spec.tls.mode = TlsMode::Generated;
+        spec.tls.secret_name = None;
+    }
+    if let Some(n) = req.replicas {
+        spec.replicas = n;
+    }
+    if let Some(s) = req.strategy {
+        spec.replication.strategy = s;
+    }
+    if let Some(f) = req.factor {
+        spec.replication.factor = f;
+    }
+    spec.bootstrap = Some(Bootstrap {
+        from_backup: FromBackup {
+            destination: req.from.clone(),
+            s3: req.s3.clone(),
+        },
+    });
+    spec
+}
+
+impl Target {
+    /// Creates KvCluster `self.name` started from the backup; it must not
+    /// exist (a running cluster is restored into with `kvctl restore
+    /// --endpoint`).
+    pub async fn create_restored(&self, req: &RestoreRequest) -> Result<KvCluster, KubeError> {
+        let mut req = req.clone();
+        if let Some(like) = &req.like_name {
+            let other: Api<KvCluster> =
+                Api::namespaced(self.api.clone().into_client(), &self.namespace);
+            let kvc = other.get(like).await.map_err(|e| match e {
+                kube::Error::Api(s) if s.code == 404 => KubeError::NotFound {
+                    name: like.clone(),
+                    namespace: self.namespace.clone(),
+                },
+                other => self.error("get", other),
+            })?;
+            req.like = Some(kvc.spec);
+        }
+        let kvc = KvCluster {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: restored_spec(&req),
+            status: None,
+        };
+        let pp = PostParams {
+            field_manager: Some(FIELD_MANAGER.to_string()),
+            ..PostParams::default()
+        };
+        self.api.create(&pp, &kvc).await.map_err(|e| match e {
+            kube::Error::Api(s) if s.code == 409 => KubeError::Exists {
+                name: self.name.clone(),
+                namespace: self.namespace.clone(),
+            },
+            other => self.error("create", other),
+        })
+    }
+
+    /// Polls the KvCluster until its status says Restored, or `limit`
+    /// passed (then the last one read).
+    pub async fn wait_restored(
+        &self,
+        limit: Duration,
+        call_timeout: Duration,
+    ) -> Result<KvCluster, KubeError> {
+        let start = Instant::now();
+        loop {
+            let kvc = self.within(call_timeout, self.get()).await?;
+            if restored(&kvc) || start.elapsed() >= limit {
+                return Ok(kvc);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+/// Whether the KvCluster's status says every node has loaded the backup.
+pub fn restored(kvc: &KvCluster) -> bool {
+    kvc.status
+        .as_ref()
+        .and_then(|s| s.bootstrap.as_ref())
+        .is_some_and(|b| b.phase == BootstrapPhase::Restored)
+}
+
+/// One line on a KvCluster started from a backup.
+pub fn render_restore(kvc: &KvCluster) -> String {
+    let name = kvc.metadata.name.as_deref().unwrap_or("?");
+    let status = kvc.status.clone().unwrap_or_default();
+    let Some(b) = &status.bootstrap else {
+        return format!("KvCluster {name}: not reconciled yet (is kv-operator running?)\n");
+    };
+    let up = status
+        .nodes
+        .iter()
+        .filter(|n| n.state == kv_core::NodeState::Up)
+        .count();
+    match (b.phase, &b.message) {
+        (BootstrapPhase::Restored, _) => format!(
+            "KvCluster {name} Restored from {}: every node loaded its buckets and is Up{}\n",
+            b.source,
+            b.finished_at
+                .as_ref()
+                .map_or(String::new(), |at| format!(" (at {at})"))
+        ),
+        (BootstrapPhase::Restoring, Some(m)) => {
+            format!("KvCluster {name} Restoring from {}: {m}\n", b.source)
+        }
+        (BootstrapPhase::Restoring, None) => format!(
+            "KvCluster {name} Restoring from {}: {up} of {} nodes Up\n",
+            b.source, kvc.spec.replicas
+        ),
+    }
+}
+
 /// One line on a KvBackup: its phase and what its status says.
 pub fn render_backup(b: &KvBackup) -> String {
     let name = b.metadata.name.as_deref().unwrap_or("?");
@@ -137,6 +284,39 @@ pub fn render_backup(b: &KvBackup) -> String {
 mod tests {
     use super::*;
     use kv_operator::k8s::backup::KvBackupStatus;
+
+    #[test]
+    fn a_restored_spec_is_the_other_clusters_without_what_belongs_to_it_alone() {
+        let like: KvClusterSpec = serde_yaml::from_str(
+            "{replicas: 5, image: 'kvstore/kv-node:1.2', replication: {factor: 3, strategy: ConsistentHashing},
+              storage: {size: 5Gi}, hibernation: true, authSecretName: prod-auth,
+              tls: {mode: Provided, secretName: prod-cert},
+              faultInjection: {failedNodes: [1]},
+              backup: {schedule: '@daily', destination: 's3://b/prod'}}",
+        )
+        .expect("spec");
+        let spec = restored_spec(&RestoreRequest {
+            from: "s3://b/prod/x".into(),
+            like: Some(like),
+            factor: Some(2),
+            ..RestoreRequest::default()
+        });
+        assert_eq!(spec.replicas, 5);
+        assert_eq!(spec.image, "kvstore/kv-node:1.2");
+        assert_eq!(spec.replication.factor, 2);
+        assert_eq!(spec.storage.size, "5Gi");
+        assert!(!spec.hibernation && spec.backup.is_none() && spec.auth_secret_name.is_none());
+        assert!(spec.fault_injection.failed_nodes.is_empty());
+        assert_eq!(spec.tls.mode, TlsMode::Generated);
+        assert_eq!(spec.tls.secret_name, None);
+        let b = spec.bootstrap.expect("bootstrap");
+        assert_eq!(b.from_backup.destination, "s3://b/prod/x");
+        let plain = restored_spec(&RestoreRequest {
+            from: "file:///b".into(),
+            ..RestoreRequest::default()
+        });
+        assert_eq!(plain.replicas, KvClusterSpec::default().replicas);
+    }
 
     #[test]
     fn the_default_name_is_the_cluster_and_the_utc_second() {

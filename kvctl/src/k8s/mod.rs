@@ -137,6 +137,10 @@ pub enum KubeError {
         name: String,
         message: String,
     },
+    #[error(
+        "KvCluster {name} already exists in namespace {namespace}: a restore through the Kubernetes API starts a new KvCluster (spec.bootstrap.fromBackup); choose another name, or restore into the running cluster with kvctl restore --endpoint <its Service> --cluster-token ..."
+    )]
+    Exists { name: String, namespace: String },
     #[error("cannot {verb} KvBackup {name}: {message}")]
     Backup {
         verb: &'static str,

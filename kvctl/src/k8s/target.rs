@@ -496,7 +496,7 @@ impl Target {
         })
     }
 
-    fn error(&self, verb: &'static str, e: kube::Error) -> KubeError {
+    pub(super) fn error(&self, verb: &'static str, e: kube::Error) -> KubeError {
         match e {
             kube::Error::Api(s) if s.code == 404 => KubeError::NotFound {
                 name: self.name.clone(),
