@@ -916,7 +916,7 @@ bootstrap_checks() {
   fi
   wait_for "$story_wait" "KvCluster bootstrapped Restored and Running" bootstrapped_restored \
     || { why "bootstrapped: phase $(bootstrapped_field '{.status.phase}'), bootstrap $(bootstrapped_field '{.status.bootstrap}')"; return 1; }
-  say "  bootstrapped: Restored $(( $(date +%s) - started )) s after kubectl apply (finishedAt $(bootstrapped_field '{.status.bootstrap.finishedAt}'))"
+  say "  bootstrapped: Restored $(( $(date +%s) - started )) s after kvctl restore --cluster (finishedAt $(bootstrapped_field '{.status.bootstrap.finishedAt}'))"
   wait_for 60 "Secret bootstrapped-bootstrap deleted once restored" bootstrap_source_gone || return 1
   tok=$(kn get secret bootstrapped-auth -o jsonpath='{.data.token}' | base64 -d)
   svc=$(story_name=bootstrapped platform_service_url)
