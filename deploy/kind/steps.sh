@@ -881,6 +881,20 @@ restored_running() {
   states=$(restored_field '{range .status.nodes[*]}{.state}{"\n"}{end}') || return 1
   [ "$(grep -c . <<<"$states")" = 3 ] && [ "$(grep -c '^Up$' <<<"$states")" = 3 ]
 }
+# acked_read_back CLUSTER URL TOKEN FILE: every `key value` of FILE (writes
+# acknowledged before the backup began) reads back at Quorum, and kvctl
+# verify finds every bucket's owners equal.
+acked_read_back() {
+  local cluster=$1 url=$2 tok=$3 file=$4 key val got out lost=0 n
+  n=$(grep -c . "$file")
+  while read -r key val; do
+    got=$(KV_TOKEN=$tok platform_kvctl --timeout 5 --endpoint "$url" --consistency quorum get "$key" 2>&1) || got="ERROR $got"
+    if [ "$got" != "$val" ]; then lost=$((lost + 1)); [ "$lost" -le 3 ] && say "  $key=$val reads '$got' in $cluster"; fi
+  done < "$file"
+  [ "$lost" = 0 ] || { why "$lost of $n writes acknowledged before the backup are missing from $cluster"; return 1; }
+  out=$(KV_TOKEN=$tok platform_kvctl --endpoint "$url" verify 2>&1) || { why "kvctl verify of $cluster: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; return 1; }
+  say "  all $n writes acknowledged before the backup read back in $cluster at Quorum; verify: $(tail -n 1 <<<"$out")"
+}
 bootstrapped_field() { kn get kvc bootstrapped -o "jsonpath=$1"; }
 bootstrapped_restored() {
   [ "$(bootstrapped_field '{.status.bootstrap.phase}')" = Restored ] && [ "$(bootstrapped_field '{.status.phase}')" = Running ]
@@ -892,8 +906,7 @@ bootstrap_source_gone() { ! bootstrap_source_made; }
 # their buckets from the first backup before they serve; nothing is pushed
 # into it. Every write acknowledged before that backup began reads back.
 bootstrap_checks() {
-  local endpoint=$1 d=$2 url="s3://kv-backups/$story_name/first" out tok svc n lost=0 key val got started made sts_made
-  n=$(grep -c . "$d/before.acked")
+  local endpoint=$1 d=$2 url="s3://kv-backups/$story_name/first" out tok svc started made sts_made
   started=$(date +%s)
   out=$(platform_kvctl restore --cluster bootstrapped -n "$ns" --like restored --from "$url" \
     --s3-endpoint "$endpoint" --s3-region us-east-1 --s3-credentials-secret backup-s3 --no-wait 2>&1) \
@@ -920,13 +933,7 @@ bootstrap_checks() {
   wait_for 60 "Secret bootstrapped-bootstrap deleted once restored" bootstrap_source_gone || return 1
   tok=$(kn get secret bootstrapped-auth -o jsonpath='{.data.token}' | base64 -d)
   svc=$(story_name=bootstrapped platform_service_url)
-  while read -r key val; do
-    got=$(KV_TOKEN=$tok platform_kvctl --timeout 5 --endpoint "$svc" --consistency quorum get "$key" 2>&1) || got="ERROR $got"
-    if [ "$got" != "$val" ]; then lost=$((lost + 1)); [ "$lost" -le 3 ] && say "  $key=$val reads '$got' in bootstrapped"; fi
-  done < "$d/before.acked"
-  [ "$lost" = 0 ] || { why "$lost of $n writes acknowledged before the backup are missing from the bootstrapped cluster"; return 1; }
-  out=$(KV_TOKEN=$tok platform_kvctl --endpoint "$svc" verify 2>&1) || { why "kvctl verify of bootstrapped: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; return 1; }
-  say "  all $n writes acknowledged before the backup read back in bootstrapped at Quorum; verify: $(tail -n 1 <<<"$out")"
+  acked_read_back bootstrapped "$svc" "$tok" "$d/before.acked" || return 1
   if out=$(kn patch kvc bootstrapped --type merge -p '{"spec":{"bootstrap":{"fromBackup":{"destination":"s3://kv-backups/elsewhere"}}}}' 2>&1); then
     why "a change of spec.bootstrap was accepted: $out"; return 1
   fi
@@ -934,7 +941,7 @@ bootstrap_checks() {
   say "  a change of spec.bootstrap refused by the API server"
 }
 backup_checks() {
-  local endpoint=$1 d=$2 url="s3://kv-backups/$story_name/first" out records phase n lost=0 key val got old
+  local endpoint=$1 d=$2 url="s3://kv-backups/$story_name/first" out records phase n old
   local restored_url tok ctok
   mkdir -p "$d/root/kv-backups"
   kn create secret generic backup-s3 --from-literal=accessKeyId="$s3_access_key" \
@@ -1033,13 +1040,7 @@ YAML
     KV_TOKEN=$tok KV_CLUSTER_TOKEN=$ctok platform_kvctl --timeout 30 --endpoint "$restored_url" restore --from "$url" 2>&1) \
     || { why "kvctl restore into restored: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; return 1; }
   say "  kvctl restore: $(tail -n 1 <<<"$out")"
-  while read -r key val; do
-    got=$(KV_TOKEN=$tok platform_kvctl --timeout 5 --endpoint "$restored_url" --consistency quorum get "$key" 2>&1) || got="ERROR $got"
-    if [ "$got" != "$val" ]; then lost=$((lost + 1)); [ "$lost" -le 3 ] && say "  $key=$val reads '$got' in restored"; fi
-  done < "$d/before.acked"
-  [ "$lost" = 0 ] || { why "$lost of $n writes acknowledged before the backup are missing from the restored cluster"; return 1; }
-  out=$(KV_TOKEN=$tok platform_kvctl --endpoint "$restored_url" verify 2>&1) || { why "kvctl verify of restored: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; return 1; }
-  say "  all $n writes acknowledged before the backup read back in restored at Quorum; verify: $(tail -n 1 <<<"$out")"
+  acked_read_back restored "$restored_url" "$tok" "$d/before.acked"
 }
 
 owned_gone() {

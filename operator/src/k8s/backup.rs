@@ -578,19 +578,27 @@ async fn open_target(secrets: &Api<Secret>, spec: &KvBackupSpec) -> Result<Targe
             .await
             .map_err(|e| format!("cannot read Secret {name}: {e}"))?
             .ok_or_else(|| format!("Secret {name} (s3.credentialsSecret) does not exist"))?;
-        let key = |k: &str| {
-            s.data
-                .as_ref()
-                .and_then(|d| d.get(k))
-                .and_then(|v| String::from_utf8(v.0.clone()).ok())
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| format!("Secret {name} has no {k}"))
-        };
-        options.access_key_id = Some(key(ACCESS_KEY_ID)?);
-        options.secret_access_key = Some(key(SECRET_ACCESS_KEY)?);
+        let (id, key) = s3_key_pair(&s)?;
+        options.access_key_id = Some(id);
+        options.secret_access_key = Some(key);
     }
     Target::open_with(&spec.destination, &options).map_err(|e| e.to_string())
+}
+
+/// The access key id and secret of an `s3.credentialsSecret`, or which key
+/// it lacks.
+pub(super) fn s3_key_pair(s: &Secret) -> Result<(String, String), String> {
+    let name = s.name_any();
+    let key = |k: &str| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            .map(|v| v.trim().to_string())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| format!("Secret {name} has no {k}"))
+    };
+    Ok((key(ACCESS_KEY_ID)?, key(SECRET_ACCESS_KEY)?))
 }
 
 /// Runs the backup; the error is the status message.

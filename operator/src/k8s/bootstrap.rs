@@ -21,7 +21,7 @@ use kube::api::{Api, DeleteParams, PostParams};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::backup::{ACCESS_KEY_ID, S3Settings, SECRET_ACCESS_KEY};
+use super::backup::{S3Settings, s3_key_pair};
 use super::controller::{Error, get_opt, is_not_found};
 use super::crd::{KvCluster, Phase};
 use super::objects;
@@ -166,19 +166,7 @@ async fn credentials(
             "Secret {name} (bootstrap.fromBackup.s3.credentialsSecret) does not exist"
         )));
     };
-    let key = |k: &str| {
-        s.data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .and_then(|v| String::from_utf8(v.0.clone()).ok())
-            .map(|v| v.trim().to_string())
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| format!("Secret {name} has no {k}"))
-    };
-    Ok(match (key(ACCESS_KEY_ID), key(SECRET_ACCESS_KEY)) {
-        (Ok(id), Ok(secret)) => Ok((id, secret)),
-        (Err(e), _) | (_, Err(e)) => Err(e),
-    })
+    Ok(s3_key_pair(&s))
 }
 
 /// `status.bootstrap` after this reconcile: Restoring until the cluster is
