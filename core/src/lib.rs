@@ -11,6 +11,7 @@ pub mod placement;
 pub mod record;
 pub mod report;
 pub mod topology;
+pub mod verify;
 pub mod version;
 pub mod wire;
 

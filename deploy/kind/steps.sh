@@ -934,6 +934,11 @@ bootstrap_checks() {
   tok=$(kn get secret bootstrapped-auth -o jsonpath='{.data.token}' | base64 -d)
   svc=$(story_name=bootstrapped platform_service_url)
   acked_read_back bootstrapped "$svc" "$tok" "$d/before.acked" || return 1
+  # the same comparison by kv-operator, through the Kubernetes API alone
+  out=$(platform_kvctl verify --cluster bootstrapped -n "$ns" --verify-timeout 60 2>&1) \
+    || { why "kvctl verify --cluster bootstrapped: $(tail -n 3 <<<"$out" | tr '\n' ' ')"; return 1; }
+  grep -q ' 0 differ (kv-operator' <<<"$out" || { why "kvctl verify --cluster bootstrapped: $out"; return 1; }
+  say "  kvctl verify --cluster: $(tail -n 1 <<<"$out")"
   if out=$(kn patch kvc bootstrapped --type merge -p '{"spec":{"bootstrap":{"fromBackup":{"destination":"s3://kv-backups/elsewhere"}}}}' 2>&1); then
     why "a change of spec.bootstrap was accepted: $out"; return 1
   fi

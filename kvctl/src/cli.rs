@@ -241,7 +241,16 @@ pub enum Command {
         wait: WaitArgs,
     },
     /// Compare replica digests cluster-wide; exit 1 when co-owners differ.
-    Verify,
+    ///
+    /// With --cluster NAME: kv-operator compares them (the annotation
+    /// kvstore.dev/verifyRequestedAt), and kvctl prints its status.lastVerify.
+    Verify {
+        #[command(flatten)]
+        kube: KubeArgs,
+        /// Seconds to wait for kv-operator's answer (with --cluster).
+        #[arg(long, default_value_t = 60.0, value_parser = parse_wait, requires = "cluster")]
+        verify_timeout: f64,
+    },
     /// Rotate the client token (default) or the cluster token of a `kvctl
     /// up` cluster with no failed request: its token file is written three
     /// times (old+new accepted, then new sent, then old refused), each step

@@ -64,6 +64,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             kube,
             ..
         } => Some((Kube::Restore(from, on_cluster), kube)),
+        Command::Verify {
+            kube,
+            verify_timeout,
+        } => Some((Kube::Verify(*verify_timeout), kube)),
         _ => None,
     };
     if let Some((
@@ -135,7 +139,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             "logs reads a pod's log through the Kubernetes API: give --cluster NAME (kvctl up prints its nodes' output itself)"
         )),
         Command::InstallPlugin { dir, force } => install_plugin(dir, force, json_out),
-        Command::Verify => verify_cmd(&client, json_out).await,
+        Command::Verify { .. } => verify_cmd(&client, json_out).await,
         Command::RotateToken {
             which,
             wait_timeout,
@@ -211,6 +215,7 @@ enum Kube<'a> {
     Logs(u32, &'a LogArgs),
     Backup(&'a str, &'a kvctl::cli::BackupOnCluster),
     Restore(&'a str, &'a kvctl::cli::RestoreOnCluster),
+    Verify(f64),
     Nodes,
 }
 
@@ -279,6 +284,7 @@ async fn kube_cmd(
         Kube::Restore(from, on) => {
             return restore_on_cluster(&target, from, on, timeout, json_out).await;
         }
+        Kube::Verify(bound) => return verify_on_cluster(&target, bound, timeout, json_out).await,
         Kube::Restart(wait) => {
             let at = kv_operator::k8s::restart::request_now();
             let outcome = target.within(timeout, target.restart(&at)).await?;
@@ -393,6 +399,47 @@ async fn restore_on_cluster(
             on.restore_timeout
         ))
     }
+}
+
+/// `verify --cluster NAME`: kv-operator compares the replicas (it reaches
+/// every node); exit 1 when owners differ or a node was not checked, as the
+/// local `verify`.
+async fn verify_on_cluster(
+    target: &Target,
+    bound: f64,
+    timeout: Duration,
+    json_out: bool,
+) -> Result<ExitCode> {
+    let at = kv_operator::k8s::restart::request_now();
+    target.within(timeout, target.request_verify(&at)).await?;
+    let bound = Duration::from_secs_f64(bound);
+    let name = target.name();
+    let Some(v) = target
+        .within(bound + timeout, target.wait_verify(&at, bound))
+        .await?
+    else {
+        return Err(anyhow!(
+            "kv-operator has not answered the verification of KvCluster {name} within {} s (is it running?)",
+            bound.as_secs_f64()
+        ));
+    };
+    if json_out {
+        print_json(&serde_json::to_value(&v)?)?;
+    } else {
+        write_stdout(k8s::render_verify_status(&v).as_bytes())?;
+    }
+    if v.divergent_buckets > 0 {
+        eprintln!(
+            "kvctl: {} bucket(s) differ between co-owners",
+            v.divergent_buckets
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    if !v.consistent {
+        eprintln!("kvctl: not every node answered kv-operator, so replicas are not verified");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `logs NODE --cluster NAME`: the node's pod log copied to stdout as it

@@ -16,6 +16,7 @@ pub mod client;
 pub mod k8s;
 pub mod output;
 pub mod plugin;
-pub mod verify;
+/// Shared with kv-operator, which verifies a KvCluster on request.
+pub use kv_core::verify;
 
 pub use client::{Client, ClientError, encode_key};

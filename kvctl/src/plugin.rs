@@ -137,6 +137,15 @@ pub enum PluginCommand {
         #[command(flatten)]
         on_cluster: RestoreOnCluster,
     },
+    /// Compare every bucket's replicas across its owners (kv-operator does,
+    /// reaching every node); exit 1 when they differ.
+    Verify {
+        /// The KvCluster.
+        cluster: String,
+        /// Seconds to wait for kv-operator's answer.
+        #[arg(long, default_value_t = 60.0, value_parser = crate::cli::parse_wait)]
+        verify_timeout: f64,
+    },
     /// A node's log (the kv-node container of its pod).
     Logs {
         /// The KvCluster.
@@ -214,6 +223,13 @@ impl PluginCli {
                 access: ClusterAccess::default(),
                 on_cluster,
                 kube: kube(cluster),
+            },
+            PluginCommand::Verify {
+                cluster,
+                verify_timeout,
+            } => Command::Verify {
+                kube: kube(cluster),
+                verify_timeout,
             },
             PluginCommand::Logs {
                 cluster,
@@ -436,6 +452,27 @@ mod tests {
         assert!(bad.is_err(), "--force with --cluster was accepted");
         let bad = Cli::try_parse_from(["kvctl", "restore", "--from", "file:///b", "--nodes", "5"]);
         assert!(bad.is_err(), "--nodes without --cluster was accepted");
+    }
+
+    #[test]
+    fn plugin_verify_is_kvctl_verify_with_the_cluster() {
+        let p = PluginCli::try_parse_from(["kubectl kv", "verify", "demo", "-n", "prod"])
+            .expect("parses");
+        let Command::Verify {
+            kube,
+            verify_timeout,
+        } = p.into_cli().command
+        else {
+            panic!("not a verify");
+        };
+        assert_eq!(kube.cluster.as_deref(), Some("demo"));
+        assert_eq!(kube.namespace.as_deref(), Some("prod"));
+        assert_eq!(verify_timeout, 60.0);
+        assert!(Cli::try_parse_from(["kvctl", "verify"]).is_ok());
+        assert!(
+            Cli::try_parse_from(["kvctl", "verify", "--verify-timeout", "5"]).is_err(),
+            "--verify-timeout without --cluster was accepted"
+        );
     }
 
     #[test]

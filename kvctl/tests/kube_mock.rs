@@ -789,3 +789,38 @@ async fn restore_into_a_kvcluster_that_exists_is_refused_and_says_what_to_do() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn verify_sets_the_annotation_and_waits_for_the_operators_answer_to_it() {
+    let plain = kvcluster("7", &[], &UP3);
+    let mut answered_before = kvcluster("8", &[], &UP3);
+    answered_before["status"]["lastVerify"] = json!({"requestedAt": "t0", "finishedAt": "x",
+        "epoch": 5, "bucketsCompared": 4096, "divergentBuckets": 0, "consistent": true});
+    let mut answered = kvcluster("9", &[], &UP3);
+    answered["status"]["lastVerify"] = json!({"requestedAt": "t1", "finishedAt": "2026-12-04T13:00:00Z",
+        "epoch": 5, "bucketsCompared": 4096, "divergentBuckets": 1,
+        "divergent": ["bucket 7: node 0 holds 1 records (ab), node 2 holds 1 records (cd)"],
+        "consistent": false});
+    let calls = vec![
+        call(Method::PATCH, move |_| (StatusCode::OK, plain)),
+        call(Method::GET, move |_| (StatusCode::OK, answered_before)),
+        call(Method::GET, move |_| (StatusCode::OK, answered)),
+    ];
+    let (result, seen) = run(calls, |t| async move {
+        t.request_verify("t1").await?;
+        t.wait_verify("t1", Duration::from_secs(30)).await
+    })
+    .await;
+    let v = result.expect("answered").expect("within the bound");
+    assert_eq!(v.divergent_buckets, 1);
+    let text = kvctl::k8s::render_verify_status(&v);
+    assert!(
+        text.contains("bucket 7: node 0 holds 1 records (ab), node 2 holds 1 records (cd)\n")
+            && text.contains("4096 buckets compared, 1 differ (kv-operator, epoch 5"),
+        "{text}"
+    );
+    assert_eq!(
+        merge_patch_of(&seen[0]),
+        &json!({"metadata": {"annotations": {"kvstore.dev/verifyRequestedAt": "t1"}}})
+    );
+}

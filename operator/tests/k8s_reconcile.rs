@@ -79,7 +79,7 @@ async fn report_server(reports: Vec<(u64, u64, f64)>) -> NodeReports {
 }
 
 async fn report_server_recording(reports: Vec<(u64, u64, f64)>) -> (NodeReports, Pushes) {
-    report_server_holding(reports, None, vec![]).await
+    report_server_digests(reports, None, vec![], vec![]).await
 }
 
 /// [`report_server_recording`], every node reporting `held` as the topology
@@ -89,7 +89,32 @@ async fn report_server_holding(
     held: Option<Topology>,
     catching_up: Vec<u32>,
 ) -> (NodeReports, Pushes) {
+    report_server_digests(reports, held, catching_up, vec![]).await
+}
+
+/// [`report_server_holding`], node `i` answering `GET /<i>/v1/digests`
+/// with `digests[i]` (a `/v1/digests` body; 404 past the list).
+async fn report_server_digests(
+    reports: Vec<(u64, u64, f64)>,
+    held: Option<Topology>,
+    catching_up: Vec<u32>,
+    digests: Vec<Value>,
+) -> (NodeReports, Pushes) {
     use warp::Filter;
+    let digests = warp::get()
+        .and(warp::path!(u32 / "v1" / "digests"))
+        .and(warp::header::<String>("authorization"))
+        .map(
+            move |ordinal: u32, auth: String| match digests.get(ordinal as usize) {
+                Some(d) if auth == "Bearer token" => {
+                    warp::reply::with_status(warp::reply::json(d), warp::http::StatusCode::OK)
+                }
+                _ => warp::reply::with_status(
+                    warp::reply::json(&json!({"error": "no digests here"})),
+                    warp::http::StatusCode::NOT_FOUND,
+                ),
+            },
+        );
     let pushes: Pushes = Arc::default();
     let recorded = pushes.clone();
     let report = warp::get()
@@ -125,7 +150,11 @@ async fn report_server_holding(
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    tokio::spawn(warp::serve(report.or(push)).incoming(listener).run());
+    tokio::spawn(
+        warp::serve(report.or(push).or(digests))
+            .incoming(listener)
+            .run(),
+    );
     let links = NodeReports {
         http: reqwest::Client::new(),
         url: Box::new(move |_, ordinal| format!("http://{addr}/{ordinal}/v1/cluster")),
@@ -3610,4 +3639,127 @@ async fn a_cluster_started_from_a_backup_is_restored_once_every_node_is_up_and_t
     let (_, seen) = run(kvc.clone(), calls).await;
     let status = &seen[seen.len() - 1].body["status"];
     assert_eq!(status["bootstrap"]["phase"], "Restored");
+}
+
+/// A `/v1/digests` body: bucket 7 holding one record of digest `sum`.
+fn digests_of(ordinal: u32, epoch: u64, sum: &str) -> Value {
+    json!({"nodeId": ordinal, "epoch": epoch, "buckets": {"7": {"digest": sum, "count": 1}}})
+}
+
+#[tokio::test]
+async fn a_verification_asked_by_annotation_compares_every_owner_and_is_answered_once() {
+    let mut kvc = cluster("{}");
+    kvc.metadata.annotations = Some(
+        [(
+            kv_operator::k8s::verify::VERIFY_REQUESTED_AT.to_string(),
+            "t1".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+    );
+    let current = topology(&kvc, 5, &[NodeState::Up; 3]);
+    let differing = vec![
+        digests_of(0, 5, "ab"),
+        digests_of(1, 5, "ab"),
+        digests_of(2, 5, "cd"),
+    ];
+    let (reports, _) = report_server_digests(vec![(5, 5, 1.0); 3], None, vec![], differing).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        reconcile_calls(&kvc, &current, 3, true),
+        Some(reports),
+    )
+    .await;
+    let event = &seen[seen.len() - 2].body;
+    assert_eq!(event["reason"], "VerifyFailed", "{event}");
+    assert_eq!(event["type"], "Warning");
+    let v = &seen[seen.len() - 1].body["status"]["lastVerify"];
+    assert_eq!(v["requestedAt"], "t1");
+    assert_eq!(v["epoch"], 5);
+    assert_eq!(
+        v["bucketsCompared"], 4096,
+        "Full: every bucket on all three"
+    );
+    assert_eq!(v["divergentBuckets"], 1);
+    assert_eq!(v["consistent"], false);
+    let shown = v["divergent"][0].as_str().expect("one shown");
+    assert!(
+        shown.starts_with("bucket 7: node 0 holds 1 records") && shown.contains("node 2"),
+        "{shown}"
+    );
+
+    // Every owner equal, node 1 not answering: its buckets are not verified.
+    kvc.metadata.annotations = Some(
+        [(
+            kv_operator::k8s::verify::VERIFY_REQUESTED_AT.to_string(),
+            "t2".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+    );
+    kvc.status =
+        Some(serde_json::from_value(seen[seen.len() - 1].body["status"].clone()).expect("status"));
+    let mut silent = digests_of(1, 5, "ab");
+    silent["nodeId"] = 0.into(); // answers as another node
+    let equal = vec![digests_of(0, 5, "ab"), silent, digests_of(2, 5, "ab")];
+    let (reports, _) = report_server_digests(vec![(5, 5, 1.0); 3], None, vec![], equal).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        reconcile_calls(&kvc, &current, 3, true),
+        Some(reports),
+    )
+    .await;
+    let v = &seen[seen.len() - 1].body["status"]["lastVerify"];
+    assert_eq!(v["requestedAt"], "t2");
+    assert_eq!(v["divergentBuckets"], 0);
+    assert_eq!(v["notChecked"], json!(["node 1: answered as node 0"]));
+    assert_eq!(v["consistent"], false);
+
+    // Answered: the same annotation asks for nothing more (no Event, no calls).
+    kvc.status =
+        Some(serde_json::from_value(seen[seen.len() - 1].body["status"].clone()).expect("status"));
+    let equal = vec![
+        digests_of(0, 5, "ab"),
+        digests_of(1, 5, "ab"),
+        digests_of(2, 5, "ab"),
+    ];
+    let (reports, _) = report_server_digests(vec![(5, 5, 1.0); 3], None, vec![], equal).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        reconcile_calls(&kvc, &current, 3, false),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(
+        seen[seen.len() - 1].body["status"]["lastVerify"]["requestedAt"],
+        "t2"
+    );
+
+    // A new request with every node answering the same: Verified.
+    kvc.metadata.annotations = Some(
+        [(
+            kv_operator::k8s::verify::VERIFY_REQUESTED_AT.to_string(),
+            "t3".to_string(),
+        )]
+        .into_iter()
+        .collect(),
+    );
+    let equal = vec![
+        digests_of(0, 5, "ab"),
+        digests_of(1, 5, "ab"),
+        digests_of(2, 5, "ab"),
+    ];
+    let (reports, _) = report_server_digests(vec![(5, 5, 1.0); 3], None, vec![], equal).await;
+    let (_, seen) = run_with(
+        kvc.clone(),
+        reconcile_calls(&kvc, &current, 3, true),
+        Some(reports),
+    )
+    .await;
+    assert_eq!(seen[seen.len() - 2].body["reason"], "Verified");
+    let v = &seen[seen.len() - 1].body["status"]["lastVerify"];
+    assert_eq!(
+        (v["requestedAt"].as_str(), v["consistent"].as_bool()),
+        (Some("t3"), Some(true))
+    );
 }

@@ -219,3 +219,24 @@ pub fn render_outcome(o: &Outcome) -> String {
     }
     out
 }
+
+/// kv-operator's verification (`status.lastVerify`), as `kvctl verify` prints its own.
+pub fn render_verify_status(v: &kv_operator::k8s::verify::VerifyStatus) -> String {
+    let mut out = String::new();
+    for n in &v.not_checked {
+        let _ = writeln!(out, "{n}: not checked");
+    }
+    for d in &v.divergent {
+        let _ = writeln!(out, "{d}");
+    }
+    let shown = v.divergent.len() as u32;
+    if v.divergent_buckets > shown {
+        let _ = writeln!(out, "(and {} more buckets)", v.divergent_buckets - shown);
+    }
+    let _ = writeln!(
+        out,
+        "{} buckets compared, {} differ (kv-operator, epoch {}, at {})",
+        v.buckets_compared, v.divergent_buckets, v.epoch, v.finished_at
+    );
+    out
+}

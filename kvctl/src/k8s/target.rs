@@ -241,6 +241,43 @@ impl Target {
         })
     }
 
+    /// Asks kv-operator for a verification: the annotation
+    /// `kvstore.dev/verifyRequestedAt` set to `at`.
+    pub async fn request_verify(&self, at: &str) -> Result<(), KubeError> {
+        let patch = serde_json::json!({"metadata": {"annotations": {
+            kv_operator::k8s::verify::VERIFY_REQUESTED_AT: at
+        }}});
+        self.api
+            .patch(&self.name, &self.params(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| self.error("patch", e))?;
+        Ok(())
+    }
+
+    /// Polls the KvCluster until status.lastVerify answers `at`, at most
+    /// `bound`; `None` past it.
+    pub async fn wait_verify(
+        &self,
+        at: &str,
+        bound: Duration,
+    ) -> Result<Option<kv_operator::k8s::verify::VerifyStatus>, KubeError> {
+        let t0 = tokio::time::Instant::now();
+        loop {
+            let kvc = self.get().await?;
+            if let Some(v) = kvc
+                .status
+                .and_then(|s| s.last_verify)
+                .filter(|v| v.requested_at == at)
+            {
+                return Ok(Some(v));
+            }
+            if t0.elapsed() >= bound {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Polls the KvCluster until status.lastRestart shows the restart `at`
     /// finished, at most `bound`.
     pub async fn wait_for_restart(

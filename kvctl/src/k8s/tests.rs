@@ -29,6 +29,7 @@ fn cluster(spec_yaml: &str, states: &[NodeState]) -> KvCluster {
         accepted_spec: None,
         last_restart: None,
         bootstrap: None,
+        last_verify: None,
     });
     kvc
 }

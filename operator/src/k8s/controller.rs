@@ -60,6 +60,7 @@ use super::metrics::Metrics;
 use super::objects;
 use super::restart;
 use super::tls;
+use super::verify;
 use super::volumes;
 use crate::planner::{
     self, Desired, NodeObservation, NodeProgress, Observed, PlannerConfig, Rebalance,
@@ -888,6 +889,50 @@ async fn reconcile_inner(kvc: &KvCluster, ctx: &Context) -> Result<Action, Error
         .is_none_or(|c| c.status == "True" || c.reason == "ExpansionNotSupported");
     if let Some(c) = volumes_condition {
         status.conditions = merge_conditions(&status.conditions, vec![c], generation, now);
+    }
+    if let (Some(at), Some(links), Some(http), Some(token)) = (
+        verify::requested(kvc, previous.last_verify.as_ref()),
+        &ctx.node_reports,
+        &node_http,
+        secret_token(secret.as_ref(), objects::TOKEN_KEY),
+    ) {
+        let v = verify::run(
+            links,
+            http,
+            kvc,
+            &decision.topology,
+            &token,
+            at,
+            now.to_string(),
+        )
+        .await;
+        let (type_, reason, note) = if v.consistent {
+            (
+                EventType::Normal,
+                "Verified",
+                format!(
+                    "{} buckets compared at epoch {}: every owner holds the same",
+                    v.buckets_compared, v.epoch
+                ),
+            )
+        } else {
+            (
+                EventType::Warning,
+                "VerifyFailed",
+                format!(
+                    "{} of {} buckets differ between owners; not checked: {}",
+                    v.divergent_buckets,
+                    v.buckets_compared,
+                    if v.not_checked.is_empty() {
+                        "none".to_string()
+                    } else {
+                        v.not_checked.join("; ")
+                    }
+                ),
+            )
+        };
+        publish(ctx, kvc, type_, reason, "Verify", &note).await;
+        status.last_verify = Some(v);
     }
     show_restart(&mut status, &restart, generation, now);
     status.last_restart = restart.status.clone();

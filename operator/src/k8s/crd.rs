@@ -476,6 +476,11 @@ pub struct KvClusterStatus {
     /// every node has loaded its buckets and been Up, then Restored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bootstrap: Option<super::bootstrap::BootstrapStatus>,
+    /// The last verification asked for with the annotation
+    /// `kvstore.dev/verifyRequestedAt` (`kvctl verify --cluster`): every
+    /// bucket's owners compared by digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_verify: Option<super::verify::VerifyStatus>,
 }
 
 /// The annotation that asks kv-operator for a rolling restart: any new

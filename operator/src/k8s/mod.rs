@@ -12,7 +12,7 @@
 //! to the API server behind leader election. [`render`] prints the owned
 //! objects offline for review and schema validation. [`backup`] is the
 //! `KvBackup` resource and its own small controller; [`bootstrap`] starts a
-//! new cluster from a backup.
+//! new cluster from a backup; [`verify`] compares the replicas on request.
 
 pub mod backup;
 pub mod bootstrap;
@@ -28,6 +28,7 @@ pub mod restart;
 pub mod run;
 pub mod status;
 pub mod tls;
+pub mod verify;
 pub mod volumes;
 
 pub use controller::{Context, Error, error_policy, reconcile};

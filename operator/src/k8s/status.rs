@@ -448,6 +448,7 @@ pub(super) fn status_of(
         accepted_spec: previous.accepted_spec.clone(),
         last_restart: previous.last_restart.clone(),
         bootstrap: previous.bootstrap.clone(),
+        last_verify: previous.last_verify.clone(),
         conditions: conditions_of(
             kvc,
             &previous.conditions,

@@ -1,11 +1,12 @@
-//! `kvctl verify`: co-owners of every bucket must hold equal digests.
+//! Verification: co-owners of every bucket must hold equal digests
+//! (`kvctl verify`, and kv-operator's on request, `kvstore.dev/verifyRequestedAt`).
 //!
 //! [`compare`] is a pure function over the topology and the digests each node
-//! reported (`GET /v1/digests`); the command only fetches and prints.
+//! reported (`GET /v1/digests`); the callers only fetch and print.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kv_core::{BUCKETS, Layout, Topology};
+use crate::{BUCKETS, Layout, Topology};
 use serde::{Deserialize, Serialize};
 
 /// One bucket's entry in `GET /v1/digests`.
