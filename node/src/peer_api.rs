@@ -164,6 +164,9 @@ fn fence_stale_writer(node: &Node, sender_epoch: Option<u64>) -> Result<(), ApiE
 /// The error code of [`fence_stale_writer`]'s refusal.
 pub const STALE_EPOCH: &str = "stale_epoch";
 
+/// The error code of [`refuse_pull_while_behind`]'s refusal.
+pub const BEHIND: &str = "behind";
+
 /// A node pulling buckets for a topology we do not hold yet is answered 409
 /// until we do (we are fetching it: `note_epoch`); from then on we refuse
 /// to count writes from coordinators still on the older one.
@@ -172,7 +175,7 @@ fn refuse_pull_while_behind(node: &Node, sender_epoch: Option<u64>) -> Result<()
     match sender_epoch {
         Some(theirs) if theirs > mine => Err(ApiError::new(
             409,
-            "behind",
+            BEHIND,
             format!(
                 "node {} holds topology epoch {mine}, older than the caller's {theirs}; it is fetching the new one, retry",
                 node.me()

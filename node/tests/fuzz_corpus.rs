@@ -103,3 +103,35 @@ fn authority_form_targets_are_answered_with_a_json_400() {
     assert_eq!(answer.status, 400);
     assert_eq!(http_request::violation(&req, &answer), None);
 }
+
+#[test]
+fn the_http_check_takes_the_peer_ports_epoch_refusals_and_only_there() {
+    let answer = |body: &str| http_request::Answer {
+        status: 409,
+        headers: [(
+            warp::http::header::CONTENT_TYPE,
+            warp::http::HeaderValue::from_static("application/json"),
+        )]
+        .into_iter()
+        .collect(),
+        body: body.as_bytes().to_vec(),
+    };
+    // fuzz/artifacts of a CI run: the shared node had taken epoch 5 from an
+    // earlier input, and an apply from epoch 0 was (rightly) fenced.
+    let apply =
+        http_request::parse_request(b"POST /internal/v1/apply HTTP/1.1\r\nX-Kv-Epoch: 0\r\n\r\n")
+            .expect("a request");
+    let stale = answer(
+        r#"{"error":"stale_epoch","message":"node 0 holds topology epoch 5, newer than the writer's 0"}"#,
+    );
+    assert_eq!(http_request::violation(&apply, &stale), None);
+    let behind = answer(r#"{"error":"behind","message":"fetching the new topology"}"#);
+    assert_eq!(http_request::violation(&apply, &behind), None);
+    let other = answer(r#"{"error":"whatever","message":"m"}"#);
+    assert!(http_request::violation(&apply, &other).is_some());
+    let client = http_request::parse_request(b"PUT /v1/kv/x HTTP/1.1\r\n\r\n").expect("a request");
+    assert!(
+        http_request::violation(&client, &stale).is_some(),
+        "the client port's 409 is conflict"
+    );
+}
