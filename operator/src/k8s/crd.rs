@@ -80,7 +80,7 @@ pub const MAX_REPLICAS: u32 = kv_core::MAX_NODES as u32;
     "has(self.bootstrap) == has(oldSelf.bootstrap) && (!has(self.bootstrap) || self.bootstrap == oldSelf.bootstrap)"
 ).message("bootstrap is given when the KvCluster is created and cannot change: create another KvCluster").field_path(".bootstrap"))]
 #[x_kube(validation = Rule::new(
-    "!has(self.bootstrap) || self.bootstrap.fromBackup.destination.startsWith('s3://') || self.bootstrap.fromBackup.destination.startsWith('file:///')"
+    "!has(self.bootstrap)\n|| self.bootstrap.fromBackup.destination.startsWith('s3://')\n|| self.bootstrap.fromBackup.destination.startsWith('file:///')"
 ).message("bootstrap.fromBackup.destination is s3://bucket/prefix or file:///absolute/dir").field_path(".bootstrap.fromBackup.destination"))]
 #[serde(rename_all = "camelCase")]
 pub struct KvClusterSpec {
