@@ -38,16 +38,7 @@ fn the_http_request_seeds_reach_the_node_and_its_errors() {
 #[test]
 fn the_http_check_refuses_an_error_without_the_contract_shape() {
     let req = http_request::parse_request(b"GET /v1/kv/x HTTP/1.1\r\n\r\n").expect("a request");
-    let answer = |status: u16, body: &str| http_request::Answer {
-        status,
-        headers: [(
-            warp::http::header::CONTENT_TYPE,
-            warp::http::HeaderValue::from_static("application/json"),
-        )]
-        .into_iter()
-        .collect(),
-        body: body.as_bytes().to_vec(),
-    };
+    let answer = json_answer;
     let good = answer(404, r#"{"error":"not_found","message":"no such key"}"#);
     assert_eq!(http_request::violation(&req, &good), None);
     for bad in [
@@ -106,16 +97,7 @@ fn authority_form_targets_are_answered_with_a_json_400() {
 
 #[test]
 fn the_http_check_takes_the_peer_ports_epoch_refusals_and_only_there() {
-    let answer = |body: &str| http_request::Answer {
-        status: 409,
-        headers: [(
-            warp::http::header::CONTENT_TYPE,
-            warp::http::HeaderValue::from_static("application/json"),
-        )]
-        .into_iter()
-        .collect(),
-        body: body.as_bytes().to_vec(),
-    };
+    let answer = |body: &str| json_answer(409, body);
     // fuzz/artifacts of a CI run: the shared node had taken epoch 5 from an
     // earlier input, and an apply from epoch 0 was (rightly) fenced.
     let apply =
@@ -134,4 +116,18 @@ fn the_http_check_takes_the_peer_ports_epoch_refusals_and_only_there() {
         http_request::violation(&client, &stale).is_some(),
         "the client port's 409 is conflict"
     );
+}
+
+/// An answer with a JSON content type, as the node gives its errors.
+fn json_answer(status: u16, body: &str) -> http_request::Answer {
+    http_request::Answer {
+        status,
+        headers: [(
+            warp::http::header::CONTENT_TYPE,
+            warp::http::HeaderValue::from_static("application/json"),
+        )]
+        .into_iter()
+        .collect(),
+        body: body.as_bytes().to_vec(),
+    }
 }
