@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 
 use kv_core::{Consistency, NodeState, Strategy, Topology};
-use kv_operator::local::{Platform, UpOptions, gateway};
+use kv_local::{Platform, UpOptions, gateway};
 use kvctl::verify::{self, DigestsResponse, NodeDigests, VerifyReport};
 
 use crate::client::Targets;
@@ -22,7 +22,7 @@ pub enum ClusterError {
     #[error("temporary directory: {0}")]
     TempDir(std::io::Error),
     #[error(transparent)]
-    Platform(#[from] kv_operator::local::LocalError),
+    Platform(#[from] kv_local::LocalError),
     #[error(transparent)]
     Proxy(#[from] ProxyError),
     #[error("gateway: {0}")]
@@ -84,7 +84,7 @@ impl Cluster {
             listen: "127.0.0.1:0"
                 .parse()
                 .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0))),
-            token: Some(kv_operator::local::random_token()),
+            token: Some(kv_local::random_token()),
             node_binary: opts.node_binary.clone(),
             failure_detection_ms: opts.failure_detection_ms,
             anti_entropy_secs: opts.anti_entropy_secs,

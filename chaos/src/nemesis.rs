@@ -427,7 +427,7 @@ async fn heal(cluster: &Cluster, fault: &Fault) -> Result<(), String> {
 
 async fn retry_change(
     cluster: &Cluster,
-    f: impl Fn(&mut kv_operator::planner::Desired),
+    f: impl Fn(&mut kv_control::planner::Desired),
 ) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
-use kv_operator::local::tokens::TokenKind;
+use kv_local::tokens::TokenKind;
 use kvctl::backup::peer::{PeerClient, PeerTls};
 use kvctl::backup::{self, target::Target};
 use kvctl::cli::ClusterAccess;

@@ -1,4 +1,4 @@
-//! `kvctl up`: a whole cluster on this machine (see `kv_operator::local`).
+//! `kvctl up`: a whole cluster on this machine (see `kv_local`).
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use kv_core::Strategy;
+use kv_local::{UpOptions, up};
 use kv_operator::k8s::crd::KvCluster;
-use kv_operator::local::{UpOptions, up};
 use kvctl::cli::{StrategyArg, UpArgs};
 
 pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {

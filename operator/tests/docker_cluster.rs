@@ -1,6 +1,7 @@
-//! Three kv-node containers on a private Docker network, driven by the real
-//! planner (this test plays the platform: it observes containers and node
-//! reports, plans, and carries out the actions with the docker CLI).
+//! Three kv-node containers on a private Docker network, driven by
+//! kv-control's one loop (`kv_control::step`) with Docker as a third
+//! [`Platform`](kv_control::Platform): it observes containers and node
+//! reports and carries out the plan with the docker CLI.
 //!
 //! Needs the image built by `scripts/build-images.sh kv-node`, so it is
 //! `#[ignore]`d in `cargo test` and run by `scripts/test-deploy.sh` right
@@ -23,8 +24,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use kv_control::planner::{self, Desired, NodeObservation, Observed, Plan, PlannerConfig};
+use kv_control::{Observation, Step};
 use kv_core::{NodeState, Strategy, Topology};
-use kv_operator::planner::{self, Action, Desired, NodeObservation, Observed, PlannerConfig};
 
 const TOKEN: &str = "docker-test-token";
 const CLUSTER_TOKEN: &str = "docker-test-cluster-token";
@@ -62,6 +64,8 @@ struct Harness {
     desired: Desired,
     config: PlannerConfig,
     http: reqwest::blocking::Client,
+    /// The loop's client: a blocking one cannot run inside its runtime.
+    client: reqwest::Client,
     log: Vec<String>,
 }
 
@@ -142,99 +146,25 @@ impl Harness {
         .map(|_| ())
     }
 
-    fn report(&self, o: u32) -> Option<planner::NodeProgress> {
+    async fn report(&self, o: u32) -> Option<planner::NodeProgress> {
         let ip = self.ip(o)?;
         let v: serde_json::Value = self
-            .http
+            .client
             .get(format!("http://{ip}:7400/v1/cluster"))
             .bearer_auth(TOKEN)
             .send()
+            .await
             .ok()?
             .json()
+            .await
             .ok()?;
         kv_core::NodeReport::from_json(&v).map(|r| planner::NodeProgress::from(&r))
     }
 
-    /// One platform round: observe, plan, act.
+    /// One round of kv-control's loop on Docker.
     fn reconcile(&mut self) {
-        let now = now_ms();
-        let mut nodes = BTreeMap::new();
-        for o in 0..3 {
-            let running = self.running(o);
-            let report = if running { self.report(o) } else { None };
-            if report.is_some() {
-                self.down_since.remove(&o);
-            } else if !running {
-                // A container that is not running has definitely failed.
-                self.down_since
-                    .entry(o)
-                    .or_insert(now.saturating_sub(DETECTION_MS));
-            } else {
-                self.down_since.entry(o).or_insert(now);
-            }
-            nodes.insert(
-                o,
-                NodeObservation {
-                    running,
-                    down_since_ms: self.down_since.get(&o).copied(),
-                    report,
-                },
-            );
-        }
-        let observed = Observed {
-            cluster_id: self.prefix.clone(),
-            topology: self.topology.clone(),
-            epoch_floor: self.epoch_floor,
-            now_ms: now,
-            nodes,
-        };
-        let plan = planner::plan(&self.desired, &observed, &self.config);
-        assert!(
-            plan.refusal.is_none(),
-            "planner refused: {:?}",
-            plan.refusal
-        );
-        for t in &plan.transitions {
-            self.log.push(format!(
-                "node {}: {:?} -> {} ({})",
-                t.ordinal, t.from, t.to, t.reason
-            ));
-        }
-        if let Some(t) = &plan.topology {
-            self.epoch_floor = t.epoch;
-            self.topology = Some(t.clone());
-            let path = self.topo_dir.path().join("topology.json");
-            let tmp = self.topo_dir.path().join("topology.json.tmp");
-            std::fs::write(&tmp, serde_json::to_vec(t).unwrap()).unwrap();
-            std::fs::rename(&tmp, &path).unwrap();
-        }
-        for a in plan.actions {
-            match a {
-                Action::Kill(o) => {
-                    let _ = docker(&["kill", &self.name(o)]);
-                }
-                Action::PushTopology => {
-                    let body = serde_json::to_vec(&self.topology).unwrap();
-                    for o in 0..3 {
-                        if let Some(ip) = self.ip(o) {
-                            let _ = self
-                                .http
-                                .put(format!("http://{ip}:7401/internal/v1/topology"))
-                                .bearer_auth(CLUSTER_TOKEN)
-                                .body(body.clone())
-                                .send();
-                        }
-                    }
-                }
-                Action::Stop(o) => {
-                    let _ = docker(&["stop", &self.name(o)]);
-                }
-                Action::Start(o) => {
-                    if docker(&["start", &self.name(o)]).is_err() {
-                        let _ = self.run_container(o);
-                    }
-                }
-            }
+        if let Err(e) = block(kv_control::step(self)) {
+            panic!("{e}\n{}", self.log.join("\n"));
         }
     }
 
@@ -250,8 +180,8 @@ impl Harness {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             self.reconcile();
-            let up =
-                self.states() == vec![NodeState::Up; 3] && (0..3).all(|o| self.report(o).is_some());
+            let up = self.states() == vec![NodeState::Up; 3]
+                && (0..3).all(|o| block(self.report(o)).is_some());
             if up {
                 return;
             }
@@ -276,6 +206,120 @@ impl Harness {
             );
             self.reconcile();
             std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+/// Runs `f` to completion on a runtime of its own (the test is synchronous).
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(f)
+}
+
+impl kv_control::Platform for Harness {
+    type Error = String;
+
+    async fn observe(&mut self) -> Result<Option<Observation>, String> {
+        let now = now_ms();
+        let mut nodes = BTreeMap::new();
+        for o in 0..3 {
+            let running = self.running(o);
+            let report = if running { self.report(o).await } else { None };
+            if report.is_some() {
+                self.down_since.remove(&o);
+            } else if !running {
+                // A container that is not running has definitely failed.
+                self.down_since
+                    .entry(o)
+                    .or_insert(now.saturating_sub(DETECTION_MS));
+            } else {
+                self.down_since.entry(o).or_insert(now);
+            }
+            nodes.insert(
+                o,
+                NodeObservation {
+                    running,
+                    down_since_ms: self.down_since.get(&o).copied(),
+                    report,
+                },
+            );
+        }
+        Ok(Some(Observation {
+            desired: self.desired.clone(),
+            observed: Observed {
+                cluster_id: self.prefix.clone(),
+                topology: self.topology.clone(),
+                epoch_floor: self.epoch_floor,
+                now_ms: now,
+                nodes,
+            },
+            config: self.config.clone(),
+        }))
+    }
+
+    async fn prepare(&mut self, plan: &Plan, _: &Observed) -> Result<(), String> {
+        for t in &plan.transitions {
+            self.log.push(format!(
+                "node {}: {:?} -> {} ({})",
+                t.ordinal, t.from, t.to, t.reason
+            ));
+        }
+        Ok(())
+    }
+
+    async fn commit(&mut self, t: &Topology, changed: bool) -> Result<(), String> {
+        if changed {
+            self.epoch_floor = t.epoch;
+            self.topology = Some(t.clone());
+            let path = self.topo_dir.path().join("topology.json");
+            let tmp = self.topo_dir.path().join("topology.json.tmp");
+            let json = serde_json::to_vec(t).map_err(|e| e.to_string())?;
+            std::fs::write(&tmp, json).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn kill(&mut self, o: u32) -> Result<(), String> {
+        let _ = docker(&["kill", &self.name(o)]);
+        Ok(())
+    }
+
+    async fn push(&mut self, t: &Topology) -> Result<(), String> {
+        let body = serde_json::to_vec(t).map_err(|e| e.to_string())?;
+        for o in 0..3 {
+            if let Some(ip) = self.ip(o) {
+                let _ = self
+                    .client
+                    .put(format!("http://{ip}:7401/internal/v1/topology"))
+                    .bearer_auth(CLUSTER_TOKEN)
+                    .body(body.clone())
+                    .send()
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self, o: u32) -> Result<(), String> {
+        let _ = docker(&["stop", &self.name(o)]);
+        Ok(())
+    }
+
+    async fn start(&mut self, o: u32) -> Result<(), String> {
+        if docker(&["start", &self.name(o)]).is_err() {
+            let _ = self.run_container(o);
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, step: &Step, _: &Observed) -> Result<(), String> {
+        match step {
+            Step::Refused(plan) => Err(format!("planner refused: {:?}", plan.refusal)),
+            _ => Ok(()),
         }
     }
 }
@@ -350,6 +394,10 @@ fn three_containers_survive_kill_restart_partition_and_recreate() {
         })
         .with_failure_detection_ms(DETECTION_MS),
         http: reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap(),
+        client: reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
             .build()
             .unwrap(),
@@ -435,7 +483,7 @@ fn three_containers_survive_kill_restart_partition_and_recreate() {
     docker(&["rm", "-f", &h.name(0)]).unwrap();
     h.run_container(0).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while h.report(0).is_none() {
+    while block(h.report(0)).is_none() {
         assert!(Instant::now() < deadline, "recreated node 0 never answered");
         std::thread::sleep(Duration::from_millis(200));
     }

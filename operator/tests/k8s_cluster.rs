@@ -7,7 +7,7 @@ use std::sync::Arc;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kv_operator::k8s::metrics::Metrics;
+use kv_control::metrics::Metrics;
 use kv_operator::k8s::{Context, KvCluster, reconcile};
 
 #[tokio::test]

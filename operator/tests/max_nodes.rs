@@ -6,7 +6,7 @@ use kv_core::{Consistency, MAX_NODES, NodeInfo, NodeState, PlacementSpec, Strate
 
 #[test]
 fn the_planner_the_crd_and_the_topology_share_one_max_nodes() {
-    assert_eq!(kv_operator::planner::MAX_NODES as usize, MAX_NODES);
+    assert_eq!(kv_control::planner::MAX_NODES as usize, MAX_NODES);
     assert_eq!(kv_operator::k8s::crd::MAX_REPLICAS as usize, MAX_NODES);
     use kube::CustomResourceExt;
     let crd = serde_json::to_value(kv_operator::k8s::KvCluster::crd()).expect("crd");
@@ -44,7 +44,7 @@ fn topology(n: u32) -> Topology {
 
 #[test]
 fn the_largest_cluster_the_planner_accepts_is_a_valid_topology() {
-    let n = kv_operator::planner::MAX_NODES;
+    let n = kv_control::planner::MAX_NODES;
     assert_eq!(topology(n).validate(), Ok(()));
     assert!(topology(n + 1).validate().is_err());
 }

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use kube::ResourceExt;
+use kv_control::planner::{self, Observed};
 use kv_core::Topology;
 use kv_operator::k8s::crd::{FORCE_FAULT_INJECTION, KvCluster};
-use kv_operator::planner::{self, Observed};
 use serde_json::{Value, json};
 
 use super::KubeError;

@@ -354,7 +354,7 @@ impl Target {
         let kvc = self.get().await?;
         let place = token_secret(&kvc, which);
         let current = self.secret_tokens(&place).await?;
-        let new = kv_operator::token::random_token();
+        let new = kv_control::token::random_token();
         let mut rotation = Rotation {
             cluster: self.name.clone(),
             namespace: self.namespace.clone(),

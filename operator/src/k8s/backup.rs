@@ -30,10 +30,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tracing::{info, warn};
 
-use super::controller::{Error, get_opt, secret_token, tls_secrets};
+use super::controller::{Error, get_opt};
 use super::crd::KvCluster;
 use super::nodes::{NodeReports, fetch_report, node_client};
 use super::objects;
+use super::observe::{secret_token, tls_secrets};
 
 /// A one-off backup of a KvCluster in the same namespace.
 // Every `printcolumn(...)` repeats `type_ = ...`, which clippy mistakes for a duplicated attribute.

@@ -556,14 +556,14 @@ impl AcceptedSpec {
     }
 
     /// What this asks of the planner.
-    pub fn desired(&self) -> crate::planner::Desired {
+    pub fn desired(&self) -> kv_control::planner::Desired {
         let spec = KvClusterSpec {
             replicas: self.replicas,
             replication: self.replication.clone(),
             fault_injection: self.fault_injection.clone(),
             ..KvClusterSpec::default()
         };
-        crate::planner::Desired {
+        kv_control::planner::Desired {
             force: self.force,
             ..spec.desired()
         }
@@ -607,64 +607,7 @@ impl Default for KvClusterSpec {
     }
 }
 
-/// The cluster as a whole, in one word.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
-pub enum Phase {
-    /// Objects exist but no topology has every node Up yet.
-    Creating,
-    /// Every node Up.
-    Running,
-    /// At least one node not Up (Failed, Recovering, Joining).
-    Degraded,
-    /// A placement change is pending (scale, factor or strategy change).
-    Rebalancing,
-    /// The spec cannot be carried out (see the conditions).
-    Failed,
-    /// Every pod stopped on request (`spec.hibernation`), volumes kept.
-    Hibernated,
-    /// Hibernation turned off, and some node is not back yet: its pod not
-    /// Ready, or the node not reporting (condition `Hibernated`, reason
-    /// `WakingUp`, names them).
-    WakingUp,
-}
-
-impl From<crate::planner::Phase> for Phase {
-    fn from(p: crate::planner::Phase) -> Self {
-        use crate::planner::Phase as P;
-        match p {
-            P::Creating => Phase::Creating,
-            P::Running => Phase::Running,
-            P::Degraded => Phase::Degraded,
-            P::Rebalancing => Phase::Rebalancing,
-            P::Failed => Phase::Failed,
-            P::Hibernated => Phase::Hibernated,
-        }
-    }
-}
-
-impl Phase {
-    pub const ALL: [Phase; 7] = [
-        Phase::Creating,
-        Phase::Running,
-        Phase::Degraded,
-        Phase::Rebalancing,
-        Phase::Failed,
-        Phase::Hibernated,
-        Phase::WakingUp,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Creating => "Creating",
-            Phase::Running => "Running",
-            Phase::Degraded => "Degraded",
-            Phase::Rebalancing => "Rebalancing",
-            Phase::Failed => "Failed",
-            Phase::Hibernated => "Hibernated",
-            Phase::WakingUp => "WakingUp",
-        }
-    }
-}
+pub use kv_control::phase::Phase;
 
 /// One node as the operator sees it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -848,8 +791,8 @@ impl KvClusterSpec {
 
     /// What this spec asks of the planner, never forced (see
     /// [`KvCluster::desired`] for the annotation that forces it).
-    pub fn desired(&self) -> crate::planner::Desired {
-        crate::planner::Desired {
+    pub fn desired(&self) -> kv_control::planner::Desired {
+        kv_control::planner::Desired {
             replicas: self.replicas,
             strategy: self.replication.strategy,
             factor: self.replication.factor,
@@ -877,7 +820,7 @@ impl KvClusterSpec {
 /// spec field, because it overrides a safety check for a drill rather than
 /// describing the cluster.
 ///
-/// [`Desired::force`]: crate::planner::Desired::force
+/// [`Desired::force`]: kv_control::planner::Desired::force
 pub const FORCE_FAULT_INJECTION: &str = "kvstore.dev/force-fault-injection";
 
 impl KvCluster {
@@ -899,8 +842,8 @@ impl KvCluster {
 
     /// What this cluster asks of the planner: its spec, forced when the
     /// [`FORCE_FAULT_INJECTION`] annotation is `"true"`.
-    pub fn desired(&self) -> crate::planner::Desired {
-        crate::planner::Desired {
+    pub fn desired(&self) -> kv_control::planner::Desired {
+        kv_control::planner::Desired {
             force: self.force_fault_injection() == Ok(true),
             ..self.spec.desired()
         }
@@ -908,9 +851,9 @@ impl KvCluster {
 
     /// The planner's settings for this cluster: its failure detection time,
     /// and node addresses from the pods' stable DNS names.
-    pub fn planner_config(&self) -> crate::planner::PlannerConfig {
+    pub fn planner_config(&self) -> kv_control::planner::PlannerConfig {
         let named = self.clone();
-        crate::planner::PlannerConfig::new(move |o| {
+        kv_control::planner::PlannerConfig::new(move |o| {
             let n = named.node_info(o, kv_core::NodeState::Up);
             (n.address, n.peer_address)
         })
@@ -1011,7 +954,7 @@ mod tests {
         let kvc = annotated(Some("true"));
         assert_eq!(
             kvc.desired(),
-            crate::planner::Desired {
+            kv_control::planner::Desired {
                 force: true,
                 ..kvc.spec.desired()
             }

@@ -9,7 +9,7 @@ use tracing::warn;
 use super::crd::{KvCluster, KvClusterStatus};
 use super::hibernation::{self, Hibernation};
 use super::objects;
-use crate::planner::Rebalance;
+use kv_control::planner::Rebalance;
 
 use super::controller::{Context, Decision};
 use super::status::{FORCE_CONDITION, force_condition};

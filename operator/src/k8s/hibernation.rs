@@ -19,7 +19,7 @@
 //! Recovering and the phase is `WakingUp` (a wake-up once showed Running
 //! with every node Up before any pod existed).
 //!
-//! [`Desired::hibernate`]: crate::planner::Desired::hibernate
+//! [`Desired::hibernate`]: kv_control::planner::Desired::hibernate
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -27,7 +27,7 @@ use k8s_openapi::jiff::Timestamp;
 use kv_core::NodeState;
 
 use super::crd::{Condition, KvCluster, KvClusterStatus, Phase};
-use crate::planner::Observed;
+use kv_control::planner::Observed;
 
 /// The condition's type.
 pub const CONDITION: &str = "Hibernated";
@@ -181,7 +181,7 @@ pub fn state(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::{NodeObservation, NodeProgress};
+    use kv_control::planner::{NodeObservation, NodeProgress};
 
     fn status(reason: &str, since: &str) -> KvClusterStatus {
         KvClusterStatus {

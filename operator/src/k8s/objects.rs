@@ -623,7 +623,7 @@ fn one_key_secret(
     }
 }
 
-pub use crate::token::random_token;
+pub use kv_control::token::random_token;
 
 /// How many nodes a voluntary disruption (a drain) may take down at once
 /// without losing write availability: `factor − W`. `None` when that is 0

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::controller::decide;
 use super::crd::KvCluster;
 use super::objects;
-use crate::planner::Observed;
+use kv_control::planner::Observed;
 
 /// Where deploy/operator.yaml runs kv-operator.
 pub const DEFAULT_OPERATOR_NAMESPACE: &str = "kvstore-system";

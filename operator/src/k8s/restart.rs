@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use kv_core::{NodeState, Topology};
 
 use super::crd::{KvCluster, RESTARTED_AT, RestartStatus, RestartingNode};
-use crate::planner::NodeProgress;
+use kv_control::planner::NodeProgress;
 
 /// What the controller saw of one node's pod and process.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -29,9 +29,9 @@ use super::backup::{self, BackupContext, KvBackup};
 use super::controller::{Context, NodeReports, error_policy, reconcile};
 use super::crd::KvCluster;
 use super::events::publish;
-use super::metrics::Metrics;
 use super::objects;
 use kube::runtime::events::EventType;
+use kv_control::metrics::Metrics;
 
 /// How `kv-operator run` is configured (flags and environment, see main.rs).
 #[derive(Clone, Debug)]

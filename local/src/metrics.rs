@@ -1,6 +1,6 @@
 //! The local platform's control-plane metrics, served on the gateway's
 //! `GET /metrics` (no auth), with the same names and labels as the
-//! Kubernetes operator's ([`crate::k8s::metrics`], docs/design.md "Metrics"):
+//! Kubernetes operator's ([`kv_control::metrics`], docs/design.md "Metrics"):
 //! `kv_operator_reconciles_total{result}`,
 //! `kv_operator_reconcile_duration_seconds`, `kv_operator_clusters{phase}`
 //! and `kv_operator_nodes{state}`.
@@ -12,9 +12,8 @@ use std::time::Instant;
 
 use prometheus::{Encoder, Registry, TextEncoder};
 
-use crate::k8s::crd::Phase;
-use crate::k8s::metrics::Metrics;
-use crate::planner::Plan;
+use kv_control::metrics::Metrics;
+use kv_control::planner::Plan;
 
 /// The key the one local cluster is recorded under.
 const CLUSTER: &str = "local";
@@ -57,7 +56,7 @@ impl LocalMetrics {
         m.record(started, result);
         m.observe_cluster(
             CLUSTER,
-            Phase::from(plan.phase),
+            plan.phase,
             plan.nodes.iter().map(|n| n.state).collect(),
             held,
         );
@@ -98,7 +97,7 @@ impl LocalMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::planner::{NodeStatus, Phase as PlanPhase};
+    use kv_control::planner::{NodeStatus, Phase as PlanPhase};
     use kv_core::NodeState;
 
     fn plan(phase: PlanPhase, states: &[NodeState]) -> Plan {

@@ -1,4 +1,6 @@
-//! The operator's own Prometheus metrics (docs/design.md, "Operator").
+//! The control plane's Prometheus metrics (docs/design.md, "Operator"),
+//! the same names on both platforms: kv-operator serves them for every
+//! KvCluster it reconciles, `kvctl up`'s gateway for its one cluster.
 //!
 //! `kv_operator_clusters{phase}` and `kv_operator_nodes{state}` are gauges over
 //! every KvCluster this operator reconciles; each reconcile records its
@@ -20,7 +22,7 @@ use std::time::Instant;
 use kv_core::NodeState;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry};
 
-use super::crd::Phase;
+use crate::phase::Phase;
 
 /// The latest phase, node states and held-down node count of each cluster,
 /// by `namespace/name`.

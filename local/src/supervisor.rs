@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use kv_core::{NodeState, Topology};
 
-use super::state::{now_ms, write_atomic};
-use super::{Inner, Platform};
-use crate::planner::{self, Action, Desired, NodeObservation, NodeProgress, Observed, Plan};
+use crate::state::{now_ms, write_atomic};
+use crate::{Inner, Platform};
+use kv_control::planner::{self, Desired, NodeObservation, NodeProgress, Observed, Plan};
+use kv_control::{Observation, Step};
 
 /// How often the supervisor plans.
 const TICK: Duration = Duration::from_millis(250);
@@ -71,26 +72,14 @@ impl Platform {
         self.shutdown().await;
     }
 
-    /// One round: reap, observe, plan, act.
+    /// One round of kv-control's loop: reap, observe, plan, act.
     pub async fn tick(&self) {
-        let started = Instant::now();
-        self.reap();
-        self.poll_reports().await;
-        let (plan, observed, desired) = {
-            let inner = self.lock();
-            let observed = self.observed(&inner, now_ms());
-            let desired = inner.saved.desired();
-            (
-                planner::plan(&desired, &observed, &self.config),
-                observed,
-                desired,
-            )
+        let mut round = Round {
+            platform: self,
+            started: Instant::now(),
+            desired: None,
         };
-        let counted = plan.clone();
-        self.apply(plan, observed).await;
-        // Failed nodes held down by `kvctl fail`: a drill, not a failure.
-        let held = desired.held_down(counted.nodes.iter().map(|n| (n.ordinal, n.state)));
-        self.metrics.record_tick(started, &counted, held);
+        let Ok(_) = kv_control::step(&mut round).await;
     }
 
     fn reap(&self) {
@@ -181,7 +170,7 @@ impl Platform {
         }
     }
 
-    async fn apply(&self, plan: Plan, observed: Observed) {
+    fn announce(&self, plan: &Plan) {
         for t in &plan.transitions {
             let from = t.from.map_or("new".to_string(), |s| s.to_string());
             self.say(format!(
@@ -192,33 +181,19 @@ impl Platform {
         if let Some(rb) = plan.rebalance {
             self.say(format!("rebalance: {rb:?}"));
         }
-        self.print_progress(&plan);
-        let topology = plan.topology_after(&observed).cloned();
-        if let Some(t) = &plan.topology {
-            let mut inner = self.lock();
-            inner.saved.epoch_floor = inner.saved.epoch_floor.max(t.epoch);
-            inner.topology = Some(t.clone());
-            if let Err(e) = self.save(&inner) {
-                tracing::error!(error = %e, "cannot save the cluster state");
-            }
-            let json = serde_json::to_vec_pretty(t).unwrap_or_default();
-            if let Err(e) = write_atomic(&self.opts.data_dir.join("topology.json"), &json) {
-                tracing::error!(error = %e, "cannot write the topology file");
-            }
+    }
+
+    fn commit_topology(&self, t: &Topology) {
+        let mut inner = self.lock();
+        inner.saved.epoch_floor = inner.saved.epoch_floor.max(t.epoch);
+        inner.topology = Some(t.clone());
+        if let Err(e) = self.save(&inner) {
+            tracing::error!(error = %e, "cannot save the cluster state");
         }
-        for a in &plan.actions {
-            match *a {
-                Action::Kill(o) => self.kill(o).await,
-                Action::PushTopology => {
-                    if let Some(t) = &topology {
-                        self.push(t).await;
-                    }
-                }
-                Action::Stop(o) => self.stop(o).await,
-                Action::Start(o) => self.start(o),
-            }
+        let json = serde_json::to_vec_pretty(t).unwrap_or_default();
+        if let Err(e) = write_atomic(&self.opts.data_dir.join("topology.json"), &json) {
+            tracing::error!(error = %e, "cannot write the topology file");
         }
-        self.lock().last_plan = Some(plan);
     }
 
     fn print_progress(&self, plan: &Plan) {
@@ -288,5 +263,83 @@ impl Platform {
             })
             .map(|n| (n.ordinal, n.address.clone()))
             .collect()
+    }
+}
+
+/// One tick as kv-control's loop sees the local platform. Nothing it does
+/// fails the round: a node that cannot be started or told is seen again at
+/// the next tick, 250 ms later.
+struct Round<'a> {
+    platform: &'a Platform,
+    started: Instant,
+    /// The desired cluster this round planned, for the held-down count.
+    desired: Option<Desired>,
+}
+
+impl kv_control::Platform for Round<'_> {
+    type Error = std::convert::Infallible;
+
+    async fn observe(&mut self) -> Result<Option<Observation>, Self::Error> {
+        let p = self.platform;
+        p.reap();
+        p.poll_reports().await;
+        let inner = p.lock();
+        let desired = inner.saved.desired();
+        self.desired = Some(desired.clone());
+        Ok(Some(Observation {
+            desired,
+            observed: p.observed(&inner, now_ms()),
+            config: p.config.clone(),
+        }))
+    }
+
+    async fn prepare(&mut self, plan: &Plan, _: &Observed) -> Result<(), Self::Error> {
+        self.platform.announce(plan);
+        self.platform.print_progress(plan);
+        Ok(())
+    }
+
+    async fn commit(&mut self, topology: &Topology, changed: bool) -> Result<(), Self::Error> {
+        if changed {
+            self.platform.commit_topology(topology);
+        }
+        Ok(())
+    }
+
+    async fn kill(&mut self, ordinal: u32) -> Result<(), Self::Error> {
+        self.platform.kill(ordinal).await;
+        Ok(())
+    }
+
+    async fn push(&mut self, topology: &Topology) -> Result<(), Self::Error> {
+        self.platform.push(topology).await;
+        Ok(())
+    }
+
+    async fn stop(&mut self, ordinal: u32) -> Result<(), Self::Error> {
+        self.platform.stop(ordinal).await;
+        Ok(())
+    }
+
+    async fn start(&mut self, ordinal: u32) -> Result<(), Self::Error> {
+        self.platform.start(ordinal);
+        Ok(())
+    }
+
+    async fn finish(&mut self, step: &Step, _: &Observed) -> Result<(), Self::Error> {
+        let p = self.platform;
+        let Some(plan) = step.plan() else {
+            return Ok(());
+        };
+        if matches!(step, Step::Refused(_)) {
+            p.print_progress(plan);
+        }
+        p.lock().last_plan = Some(plan.clone());
+        // Failed nodes held down by `kvctl fail`: a drill, not a failure.
+        let held = self.desired.as_ref().map_or(0, |d| {
+            d.held_down(plan.nodes.iter().map(|n| (n.ordinal, n.state)))
+        });
+        p.metrics.record_tick(self.started, plan, held);
+        Ok(())
     }
 }

@@ -7,10 +7,10 @@ mod planner_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use kv_core::{BUCKETS, Consistency, NodeState, Placement, Strategy as Placing, Topology};
-use kv_operator::planner::{
+use kv_control::planner::{
     Action, Desired, NodeObservation, NodeProgress, Observed, Phase, Plan, Rebalance, plan,
 };
+use kv_core::{BUCKETS, Consistency, NodeState, Placement, Strategy as Placing, Topology};
 use planner_support::config;
 use proptest::prelude::*;
 

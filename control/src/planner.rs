@@ -272,25 +272,9 @@ pub struct Refusal {
     pub reason: String,
 }
 
-/// The cluster as a whole, in one word.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Phase {
-    /// The first topology was just written.
-    Creating,
-    /// Every node Up.
-    Running,
-    /// Some node not Up.
-    Degraded,
-    /// A placement change is pending.
-    Rebalancing,
-    /// The request was refused (see [`Plan::refusal`]).
-    Failed,
-    /// Every node is stopped on request ([`Desired::hibernate`]), its store
-    /// kept: the topology is left as it is (nodes absent for hibernation are
-    /// not failures), so waking up brings back the same nodes, in the same
-    /// states, with the same data.
-    Hibernated,
-}
+/// The cluster as a whole, in one word; the planner never says `WakingUp`
+/// (only a platform can tell that pods are not back yet).
+pub use crate::phase::Phase;
 
 /// What happened to the placement in this plan.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -1,5 +1,5 @@
 //! The local platform behind `kvctl up`: kv-node processes on loopback,
-//! driven by the same [`planner`](crate::planner) as the Kubernetes
+//! driven by the same [`planner`](kv_control::planner) as the Kubernetes
 //! operator, and a gateway ([`gateway`]) that routes clients to Up nodes and
 //! serves the control routes.
 //!
@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use kv_core::{Consistency, Strategy, Topology};
 
-use crate::planner::{NodeProgress, Plan, PlannerConfig};
+use kv_control::planner::{NodeProgress, Plan, PlannerConfig};
 
 pub use kv_net::free_port;
 pub use state::{SavedState, random_token};
@@ -241,7 +241,7 @@ impl Platform {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn say(&self, line: String) {
+    pub(crate) fn say(&self, line: String) {
         if self.opts.verbose {
             println!("{line}");
         }
@@ -277,7 +277,7 @@ impl Platform {
         self.opts.data_dir.join(format!("node-{ordinal}"))
     }
 
-    pub(super) fn ports(&self, o: u32) -> Option<(u16, u16)> {
+    pub(crate) fn ports(&self, o: u32) -> Option<(u16, u16)> {
         self.lock().saved.ports.get(&o).copied()
     }
 

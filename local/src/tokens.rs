@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use kv_net::token::{Tokens, fingerprint, fingerprints, format};
 
-use super::state::write_atomic;
-use super::{LocalError, Platform};
+use crate::state::write_atomic;
+use crate::{LocalError, Platform};
 
 /// The client token file in a data directory.
 pub fn client_file(data_dir: &Path) -> PathBuf {
@@ -77,7 +77,7 @@ impl LocalTokens {
                 (Some(t), Some(w)) if t.len() == 1 && t[0] == w => None,
                 (_, Some(w)) => Some(w.to_string()),
                 (Some(_), None) => None,
-                (None, None) => Some(legacy.unwrap_or_else(super::random_token)),
+                (None, None) => Some(legacy.unwrap_or_else(crate::random_token)),
             };
             if let Some(t) = write {
                 write_atomic(&path, format(&[&t]).as_bytes())?;
@@ -141,7 +141,7 @@ impl Platform {
         let tokens = self.tokens.of(kind).clone();
         let path = kind.file(&self.opts.data_dir);
         let old = tokens.current();
-        let new = super::random_token();
+        let new = crate::random_token();
         let mut nodes = Vec::new();
         for (i, step) in [[&old, &new].as_slice(), &[&new, &old], &[&new]]
             .into_iter()

@@ -4,8 +4,8 @@
 
 mod planner_support;
 
+use kv_control::planner::{Action, Desired, Phase, Rebalance};
 use kv_core::{Consistency, NodeState, Strategy};
-use kv_operator::planner::{Action, Desired, Phase, Rebalance};
 use planner_support::*;
 
 use NodeState::{Failed, Joining, Leaving, Recovering, Up};
@@ -768,13 +768,13 @@ fn a_first_plan_holding_down_too_many_nodes_is_refused() {
 fn a_changed_node_address_is_a_new_topology() {
     let (t, _) = settle(&desired(3), None, 3);
     let o = observed(Some(t.clone()), all_synced(3, t.epoch));
-    let moved = kv_operator::planner::PlannerConfig::new(|o| {
+    let moved = kv_control::planner::PlannerConfig::new(|o| {
         (
             format!("127.0.0.1:{}", 7000 + o),
             format!("127.0.0.1:{}", 8000 + o),
         )
     });
-    let p = kv_operator::planner::plan(&desired(3), &o, &moved);
+    let p = kv_control::planner::plan(&desired(3), &o, &moved);
     let t1 = p.topology.expect("moved");
     assert_eq!(t1.nodes[1].address, "127.0.0.1:7001");
     assert_eq!(t1.epoch, t.epoch + 1);
@@ -782,8 +782,8 @@ fn a_changed_node_address_is_a_new_topology() {
 
 #[test]
 fn a_bad_address_is_refused_rather_than_written() {
-    let bad = kv_operator::planner::PlannerConfig::new(|_| ("nohost".into(), "x".into()));
-    let p = kv_operator::planner::plan(&desired(3), &observed(None, vec![]), &bad);
+    let bad = kv_control::planner::PlannerConfig::new(|_| ("nohost".into(), "x".into()));
+    let p = kv_control::planner::plan(&desired(3), &observed(None, vec![]), &bad);
     assert!(
         p.refusal
             .as_ref()

@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use kv_core::{NodeState, Topology};
-use kv_operator::planner::{
+use kv_control::planner::{
     Desired, NodeObservation, NodeProgress, Observed, Plan, PlannerConfig, plan,
 };
+use kv_core::{NodeState, Topology};
 
 pub fn config() -> PlannerConfig {
     PlannerConfig::new(|o| (format!("n{o}:7400"), format!("n{o}:7401")))

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use kv_net::pki::{Ca, write_private};
 use kv_net::tls::{Identity, ServerFiles, ServerTls, client_config};
 
-use super::LocalError;
+use crate::LocalError;
 
 /// The CA's name; a CA read back from its files issues under it.
 const CA_NAME: &str = "kvstore local CA (kvctl up)";

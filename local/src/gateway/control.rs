@@ -105,11 +105,11 @@ impl Gateway {
     }
 
     /// `POST /v1/tokens/{client|cluster}/rotate[?timeout=S]`: the whole
-    /// rotation ([`crate::local::Platform::rotate_token`]), each of its three
+    /// rotation ([`crate::Platform::rotate_token`]), each of its three
     /// steps awaited for at most the call's bound. Answers the new client
     /// token (the caller holds the old one); never the cluster token.
     async fn rotate_token(&self, which: &str, query: &str) -> Response {
-        use crate::local::tokens::{RotateError, TokenKind};
+        use crate::tokens::{RotateError, TokenKind};
         let kind = match which {
             "client" => TokenKind::Client,
             "cluster" => TokenKind::Cluster,

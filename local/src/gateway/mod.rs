@@ -10,7 +10,7 @@
 //! `POST /set_replication_strategy`, `GET /nodes_for_key/<key>`, and the v1
 //! equivalents `GET /v1/nodes`, `POST /v1/nodes/<id>/fail`,
 //! `POST /v1/nodes/<id>/recover`, `PUT /v1/replication`. `GET /metrics` (no
-//! auth) serves the control-plane metrics ([`super::metrics`]).
+//! auth) serves the control-plane metrics ([`crate::metrics`]).
 
 //!
 //! The gateway's jobs, one module each: [`proxy`] forwards data routes to a
@@ -35,7 +35,7 @@ use warp::http::{HeaderMap, Method};
 
 pub use input::{DEFAULT_WAIT, ReplicationChange};
 
-use super::Platform;
+use crate::Platform;
 
 /// Largest body forwarded (values are limited by the nodes).
 const MAX_BODY: usize = 8 * 1024 * 1024;
@@ -52,7 +52,7 @@ fn error(status: u16, code: &str, message: impl Into<String>, classic: bool) -> 
 
 impl Gateway {
     pub fn new(platform: Arc<Platform>) -> Arc<Gateway> {
-        let http = super::tls::client_builder(platform.tls.as_ref())
+        let http = crate::tls::client_builder(platform.tls.as_ref())
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(30))

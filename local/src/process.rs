@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use super::state::now_ms;
-use super::{LocalError, Platform};
+use crate::state::now_ms;
+use crate::{LocalError, Platform};
 
 /// Least time between two starts of the same node.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
@@ -101,11 +101,11 @@ impl Platform {
             .env_remove("KV_CLUSTER_TOKEN")
             .env(
                 "KV_TOKEN_FILE",
-                super::tokens::client_file(&self.opts.data_dir),
+                crate::tokens::client_file(&self.opts.data_dir),
             )
             .env(
                 "KV_CLUSTER_TOKEN_FILE",
-                super::tokens::cluster_file(&self.opts.data_dir),
+                crate::tokens::cluster_file(&self.opts.data_dir),
             )
             .envs(tls.iter().flat_map(|((cert, key), ca)| {
                 [

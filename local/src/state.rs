@@ -1,5 +1,5 @@
 //! The platform's state files: `cluster.json` (the desired cluster, ports,
-//! epoch floor; the tokens are in their own files, [`super::tokens`]),
+//! epoch floor; the tokens are in their own files, [`crate::tokens`]),
 //! written atomically, and changes to the desired
 //! cluster, accepted only when the planner would carry them out.
 
@@ -10,9 +10,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use kv_core::{Consistency, Strategy, Topology};
 use serde::{Deserialize, Serialize};
 
-use super::process::new_ports;
-use super::{Inner, LocalError, Platform, UpOptions};
-use crate::planner::Desired;
+use crate::process::new_ports;
+use crate::{Inner, LocalError, Platform, UpOptions};
+use kv_control::planner::Desired;
 
 /// `cluster.json`.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -140,7 +140,7 @@ impl SavedState {
 }
 
 pub fn random_token() -> String {
-    crate::token::random_token()
+    kv_control::token::random_token()
 }
 
 pub(super) fn now_ms() -> u64 {
