@@ -22,6 +22,8 @@ mod error;
 mod list;
 mod plan;
 mod quorum;
+#[cfg(test)]
+mod quorum_tests;
 mod read;
 mod write;
 
