@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, watch};
 use crate::clock::SkewTracker;
 use crate::cluster::{ClusterState, Source};
 use crate::config::Config;
+use crate::coordinator::CoordError;
 use crate::metrics::Metrics;
 use crate::peer::{EpochSeen, Peers};
 use crate::storage::{CommitObserver, StorageError, Store, StoreOptions};
@@ -298,18 +299,14 @@ impl Node {
     /// Refuses to coordinate a write while this node's clock is further from
     /// the cluster's than `max_clock_skew`: its versions would be off by that
     /// much, and a version too far ahead outranks writes acknowledged later.
-    pub fn check_clock(&self) -> Result<(), ApiError> {
+    pub fn check_clock(&self) -> Result<(), CoordError> {
         let skew = self.skew.skew_ms();
         if skew.unsigned_abs() > self.config.max_clock_skew.as_millis() as u64 {
-            return Err(ApiError::new(
-                503,
-                "clock_skew",
-                format!(
-                    "node {}'s clock is {skew} ms off the cluster's (limit {} ms); it coordinates no writes until the clock is fixed; try another node",
-                    self.me(),
-                    self.config.max_clock_skew.as_millis()
-                ),
-            ));
+            return Err(CoordError::ClockSkew(format!(
+                "node {}'s clock is {skew} ms off the cluster's (limit {} ms); it coordinates no writes until the clock is fixed; try another node",
+                self.me(),
+                self.config.max_clock_skew.as_millis()
+            )));
         }
         Ok(())
     }

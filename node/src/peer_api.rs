@@ -256,7 +256,10 @@ async fn handle(
                     "the value is over this node's limit".into(),
                 ));
             }
-            let stored = node.create_as_leader(record.key, value, level).await?;
+            let stored = node
+                .coordinator()
+                .create_as_leader(record.key, value, level)
+                .await?;
             Ok(binary(wire::encode_records([&stored])))
         }
         (Method::POST, r @ ("promise" | "accept")) => {

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::kv::{key_json, key_text};
 use super::{Response, json_response};
+use crate::coordinator::{CoordError, WriteKind};
 use crate::node::{ApiError, Node};
 
 pub(super) async fn write(
@@ -36,19 +37,20 @@ pub(super) async fn write(
     validate_value(&value, node.config.max_value_bytes)
         .map_err(|e| ApiError::new(413, "payload_too_large", e.to_string()))?;
     match node
-        .write(key.clone().into_bytes(), Some(value), level, true, false)
+        .coordinator()
+        .write(key.clone().into_bytes(), WriteKind::Create(value), level)
         .await
     {
         Ok(_) => Ok(json_response(
             200,
             &json!({"status": "success", "message": format!("Key '{key}' written")}),
         )),
-        Err(e) if e.status == 412 => Err(ApiError::new(
+        Err(CoordError::Exists(_)) => Err(ApiError::new(
             409,
             "conflict",
             format!("Key '{key}' already exists"),
         )),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -57,7 +59,7 @@ pub(super) async fn read(
     key: &[u8],
     level: Option<Consistency>,
 ) -> Result<Response, ApiError> {
-    match node.read(key, level).await? {
+    match node.coordinator().read(key, level).await? {
         Some(Record { value: Some(v), .. }) => Ok(json_response(
             200,
             &json!({
@@ -80,17 +82,21 @@ pub(super) async fn delete(
     key: &[u8],
     level: Option<Consistency>,
 ) -> Result<Response, ApiError> {
-    match node.write(key.to_vec(), None, level, false, true).await {
+    match node
+        .coordinator()
+        .write(key.to_vec(), WriteKind::Delete, level)
+        .await
+    {
         Ok(_) => Ok(json_response(
             200,
             &json!({"status": "success", "message": format!("Key '{}' deleted", key_text(key))}),
         )),
-        Err(e) if e.status == 404 => Err(ApiError::new(
+        Err(CoordError::NotFound) => Err(ApiError::new(
             404,
             "not_found",
             format!("Key '{}' not found", key_text(key)),
         )),
-        Err(e) => Err(e),
+        Err(e) => Err(e.into()),
     }
 }
 

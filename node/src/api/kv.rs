@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use warp::http::{HeaderValue, header};
 
 use super::{Incoming, MAX_LIST_LIMIT, Response, json_response, parse_query};
+use crate::coordinator::WriteKind;
 use crate::node::{ApiError, Node};
 
 /// A key as JSON: the string itself when it is UTF-8, else
@@ -39,7 +40,7 @@ pub(super) async fn get(
     key: &[u8],
     level: Option<Consistency>,
 ) -> Result<Response, ApiError> {
-    match node.read(key, level).await? {
+    match node.coordinator().read(key, level).await? {
         Some(Record {
             value: Some(v),
             version,
@@ -72,16 +73,14 @@ pub(super) async fn put(
 ) -> Result<Response, ApiError> {
     validate_value(&body, node.config.max_value_bytes)
         .map_err(|e| ApiError::new(413, "payload_too_large", e.to_string()))?;
-    let create_only = match req.headers.get(header::IF_NONE_MATCH) {
-        None => false,
-        Some(v) if v.as_bytes() == b"*" => true,
+    let kind = match req.headers.get(header::IF_NONE_MATCH) {
+        None => WriteKind::Put(body.to_vec()),
+        Some(v) if v.as_bytes() == b"*" => WriteKind::Create(body.to_vec()),
         Some(_) => {
             return Err(ApiError::bad_request("If-None-Match supports only *"));
         }
     };
-    let r = node
-        .write(key.to_vec(), Some(body.to_vec()), level, create_only, false)
-        .await?;
+    let r = node.coordinator().write(key.to_vec(), kind, level).await?;
     let mut resp = json_response(
         200,
         &json!({"key": key_json(key), "version": r.version.to_string()}),
@@ -97,7 +96,10 @@ pub(super) async fn delete(
     key: &[u8],
     level: Option<Consistency>,
 ) -> Result<Response, ApiError> {
-    let r = node.write(key.to_vec(), None, level, false, true).await?;
+    let r = node
+        .coordinator()
+        .write(key.to_vec(), WriteKind::Delete, level)
+        .await?;
     Ok(json_response(
         200,
         &json!({"key": key_json(key), "version": r.version.to_string()}),
@@ -134,7 +136,10 @@ pub(super) async fn list(node: &Arc<Node>, req: &Incoming) -> Result<Response, A
             .filter(|n| (1..=MAX_LIST_LIMIT).contains(n))
             .ok_or_else(|| ApiError::bad_request(format!("limit must be 1..={MAX_LIST_LIMIT}")))?,
     };
-    let page = node.list(&prefix, after.as_deref(), limit).await?;
+    let page = node
+        .coordinator()
+        .list(&prefix, after.as_deref(), limit)
+        .await?;
     let keys: Vec<Value> = page.keys.iter().map(|k| key_json(k)).collect();
     Ok(json_response(
         200,

@@ -10,12 +10,14 @@
 //!
 //! One module per route group: [`route`] (parsing), [`kv`] (the v1 key
 //! routes), [`classic`] (the original store's routes), [`cluster`] (health,
-//! metrics, the node's report, placement, digests). The answer shapes, the
+//! metrics, the node's report, placement, digests); [`error`] turns the
+//! coordinator's errors into answers. The answer shapes, the
 //! bearer check, body reading and the classic-path rule are shared with the
 //! `kvctl up` gateway ([`kv_net::http`]).
 
 mod classic;
 mod cluster;
+mod error;
 mod kv;
 mod route;
 

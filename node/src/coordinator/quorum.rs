@@ -1,0 +1,183 @@
+//! One fan-out for every quorum the coordinator waits for: ask owners,
+//! count the good answers, return as soon as the quorum is met.
+//!
+//! Each owner is called in its own task, so a call still in flight when the
+//! quorum is met runs to its end (a write's hint for an owner that fails
+//! late is still stored) and its answer arrives on [`Replies::late`] (read
+//! repair). How one owner is called is a closure, so the quorum rules are
+//! tested with in-memory owners (`quorum_tests`).
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+/// How long a read waits for an owner before also asking the next one.
+pub(crate) const SPECULATIVE_READ_AFTER: Duration = Duration::from_millis(100);
+
+/// Whom a fan-out asks, and when it asks more.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Fanout {
+    /// Owners asked at the start; each failure asks the next in order.
+    first: usize,
+    /// With no answer for this long, the next owner is asked as well.
+    speculate_after: Option<Duration>,
+}
+
+impl Fanout {
+    /// Every owner at once (writes and create steps).
+    pub fn all() -> Fanout {
+        Fanout {
+            first: usize::MAX,
+            speculate_after: None,
+        }
+    }
+
+    /// Exactly `need` owners, the next one when one fails or has not
+    /// answered within [`SPECULATIVE_READ_AFTER`] (as Cassandra's
+    /// speculative retry): a partitioned or stalled owner then costs that
+    /// delay, not the peer timeout.
+    pub fn read(need: usize) -> Fanout {
+        Fanout {
+            first: need,
+            speculate_after: Some(SPECULATIVE_READ_AFTER),
+        }
+    }
+}
+
+/// Counts good answers towards the quorum(s) a request needs.
+pub(crate) trait Tally<T> {
+    fn add(&mut self, owner: u32, reply: &T);
+    fn met(&self) -> bool;
+}
+
+/// `need` good answers from any of the owners asked (reads).
+#[derive(Debug)]
+pub(crate) struct Count {
+    pub need: usize,
+    pub got: usize,
+}
+
+impl Count {
+    pub fn new(need: usize) -> Count {
+        Count { need, got: 0 }
+    }
+}
+
+impl<T> Tally<T> for Count {
+    fn add(&mut self, _: u32, _: &T) {
+        self.got += 1;
+    }
+
+    fn met(&self) -> bool {
+        self.got >= self.need
+    }
+}
+
+/// What a fan-out saw until its quorum was met or could no longer be.
+pub(crate) struct Replies<T, E> {
+    pub met: bool,
+    /// Good answers, in the order they arrived.
+    pub ok: Vec<(u32, T)>,
+    /// Failed owners with why, in the order they failed.
+    pub failed: Vec<(u32, E)>,
+    /// Owners asked because others were slow.
+    pub speculated: u64,
+    /// Answers of the calls still running.
+    pub late: mpsc::UnboundedReceiver<(u32, Result<T, E>)>,
+}
+
+/// Calls under way to some of the owners, the rest waiting their turn.
+pub(crate) struct Calls<T, E, F> {
+    call: F,
+    queue: std::vec::IntoIter<u32>,
+    in_flight: usize,
+    speculate_after: Option<Duration>,
+    speculated: u64,
+    tx: mpsc::UnboundedSender<(u32, Result<T, E>)>,
+    rx: mpsc::UnboundedReceiver<(u32, Result<T, E>)>,
+}
+
+impl<T, E, F, Fut> Calls<T, E, F>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<T, E>> + Send + 'static,
+{
+    /// Starts the first calls at once (a write stores its hints for down
+    /// owners while they run).
+    pub fn start(owners: Vec<u32>, how: Fanout, call: F) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut calls = Calls {
+            call,
+            queue: owners.into_iter(),
+            in_flight: 0,
+            speculate_after: how.speculate_after,
+            speculated: 0,
+            tx,
+            rx,
+        };
+        for _ in 0..how.first {
+            if !calls.ask_next() {
+                break;
+            }
+        }
+        calls
+    }
+
+    fn ask_next(&mut self) -> bool {
+        let Some(owner) = self.queue.next() else {
+            return false;
+        };
+        let (reply, tx) = ((self.call)(owner), self.tx.clone());
+        tokio::spawn(async move {
+            let _ = tx.send((owner, reply.await));
+        });
+        self.in_flight += 1;
+        true
+    }
+
+    /// Waits until `tally` is met, or until no call is left that could
+    /// meet it.
+    pub async fn until(mut self, tally: &mut impl Tally<T>) -> Replies<T, E> {
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        // Without speculation the timer is never polled; its length is moot.
+        let patience = self.speculate_after.unwrap_or(Duration::from_secs(3600));
+        let speculate = tokio::time::sleep(patience);
+        tokio::pin!(speculate);
+        while !tally.met() && self.in_flight > 0 {
+            let (owner, reply) = tokio::select! {
+                next = self.rx.recv() => match next {
+                    Some(answer) => answer,
+                    None => break,
+                },
+                () = &mut speculate, if self.speculate_after.is_some() => {
+                    if self.ask_next() {
+                        self.speculated += 1;
+                    }
+                    speculate.as_mut().reset(tokio::time::Instant::now() + patience);
+                    continue;
+                }
+            };
+            self.in_flight -= 1;
+            match reply {
+                Ok(r) => {
+                    tally.add(owner, &r);
+                    ok.push((owner, r));
+                }
+                Err(e) => {
+                    failed.push((owner, e));
+                    self.ask_next();
+                }
+            }
+        }
+        Replies {
+            met: tally.met(),
+            ok,
+            failed,
+            speculated: self.speculated,
+            late: self.rx,
+        }
+    }
+}
