@@ -159,13 +159,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Backup { to, access, .. } => {
-            let reach = crate::cmd_backup::Reach {
-                endpoint: &cli.endpoint,
-                token: cli.token,
-                access: &access,
-                tls: &tls,
-                timeout,
-            };
+            let reach =
+                crate::cmd_backup::Reach::new(&cli.endpoint, cli.token, &access, &tls, timeout);
             crate::cmd_backup::backup(reach, &to, json_out).await
         }
         Command::Restore {
@@ -174,13 +169,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             access,
             ..
         } => {
-            let reach = crate::cmd_backup::Reach {
-                endpoint: &cli.endpoint,
-                token: cli.token,
-                access: &access,
-                tls: &tls,
-                timeout,
-            };
+            let reach =
+                crate::cmd_backup::Reach::new(&cli.endpoint, cli.token, &access, &tls, timeout);
             crate::cmd_backup::restore(reach, &from, force, json_out).await
         }
         Command::Up(args) => crate::cmd_up::run(args, cli.token).await,
@@ -286,7 +276,7 @@ async fn kube_cmd(
         }
         Kube::Verify(bound) => return verify_on_cluster(&target, bound, timeout, json_out).await,
         Kube::Restart(wait) => {
-            let at = kv_operator::k8s::restart::request_now();
+            let at = kv_crd::kvcluster::request_now();
             let outcome = target.within(timeout, target.restart(&at)).await?;
             return wait_for_restart(&target, &outcome, wait, timeout, json_out).await;
         }
@@ -304,7 +294,7 @@ async fn backup_on_cluster(
     timeout: Duration,
     json_out: bool,
 ) -> Result<ExitCode> {
-    use kv_operator::k8s::backup::BackupPhase;
+    use kv_crd::kvbackup::BackupPhase;
     let s3 = s3_settings(&on.s3);
     let req = k8s::BackupRequest {
         name: on.backup_name.clone(),
@@ -341,9 +331,9 @@ async fn backup_on_cluster(
 }
 
 /// The `--s3-*` flags as a KvBackup's or a bootstrap's `s3`.
-fn s3_settings(s3: &kvctl::cli::S3OnCluster) -> Option<kv_operator::k8s::backup::S3Settings> {
+fn s3_settings(s3: &kvctl::cli::S3OnCluster) -> Option<kv_crd::kvbackup::S3Settings> {
     (s3.s3_endpoint.is_some() || s3.s3_region.is_some() || s3.s3_credentials_secret.is_some()).then(
-        || kv_operator::k8s::backup::S3Settings {
+        || kv_crd::kvbackup::S3Settings {
             endpoint: s3.s3_endpoint.clone(),
             region: s3.s3_region.clone(),
             credentials_secret: s3.s3_credentials_secret.clone(),
@@ -410,7 +400,7 @@ async fn verify_on_cluster(
     timeout: Duration,
     json_out: bool,
 ) -> Result<ExitCode> {
-    let at = kv_operator::k8s::restart::request_now();
+    let at = kv_crd::kvcluster::request_now();
     target.within(timeout, target.request_verify(&at)).await?;
     let bound = Duration::from_secs_f64(bound);
     let name = target.name();

@@ -51,6 +51,24 @@ pub struct Reach<'a> {
     pub timeout: Duration,
 }
 
+impl<'a> Reach<'a> {
+    pub fn new(
+        endpoint: &'a str,
+        token: Option<String>,
+        access: &'a ClusterAccess,
+        tls: &'a TlsOptions,
+        timeout: Duration,
+    ) -> Reach<'a> {
+        Reach {
+            endpoint,
+            token,
+            access,
+            tls,
+            timeout,
+        }
+    }
+}
+
 fn clients(reach: Reach<'_>) -> Result<(Client, PeerClient)> {
     let Reach {
         endpoint,

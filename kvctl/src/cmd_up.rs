@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use kv_core::Strategy;
+use kv_crd::kvcluster::KvCluster;
 use kv_local::{UpOptions, up};
-use kv_operator::k8s::crd::KvCluster;
 use kvctl::cli::{StrategyArg, UpArgs};
 
 pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
@@ -65,7 +65,7 @@ pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
         opts.write_consistency = opts.write_consistency.or(Some(d.write_consistency));
         opts.failed_nodes = Some(d.failed_nodes);
     }
-    up(opts, node_args, shutdown_signal()).await?;
+    up(opts, node_args, kv_node::process::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -80,19 +80,4 @@ fn node_program(given: Option<&Path>) -> Result<(PathBuf, Vec<OsString>)> {
         "cannot find this executable to run the nodes as `kvctl node`; pass --node-binary",
     )?;
     Ok((me, vec![OsString::from("node")]))
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

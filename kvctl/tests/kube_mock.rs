@@ -715,7 +715,7 @@ async fn a_restart_wait_ignores_an_earlier_restart_and_says_how_far_this_one_got
 async fn restore_creates_a_new_kvcluster_started_from_the_backup_and_waits_for_restored() {
     let req = kvctl::k8s::RestoreRequest {
         from: "s3://backups/prod/2026-12-04".into(),
-        s3: Some(kv_operator::k8s::backup::S3Settings {
+        s3: Some(kv_crd::kvbackup::S3Settings {
             endpoint: Some("http://127.0.0.1:9000".into()),
             region: None,
             credentials_secret: Some("creds".into()),

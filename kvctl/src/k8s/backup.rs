@@ -7,10 +7,10 @@
 use std::time::{Duration, Instant};
 
 use kube::api::{Api, ObjectMeta, PostParams};
-use kv_operator::k8s::KvClusterSpec;
-use kv_operator::k8s::backup::{BackupPhase, KvBackup, KvBackupSpec, S3Settings};
-use kv_operator::k8s::bootstrap::{Bootstrap, BootstrapPhase, FromBackup};
-use kv_operator::k8s::crd::{KvCluster, TlsMode};
+use kv_crd::KvClusterSpec;
+use kv_crd::bootstrap::{Bootstrap, BootstrapPhase, FromBackup};
+use kv_crd::kvbackup::{BackupPhase, KvBackup, KvBackupSpec, S3Settings};
+use kv_crd::kvcluster::{KvCluster, TlsMode};
 
 use super::{FIELD_MANAGER, KubeError, Target};
 use crate::client::error_chain;
@@ -283,7 +283,7 @@ pub fn render_backup(b: &KvBackup) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kv_operator::k8s::backup::KvBackupStatus;
+    use kv_crd::kvbackup::KvBackupStatus;
 
     #[test]
     fn a_restored_spec_is_the_other_clusters_without_what_belongs_to_it_alone() {

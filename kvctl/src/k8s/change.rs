@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use kube::ResourceExt;
 use kv_control::planner::{self, Observed};
 use kv_core::Topology;
-use kv_operator::k8s::crd::{FORCE_FAULT_INJECTION, KvCluster};
+use kv_crd::kvcluster::{FORCE_FAULT_INJECTION, KvCluster};
 use serde_json::{Value, json};
 
 use super::KubeError;

@@ -4,11 +4,11 @@
 use std::fmt::Write as _;
 
 use kv_core::NodeState;
-use kv_operator::k8s::crd::KvCluster;
+use kv_crd::kvcluster::KvCluster;
 use serde_json::{Value, json};
 
 use kube::ResourceExt;
-use kv_operator::k8s::crd::{FORCE_FAULT_INJECTION, RestartStatus};
+use kv_crd::kvcluster::{FORCE_FAULT_INJECTION, RestartStatus};
 
 use super::change::cluster_id;
 use super::{Outcome, status_topology};
@@ -221,7 +221,7 @@ pub fn render_outcome(o: &Outcome) -> String {
 }
 
 /// kv-operator's verification (`status.lastVerify`), as `kvctl verify` prints its own.
-pub fn render_verify_status(v: &kv_operator::k8s::verify::VerifyStatus) -> String {
+pub fn render_verify_status(v: &kv_crd::verify::VerifyStatus) -> String {
     let mut out = String::new();
     for n in &v.not_checked {
         let _ = writeln!(out, "{n}: not checked");

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use kv_operator::k8s::crd::{KvCluster, RESTARTED_AT};
+use kv_crd::kvcluster::{KvCluster, RESTARTED_AT};
 use serde::Serialize;
 use serde_json::{Value, json};
 

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, LogParams, Patch, PatchParams};
 use kube::config::{Config, KubeConfigOptions};
 use kube::{Client, ResourceExt};
-use kv_operator::k8s::crd::{KvCluster, RESTARTED_AT};
+use kv_crd::kvcluster::{KvCluster, RESTARTED_AT};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -245,7 +245,7 @@ impl Target {
     /// `kvstore.dev/verifyRequestedAt` set to `at`.
     pub async fn request_verify(&self, at: &str) -> Result<(), KubeError> {
         let patch = serde_json::json!({"metadata": {"annotations": {
-            kv_operator::k8s::verify::VERIFY_REQUESTED_AT: at
+            kv_crd::verify::VERIFY_REQUESTED_AT: at
         }}});
         self.api
             .patch(&self.name, &self.params(), &Patch::Merge(&patch))
@@ -260,7 +260,7 @@ impl Target {
         &self,
         at: &str,
         bound: Duration,
-    ) -> Result<Option<kv_operator::k8s::verify::VerifyStatus>, KubeError> {
+    ) -> Result<Option<kv_crd::verify::VerifyStatus>, KubeError> {
         let t0 = tokio::time::Instant::now();
         loop {
             let kvc = self.get().await?;
@@ -313,7 +313,7 @@ impl Target {
                 replicas: kvc.spec.replicas,
             });
         }
-        let pod = kv_operator::k8s::objects::pod_name(&kvc, node);
+        let pod = kv_crd::names::pod_name(&kvc, node);
         let params = LogParams {
             container: Some(NODE_CONTAINER.to_string()),
             follow: args.follow,

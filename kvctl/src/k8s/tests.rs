@@ -1,7 +1,7 @@
 use super::*;
 use kv_core::NodeState;
-use kv_operator::k8s::crd::{Condition, KvClusterStatus, NodeStatus, Phase};
-use kv_operator::k8s::crd::{FORCE_FAULT_INJECTION, KvCluster};
+use kv_crd::kvcluster::{Condition, KvClusterStatus, NodeStatus, Phase};
+use kv_crd::kvcluster::{FORCE_FAULT_INJECTION, KvCluster};
 use serde_json::json;
 
 fn cluster(spec_yaml: &str, states: &[NodeState]) -> KvCluster {
@@ -420,10 +420,10 @@ fn outcomes_say_what_became_of_the_force_annotation_and_how_to_remove_it() {
 fn nodes_show_the_last_restart_in_progress_and_finished() {
     let mut kvc = cluster("{replicas: 3}", &UP3);
     let status = kvc.status.as_mut().expect("status");
-    status.last_restart = Some(kv_operator::k8s::crd::RestartStatus {
+    status.last_restart = Some(kv_crd::kvcluster::RestartStatus {
         requested_at: "r1".into(),
         restarted: vec![0],
-        restarting: Some(kv_operator::k8s::crd::RestartingNode {
+        restarting: Some(kv_crd::kvcluster::RestartingNode {
             ordinal: 1,
             pod_uid: "u".into(),
         }),
@@ -453,8 +453,8 @@ fn nodes_show_the_last_restart_in_progress_and_finished() {
 fn nodes_show_a_start_from_a_backup() {
     let mut kvc = cluster("{replicas: 3}", &UP3);
     let status = kvc.status.as_mut().expect("status");
-    status.bootstrap = Some(kv_operator::k8s::bootstrap::BootstrapStatus {
-        phase: kv_operator::k8s::bootstrap::BootstrapPhase::Restored,
+    status.bootstrap = Some(kv_crd::bootstrap::BootstrapStatus {
+        phase: kv_crd::bootstrap::BootstrapPhase::Restored,
         source: "s3://b/p".into(),
         message: None,
         finished_at: Some("2026-12-04T10:00:00Z".into()),

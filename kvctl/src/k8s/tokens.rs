@@ -25,8 +25,8 @@ use std::time::Duration;
 
 use k8s_openapi::ByteString;
 use kv_core::NodeState;
-use kv_operator::k8s::crd::{KvCluster, NodeStatus, Phase};
-use kv_operator::k8s::objects;
+use kv_crd::kvcluster::{KvCluster, NodeStatus, Phase};
+use kv_crd::names as objects;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -199,12 +199,12 @@ mod tests {
             state,
             resync_progress: None,
             unreachable_since: None,
-            tokens: client.map(|c| kv_operator::k8s::crd::TokenFingerprints {
+            tokens: client.map(|c| kv_crd::kvcluster::TokenFingerprints {
                 client: s(c),
                 cluster: s(&["cc"]),
             }),
         };
-        kvc.status = Some(kv_operator::k8s::crd::KvClusterStatus {
+        kvc.status = Some(kv_crd::kvcluster::KvClusterStatus {
             nodes: vec![
                 node(0, NodeState::Up, Some(&["aa", "bb"])),
                 node(1, NodeState::Up, Some(&["aa"])),

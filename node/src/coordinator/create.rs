@@ -145,10 +145,7 @@ impl Coordinator {
         level: Consistency,
     ) -> Result<(), CoordError> {
         let plan = WritePlan::new(view, &record.key, level)?;
-        let (live, down): (Vec<u32>, Vec<u32>) = plan.targets.iter().partition(|o| {
-            view.state_of(**o)
-                .is_some_and(NodeState::takes_replica_writes)
-        });
+        let (live, down) = plan.live_and_down(view);
         let calls = Calls::start(live, Fanout::all(), |o| {
             let (c, view, rec) = (self.clone(), view.clone(), record.clone());
             async move { c.create_vote(&view, o, phase, rec).await }

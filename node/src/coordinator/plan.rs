@@ -67,6 +67,15 @@ impl WritePlan {
         })
     }
 
+    /// The targets that take replica writes now, and those that get a hint
+    /// instead (Failed, or not in the topology's states).
+    pub fn live_and_down(&self, view: &View) -> (Vec<u32>, Vec<u32>) {
+        self.targets.iter().partition(|o| {
+            view.state_of(**o)
+                .is_some_and(NodeState::takes_replica_writes)
+        })
+    }
+
     /// Which quorums an acknowledgement from `o` counts towards. An owner
     /// whose store is still catching up takes the write but does not count
     /// towards the committed placement's quorum (like a Recovering node): it

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use kv_core::{Applied, Consistency, NodeState, Record, Version};
+use kv_core::{Applied, Consistency, Record, Version};
 
 use super::plan::{Ack, WritePlan, WriteTally};
 use super::quorum::{Calls, Fanout};
@@ -131,10 +131,7 @@ impl Coordinator {
         level: Consistency,
     ) -> Result<Replicated, CoordError> {
         let plan = WritePlan::new(view, &record.key, level)?;
-        let (live, down): (Vec<u32>, Vec<u32>) = plan.targets.iter().partition(|o| {
-            view.state_of(**o)
-                .is_some_and(NodeState::takes_replica_writes)
-        });
+        let (live, down) = plan.live_and_down(view);
         let calls = Calls::start(live, Fanout::all(), |o| {
             let (c, view, rec) = (self.clone(), view.clone(), record.clone());
             async move { c.write_replica(&view, o, rec).await }

@@ -54,11 +54,7 @@ impl Step {
     }
 }
 
-/// A new request's value: now, RFC 3339 (what `kvctl restart --cluster`
-/// writes; any value the status has not finished works).
-pub fn request_now() -> String {
-    k8s_openapi::jiff::Timestamp::now().to_string()
-}
+pub use kv_crd::kvcluster::request_now;
 
 /// The annotation's value, when it asks for something.
 pub fn requested(kvc: &KvCluster) -> Option<&str> {
