@@ -78,6 +78,7 @@ impl Platform {
             platform: self,
             started: Instant::now(),
             desired: None,
+            committed: None,
         };
         let Ok(_) = kv_control::step(&mut round).await;
     }
@@ -183,10 +184,13 @@ impl Platform {
         }
     }
 
+    /// Keeps `t` where nodes read it at start and where a restarted `kvctl
+    /// up` finds it. The gateway shows it (and routes by it) only once the
+    /// round's push is done ([`Round::finish`]): a client told a node is Up
+    /// then finds every node knowing it.
     fn commit_topology(&self, t: &Topology) {
         let mut inner = self.lock();
         inner.saved.epoch_floor = inner.saved.epoch_floor.max(t.epoch);
-        inner.topology = Some(t.clone());
         if let Err(e) = self.save(&inner) {
             tracing::error!(error = %e, "cannot save the cluster state");
         }
@@ -274,6 +278,8 @@ struct Round<'a> {
     started: Instant,
     /// The desired cluster this round planned, for the held-down count.
     desired: Option<Desired>,
+    /// The topology committed this round, shown once the actions are done.
+    committed: Option<Topology>,
 }
 
 impl kv_control::Platform for Round<'_> {
@@ -302,6 +308,7 @@ impl kv_control::Platform for Round<'_> {
     async fn commit(&mut self, topology: &Topology, changed: bool) -> Result<(), Self::Error> {
         if changed {
             self.platform.commit_topology(topology);
+            self.committed = Some(topology.clone());
         }
         Ok(())
     }
@@ -334,7 +341,12 @@ impl kv_control::Platform for Round<'_> {
         if matches!(step, Step::Refused(_)) {
             p.print_progress(plan);
         }
-        p.lock().last_plan = Some(plan.clone());
+        let mut inner = p.lock();
+        if let Some(t) = self.committed.take() {
+            inner.topology = Some(t);
+        }
+        inner.last_plan = Some(plan.clone());
+        drop(inner);
         // Failed nodes held down by `kvctl fail`: a drill, not a failure.
         let held = self.desired.as_ref().map_or(0, |d| {
             d.held_down(plan.nodes.iter().map(|n| (n.ordinal, n.state)))
