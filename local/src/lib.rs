@@ -121,6 +121,10 @@ pub struct Inner {
     pub catching_up: BTreeSet<u32>,
 }
 
+/// The local cluster: its node processes, the state it keeps in its data
+/// directory, and what the supervisor last saw. Shared (`Arc`) by the
+/// supervisor, the gateway and the harnesses that drive it; each round of
+/// kv-control's loop takes the lock only between calls to the nodes.
 pub struct Platform {
     pub opts: UpOptions,
     /// The port map the planner's address function reads.

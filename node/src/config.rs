@@ -244,10 +244,8 @@ impl std::fmt::Debug for RestoreFrom {
 
 /// Async worker threads for `cpus` available CPUs: the storage writer and the
 /// log syncer are threads of their own, busy on every write, so the async
-/// runtime leaves them a core. On a 2-core machine one worker instead of two
-/// gave 30 % more single-node writes/s and 18 % more 3-node quorum reads/s
-/// (bench/profile.md: fewer threads contending for the cores, fewer wake-ups
-/// across them).
+/// runtime leaves them a core: fewer threads contend for the cores, with
+/// fewer wake-ups across them (measured in bench/profile.md).
 pub fn default_worker_threads(cpus: usize) -> usize {
     cpus.saturating_sub(1).max(1)
 }

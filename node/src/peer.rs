@@ -35,9 +35,8 @@ const IN_FLIGHT: usize = 4;
 /// Times a batcher yields to the runtime before draining its queue when
 /// another batch to the same peer is already in flight: the request tasks that
 /// were ready get to queue their items, so the batch leaves bigger and the
-/// link carries fewer requests. A link with nothing in flight sends at once.
-/// On 3 nodes under round-robin writes this took ~20 % less CPU per write and
-/// ~20 % more writes/s (A/B runs in bench/profile.md).
+/// link carries fewer requests. A link with nothing in flight sends at once
+/// (measured in bench/profile.md).
 const LINGER_YIELDS: usize = 2;
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -80,6 +79,10 @@ pub struct EpochSeen {
 
 type Reply<A> = oneshot::Sender<Result<A, PeerError>>;
 
+/// One peer link's queue: request tasks hand it items (replica writes,
+/// reads) and wait for their own answer; a task of its own sends them in
+/// batched requests, up to [`IN_FLIGHT`] at once, so many concurrent client
+/// requests cost the peer few HTTP requests.
 struct Batcher<Q, A> {
     tx: mpsc::UnboundedSender<(Q, Reply<A>)>,
 }

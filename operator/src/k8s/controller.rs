@@ -334,10 +334,10 @@ mod tests {
     use kv_control::planner::{NodeObservation, NodeProgress};
     use kv_core::NodeState;
 
-    use super::super::apply::tokens_settled;
     use super::super::crd::KvClusterStatus;
     use super::super::hibernation::{self, Hibernation};
     use super::super::observe::{ordinal_of, secret_fingerprints, track_unreachable};
+    use super::super::record::tokens_settled;
     use super::super::status::{cond, conditions_of, merge_conditions, status_of};
 
     #[test]

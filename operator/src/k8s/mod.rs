@@ -1,18 +1,20 @@
-//! kvstore on Kubernetes: the `KvCluster` custom resource and its controller.
+//! kvstore on Kubernetes: the controllers of the `KvCluster` and `KvBackup`
+//! resources (their types are kv-crd's, re-exported here as [`crd`] and
+//! [`backup`]).
 //!
-//! [`crd`] defines the resource (the CRD is generated from it). The controller
-//! is split the way it thinks: [`objects`] computes every owned object from the
-//! spec as pure functions, the [planner](kv_control::planner) turns observations
-//! into the next topology and node states, [`controller`] observes the
-//! cluster and applies the result with server-side apply ([`status`],
-//! [`events`] and [`nodes`] hold what it writes, publishes and asks of the
-//! nodes), [`hibernation`] and [`restart`] keep the state of
-//! those two requests across reconciles, [`volumes`] grows the nodes'
-//! claims when `spec.storage.size` grows, [metrics](kv_control::metrics) count what it did, and [`run`] wires it
-//! to the API server behind leader election. [`render`] prints the owned
-//! objects offline for review and schema validation. [`backup`] is the
-//! `KvBackup` resource and its own small controller; [`bootstrap`] starts a
-//! new cluster from a backup; [`verify`] compares the replicas on request.
+//! A reconcile of a KvCluster is one round of kv-control's loop with the
+//! cluster as the platform ([`round`]): [`observe`] reads the cluster's
+//! objects and the nodes' reports, the planner decides, [`apply`] writes the
+//! objects ([`objects`] computes each one from the spec as a pure function)
+//! and [`record`] the status ([`status`], [`events`]). [`controller`] holds
+//! what every reconcile shares and the retry policy; [`nodes`] the calls to
+//! the nodes; [`hibernation`] and [`restart`] keep the state of those two
+//! requests across reconciles; [`volumes`] grows the nodes' claims when
+//! `spec.storage.size` grows; [`tls`] the certificates; [`run`] wires it to
+//! the API server behind leader election. [`render`] prints the owned
+//! objects offline. [`backup`] is the `KvBackup` controller and the backup
+//! schedules; [`bootstrap`] starts a new cluster from a backup; [`verify`]
+//! compares the replicas on request.
 
 mod apply;
 pub mod backup;
@@ -24,6 +26,7 @@ pub mod hibernation;
 pub mod nodes;
 pub mod objects;
 mod observe;
+mod record;
 pub mod render;
 pub mod restart;
 mod round;
