@@ -423,6 +423,97 @@ const NETWORKING: &str = "/apis/networking.k8s.io/v1/namespaces/ns";
 const KVC: &str = "/apis/kvstore.dev/v1alpha1/namespaces/ns/kvclusters";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ns/events";
 
+/// The calls of one reconcile, built from the parts most scenarios share;
+/// a scenario adds its own with [`Script::then`].
+struct Script(Vec<Call>);
+
+impl Script {
+    /// The reads every reconcile starts with: the topology ConfigMap
+    /// holding `current`, the StatefulSet (`sts`; absent when `None`), the
+    /// pods `pods`, both token Secrets.
+    fn observe(
+        kvc: &KvCluster,
+        current: &Topology,
+        sts: Option<Value>,
+        pods: Vec<Value>,
+    ) -> Script {
+        let cm = configmap(kvc, current);
+        let pods = pod_list(pods);
+        Script(vec![
+            call(
+                Method::GET,
+                &format!("{NS}/configmaps/demo-topology"),
+                move |_| (StatusCode::OK, cm),
+            ),
+            call(
+                Method::GET,
+                &format!("{APPS}/statefulsets/demo"),
+                move |_| match sts {
+                    Some(sts) => (StatusCode::OK, sts),
+                    None => not_found(),
+                },
+            ),
+            call(Method::GET, &format!("{NS}/pods"), move |_| {
+                (StatusCode::OK, pods)
+            }),
+            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
+                (StatusCode::OK, secret())
+            }),
+            call(
+                Method::GET,
+                &format!("{NS}/secrets/demo-cluster-auth"),
+                |_| (StatusCode::OK, cluster_secret()),
+            ),
+        ])
+    }
+
+    /// The ConfigMap, both Services, the StatefulSet, the budget and the
+    /// NetworkPolicy, applied.
+    fn apply_objects(self) -> Script {
+        self.then(vec![
+            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
+            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
+            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
+            call(
+                Method::PATCH,
+                &format!("{POLICY}/poddisruptionbudgets/demo"),
+                echo,
+            ),
+            call(
+                Method::PATCH,
+                &format!("{NETWORKING}/networkpolicies/demo"),
+                echo,
+            ),
+        ])
+    }
+
+    /// The status written, answered as the API server would.
+    fn status(self, kvc: &KvCluster) -> Script {
+        let patch = call(
+            Method::PATCH,
+            &format!("{KVC}/demo/status"),
+            status_answer(kvc.clone()),
+        );
+        self.then(vec![patch])
+    }
+
+    fn then(mut self, calls: Vec<Call>) -> Script {
+        self.0.extend(calls);
+        self
+    }
+
+    fn calls(self) -> Vec<Call> {
+        self.0
+    }
+}
+
+/// A StatefulSet as the API server answers it (made at a fixed time).
+fn live_statefulset() -> Value {
+    json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "demo", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z"}})
+}
+
 fn topology_in(seen: &Seen) -> Topology {
     let json = seen.body["data"]["topology.json"]
         .as_str()
@@ -565,54 +656,19 @@ async fn a_new_cluster_gets_its_two_secrets_and_owned_objects_applied_and_a_crea
 async fn an_ordinal_added_to_failed_nodes_deletes_that_pod_and_raises_the_topology_epoch() {
     let kvc = cluster("{faultInjection: {failedNodes: [1]}}");
     let current = topology(&kvc, 3, &[NodeState::Up, NodeState::Up, NodeState::Up]);
-    let cm = configmap(&kvc, &current);
     let (_, seen) = run(
         kvc.clone(),
-        vec![
-            call(
-                Method::GET,
-                &format!("{NS}/configmaps/demo-topology"),
-                move |_| (StatusCode::OK, cm),
-            ),
-            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
-                not_found()
-            }),
-            call(Method::GET, &format!("{NS}/pods"), |_| {
-                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
-            }),
-            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-                (StatusCode::OK, secret())
-            }),
-            call(
-                Method::GET,
-                &format!("{NS}/secrets/demo-cluster-auth"),
-                |_| (StatusCode::OK, cluster_secret()),
-            ),
-            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
-            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
-            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
-            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
-            call(
-                Method::PATCH,
-                &format!("{POLICY}/poddisruptionbudgets/demo"),
-                echo,
-            ),
-            call(
-                Method::PATCH,
-                &format!("{NETWORKING}/networkpolicies/demo"),
-                echo,
-            ),
-            call(Method::DELETE, &format!("{NS}/pods/demo-1"), |_| {
-                (StatusCode::OK, running_pod(1))
-            }),
-            call(Method::POST, EVENTS, echo),
-            call(Method::POST, EVENTS, echo),
-            call(
-                Method::PATCH,
-                &format!("{KVC}/demo/status"),
-                status_answer(kvc.clone()),
-            ),
-        ],
+        Script::observe(&kvc, &current, None, (0..3).map(running_pod).collect())
+            .apply_objects()
+            .then(vec![
+                call(Method::DELETE, &format!("{NS}/pods/demo-1"), |_| {
+                    (StatusCode::OK, running_pod(1))
+                }),
+                call(Method::POST, EVENTS, echo),
+                call(Method::POST, EVENTS, echo),
+            ])
+            .status(&kvc)
+            .calls(),
     )
     .await;
     let t = topology_in(&seen[5]);
@@ -633,49 +689,12 @@ async fn an_ordinal_added_to_failed_nodes_deletes_that_pod_and_raises_the_topolo
 async fn a_node_already_held_down_is_not_deleted_again() {
     let kvc = cluster("{faultInjection: {failedNodes: [1]}}");
     let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Failed, NodeState::Up]);
-    let cm = configmap(&kvc, &current);
     let (_, seen) = run(
         kvc.clone(),
-        vec![
-            call(
-                Method::GET,
-                &format!("{NS}/configmaps/demo-topology"),
-                move |_| (StatusCode::OK, cm),
-            ),
-            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
-                not_found()
-            }),
-            call(Method::GET, &format!("{NS}/pods"), |_| {
-                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
-            }),
-            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-                (StatusCode::OK, secret())
-            }),
-            call(
-                Method::GET,
-                &format!("{NS}/secrets/demo-cluster-auth"),
-                |_| (StatusCode::OK, cluster_secret()),
-            ),
-            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
-            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
-            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
-            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
-            call(
-                Method::PATCH,
-                &format!("{POLICY}/poddisruptionbudgets/demo"),
-                echo,
-            ),
-            call(
-                Method::PATCH,
-                &format!("{NETWORKING}/networkpolicies/demo"),
-                echo,
-            ),
-            call(
-                Method::PATCH,
-                &format!("{KVC}/demo/status"),
-                status_answer(kvc.clone()),
-            ),
-        ],
+        Script::observe(&kvc, &current, None, (0..3).map(running_pod).collect())
+            .apply_objects()
+            .status(&kvc)
+            .calls(),
     )
     .await;
     assert_eq!(
@@ -1310,50 +1329,13 @@ async fn a_disabled_network_policy_already_gone_is_not_an_error() {
 async fn an_ordinal_removed_from_failed_nodes_whose_pod_is_back_starts_recovering() {
     let kvc = cluster("{}");
     let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Failed, NodeState::Up]);
-    let cm = configmap(&kvc, &current);
     let (_, seen) = run(
         kvc.clone(),
-        vec![
-            call(
-                Method::GET,
-                &format!("{NS}/configmaps/demo-topology"),
-                move |_| (StatusCode::OK, cm),
-            ),
-            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
-                not_found()
-            }),
-            call(Method::GET, &format!("{NS}/pods"), |_| {
-                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
-            }),
-            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-                (StatusCode::OK, secret())
-            }),
-            call(
-                Method::GET,
-                &format!("{NS}/secrets/demo-cluster-auth"),
-                |_| (StatusCode::OK, cluster_secret()),
-            ),
-            call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
-            call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
-            call(Method::PATCH, &format!("{NS}/services/demo"), echo),
-            call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
-            call(
-                Method::PATCH,
-                &format!("{POLICY}/poddisruptionbudgets/demo"),
-                echo,
-            ),
-            call(
-                Method::PATCH,
-                &format!("{NETWORKING}/networkpolicies/demo"),
-                echo,
-            ),
-            call(Method::POST, EVENTS, echo),
-            call(
-                Method::PATCH,
-                &format!("{KVC}/demo/status"),
-                status_answer(kvc.clone()),
-            ),
-        ],
+        Script::observe(&kvc, &current, None, (0..3).map(running_pod).collect())
+            .apply_objects()
+            .then(vec![call(Method::POST, EVENTS, echo)])
+            .status(&kvc)
+            .calls(),
     )
     .await;
     let t = topology_in(&seen[5]);
@@ -1514,57 +1496,15 @@ async fn a_node_still_catching_up_stays_recovering_with_its_progress_in_the_stat
     assert_eq!(node["resyncProgress"], 0.25);
 }
 
-/// The calls of a reconcile of `kvc` that observes `current` with `pods`
-/// running pods and applies the objects (one Event when `event`).
 fn reconcile_calls(kvc: &KvCluster, current: &Topology, pods: u32, event: bool) -> Vec<Call> {
-    let cm = configmap(kvc, current);
-    let mut calls = vec![
-        call(
-            Method::GET,
-            &format!("{NS}/configmaps/demo-topology"),
-            move |_| (StatusCode::OK, cm),
-        ),
-        call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
-            not_found()
-        }),
-        call(Method::GET, &format!("{NS}/pods"), move |_| {
-            (
-                StatusCode::OK,
-                pod_list((0..pods).map(running_pod).collect()),
-            )
-        }),
-        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-            (StatusCode::OK, secret())
-        }),
-        call(
-            Method::GET,
-            &format!("{NS}/secrets/demo-cluster-auth"),
-            |_| (StatusCode::OK, cluster_secret()),
-        ),
-        call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
-        call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
-        call(Method::PATCH, &format!("{NS}/services/demo"), echo),
-        call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
-        call(
-            Method::PATCH,
-            &format!("{POLICY}/poddisruptionbudgets/demo"),
-            echo,
-        ),
-        call(
-            Method::PATCH,
-            &format!("{NETWORKING}/networkpolicies/demo"),
-            echo,
-        ),
-    ];
-    if event {
-        calls.push(call(Method::POST, EVENTS, echo));
-    }
-    calls.push(call(
-        Method::PATCH,
-        &format!("{KVC}/demo/status"),
-        status_answer(kvc.clone()),
-    ));
-    calls
+    let script =
+        Script::observe(kvc, current, None, (0..pods).map(running_pod).collect()).apply_objects();
+    let script = if event {
+        script.then(vec![call(Method::POST, EVENTS, echo)])
+    } else {
+        script
+    };
+    script.status(kvc).calls()
 }
 
 #[tokio::test]
@@ -1889,36 +1829,12 @@ async fn holding_down_so_many_nodes_that_writes_fail_is_refused_and_nothing_is_a
     // Quorum of 3 owners needs 2: holding down 0 and 2 leaves 1.
     let kvc = cluster("{faultInjection: {failedNodes: [0, 2]}}");
     let current = topology(&kvc, 4, &[NodeState::Up, NodeState::Up, NodeState::Up]);
-    let cm = configmap(&kvc, &current);
     let (action, seen) = run(
         kvc.clone(),
-        vec![
-            call(
-                Method::GET,
-                &format!("{NS}/configmaps/demo-topology"),
-                move |_| (StatusCode::OK, cm),
-            ),
-            call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
-                not_found()
-            }),
-            call(Method::GET, &format!("{NS}/pods"), |_| {
-                (StatusCode::OK, pod_list((0..3).map(running_pod).collect()))
-            }),
-            call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-                (StatusCode::OK, secret())
-            }),
-            call(
-                Method::GET,
-                &format!("{NS}/secrets/demo-cluster-auth"),
-                |_| (StatusCode::OK, cluster_secret()),
-            ),
-            call(Method::POST, EVENTS, echo),
-            call(
-                Method::PATCH,
-                &format!("{KVC}/demo/status"),
-                status_answer(kvc.clone()),
-            ),
-        ],
+        Script::observe(&kvc, &current, None, (0..3).map(running_pod).collect())
+            .then(vec![call(Method::POST, EVENTS, echo)])
+            .status(&kvc)
+            .calls(),
     )
     .await;
     assert_eq!(action, Action::requeue(Duration::from_secs(60)));
@@ -1968,36 +1884,10 @@ fn second_hold_down(annotation: Option<&str>) -> (KvCluster, Topology) {
     (kvc, current)
 }
 
-/// The calls of a reconcile that reads the cluster of [`second_hold_down`]
-/// (pods 0 and 2 running, pod 1 held down) and then makes `rest`.
 fn observe_then(kvc: &KvCluster, current: &Topology, rest: Vec<Call>) -> Vec<Call> {
-    let cm = configmap(kvc, current);
-    let mut calls = vec![
-        call(
-            Method::GET,
-            &format!("{NS}/configmaps/demo-topology"),
-            move |_| (StatusCode::OK, cm),
-        ),
-        call(Method::GET, &format!("{APPS}/statefulsets/demo"), |_| {
-            not_found()
-        }),
-        call(Method::GET, &format!("{NS}/pods"), |_| {
-            (
-                StatusCode::OK,
-                pod_list(vec![running_pod(0), running_pod(2)]),
-            )
-        }),
-        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-            (StatusCode::OK, secret())
-        }),
-        call(
-            Method::GET,
-            &format!("{NS}/secrets/demo-cluster-auth"),
-            |_| (StatusCode::OK, cluster_secret()),
-        ),
-    ];
-    calls.extend(rest);
-    calls
+    Script::observe(kvc, current, None, vec![running_pod(0), running_pod(2)])
+        .then(rest)
+        .calls()
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> Option<&'a Value> {
@@ -2277,55 +2167,15 @@ fn observe_running(
     running: &[u32],
     rest: Vec<Call>,
 ) -> Vec<Call> {
-    let cm = configmap(kvc, current);
-    let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
-        "metadata": {"name": "demo", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z"}});
-    let pods = pod_list(running.iter().map(|&o| running_pod(o)).collect());
-    let mut calls = vec![
-        call(
-            Method::GET,
-            &format!("{NS}/configmaps/demo-topology"),
-            move |_| (StatusCode::OK, cm),
-        ),
-        call(
-            Method::GET,
-            &format!("{APPS}/statefulsets/demo"),
-            move |_| (StatusCode::OK, sts),
-        ),
-        call(Method::GET, &format!("{NS}/pods"), move |_| {
-            (StatusCode::OK, pods)
-        }),
-        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-            (StatusCode::OK, secret())
-        }),
-        call(
-            Method::GET,
-            &format!("{NS}/secrets/demo-cluster-auth"),
-            |_| (StatusCode::OK, cluster_secret()),
-        ),
-    ];
-    calls.extend(rest);
-    calls
+    let pods = running.iter().map(|&o| running_pod(o)).collect();
+    Script::observe(kvc, current, Some(live_statefulset()), pods)
+        .then(rest)
+        .calls()
 }
 
 /// The ConfigMap, both Services, the StatefulSet, the budget and the NetworkPolicy.
 fn apply_objects() -> Vec<Call> {
-    vec![
-        call(Method::PUT, &format!("{NS}/configmaps/demo-topology"), echo),
-        call(Method::PATCH, &format!("{NS}/services/demo-peers"), echo),
-        call(Method::PATCH, &format!("{NS}/services/demo"), echo),
-        call(Method::PATCH, &format!("{APPS}/statefulsets/demo"), echo),
-        call(
-            Method::PATCH,
-            &format!("{POLICY}/poddisruptionbudgets/demo"),
-            echo,
-        ),
-        call(
-            Method::PATCH,
-            &format!("{NETWORKING}/networkpolicies/demo"),
-            echo,
-        ),
-    ]
+    Script(Vec::new()).apply_objects().calls()
 }
 
 fn then(mut calls: Vec<Call>, rest: Vec<Call>) -> Vec<Call> {
@@ -2617,35 +2467,9 @@ fn observe_pods(
     pods: Vec<Value>,
     rest: Vec<Call>,
 ) -> Vec<Call> {
-    let cm = configmap(kvc, current);
-    let sts = json!({"apiVersion": "apps/v1", "kind": "StatefulSet",
-        "metadata": {"name": "demo", "namespace": "ns", "creationTimestamp": "2026-01-01T00:00:00Z"}});
-    let pods = pod_list(pods);
-    let mut calls = vec![
-        call(
-            Method::GET,
-            &format!("{NS}/configmaps/demo-topology"),
-            move |_| (StatusCode::OK, cm),
-        ),
-        call(
-            Method::GET,
-            &format!("{APPS}/statefulsets/demo"),
-            move |_| (StatusCode::OK, sts),
-        ),
-        call(Method::GET, &format!("{NS}/pods"), move |_| {
-            (StatusCode::OK, pods)
-        }),
-        call(Method::GET, &format!("{NS}/secrets/demo-auth"), |_| {
-            (StatusCode::OK, secret())
-        }),
-        call(
-            Method::GET,
-            &format!("{NS}/secrets/demo-cluster-auth"),
-            |_| (StatusCode::OK, cluster_secret()),
-        ),
-    ];
-    calls.extend(rest);
-    calls
+    Script::observe(kvc, current, Some(live_statefulset()), pods)
+        .then(rest)
+        .calls()
 }
 
 fn event_reasons(seen: &[Seen]) -> Vec<String> {
