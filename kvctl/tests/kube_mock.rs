@@ -4,40 +4,26 @@
 //! with the answer the API server gives; the mock fails the test on any other
 //! call, on a call out of order, and on a call left unmade.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
-use kube::client::Body;
+use http::{Method, StatusCode};
+use kv_testkit::kube_mock::{self, Call, Seen, status};
 use kvctl::k8s::{KubeError, MAX_ATTEMPTS, Outcome, Target};
 use serde_json::{Value, json};
 
 const PATH: &str = "/apis/kvstore.dev/v1alpha1/namespaces/ns/kvclusters/demo";
 
-type Responder = Box<dyn FnOnce(&Value) -> (StatusCode, Value) + Send>;
-
-struct Call {
-    method: Method,
-    respond: Responder,
-}
-
+/// A call on the KvCluster `ns/demo` (a create goes to the collection).
 fn call(
     method: Method,
     respond: impl FnOnce(&Value) -> (StatusCode, Value) + Send + 'static,
 ) -> Call {
-    Call {
-        method,
-        respond: Box::new(respond),
-    }
-}
-
-/// A request the mock saw.
-#[derive(Clone, Debug)]
-struct Seen {
-    method: Method,
-    query: String,
-    content_type: String,
-    body: Value,
+    let path = if method == Method::POST {
+        PATH.trim_end_matches("/demo")
+    } else {
+        PATH
+    };
+    kube_mock::call(method, path, respond)
 }
 
 /// The KvCluster as the API server stores it.
@@ -58,14 +44,6 @@ fn kvcluster(resource_version: &str, failed: &[u32], states: &[&str]) -> Value {
 }
 
 const UP3: [&str; 3] = ["Up", "Up", "Up"];
-
-fn status(code: u16, reason: &str, message: &str) -> (StatusCode, Value) {
-    (
-        StatusCode::from_u16(code).expect("status code"),
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": message, "reason": reason, "code": code}),
-    )
-}
 
 fn conflict() -> (StatusCode, Value) {
     status(
@@ -107,69 +85,12 @@ async fn run<T, F>(calls: Vec<Call>, f: impl FnOnce(Target) -> F) -> (T, Vec<See
 where
     F: std::future::Future<Output = T>,
 {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let seen_by_server = seen.clone();
-    let server = tokio::spawn(async move {
-        let expected: Vec<String> = calls.iter().map(|c| c.method.to_string()).collect();
-        for (i, c) in calls.into_iter().enumerate() {
-            let (request, send) = handle
-                .next_request()
-                .await
-                .unwrap_or_else(|| panic!("call {i} never made; expected calls: {expected:?}"));
-            let (parts, body) = request.into_parts();
-            // a create goes to the collection
-            let path = if c.method == Method::POST {
-                PATH.trim_end_matches("/demo")
-            } else {
-                PATH
-            };
-            assert_eq!(
-                (parts.method.clone(), parts.uri.path()),
-                (c.method.clone(), path),
-                "call {i} differs; expected calls: {expected:?}"
-            );
-            let bytes = body.collect_bytes().await.expect("request body");
-            let body: Value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).expect("JSON body")
-            };
-            let (code, answer) = (c.respond)(&body);
-            seen_by_server.lock().expect("lock").push(Seen {
-                method: parts.method.clone(),
-                query: parts.uri.query().unwrap_or_default().to_string(),
-                content_type: parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string(),
-                body,
-            });
-            send.send_response(
-                Response::builder()
-                    .status(code)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&answer).expect("answer")))
-                    .expect("response"),
-            );
-        }
-        if let Some((request, _)) = handle.next_request().await {
-            panic!("unexpected call {} {}", request.method(), request.uri());
-        }
-    });
+    let (client, server) = kube_mock::client(calls, |_, _| {});
     let target = Target::new(client, "ns", "demo");
     let result = tokio::time::timeout(Duration::from_secs(10), f(target))
         .await
         .expect("the command finished in time");
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("mock server finished")
-        .expect("every expected call was made and nothing else");
-    let seen = seen.lock().expect("lock").clone();
-    (result, seen)
+    (result, server.finish().await)
 }
 
 fn merge_patch_of(seen: &Seen) -> &Value {

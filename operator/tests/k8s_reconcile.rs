@@ -5,10 +5,11 @@
 //! call, on a call out of order, and on a call left unmade.
 
 use std::sync::{Arc, Mutex};
+
+use kv_testkit::kube_mock::{self, Call, Seen, call, echo, not_found};
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
-use kube::client::Body;
+use http::{Method, StatusCode};
 use kube::runtime::controller::Action;
 use kv_control::metrics::Metrics;
 use kv_core::{NodeState, Topology};
@@ -17,46 +18,6 @@ use kv_operator::k8s::crd::{AcceptedSpec, KvClusterStatus};
 use kv_operator::k8s::{Context, KvCluster, objects, reconcile};
 use serde::Deserialize;
 use serde_json::{Value, json};
-
-type Responder = Box<dyn FnOnce(&Value) -> (StatusCode, Value) + Send>;
-
-struct Call {
-    method: Method,
-    path: String,
-    respond: Responder,
-}
-
-fn call(
-    method: Method,
-    path: &str,
-    respond: impl FnOnce(&Value) -> (StatusCode, Value) + Send + 'static,
-) -> Call {
-    Call {
-        method,
-        path: path.to_string(),
-        respond: Box::new(respond),
-    }
-}
-
-fn not_found() -> (StatusCode, Value) {
-    (
-        StatusCode::NOT_FOUND,
-        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-               "message": "not found", "reason": "NotFound", "code": 404}),
-    )
-}
-
-fn echo(body: &Value) -> (StatusCode, Value) {
-    (StatusCode::OK, body.clone())
-}
-
-/// A request the controller made: method, path, query and JSON body.
-#[derive(Clone, Debug)]
-struct Seen {
-    path: String,
-    query: String,
-    body: Value,
-}
 
 /// Run `reconcile` against a mock that expects exactly `calls`; return the
 /// action and every request seen.
@@ -276,68 +237,17 @@ async fn run_ctx(
     reports: Option<NodeReports>,
     pod_monitors: bool,
 ) -> (Result<Action, kv_operator::k8s::Error>, Vec<Seen>) {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
+    let (client, server) = kube_mock::client(calls, assert_allowed_by_rbac);
     let registry = prometheus::Registry::new();
     let mut ctx = Context::new(client, Metrics::new(&registry).expect("metrics"), reports);
     if pod_monitors {
         ctx = ctx.with_pod_monitors();
     }
     let ctx = Arc::new(ctx);
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let seen_by_server = seen.clone();
-    let server = tokio::spawn(async move {
-        let expected: Vec<String> = calls
-            .iter()
-            .map(|c| format!("{} {}", c.method, c.path))
-            .collect();
-        for (i, c) in calls.into_iter().enumerate() {
-            let (request, send) = handle.next_request().await.unwrap_or_else(|| {
-                panic!(
-                    "call {i} never made; expected calls:\n{}",
-                    expected.join("\n")
-                )
-            });
-            let (parts, body) = request.into_parts();
-            assert_eq!(
-                (parts.method.clone(), parts.uri.path().to_string()),
-                (c.method.clone(), c.path.clone()),
-                "call {i} differs; expected calls:\n{}",
-                expected.join("\n")
-            );
-            assert_allowed_by_rbac(&parts.method, parts.uri.path());
-            let bytes = body.collect_bytes().await.expect("request body");
-            let body: Value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).expect("JSON body")
-            };
-            let (status, answer) = (c.respond)(&body);
-            seen_by_server.lock().expect("lock").push(Seen {
-                path: parts.uri.path().to_string(),
-                query: parts.uri.query().unwrap_or_default().to_string(),
-                body,
-            });
-            send.send_response(
-                Response::builder()
-                    .status(status)
-                    .body(Body::from(serde_json::to_vec(&answer).expect("answer")))
-                    .expect("response"),
-            );
-        }
-        if let Some((request, _)) = handle.next_request().await {
-            panic!("unexpected call {} {}", request.method(), request.uri());
-        }
-    });
     let action = tokio::time::timeout(Duration::from_secs(5), reconcile(Arc::new(kvc), ctx))
         .await
         .expect("reconcile finished in time");
-    tokio::time::timeout(Duration::from_secs(5), server)
-        .await
-        .expect("mock server finished")
-        .expect("every expected call was made and nothing else");
-    let seen = seen.lock().expect("lock").clone();
-    (action, seen)
+    (action, server.finish().await)
 }
 
 fn cluster(spec_yaml: &str) -> KvCluster {
@@ -1599,30 +1509,17 @@ async fn the_leaving_pods_go_once_every_remaining_node_reports_the_committed_top
 
 #[tokio::test]
 async fn an_api_error_is_counted_by_kind_and_retried_with_growing_backoff() {
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = kube::Client::new(service, "default");
+    let etcd_down = || {
+        call(
+            Method::GET,
+            &format!("{NS}/configmaps/demo-topology"),
+            |_| kube_mock::status(500, "InternalError", "etcd is down"),
+        )
+    };
+    let (client, server) = kube_mock::client(vec![etcd_down(), etcd_down()], |_, _| {});
     let registry = prometheus::Registry::new();
     let metrics = Metrics::new(&registry).expect("metrics");
     let ctx = Arc::new(Context::new(client, metrics.clone(), None));
-    let server = tokio::spawn(async move {
-        for _ in 0..2 {
-            let (request, send) = handle.next_request().await.expect("a call");
-            assert_eq!(
-                request.uri().path(),
-                format!("{NS}/configmaps/demo-topology")
-            );
-            send.send_response(
-                Response::builder()
-                    .status(StatusCode::INTERNAL_SERVER_ERROR)
-                    .body(Body::from(
-                        serde_json::to_vec(&json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
-                            "status": "Failure", "message": "etcd is down", "reason": "InternalError", "code": 500}))
-                        .expect("json"),
-                    ))
-                    .expect("response"),
-            );
-        }
-    });
     let kvc = Arc::new(cluster("{}"));
     let mut delays = Vec::new();
     for _ in 0..2 {
@@ -1636,7 +1533,9 @@ async fn an_api_error_is_counted_by_kind_and_retried_with_growing_backoff() {
             ctx.clone(),
         ));
     }
-    server.await.expect("mock server");
+    // The mock ends when the last client is gone.
+    drop(ctx);
+    server.finish().await;
     assert_eq!(
         delays,
         [

@@ -1,8 +1,10 @@
 //! kvstore's dev-only test kit (never a dependency of a shipped crate):
 //! real `kv-node` processes on loopback ports ([`NodeProc`]) with a blocking
 //! client ([`Client`]), topology files, waiting helpers, free loopback ports
-//! ([`free_port`]) and a TCP fault proxy ([`proxy`]).
+//! ([`free_port`]), a TCP fault proxy ([`proxy`]) and a mocked Kubernetes API
+//! server ([`kube_mock`]).
 
+pub mod kube_mock;
 pub mod proxy;
 
 use std::path::{Path, PathBuf};
