@@ -3,6 +3,8 @@
 mod cmd;
 mod cmd_backup;
 mod cmd_bench;
+mod cmd_endpoint;
+mod cmd_kube;
 mod cmd_up;
 
 use std::process::ExitCode;
