@@ -123,6 +123,8 @@ pub struct StoreStats {
     pub syncs: u64,
 }
 
+/// What the store's handles share: the reader pool, the write lock and the
+/// state every writer and reader consults (one `Arc` per open store).
 struct Shared {
     readers: Mutex<Vec<Connection>>,
     /// Held by every write transaction of this process: the writer's and the
