@@ -108,7 +108,7 @@ pub(super) async fn topology(r: &mut Round<'_>, topology: &Topology) -> Result<(
     let Some(seen) = r.seen.as_ref() else {
         return Ok(());
     };
-    let kvc = r.target.as_ref().unwrap_or(r.kvc);
+    let kvc = r.target();
     let cm = objects::topology_configmap(kvc, topology)
         .map_err(|e| Error::Serialization("topology", e))?;
     write_topology(&r.cms, &seen.cm_name, cm, seen.stored_version.clone()).await
@@ -122,7 +122,7 @@ pub(super) async fn push(r: &mut Round<'_>, topology: &Topology) {
     let Some(seen) = r.seen.as_ref() else {
         return;
     };
-    let kvc = r.target.as_ref().unwrap_or(r.kvc);
+    let kvc = r.target();
     if let (Some(links), Some(http), Some(cluster_token)) = (
         &r.ctx.node_reports,
         &seen.node_http,

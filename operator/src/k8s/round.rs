@@ -130,7 +130,7 @@ impl kv_control::Platform for Round<'_> {
     async fn refused(
         &mut self,
         refusal: &Refusal,
-        observation: &Observation,
+        _: &Observation,
     ) -> Result<Option<Desired>, Error> {
         let kvc = self.kvc;
         let reason = match kvc.force_fault_injection() {
@@ -143,7 +143,6 @@ impl kv_control::Platform for Round<'_> {
         };
         warn!(kvcluster = %kvc.name_any(), %reason, "spec refused");
         self.refused = Some(reason);
-        let _ = observation;
         // Carried on only if the planner accepts it (kv_control::step plans
         // it again); else nothing changes.
         Ok(carry_on(kvc, &self.previous).map(|(desired, accepted)| {
@@ -153,12 +152,11 @@ impl kv_control::Platform for Round<'_> {
     }
 
     async fn prepare(&mut self, plan: &Plan, observed: &Observed) -> Result<(), Error> {
-        let accepted = match self.accepted.clone() {
-            Some(a) => a,
-            None => AcceptedSpec::of(self.kvc),
-        };
-        let target = accepted.applied_to(self.kvc);
-        self.accepted = Some(accepted);
+        let kvc = self.kvc;
+        let target = self
+            .accepted
+            .get_or_insert_with(|| AcceptedSpec::of(kvc))
+            .applied_to(kvc);
         let Some(topology) = plan.topology_after(observed) else {
             return Ok(());
         };
