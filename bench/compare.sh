@@ -549,20 +549,28 @@ scenario_7() { # kvctl up's gateway vs node 0 direct, on the same cluster
     gw="http://127.0.0.1:$gw_port"
     wait_http "$gw/readyz" 200 120 "kvctl up gateway"
     tok="$(head -n 1 "$dir/token")"
-    node0="$(curl -s --max-time 5 -H "Authorization: Bearer $tok" "$gw/v1/cluster" |
-        jq -r '.topology.nodes[] | select(.ordinal == 0) | .address')"
+    local view all
+    view="$(curl -s --max-time 5 -H "Authorization: Bearer $tok" "$gw/v1/cluster")"
+    node0="$(jq -r '.topology.nodes[] | select(.ordinal == 0) | .address' <<<"$view")"
     [[ "$node0" == 127.0.0.1:* ]] || die "kvctl up: no address of node 0 in $gw/v1/cluster"
+    # every node's own port, for the same load spread by the client instead
+    all="$(jq -r '[.topology.nodes[] | "http://" + .address] | join(",")' <<<"$view")"
     fact "gateway" "$gw"
     fact "node0" "http://$node0"
+    fact "nodes" "$all"
     local g=(--token "$tok")
     bench s7-w-gw "gateway: write, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 0 --endpoints "$gw" --consistency quorum
     bench s7-w-direct "node 0 direct: write, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 0 --endpoints "http://$node0" --consistency quorum
+    bench s7-w-rr "3 nodes direct, round-robin: write, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 0 --endpoints "$all" --consistency quorum
     bench s7-fill "write the key space once (through node 0)" kvstore "${g[@]}" --keys "$KEYS" --connections "$FILL_CONNS" --ops 1 --warmup 0s --prefill --read-ratio 1 --endpoints "http://$node0"
     bench s7-r-gw "gateway: read, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 1 --endpoints "$gw" --consistency quorum
     bench s7-r-direct "node 0 direct: read, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 1 --endpoints "http://$node0" --consistency quorum
+    bench s7-r-rr "3 nodes direct, round-robin: read, quorum" kvstore "${common[@]}" "${g[@]}" --read-ratio 1 --endpoints "$all" --consistency quorum
     stop_pid kvup
     pair "writes: gateway / node 0 direct" s7-w-gw s7-w-direct
     pair "reads: gateway / node 0 direct" s7-r-gw s7-r-direct
+    pair "writes: gateway / 3 nodes direct" s7-w-gw s7-w-rr
+    pair "reads: gateway / 3 nodes direct" s7-r-gw s7-r-rr
 }
 
 T_START="$(now)"

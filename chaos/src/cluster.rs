@@ -90,6 +90,8 @@ impl Cluster {
             anti_entropy_secs: opts.anti_entropy_secs,
             tls: false,
             verbose: false,
+            // the harness drives nodes directly, never through a gateway
+            gateway: kv_local::GatewayMode::Proxy,
         })?;
         let net = Net::new();
         let mut proxies = Vec::new();

@@ -74,6 +74,10 @@ pub struct NodeReport {
     /// none shown.
     #[serde(default)]
     pub tokens: TokenFingerprints,
+    /// It listens on `kvctl up`'s gateway port (it serves clients there);
+    /// absent: false, as on Kubernetes, where a Service spreads clients.
+    #[serde(default)]
+    pub on_gateway_port: bool,
 }
 
 /// The fingerprints (first 8 hex digits of SHA-256) of the tokens a node
@@ -150,6 +154,7 @@ mod tests {
                 client: vec!["0badcafe".into()],
                 cluster: vec!["12345678".into(), "9abcdef0".into()],
             },
+            on_gateway_port: true,
         }
     }
 
@@ -170,6 +175,7 @@ mod tests {
                 "confirmed",
                 "hintsPending",
                 "nodeId",
+                "onGatewayPort",
                 "resync",
                 "resyncProgress",
                 "state",

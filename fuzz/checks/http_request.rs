@@ -94,6 +94,7 @@ fn fixture() -> &'static Fixture {
                 clock_offset_ms: 0,
                 tls: None,
                 restore: None,
+                gateway: None,
                 // not read by Node::open: the runtime here is the check's own
                 worker_threads: 1,
             };

@@ -521,6 +521,11 @@ pub struct UpArgs {
     /// gateway over TLS. Clients then use https and --cacert <data-dir>/tls/ca.crt.
     #[arg(long)]
     pub tls: bool,
+    /// How clients of the gateway's address reach a node: `shared`, the Up
+    /// nodes listen on that port themselves (SO_REUSEPORT, Linux; no hop),
+    /// or `proxy`, the gateway forwards every request (a second HTTP hop).
+    #[arg(long, value_enum, default_value = "shared")]
+    pub gateway: GatewayArg,
     /// Start a new cluster from a backup (`file:///dir` or
     /// `s3://bucket/prefix`, S3 settings from the AWS_* environment): each
     /// node loads the buckets it keeps from it before it serves. Refused
@@ -562,4 +567,10 @@ impl PutArgs {
             (None, None) => ValueSource::Literal(Vec::new()),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GatewayArg {
+    Shared,
+    Proxy,
 }

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use kv_core::Strategy;
 use kv_crd::kvcluster::KvCluster;
-use kv_local::{UpOptions, up};
-use kvctl::cli::{StrategyArg, UpArgs};
+use kv_local::{GatewayMode, UpOptions, up};
+use kvctl::cli::{GatewayArg, StrategyArg, UpArgs};
 
 pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -51,6 +51,10 @@ pub async fn run(args: UpArgs, token: Option<String>) -> Result<ExitCode> {
         anti_entropy_secs: args.anti_entropy_secs,
         verbose: true,
         tls: args.tls,
+        gateway: match args.gateway {
+            GatewayArg::Shared => GatewayMode::Shared,
+            GatewayArg::Proxy => GatewayMode::Proxy,
+        },
     };
     if let Some(file) = &args.file {
         let text = std::fs::read_to_string(file)

@@ -1204,7 +1204,15 @@ fn client_disconnects_are_not_logged_as_errors() {
     let dir = tempfile::tempdir().unwrap();
     // Debug lines of the one accept loop (kv_net::serve) show that the disconnects did end
     // connections with errors (warp's own loop logged each at ERROR).
-    let up = Up::start_env(dir.path(), "t9", &[], &[("RUST_LOG", "info,kv_net=debug")]);
+    // `--gateway proxy`: the gateway's own accept loop takes every
+    // connection (on the shared port the nodes' loops would, the same loop
+    // as node 0's port below).
+    let up = Up::start_env(
+        dir.path(),
+        "t9",
+        &["--gateway", "proxy"],
+        &[("RUST_LOG", "info,kv_net=debug")],
+    );
     let v = up.wait_up(&[0, 1, 2]);
     let node0: u16 = v["nodes"][0]["port"].as_u64().unwrap() as u16;
     let token = up.token.clone();
@@ -1241,4 +1249,265 @@ fn client_disconnects_are_not_logged_as_errors() {
             "{who} saw {gone} clients go away, expected most of 60:\n{log}"
         );
     }
+}
+
+/// The pid of the `kvctl up` process itself.
+fn up_pid(up: &Up) -> u32 {
+    up.child.as_ref().map(|c| c.id()).expect("kvctl up runs")
+}
+
+/// A client that opens a new connection for every request: each one is
+/// spread by the kernel anew.
+fn fresh_connections() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(5))
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+// 9. The Up nodes listen on the gateway's port themselves: with the
+// `kvctl up` process frozen, clients of the gateway's address are still
+// served, by several nodes, with no hop through it; with `--gateway proxy`
+// the gateway forwards every request.
+#[test]
+fn gateway_port_is_served_by_the_nodes_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), "t9", &[]);
+    up.wait_up(&[0, 1, 2]);
+    up.wait_cluster("every node on the gateway's port", |_| {
+        (0..3).all(|o| {
+            let log = std::fs::read_to_string(dir.path().join(format!("node-{o}.log")))
+                .unwrap_or_default();
+            log.contains("serving clients on the gateway's port")
+        })
+    });
+    // Its own listener closes once a node reports holding the port.
+    std::thread::sleep(Duration::from_millis(800));
+    let pid = up_pid(&up).to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let http = fresh_connections();
+    let mut served_by = std::collections::BTreeSet::new();
+    let mut answers = Vec::new();
+    for i in 0..30 {
+        let put = http
+            .put(up.url(&format!("/v1/kv/frozen-{i}")))
+            .bearer_auth(&up.token)
+            .body(format!("v{i}"))
+            .send();
+        let get = http
+            .get(up.url(&format!("/v1/kv/frozen-{i}")))
+            .bearer_auth(&up.token)
+            .send();
+        for r in [put, get] {
+            match r {
+                Ok(r) => {
+                    if let Some(n) = r.headers().get("x-kv-node").and_then(|v| v.to_str().ok()) {
+                        served_by.insert(n.to_string());
+                    }
+                    answers.push(r.status().as_u16().to_string());
+                }
+                Err(e) => answers.push(format!("error: {e}")),
+            }
+        }
+    }
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        answers.iter().all(|a| a == "200"),
+        "with kvctl up frozen, the gateway's address answered {answers:?}"
+    );
+    assert!(
+        served_by.len() >= 2,
+        "60 new connections all reached one node: {served_by:?}"
+    );
+    // Control routes reaching a node there are the control plane's.
+    let (s, v) = up.call(reqwest::Method::GET, "/v1/cluster", None);
+    assert_eq!(s, 200);
+    assert!(
+        v["desired"].is_object(),
+        "not the control plane's view: {v}"
+    );
+    drop(up);
+
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), "t9p", &["--gateway", "proxy"]);
+    up.wait_up(&[0, 1, 2]);
+    for i in 0..10 {
+        assert_eq!(up.put(&format!("p-{i}"), "x", None), 200);
+        assert_eq!(up.get(&format!("p-{i}"), None), (200, "x".to_string()));
+    }
+    for o in 0..3 {
+        let log = std::fs::read_to_string(dir.path().join(format!("node-{o}.log"))).unwrap();
+        assert!(
+            !log.contains("gateway's port"),
+            "node {o} took the gateway's port under --gateway proxy"
+        );
+    }
+}
+
+// 10. A control call that reaches, on the shared port, the very node it
+// fails is still answered (the node stops after passing the answer on),
+// and with every node failed the gateway answers control calls itself.
+#[test]
+fn control_calls_are_answered_whichever_node_they_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), "t10", &[]);
+    up.wait_up(&[0, 1, 2]);
+    let http = fresh_connections();
+    let call = |path: &str| -> String {
+        match http
+            .post(up.url(path))
+            .bearer_auth(&up.token)
+            .timeout(Duration::from_secs(40))
+            .send()
+        {
+            Ok(r) => {
+                let s = r.status().as_u16();
+                let v: Value = r.json().unwrap_or(Value::Null);
+                if s == 200 && v["done"] == true {
+                    "ok".into()
+                } else {
+                    format!("{s} {v}")
+                }
+            }
+            Err(e) => format!("error: {e}"),
+        }
+    };
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        for o in 0..3 {
+            answers.push((format!("fail {o}"), call(&format!("/fail/{o}?force=true"))));
+        }
+        let nodes = http
+            .get(up.url("/nodes"))
+            .bearer_auth(&up.token)
+            .send()
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0);
+        answers.push((
+            "nodes".into(),
+            if nodes == 200 {
+                "ok".into()
+            } else {
+                nodes.to_string()
+            },
+        ));
+        for o in 0..3 {
+            answers.push((format!("recover {o}"), call(&format!("/recover/{o}"))));
+        }
+    }
+    let bad: Vec<_> = answers.iter().filter(|(_, a)| a != "ok").collect();
+    assert!(bad.is_empty(), "control calls not answered: {bad:?}");
+    let passed_on = up
+        .printed()
+        .matches("stops once it has passed on the answer")
+        .count();
+    eprintln!("{passed_on} of 12 fails reached the node they failed");
+}
+
+// 11. A node killed mid-load behind the platform's back: clients of the
+// gateway's address see at most a connection that has to be retried, no
+// error answer, and every acknowledged write reads back.
+#[test]
+fn a_node_killed_mid_load_costs_only_a_retried_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Up::start(dir.path(), "t11", &[]);
+    up.wait_up(&[0, 1, 2]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|t| {
+            let (stop, http, base, token) = (
+                stop.clone(),
+                up.http.clone(),
+                up.endpoint(),
+                up.token.clone(),
+            );
+            std::thread::spawn(move || {
+                let (mut acked, mut retried, mut answers) = (Vec::new(), 0usize, Vec::new());
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("k{t}-{i}");
+                    i += 1;
+                    let mut tries = 0;
+                    loop {
+                        tries += 1;
+                        match http
+                            .put(format!("{base}/v1/kv/{key}"))
+                            .bearer_auth(&token)
+                            .body(key.clone())
+                            .send()
+                        {
+                            Ok(r) if r.status().as_u16() == 200 => {
+                                acked.push(key.clone());
+                                break;
+                            }
+                            Ok(r) => {
+                                answers.push(format!("{key}: {}", r.status()));
+                                break;
+                            }
+                            // a connection the killed node held: once more
+                            Err(e) if tries < 5 => {
+                                retried += 1;
+                                eprintln!("{key}: retried after {e}");
+                            }
+                            Err(e) => {
+                                answers.push(format!("{key}: {e}"));
+                                break;
+                            }
+                        }
+                    }
+                }
+                (acked, retried, answers)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let pids = pgrep(&format!("{}/node-1 ", dir.path().display()));
+    assert_eq!(pids.len(), 1, "node 1's pid: {pids:?}");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pids[0].to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    up.wait_line(&["node 1: Recovering -> Up"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, Ordering::Relaxed);
+    let (mut acked, mut retried, mut errors) = (Vec::new(), 0, Vec::new());
+    for w in writers {
+        let (a, r, e) = w.join().unwrap();
+        acked.extend(a);
+        retried += r;
+        errors.extend(e);
+    }
+    eprintln!(
+        "{} writes acknowledged, {retried} connections retried",
+        acked.len()
+    );
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    assert!(acked.len() > 100, "only {} writes", acked.len());
+    let wrong: Vec<String> = par(&acked, 8, |k| {
+        let (s, body) = up.get(k, Some("quorum"));
+        (s != 200 || &body != k).then(|| format!("{k}: {s} {body:?}"))
+    })
+    .into_iter()
+    .flatten()
+    .collect();
+    assert!(
+        wrong.is_empty(),
+        "acknowledged writes read back wrong: {wrong:?}"
+    );
 }

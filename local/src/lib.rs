@@ -100,6 +100,20 @@ pub struct UpOptions {
     /// TLS everywhere (`kvctl up --tls`): a local CA and certificates in
     /// `<data-dir>/tls/`, nodes' ports and the gateway over TLS.
     pub tls: bool,
+    /// How the gateway reaches the nodes.
+    pub gateway: GatewayMode,
+}
+
+/// How clients of the gateway's address reach a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum GatewayMode {
+    /// The Up nodes listen on the gateway's port themselves
+    /// (`SO_REUSEPORT`; kv-node's `gateway_port`): no hop. Linux only;
+    /// elsewhere it is [`GatewayMode::Proxy`].
+    #[default]
+    Shared,
+    /// The gateway forwards every request to an Up node (a second HTTP hop).
+    Proxy,
 }
 
 /// What the supervisor and the gateway share.
@@ -119,6 +133,8 @@ pub struct Inner {
     /// Nodes whose store is new or rebuilt and still catching up (their
     /// report's `storeCatchingUp`): shown as Recovering, given no clients.
     pub catching_up: BTreeSet<u32>,
+    /// Nodes whose last report said they listen on the gateway's port.
+    on_gateway_port: BTreeSet<u32>,
 }
 
 /// The local cluster: its node processes, the state it keeps in its data
@@ -150,6 +166,15 @@ pub struct Platform {
     pub tokens: tokens::LocalTokens,
     /// Held while a token rotation runs: one at a time.
     rotating: tokio::sync::Mutex<()>,
+    /// The gateway's address and the control plane's, given to nodes that
+    /// share the gateway's port (set once by [`up`]).
+    gateway_port: std::sync::OnceLock<(SocketAddr, String)>,
+    /// Nodes passing on a control call that fails them ([`Platform::relaying`]).
+    relays: Mutex<BTreeSet<u32>>,
+    /// The gateway's own listener on the shared port is open
+    /// ([`gateway::serve_fallback`]), and how to wake it.
+    fallback_open: std::sync::atomic::AtomicBool,
+    wake_fallback: tokio::sync::Notify,
 }
 
 impl Platform {
@@ -202,6 +227,10 @@ impl Platform {
             tls,
             tokens,
             rotating: tokio::sync::Mutex::new(()),
+            gateway_port: std::sync::OnceLock::new(),
+            relays: Mutex::default(),
+            fallback_open: std::sync::atomic::AtomicBool::new(false),
+            wake_fallback: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 saved,
                 topology,
@@ -213,6 +242,7 @@ impl Platform {
                 printed_progress: BTreeMap::new(),
                 answered: BTreeSet::new(),
                 catching_up: BTreeSet::new(),
+                on_gateway_port: BTreeSet::new(),
             }),
             config,
             metrics: metrics::LocalMetrics::new(),
@@ -299,14 +329,33 @@ pub async fn up(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), LocalError> {
     let listen = opts.listen;
+    let shared = opts.gateway == GatewayMode::Shared && cfg!(target_os = "linux");
     let platform = Platform::open_with(opts, node_args)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| LocalError::Listen {
-            addr: listen,
-            source,
-        })?;
+    let listen_error = |source| LocalError::Listen {
+        addr: listen,
+        source,
+    };
+    let listener = match shared {
+        true => gateway::listen_shared(listen).map_err(listen_error)?,
+        false => tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(listen_error)?,
+    };
     let local = listener.local_addr().unwrap_or(listen);
+    // Control calls that reach a node on the shared port come here.
+    let control = match shared {
+        true => {
+            let any = SocketAddr::from(([127, 0, 0, 1], 0));
+            let control = tokio::net::TcpListener::bind(any)
+                .await
+                .map_err(|source| LocalError::Listen { addr: any, source })?;
+            let addr = control.local_addr().unwrap_or(any);
+            let url = format!("{}://{addr}", platform.scheme());
+            let _ = platform.gateway_port.set((local, url));
+            Some(control)
+        }
+        false => None,
+    };
     {
         let inner = platform.lock();
         let s = &inner.saved;
@@ -333,15 +382,21 @@ pub async fn up(
     }
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let supervisor = tokio::spawn(platform.clone().supervise(stop.clone()));
-    let gw = tokio::spawn(gateway::serve(
-        gateway::Gateway::new(platform.clone()),
-        listener,
-        stop,
-    ));
+    let gateway = gateway::Gateway::new(platform.clone());
+    let mut servers = tokio::task::JoinSet::new();
+    match control {
+        Some(control) => {
+            servers.spawn(gateway::serve(gateway.clone(), control, stop.clone()));
+            servers.spawn(gateway::serve_fallback(gateway, listener, stop));
+        }
+        None => {
+            servers.spawn(gateway::serve(gateway, listener, stop));
+        }
+    }
     shutdown.await;
     platform.say("stopping: nodes get SIGTERM and finish in-flight writes".into());
     let _ = stop_tx.send(true);
-    let _ = gw.await;
+    while servers.join_next().await.is_some() {}
     let _ = supervisor.await;
     platform.say("stopped".into());
     Ok(())

@@ -11,6 +11,26 @@ use tokio::process::{Child, Command};
 use crate::state::now_ms;
 use crate::{LocalError, Platform};
 
+/// How long a node that passes on the call failing it has to stop by itself
+/// before it is killed.
+const RELAY_EXIT_WITHIN: Duration = Duration::from_secs(2);
+
+/// See [`Platform::relaying`].
+pub(crate) struct RelayGuard<'a> {
+    platform: &'a Platform,
+    o: u32,
+}
+
+impl Drop for RelayGuard<'_> {
+    fn drop(&mut self) {
+        self.platform
+            .relays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.o);
+    }
+}
+
 /// Least time between two starts of the same node.
 const RESTART_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -125,6 +145,14 @@ impl Platform {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true);
+        // Environment, not flags: a --node-binary of an older kv-node
+        // ignores it and just does not share the port.
+        cmd.env_remove("KV_GATEWAY_LISTEN")
+            .env_remove("KV_GATEWAY_CONTROL");
+        if let Some((listen, control)) = self.gateway_port.get() {
+            cmd.env("KV_GATEWAY_LISTEN", listen.to_string())
+                .env("KV_GATEWAY_CONTROL", control);
+        }
         match log {
             Ok(f) => {
                 cmd.stderr(f);
@@ -135,6 +163,7 @@ impl Platform {
         }
         inner.last_start.insert(o, Instant::now());
         inner.answered.remove(&o);
+        inner.on_gateway_port.remove(&o);
         {
             let mut held = reserved();
             held.remove(&port);
@@ -172,12 +201,63 @@ impl Platform {
             inner.down_since.insert(o, now_ms());
             inner.procs.remove(&o)
         };
+        if child.is_some() {
+            self.keep_gateway_port_open().await;
+        }
         if let Some(mut p) = child {
             p.expected_exit = true;
+            // A node passing on the call that fails it stops by itself once
+            // it has written the answer, which waits for this round to end
+            // (it is already listed as not running): killing it now would
+            // cut the caller's connection.
+            if self.is_relaying(o) {
+                self.say(format!(
+                    "node {o}: held down; it stops once it has passed on the answer (SIGKILL within {} s)",
+                    RELAY_EXIT_WITHIN.as_secs()
+                ));
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(RELAY_EXIT_WITHIN, p.child.wait()).await;
+                    let _ = p.child.start_kill();
+                    let _ = p.child.wait().await;
+                });
+                return;
+            }
             let _ = p.child.start_kill();
             let _ = p.child.wait().await;
             self.say(format!("node {o}: killed (SIGKILL), held down"));
         }
+    }
+
+    /// Before the last node on the shared gateway port goes, the gateway's
+    /// own listener opens there (bounded wait): clients are never refused a
+    /// connection in between.
+    async fn keep_gateway_port_open(&self) {
+        use std::sync::atomic::Ordering;
+        if self.gateway_port.get().is_none() || self.gateway_port_served() {
+            return;
+        }
+        self.wake_fallback.notify_one();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !self.fallback_open.load(Ordering::Acquire) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Marks node `o` as passing on a call that fails it, until the guard
+    /// is dropped (the answer is written).
+    pub(crate) fn relaying(&self, o: u32) -> RelayGuard<'_> {
+        self.relays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(o);
+        RelayGuard { platform: self, o }
+    }
+
+    fn is_relaying(&self, o: u32) -> bool {
+        self.relays
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&o)
     }
 
     pub(super) async fn stop(&self, o: u32) {
@@ -188,6 +268,9 @@ impl Platform {
             inner.down_since.remove(&o);
             inner.procs.remove(&o)
         };
+        if child.is_some() {
+            self.keep_gateway_port_open().await;
+        }
         if let Some(p) = child {
             terminate(p.child).await;
             self.say(format!("node {o}: stopped (left the cluster)"));

@@ -16,7 +16,7 @@ pub mod tls;
 pub mod token;
 
 pub use port::free_port;
-pub use serve::{is_client_disconnect, refuse_before_routing, serve, serve_tls};
+pub use serve::{is_client_disconnect, refuse_before_routing, serve, serve_tls, serve_tls_until};
 
 /// An error and its causes on one line, each cause once (reqwest's and
 /// hyper's messages often repeat their source's).

@@ -81,6 +81,23 @@ pub fn reserve() -> std::io::Result<Reservation> {
     Err(last.unwrap_or_else(|| std::io::Error::other("no free loopback port")))
 }
 
+/// A listener on `addr` that other processes of this user may bind too
+/// (`SO_REUSEPORT`): the kernel then spreads new connections over every
+/// socket bound there, and a socket that closes simply stops getting any.
+/// How `kvctl up`'s Up nodes share the gateway's port. Linux only: elsewhere
+/// the option does not spread connections.
+#[cfg(target_os = "linux")]
+pub fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -112,5 +129,18 @@ mod tests {
             let p = super::free_port().unwrap();
             assert!(seen.insert(p), "port {p} handed out twice");
         }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn shared_port_is_bound_by_two_sockets_and_refused_to_a_plain_bind() {
+        let a = super::bind_shared("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = a.local_addr().unwrap();
+        let b = super::bind_shared(addr).unwrap();
+        assert_eq!(b.local_addr().unwrap(), addr);
+        assert!(std::net::TcpListener::bind(addr).is_err());
+        drop(a);
+        // the second socket keeps serving the port alone
+        std::net::TcpStream::connect(addr).unwrap();
     }
 }

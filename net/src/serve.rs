@@ -43,7 +43,24 @@ pub async fn serve_tls<F>(
     filter: F,
     listener: tokio::net::TcpListener,
     tls: Option<Arc<ServerTls>>,
+    stop: watch::Receiver<bool>,
+) where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    serve_tls_until(server, filter, listener, tls, stop, None).await
+}
+
+/// [`serve_tls`], telling `closed` as soon as the listener is closed once
+/// `stop` flipped (before in-flight requests are drained): from then on no
+/// new connection can reach this server.
+pub async fn serve_tls_until<F>(
+    server: &'static str,
+    filter: F,
+    listener: tokio::net::TcpListener,
+    tls: Option<Arc<ServerTls>>,
     mut stop: watch::Receiver<bool>,
+    closed: Option<tokio::sync::oneshot::Sender<()>>,
 ) where
     F: warp::Filter + Clone + Send + Sync + 'static,
     F::Extract: warp::Reply,
@@ -84,6 +101,9 @@ pub async fn serve_tls<F>(
         }
     }
     drop(listener);
+    if let Some(closed) = closed {
+        let _ = closed.send(());
+    }
     graceful.shutdown().await;
 }
 

@@ -135,6 +135,26 @@ pub struct Args {
         requires = "restore_from"
     )]
     pub restore_s3_secret_access_key: Option<String>,
+    /// `kvctl up` only: the gateway's address. While this node is Up it
+    /// listens there too (`SO_REUSEPORT`, Linux), so the gateway's clients
+    /// reach a serving node with no hop in between; control routes that
+    /// arrive there are passed to --gateway-control.
+    #[arg(
+        long,
+        env = "KV_GATEWAY_LISTEN",
+        requires = "gateway_control",
+        hide = true
+    )]
+    pub gateway_listen: Option<SocketAddr>,
+    /// `kvctl up` only: where the control plane answers its routes
+    /// (`http(s)://host:port`; [`crate::gateway_port`]).
+    #[arg(
+        long,
+        env = "KV_GATEWAY_CONTROL",
+        requires = "gateway_listen",
+        hide = true
+    )]
+    pub gateway_control: Option<String>,
     /// Log format.
     #[arg(long, env = "KV_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -219,6 +239,17 @@ pub struct Config {
     pub tls: Option<Tls>,
     /// The backup a new store loads before it catches up (`--restore-from`).
     pub restore: Option<RestoreFrom>,
+    /// `kvctl up`'s shared gateway port ([`crate::gateway_port`]).
+    pub gateway: Option<GatewayPort>,
+}
+
+/// The gateway's port, shared by the Up nodes of `kvctl up`, and where the
+/// control routes that reach a node there go.
+#[derive(Clone, Debug)]
+pub struct GatewayPort {
+    pub listen: SocketAddr,
+    /// `http(s)://host:port` of the control plane.
+    pub control: String,
 }
 
 /// A backup to load a new store from, and how to reach it.
@@ -315,6 +346,12 @@ impl Args {
             tombstone_grace: Duration::from_secs(self.tombstone_grace_secs),
             max_clock_skew: Duration::from_millis(self.max_clock_skew_ms.max(1)),
             clock_offset_ms: self.clock_offset_ms,
+            gateway: self.gateway_listen.zip(self.gateway_control.clone()).map(
+                |(listen, control)| GatewayPort {
+                    listen,
+                    control: control.trim_end_matches('/').to_string(),
+                },
+            ),
             restore: self.restore_from.as_ref().map(|url| RestoreFrom {
                 url: url.clone(),
                 s3: (self.restore_s3_endpoint.is_some()

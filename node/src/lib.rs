@@ -21,6 +21,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod coordinator;
+pub mod gateway_port;
 pub mod held;
 pub mod metrics;
 pub mod node;
@@ -85,6 +86,9 @@ pub async fn run(
         tls.map(|t| t.peer),
         stop.clone(),
     ));
+    if let Some(port) = node.config.gateway.clone() {
+        servers.spawn(gateway_port::share(node.clone(), port, stop.clone()));
+    }
     // Background work is stopped, not waited for, at shutdown: every store
     // write it makes is its own transaction, done or not done.
     let background = [
@@ -95,7 +99,12 @@ pub async fn run(
         tokio::spawn(node.clone().refresh_gauges(stop.clone())),
         tokio::spawn(node.clone().follow_epochs(seen)),
     ];
-    shutdown.await;
+    tokio::select! {
+        _ = &mut shutdown => {}
+        _ = node.exit.notified() => {
+            tracing::info!("failed by a control call this node passed on: stopping once it has answered");
+        }
+    }
     tracing::info!("shutting down: no new connections, finishing in-flight requests");
     let _ = stop_tx.send(true);
     for task in &background {

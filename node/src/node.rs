@@ -85,6 +85,11 @@ pub struct Node {
     /// Create-only writes of a key are serialised on its create leader
     /// through one of these (striped by key hash).
     pub(crate) create_locks: Vec<tokio::sync::Mutex<()>>,
+    /// Whether it listens on `kvctl up`'s gateway port ([`crate::gateway_port`]).
+    pub gateway_port: crate::gateway_port::PortState,
+    /// Notified when the node should stop as if told to by a signal: it
+    /// passed on the control call that failed it ([`crate::gateway_port`]).
+    pub(crate) exit: tokio::sync::Notify,
 }
 
 /// Stripes of [`Node::create_locks`].
@@ -157,6 +162,8 @@ impl Node {
             create_locks: (0..CREATE_LOCK_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            gateway_port: Default::default(),
+            exit: tokio::sync::Notify::new(),
         });
         Ok((node, seen_rx))
     }

@@ -153,6 +153,7 @@ fn node_report(ordinal: u32, epoch: u64, synced: u64, progress: f64) -> kv_core:
         hints_pending: 0,
         uptime_seconds: 0,
         tokens: Default::default(),
+        on_gateway_port: false,
     }
 }
 

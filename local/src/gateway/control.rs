@@ -23,6 +23,7 @@ impl Gateway {
         path: &str,
         query: &str,
         body: &Bytes,
+        relay: Option<u32>,
     ) -> Option<Response> {
         let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
         let classic = is_classic_path(path);
@@ -33,7 +34,10 @@ impl Gateway {
             }
             (Method::GET, ["nodes_for_key", key]) => return Some(self.nodes_for_key(key)),
             (Method::POST, ["fail", id]) | (Method::POST, ["v1", "nodes", id, "fail"]) => {
-                ControlQuery::parse(query, true).and_then(|q| self.hold(id, true, q))
+                let relayed = relay.filter(|r| id.parse::<u32>().ok() == Some(*r));
+                let _relaying = relayed.map(|o| self.platform.relaying(o));
+                let change = ControlQuery::parse(query, true).and_then(|q| self.hold(id, true, q));
+                return Some(self.answer(change, classic).await);
             }
             (Method::POST, ["recover", id]) | (Method::POST, ["v1", "nodes", id, "recover"]) => {
                 ControlQuery::parse(query, false).and_then(|q| self.hold(id, false, q))
@@ -54,12 +58,20 @@ impl Gateway {
             }
             _ => return None,
         };
-        Some(match change {
+        Some(self.answer(change, classic).await)
+    }
+
+    async fn answer(
+        &self,
+        change: Result<(Effect, Option<Duration>), Refused>,
+        classic: bool,
+    ) -> Response {
+        match change {
             Ok((effect, wait)) => self.settle(effect, wait, classic).await,
             Err(Refused::Bad(m)) => error(400, "bad_request", m, classic),
             Err(Refused::NotFound(m)) => error(404, "not_found", m, classic),
             Err(Refused::Conflict(m)) => error(409, "conflict", m, classic),
-        })
+        }
     }
 
     /// Answers a control call once its effect is visible (`/nodes`,

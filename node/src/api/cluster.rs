@@ -123,6 +123,7 @@ pub fn cluster_report(node: &Node) -> kv_core::NodeReport {
             client: node.config.token.fingerprints(),
             cluster: node.config.cluster_token.fingerprints(),
         },
+        on_gateway_port: node.gateway_port.listening(),
     }
 }
 

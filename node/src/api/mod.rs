@@ -48,13 +48,9 @@ pub const MAX_LIST_LIMIT: usize = 1000;
 pub fn routes(
     node: Arc<Node>,
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
-    let (max_value, token) = (node.config.max_value_bytes, node.config.token.clone());
+    let limits = node.clone();
     request_filter(
-        // No body is read for a request that will be refused anyway.
-        move |req: &Incoming| match Route::parse(&req.method, &req.path) {
-            Ok(r) if authorized(&req.headers, &token) => r.body_limit(max_value),
-            _ => 0,
-        },
+        move |req: &Incoming| body_limit(&limits, req),
         move |req, body: Result<Bytes, BodyError>| {
             let node = node.clone();
             async move { serve(&node, req, body.map_err(ApiError::from)).await }
@@ -62,7 +58,23 @@ pub fn routes(
     )
 }
 
-async fn serve(node: &Arc<Node>, req: Incoming, body: Result<Bytes, ApiError>) -> Response {
+/// How much of `req`'s body is read: none for a request that will be
+/// refused anyway.
+pub(crate) fn body_limit(node: &Node, req: &Incoming) -> usize {
+    match Route::parse(&req.method, &req.path) {
+        Ok(r) if authorized(&req.headers, &node.config.token) => {
+            r.body_limit(node.config.max_value_bytes)
+        }
+        _ => 0,
+    }
+}
+
+/// One client request, routed, answered and counted in the metrics.
+pub(crate) async fn serve(
+    node: &Arc<Node>,
+    req: Incoming,
+    body: Result<Bytes, ApiError>,
+) -> Response {
     let started = Instant::now();
     let route = Route::parse(&req.method, &req.path);
     let name = route.as_ref().map_or("unknown", |r| r.name());
