@@ -1268,8 +1268,9 @@ fn fresh_connections() -> Client {
 
 // 9. The Up nodes listen on the gateway's port themselves: with the
 // `kvctl up` process frozen, clients of the gateway's address are still
-// served, by several nodes, with no hop through it; with `--gateway proxy`
-// the gateway forwards every request.
+// served, with no hop through it, all by one node (the kernel hands new
+// connections to the first socket there), and by another once that node is
+// killed; with `--gateway proxy` the gateway forwards every request.
 #[test]
 fn gateway_port_is_served_by_the_nodes_themselves() {
     let dir = tempfile::tempdir().unwrap();
@@ -1328,10 +1329,40 @@ fn gateway_port_is_served_by_the_nodes_themselves() {
         answers.iter().all(|a| a == "200"),
         "with kvctl up frozen, the gateway's address answered {answers:?}"
     );
-    assert!(
-        served_by.len() >= 2,
-        "60 new connections all reached one node: {served_by:?}"
+    assert_eq!(
+        served_by.len(),
+        1,
+        "60 new connections reached several nodes: {served_by:?}"
     );
+    let first = served_by.pop_first().unwrap();
+    let pids = pgrep(&format!("{}/node-{first} ", dir.path().display()));
+    assert_eq!(pids.len(), 1, "node {first}'s pid: {pids:?}");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pids[0].to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + WAIT;
+    let next = loop {
+        let r = http
+            .get(up.url("/v1/kv/frozen-0"))
+            .bearer_auth(&up.token)
+            .send();
+        if let Ok(r) = r
+            && r.status().as_u16() == 200
+        {
+            let n = r.headers().get("x-kv-node").and_then(|v| v.to_str().ok());
+            break n.unwrap_or_default().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing served after node {first} died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_ne!(next, first, "the killed node still answered");
     // Control routes reaching a node there are the control plane's.
     let (s, v) = up.call(reqwest::Method::GET, "/v1/cluster", None);
     assert_eq!(s, 200);
@@ -1474,8 +1505,18 @@ fn a_node_killed_mid_load_costs_only_a_retried_connection() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(1500));
-    let pids = pgrep(&format!("{}/node-1 ", dir.path().display()));
-    assert_eq!(pids.len(), 1, "node 1's pid: {pids:?}");
+    // the node the gateway's clients reach
+    let serving = up
+        .req(reqwest::Method::GET, "/v1/kv/k0-0")
+        .send()
+        .unwrap()
+        .headers()
+        .get("x-kv-node")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let pids = pgrep(&format!("{}/node-{serving} ", dir.path().display()));
+    assert_eq!(pids.len(), 1, "node {serving}'s pid: {pids:?}");
     assert!(
         Command::new("kill")
             .args(["-9", &pids[0].to_string()])
@@ -1483,7 +1524,7 @@ fn a_node_killed_mid_load_costs_only_a_retried_connection() {
             .unwrap()
             .success()
     );
-    up.wait_line(&["node 1: Recovering -> Up"]);
+    up.wait_line(&[&format!("node {serving}: Recovering -> Up")]);
     std::thread::sleep(Duration::from_millis(1500));
     stop.store(true, Ordering::Relaxed);
     let (mut acked, mut retried, mut errors) = (Vec::new(), 0, Vec::new());

@@ -98,6 +98,41 @@ pub fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpL
     Ok(socket.into())
 }
 
+/// Makes the kernel hand every new connection on `listener`'s shared port
+/// to the first socket of the port's group (a one-instruction classic BPF
+/// program, `SO_ATTACH_REUSEPORT_CBPF`) instead of spreading them by hash.
+/// When that socket closes, the kernel moves another into its place. The
+/// program belongs to the group: attaching it again replaces it.
+#[cfg(target_os = "linux")]
+pub fn steer_to_first(listener: &std::net::TcpListener) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut code = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 0,
+    }];
+    let prog = libc::sock_fprog {
+        len: 1,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: `prog` and the instruction it points to outlive the call,
+    // and the length passed is the size of `prog`; the kernel copies both.
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    match rc {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -142,5 +177,36 @@ mod tests {
         drop(a);
         // the second socket keeps serving the port alone
         std::net::TcpStream::connect(addr).unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn steered_connections_all_reach_the_first_socket_then_the_next() {
+        use std::io::{Read, Write};
+        let a = super::bind_shared("127.0.0.1:0".parse().unwrap()).unwrap();
+        super::steer_to_first(&a).unwrap();
+        let addr = a.local_addr().unwrap();
+        let b = super::bind_shared(addr).unwrap();
+        super::steer_to_first(&b).unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..20 {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.write_all(b"x").unwrap();
+            clients.push(c);
+        }
+        let accepted = |l: &std::net::TcpListener| std::iter::from_fn(|| l.accept().ok()).count();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!((accepted(&a), accepted(&b)), (20, 0));
+        drop(a);
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(b"y").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (mut s, _) = b.accept().unwrap();
+        let mut buf = [0u8; 1];
+        s.set_nonblocking(false).unwrap();
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"y");
     }
 }
