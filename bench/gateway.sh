@@ -6,7 +6,9 @@
 #   node0     node 0's own port (the issue's comparison: one coordinator)
 #   nodes     round-robin over the three nodes' own ports (the same spread
 #             as the gateway's, without it)
-# Writes and quorum reads, over KEYS keys written once first. Prints every
+# Writes and quorum reads, over KEYS keys written once first; with wrk
+# installed also the original store's routes (create-only POST /write of new
+# keys, GET /read/<key>) through the gateway and to node 0. Prints every
 # run and the medians, and the gateway's ratios to each direct target.
 #
 #   bash bench/gateway.sh [ROUNDS]        (default 3)
@@ -60,14 +62,41 @@ bench() { # ENDPOINTS READ_RATIO: "ops/s p50_us"; refuses errors and misses
 "$KVCTL" bench --endpoints "$NODE0" --token "$TOKEN" --keys "$KEYS" --value-size "$VALUE_SIZE" \
     --connections 64 --ops 1 --warmup 0s --prefill --read-ratio 1 --quiet -o json >/dev/null
 
+# wrk_bench URL METHOD: the original store's routes (bench/wrk/kv.lua,
+# WRK_API=classic): "ops/s p50_us"; refuses answers that are not 2xx
+wrk_bench() {
+    local out
+    out=$(KEYS="$KEYS" VALUE_SIZE="$VALUE_SIZE" TOKEN="$TOKEN" WRK_METHOD="$2" WRK_API=classic \
+        wrk -t 2 -c "$CONNS" -d "$DURATION" --latency -s bench/wrk/kv.lua "$1" 2>&1)
+    if grep -qE '^status |socket errors connect [1-9]|read [1-9]|write [1-9]|timeout [1-9]' <<<"$out"; then
+        echo "classic run with errors: $(grep -E '^(status|requests) ' <<<"$out")" >&2
+        exit 1
+    fi
+    awk '/^Requests\/sec/ {ops = int($2)}
+        $1 == "50%" {v = $2; u = 1; if (v ~ /us$/) u = 1; else if (v ~ /ms$/) u = 1000; else if (v ~ /s$/) u = 1000000;
+            sub(/[a-z]+$/, "", v); p50 = int(v * u)}
+        END {print ops, p50}' <<<"$out"
+}
+TARGETS="gateway node0 nodes"
+if command -v wrk >/dev/null; then
+    TARGETS+=" classic-gateway classic-node0"
+else
+    echo "wrk not found: the original store's routes are not measured (apt-get install wrk)" >&2
+fi
+
 declare -A OPS P50
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 for round in $(seq "$ROUNDS"); do
     for op in write read; do
         ratio=0; [[ $op == read ]] && ratio=1
-        for target in gateway node0 nodes; do
-            case $target in gateway) ep=$GW ;; node0) ep=$NODE0 ;; nodes) ep=$NODES ;; esac
-            read -r ops p50 < <(bench "$ep" "$ratio")
+        for target in $TARGETS; do
+            case $target in
+            gateway) read -r ops p50 < <(bench "$GW" "$ratio") ;;
+            node0) read -r ops p50 < <(bench "$NODE0" "$ratio") ;;
+            nodes) read -r ops p50 < <(bench "$NODES" "$ratio") ;;
+            classic-gateway) read -r ops p50 < <(wrk_bench "$GW" "$([[ $op == write ]] && echo PUT || echo GET)") ;;
+            classic-node0) read -r ops p50 < <(wrk_bench "$NODE0" "$([[ $op == write ]] && echo PUT || echo GET)") ;;
+            esac
             printf 'round %s %-5s %-7s %6s ops/s  p50 %s us  (load %s)\n' "$round" "$op" "$target" "$ops" "$p50" "$(cut -d' ' -f1 /proc/loadavg)"
             OPS[$op-$target]+="$ops " P50[$op-$target]+="$p50 "
         done
@@ -81,4 +110,11 @@ for op in write read; do
     awk -v op="$op" -v g="$g" -v n0="$n0" -v rr="$rr" -v gp="$gp" -v n0p="$n0p" -v rrp="$rrp" 'BEGIN {
         printf "%-5s gateway %d/s p50 %.2f ms | node 0 %d/s p50 %.2f ms | 3 nodes %d/s p50 %.2f ms | gateway/node0 %.2fx, gateway/3 nodes %.2fx, p50 added vs 3 nodes %+.2f ms\n",
             op, g, gp / 1000, n0, n0p / 1000, rr, rrp / 1000, g / n0, g / rr, (gp - rrp) / 1000 }'
+    if [[ -n "${OPS[$op-classic-gateway]:-}" ]]; then
+        g=$(median <<<"${OPS[$op-classic-gateway]}") n0=$(median <<<"${OPS[$op-classic-node0]}")
+        gp=$(median <<<"${P50[$op-classic-gateway]}") n0p=$(median <<<"${P50[$op-classic-node0]}")
+        awk -v op="$op" -v g="$g" -v n0="$n0" -v gp="$gp" -v n0p="$n0p" 'BEGIN {
+            printf "%-5s classic routes (wrk): gateway %d/s p50 %.2f ms | node 0 %d/s p50 %.2f ms | gateway/node0 %.2fx, p50 added %+.2f ms\n",
+                op, g, gp / 1000, n0, n0p / 1000, g / n0, (gp - n0p) / 1000 }'
+    fi
 done

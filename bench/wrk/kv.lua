@@ -3,8 +3,12 @@
 -- --prefill writes the same ones), counting every answer that is not 2xx
 -- by status, with the first body of each (bench/errors.sh LOADGEN=wrk).
 --   KEYS (10000), VALUE_SIZE (100), TOKEN, WRK_METHOD (GET or PUT)
+--   WRK_API=classic: the original store's routes instead: GET /read/<key>,
+--   and for PUT a create-only POST /write of a new key each time
+--   (c-<thread>-<n>: /write refuses a key that exists)
 local keys = tonumber(os.getenv("KEYS") or "10000")
 local method = os.getenv("WRK_METHOD") or "GET"
+local classic = os.getenv("WRK_API") == "classic"
 local value = string.rep("x", tonumber(os.getenv("VALUE_SIZE") or "100"))
 local headers = {
     ["Authorization"] = "Bearer " .. (os.getenv("TOKEN") or ""),
@@ -24,12 +28,22 @@ function init(args)
     firsts = {}
 end
 
+local written = 0
+
 function request()
-    local path = string.format("/v1/kv/bench-%010d", math.random(0, keys - 1))
-    if method == "PUT" then
-        return wrk.format("PUT", path, headers, value)
+    local key = string.format("bench-%010d", math.random(0, keys - 1))
+    if classic then
+        if method == "PUT" then
+            written = written + 1
+            local body = string.format('{"key":"c-%d-%d-%d","value":"%s"}', id, os.time(), written, value)
+            return wrk.format("POST", "/write", headers, body)
+        end
+        return wrk.format("GET", "/read/" .. key, headers)
     end
-    return wrk.format("GET", path, headers)
+    if method == "PUT" then
+        return wrk.format("PUT", "/v1/kv/" .. key, headers, value)
+    end
+    return wrk.format("GET", "/v1/kv/" .. key, headers)
 end
 
 function response(status, hdrs, body)

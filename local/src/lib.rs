@@ -133,8 +133,6 @@ pub struct Inner {
     /// Nodes whose store is new or rebuilt and still catching up (their
     /// report's `storeCatchingUp`): shown as Recovering, given no clients.
     pub catching_up: BTreeSet<u32>,
-    /// Nodes whose last report said they listen on the gateway's port.
-    on_gateway_port: BTreeSet<u32>,
 }
 
 /// The local cluster: its node processes, the state it keeps in its data
@@ -171,10 +169,6 @@ pub struct Platform {
     gateway_port: std::sync::OnceLock<(SocketAddr, String)>,
     /// Nodes passing on a control call that fails them ([`Platform::relaying`]).
     relays: Mutex<BTreeSet<u32>>,
-    /// The gateway's own listener on the shared port is open
-    /// ([`gateway::serve_fallback`]), and how to wake it.
-    fallback_open: std::sync::atomic::AtomicBool,
-    wake_fallback: tokio::sync::Notify,
 }
 
 impl Platform {
@@ -229,8 +223,6 @@ impl Platform {
             rotating: tokio::sync::Mutex::new(()),
             gateway_port: std::sync::OnceLock::new(),
             relays: Mutex::default(),
-            fallback_open: std::sync::atomic::AtomicBool::new(false),
-            wake_fallback: tokio::sync::Notify::new(),
             inner: Mutex::new(Inner {
                 saved,
                 topology,
@@ -242,7 +234,6 @@ impl Platform {
                 printed_progress: BTreeMap::new(),
                 answered: BTreeSet::new(),
                 catching_up: BTreeSet::new(),
-                on_gateway_port: BTreeSet::new(),
             }),
             config,
             metrics: metrics::LocalMetrics::new(),
@@ -387,7 +378,7 @@ pub async fn up(
     match control {
         Some(control) => {
             servers.spawn(gateway::serve(gateway.clone(), control, stop.clone()));
-            servers.spawn(gateway::serve_fallback(gateway, listener, stop));
+            servers.spawn(gateway::serve(gateway, listener, stop));
         }
         None => {
             servers.spawn(gateway::serve(gateway, listener, stop));

@@ -163,7 +163,6 @@ impl Platform {
         }
         inner.last_start.insert(o, Instant::now());
         inner.answered.remove(&o);
-        inner.on_gateway_port.remove(&o);
         {
             let mut held = reserved();
             held.remove(&port);
@@ -201,9 +200,6 @@ impl Platform {
             inner.down_since.insert(o, now_ms());
             inner.procs.remove(&o)
         };
-        if child.is_some() {
-            self.keep_gateway_port_open().await;
-        }
         if let Some(mut p) = child {
             p.expected_exit = true;
             // A node passing on the call that fails it stops by itself once
@@ -225,21 +221,6 @@ impl Platform {
             let _ = p.child.start_kill();
             let _ = p.child.wait().await;
             self.say(format!("node {o}: killed (SIGKILL), held down"));
-        }
-    }
-
-    /// Before the last node on the shared gateway port goes, the gateway's
-    /// own listener opens there (bounded wait): clients are never refused a
-    /// connection in between.
-    async fn keep_gateway_port_open(&self) {
-        use std::sync::atomic::Ordering;
-        if self.gateway_port.get().is_none() || self.gateway_port_served() {
-            return;
-        }
-        self.wake_fallback.notify_one();
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while !self.fallback_open.load(Ordering::Acquire) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
         }
     }
 
@@ -268,9 +249,6 @@ impl Platform {
             inner.down_since.remove(&o);
             inner.procs.remove(&o)
         };
-        if child.is_some() {
-            self.keep_gateway_port_open().await;
-        }
         if let Some(p) = child {
             terminate(p.child).await;
             self.say(format!("node {o}: stopped (left the cluster)"));

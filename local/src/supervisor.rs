@@ -141,17 +141,11 @@ impl Platform {
             // a node whose store is new or rebuilt gets no client traffic
             // until it has caught up (its acknowledgements do not count yet)
             let catching_up = v.as_ref().is_some_and(|r| r.store_catching_up);
-            let shared = v.as_ref().is_some_and(|r| r.on_gateway_port);
-            answers.push((o, v.as_ref().map(NodeProgress::from), catching_up, shared));
+            answers.push((o, v.as_ref().map(NodeProgress::from), catching_up));
         }
         let mut inner = self.lock();
         let now = now_ms();
-        for (o, report, catching_up, shared) in answers {
-            if shared {
-                inner.on_gateway_port.insert(o);
-            } else {
-                inner.on_gateway_port.remove(&o);
-            }
+        for (o, report, catching_up) in answers {
             match report {
                 Some(r) => {
                     inner.down_since.remove(&o);
@@ -273,16 +267,6 @@ impl Platform {
             })
             .map(|n| (n.ordinal, n.address.clone()))
             .collect()
-    }
-
-    /// Whether a running node said, in its last report, that it listens on
-    /// the gateway's shared port.
-    pub fn gateway_port_served(&self) -> bool {
-        let inner = self.lock();
-        inner
-            .on_gateway_port
-            .iter()
-            .any(|o| inner.procs.contains_key(o))
     }
 }
 

@@ -99,18 +99,20 @@ pub fn bind_shared(addr: std::net::SocketAddr) -> std::io::Result<std::net::TcpL
 }
 
 /// Makes the kernel hand every new connection on `listener`'s shared port
-/// to the first socket of the port's group (a one-instruction classic BPF
-/// program, `SO_ATTACH_REUSEPORT_CBPF`) instead of spreading them by hash.
-/// When that socket closes, the kernel moves another into its place. The
-/// program belongs to the group: attaching it again replaces it.
+/// to the socket in slot `slot` of the port's group (a one-instruction
+/// classic BPF program, `SO_ATTACH_REUSEPORT_CBPF`) instead of spreading
+/// them by hash. Sockets take the slots in the order they bind; when one
+/// closes, the kernel moves the last into its slot; while the group has no
+/// socket in `slot`, connections are spread by hash again. The program
+/// belongs to the group: attaching it again replaces it.
 #[cfg(target_os = "linux")]
-pub fn steer_to_first(listener: &std::net::TcpListener) -> std::io::Result<()> {
+pub fn steer_to_slot(listener: &std::net::TcpListener, slot: u32) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     let mut code = [libc::sock_filter {
         code: (libc::BPF_RET | libc::BPF_K) as u16,
         jt: 0,
         jf: 0,
-        k: 0,
+        k: slot,
     }];
     let prog = libc::sock_fprog {
         len: 1,
@@ -181,32 +183,40 @@ mod tests {
 
     #[cfg(target_os = "linux")]
     #[test]
-    fn steered_connections_all_reach_the_first_socket_then_the_next() {
-        use std::io::{Read, Write};
-        let a = super::bind_shared("127.0.0.1:0".parse().unwrap()).unwrap();
-        super::steer_to_first(&a).unwrap();
-        let addr = a.local_addr().unwrap();
-        let b = super::bind_shared(addr).unwrap();
-        super::steer_to_first(&b).unwrap();
-        a.set_nonblocking(true).unwrap();
-        b.set_nonblocking(true).unwrap();
-        let mut clients = Vec::new();
-        for _ in 0..20 {
-            let mut c = std::net::TcpStream::connect(addr).unwrap();
-            c.write_all(b"x").unwrap();
-            clients.push(c);
-        }
-        let accepted = |l: &std::net::TcpListener| std::iter::from_fn(|| l.accept().ok()).count();
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!((accepted(&a), accepted(&b)), (20, 0));
-        drop(a);
-        let mut c = std::net::TcpStream::connect(addr).unwrap();
-        c.write_all(b"y").unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let (mut s, _) = b.accept().unwrap();
-        let mut buf = [0u8; 1];
-        s.set_nonblocking(false).unwrap();
-        s.read_exact(&mut buf).unwrap();
-        assert_eq!(&buf, b"y");
+    fn steered_connections_reach_slot_1_then_its_successor_then_the_hash() {
+        use std::io::Write;
+        let bind = |a| {
+            let l = super::bind_shared(a).unwrap();
+            super::steer_to_slot(&l, 1).unwrap();
+            l
+        };
+        let fallback = super::bind_shared("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = fallback.local_addr().unwrap();
+        let (b, c) = (bind(addr), bind(addr));
+        let connect = |n: usize| {
+            let mut kept = Vec::new();
+            for _ in 0..n {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(b"x").unwrap();
+                kept.push(s);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            kept
+        };
+        let accepted = |l: &std::net::TcpListener| {
+            l.set_nonblocking(true).unwrap();
+            std::iter::from_fn(|| l.accept().ok()).count()
+        };
+        let _k = connect(20);
+        assert_eq!(
+            (accepted(&fallback), accepted(&b), accepted(&c)),
+            (0, 20, 0)
+        );
+        drop(b); // c moves into slot 1
+        let _k = connect(10);
+        assert_eq!((accepted(&fallback), accepted(&c)), (0, 10));
+        drop(c); // no slot 1: by hash, to the one socket left
+        let _k = connect(5);
+        assert_eq!(accepted(&fallback), 5);
     }
 }

@@ -5,16 +5,17 @@
 //! throughput). Instead every node that serves clients also listens on the
 //! gateway's address with `SO_REUSEPORT`, and a node that is killed, held
 //! down or not Up has no socket there, so it gets no new connection. The
-//! kernel hands every new connection to the first socket of the port's
-//! group (a BPF program the nodes attach), so one node coordinates the
-//! gateway's clients: on one machine that is cheaper than spreading them
-//! (fewer, fuller peer batches; measured by `bench/gateway.sh`); when that
-//! node leaves, the kernel puts another in its place. Data
-//! routes are the node's own; the control plane's routes (fail, recover,
-//! replication, the cluster view, tokens, its metrics and readiness) are
-//! passed to the control plane's address unchanged. `kvctl up` itself listens
-//! on the port only while no node does, to answer control calls and say
-//! that nothing serves.
+//! port's group of sockets starts with `kvctl up`'s own (slot 0), and the
+//! nodes attach a BPF program that hands every new connection to slot 1, a
+//! node: one node coordinates the gateway's clients, which on one machine is
+//! cheaper than spreading them (fewer, fuller peer batches; measured by
+//! `bench/gateway.sh`). When that node leaves, the kernel moves another
+//! into slot 1; when no node is left, the group has no slot 1 and `kvctl
+//! up`'s socket takes the connections, to answer control calls and say that
+//! nothing serves. Data routes are the node's own; the control plane's
+//! routes (fail, recover, replication, the cluster view, tokens, its
+//! metrics and readiness) are passed to the control plane's address
+//! unchanged.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -196,10 +197,11 @@ impl Open {
 #[cfg(target_os = "linux")]
 fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     let l = kv_net::port::bind_shared(addr)?;
+    // Slot 0 is `kvctl up`'s own listener, bound first; slot 1 is a node.
     // One coordinator is the cheapest on one machine: fewer, fuller peer
     // batches (bench/gateway.sh: 0.96x of node 0 direct steered, 0.54-0.66x
     // spread by hash over three nodes).
-    kv_net::port::steer_to_first(&l)?;
+    kv_net::port::steer_to_slot(&l, 1)?;
     tokio::net::TcpListener::from_std(l)
 }
 

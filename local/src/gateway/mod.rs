@@ -3,9 +3,10 @@
 //! On Linux the Up nodes share the gateway's port (`SO_REUSEPORT`,
 //! kv-node's `gateway_port`): clients reach a serving node with no hop, and
 //! the control routes that reach a node are passed here, to a listener of
-//! our own on another port. This process listens on the gateway's port
-//! only while no node does ([`serve_fallback`]), and opens that listener
-//! before the last node there goes. Elsewhere, or with `--gateway proxy`,
+//! our own on another port. This process's own socket on the gateway's
+//! port, bound before any node's, gets connections only while no node
+//! holds the port (the nodes steer them to a node's slot), and answers
+//! them as the proxy below does. Elsewhere, or with `--gateway proxy`,
 //! it listens there alone and forwards data routes (v1 and classic) to a
 //! node that is Up and running, round-robin; when that node fails
 //! mid-request (connection error, or it answers that it does not serve
@@ -31,7 +32,7 @@ mod input;
 mod proxy;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -167,86 +168,4 @@ pub fn listen_shared(_: std::net::SocketAddr) -> std::io::Result<tokio::net::Tcp
     Err(std::io::Error::other(
         "sharing the gateway's port needs Linux (SO_REUSEPORT)",
     ))
-}
-
-/// How often the fallback listener checks whether a node holds the port.
-const FALLBACK_CHECK: Duration = Duration::from_millis(100);
-
-/// The gateway's own listener on the shared port, open only while no
-/// running node reports that it listens there: it answers control calls
-/// and tells data clients that nothing serves (or forwards to a node that
-/// serves but does not share the port, such as an older kv-node binary).
-/// Once a node holds the port this listener closes, so every new
-/// connection goes straight to a node; it opens again when none does.
-pub async fn serve_fallback(
-    gateway: Arc<Gateway>,
-    first: tokio::net::TcpListener,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let addr = match first.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = %e, "the gateway's listener has no address");
-            return;
-        }
-    };
-    let tls = gateway.platform.tls.as_ref().map(|t| t.server.clone());
-    let mut waiting = Some(first);
-    let mut open: Option<(
-        tokio::sync::watch::Sender<bool>,
-        tokio::task::JoinHandle<()>,
-    )> = None;
-    // servers of a listener closed earlier, maybe still answering
-    let mut closing: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    let mut bind_failed = false;
-    loop {
-        let platform = &gateway.platform;
-        let held = platform.gateway_port_served();
-        if held && let Some((tx, server)) = open.take() {
-            platform.fallback_open.store(false, Ordering::Release);
-            // in-flight requests finish; idle connections close
-            let _ = tx.send(true);
-            closing.retain(|s| !s.is_finished());
-            closing.push(server);
-            waiting = None;
-            tracing::debug!(%addr, "a node holds the gateway's port: its own listener is closed");
-        } else if !held && open.is_none() {
-            let listener = match waiting.take() {
-                Some(l) => Ok(l),
-                None => listen_shared(addr),
-            };
-            match listener {
-                Ok(listener) => {
-                    let (tx, rx) = tokio::sync::watch::channel(false);
-                    let server = kv_net::serve_tls(
-                        "gateway",
-                        gateway.clone().routes(),
-                        listener,
-                        tls.clone(),
-                        rx,
-                    );
-                    open = Some((tx, tokio::spawn(server)));
-                    platform.fallback_open.store(true, Ordering::Release);
-                    bind_failed = false;
-                }
-                Err(e) if !bind_failed => {
-                    bind_failed = true;
-                    tracing::warn!(%addr, error = %e, "cannot listen on the gateway's port; retrying");
-                }
-                Err(_) => {}
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(FALLBACK_CHECK) => {}
-            _ = platform.wake_fallback.notified() => {}
-            _ = stop.wait_for(|s| *s) => break,
-        }
-    }
-    if let Some((tx, server)) = open {
-        let _ = tx.send(true);
-        closing.push(server);
-    }
-    for server in closing {
-        let _ = server.await;
-    }
 }
