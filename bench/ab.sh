@@ -7,6 +7,7 @@
 #
 #   bash bench/ab.sh OLD_KV_NODE NEW_KV_NODE      # e.g. a build of an older commit vs target/release/kv-node
 #   AB_ROUNDS=3 AB_DURATION=10s AB_CONNECTIONS=32 AB_KEYS=20000  # the defaults
+#   AB_NODES=1                                    # a single node (factor 1) instead of 3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,7 +15,8 @@ cd "$(dirname "$0")/.."
 A=$(realpath "$1") B=$(realpath "$2")
 [[ -x "$A" && -x "$B" ]] || { echo "both binaries must be executable" >&2; exit 2; }
 ROUNDS="${AB_ROUNDS:-3}" DURATION="${AB_DURATION:-10s}" CONNS="${AB_CONNECTIONS:-32}"
-KEYS="${AB_KEYS:-20000}"
+KEYS="${AB_KEYS:-20000}" NODES="${AB_NODES:-3}"
+FACTOR=$((NODES < 3 ? NODES : 3))
 KVCTL="${CARGO_TARGET_DIR:-target}/release/kvctl"
 [[ -x "$KVCTL" ]] || cargo build --release -p kvctl >&2
 WORK=$(mktemp -d)
@@ -33,17 +35,17 @@ export KV_TOKEN=ab-token
 GATEWAY=127.0.0.1:5090
 export KV_ENDPOINT="http://$GATEWAY"
 
-# Starts a fresh cluster on binary $1, waits (bounded) for 3 Up nodes with
+# Starts a fresh cluster on binary $1, waits (bounded) for $NODES Up nodes with
 # caught-up stores and sets EPS to their client endpoints, comma-separated.
 start() {
     rm -rf "$WORK/data"
-    "$KVCTL" up --nodes 3 --strategy consistent-hashing --replication-factor 3 \
+    "$KVCTL" up --nodes "$NODES" --strategy consistent-hashing --replication-factor "$FACTOR" \
         --data-dir "$WORK/data" --listen "$GATEWAY" --node-binary "$1" \
         --anti-entropy-secs 0 >"$WORK/up.log" 2>&1 &
     UP_PID=$!
     for _ in $(seq 300); do
         if json=$("$KVCTL" nodes -o json 2>/dev/null) &&
-            [[ $(jq '[.nodes[] | select(.state == "Up")] | length' <<<"$json" 2>/dev/null) == 3 ]]; then
+            [[ $(jq '[.nodes[] | select(.state == "Up")] | length' <<<"$json" 2>/dev/null) == "$NODES" ]]; then
             local eps caught=0
             eps=$(jq -r '[.nodes[] | "http://" + .address] | join(",")' <<<"$json")
             # a new store serves no reads until it has caught up (SPEC §3); nodes
@@ -52,7 +54,7 @@ start() {
                 curl -fsS -H "Authorization: Bearer $KV_TOKEN" "$ep/v1/cluster" |
                     jq -e '(.storeCatchingUp // false) == false' >/dev/null 2>&1 && caught=$((caught + 1))
             done
-            if [[ $caught == 3 ]]; then
+            if [[ $caught == "$NODES" ]]; then
                 EPS=$eps
                 return
             fi
