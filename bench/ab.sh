@@ -66,7 +66,7 @@ start() {
     exit 1
 }
 
-# ops/s of one measured run on $1 (endpoints) with read ratio $2; a run with
+# ops/s and p99 latency (µs) of one measured run on $1 (endpoints) with read ratio $2; a run with
 # errors or misses is refused (a read run writes its keys first: --prefill)
 run() {
     local out prefill=()
@@ -78,7 +78,7 @@ run() {
         echo "run with errors or misses: $(jq -c '{errors, misses, errorsByKind}' <<<"$out")" >&2
         exit 1
     fi
-    jq -r '.opsPerSecond | floor' <<<"$out"
+    jq -r '"\(.opsPerSecond | floor) \(.latencyUs.p99)"' <<<"$out"
 }
 
 declare -A RES
@@ -87,20 +87,25 @@ for r in $(seq "$ROUNDS"); do
         bin=$A
         [[ $side == B ]] && bin=$B
         start "$bin"
-        w=$(run "$EPS" 0.0)
-        rd=$(run "$EPS" 1.0)
+        wout=$(run "$EPS" 0.0)
+        rout=$(run "$EPS" 1.0)
+        read -r w wp <<<"$wout"
+        read -r rd rp <<<"$rout"
         stop
         RES[$side-w]+="$w "
         RES[$side-r]+="$rd "
-        printf 'round %d %s: writes %s/s, quorum reads %s/s\n' "$r" "$side" "$w" "$rd"
+        RES[$side-wp]+="$wp "
+        RES[$side-rp]+="$rp "
+        printf 'round %d %s: writes %s/s (p99 %s µs), quorum reads %s/s (p99 %s µs)\n' "$r" "$side" "$w" "$wp" "$rd" "$rp"
     done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 for kind in w r; do
     ma=$(median <<<"${RES[A-$kind]}") mb=$(median <<<"${RES[B-$kind]}")
+    pa=$(median <<<"${RES[A-${kind}p]}") pb=$(median <<<"${RES[B-${kind}p]}")
     name=writes
     [[ $kind == r ]] && name="quorum reads"
-    printf '%s: A %s/s, B %s/s (medians of %d), B/A %.3f\n' "$name" "$ma" "$mb" "$ROUNDS" \
-        "$(awk -v a="$ma" -v b="$mb" 'BEGIN {print b / a}')"
+    printf '%s: A %s/s, B %s/s (medians of %d), B/A %.3f; p99 A %s µs, B %s µs\n' "$name" "$ma" "$mb" "$ROUNDS" \
+        "$(awk -v a="$ma" -v b="$mb" 'BEGIN {print b / a}')" "$pa" "$pb"
 done
