@@ -108,8 +108,8 @@ for op in write read; do
     g=$(median <<<"${OPS[$op-gateway]}") n0=$(median <<<"${OPS[$op-node0]}") rr=$(median <<<"${OPS[$op-nodes]}")
     gp=$(median <<<"${P50[$op-gateway]}") n0p=$(median <<<"${P50[$op-node0]}") rrp=$(median <<<"${P50[$op-nodes]}")
     awk -v op="$op" -v g="$g" -v n0="$n0" -v rr="$rr" -v gp="$gp" -v n0p="$n0p" -v rrp="$rrp" 'BEGIN {
-        printf "%-5s gateway %d/s p50 %.2f ms | node 0 %d/s p50 %.2f ms | 3 nodes %d/s p50 %.2f ms | gateway/node0 %.2fx, gateway/3 nodes %.2fx, p50 added vs 3 nodes %+.2f ms\n",
-            op, g, gp / 1000, n0, n0p / 1000, rr, rrp / 1000, g / n0, g / rr, (gp - rrp) / 1000 }'
+        printf "%-5s gateway %d/s p50 %.2f ms | node 0 %d/s p50 %.2f ms | 3 nodes %d/s p50 %.2f ms | gateway/node0 %.2fx (p50 %+.2f ms), gateway/3 nodes %.2fx (p50 %+.2f ms)\n",
+            op, g, gp / 1000, n0, n0p / 1000, rr, rrp / 1000, g / n0, (gp - n0p) / 1000, g / rr, (gp - rrp) / 1000 }'
     if [[ -n "${OPS[$op-classic-gateway]:-}" ]]; then
         g=$(median <<<"${OPS[$op-classic-gateway]}") n0=$(median <<<"${OPS[$op-classic-node0]}")
         gp=$(median <<<"${P50[$op-classic-gateway]}") n0p=$(median <<<"${P50[$op-classic-node0]}")
