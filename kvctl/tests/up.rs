@@ -1276,6 +1276,36 @@ fn gateway_port_is_served_by_the_nodes_themselves() {
     let dir = tempfile::tempdir().unwrap();
     let up = Up::start(dir.path(), "t9", &[]);
     up.wait_up(&[0, 1, 2]);
+    // A second cluster cannot join the shared port.
+    let other = tempfile::tempdir().unwrap();
+    let mut second = Command::new(kvctl_bin())
+        .args(["up", "--data-dir"])
+        .arg(other.path())
+        .args(["--listen", &format!("127.0.0.1:{}", up.port)])
+        .env_remove("KV_LISTEN")
+        .env_remove("KV_DATA_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = second.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()) && err.contains("cannot listen"),
+        "a second kvctl up on the gateway's port: {status:?} {err}"
+    );
     up.wait_cluster("every node on the gateway's port", |_| {
         (0..3).all(|o| {
             let log = std::fs::read_to_string(dir.path().join(format!("node-{o}.log")))

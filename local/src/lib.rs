@@ -327,7 +327,12 @@ pub async fn up(
         source,
     };
     let listener = match shared {
-        true => gateway::listen_shared(listen).map_err(listen_error)?,
+        // A plain bind first: a port someone else holds, another `kvctl up`
+        // included (its sockets would let ours join them), is refused.
+        true => std::net::TcpListener::bind(listen)
+            .and_then(|probe| probe.local_addr())
+            .and_then(gateway::listen_shared)
+            .map_err(listen_error)?,
         false => tokio::net::TcpListener::bind(listen)
             .await
             .map_err(listen_error)?,
