@@ -32,6 +32,11 @@ pub fn error_body(code: &str, message: &str, classic: bool) -> Value {
     body
 }
 
+/// The header naming the `kvctl up` node that passed a control call from
+/// the shared gateway port on to the control plane (kv-node's
+/// `gateway_port`, read by kv-local's gateway).
+pub const RELAY_HEADER: &str = "x-kv-relay";
+
 /// The one rule for what a classic path is: a path of the original store's
 /// API (`/write`, `/read/<key>`, `/delete/<key>`, `/nodes`,
 /// `/nodes_for_key/<key>`, `/fail/<id>`, `/recover/<id>`,

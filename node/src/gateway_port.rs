@@ -37,9 +37,6 @@ const CHECK_EVERY: Duration = Duration::from_millis(50);
 const CONTROL_BODY: usize = 64 * 1024;
 /// A control call may wait for its effect up to an hour (`timeout=`).
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(3700);
-/// Names this node to the control plane on every call it passes on (the
-/// gateway's `RELAY_HEADER`).
-const RELAY_HEADER: &str = "x-kv-relay";
 /// Request headers a control call is passed on with.
 const FORWARD: [&str; 3] = ["authorization", "content-type", "accept"];
 
@@ -295,7 +292,7 @@ impl Control {
         let mut call = self
             .http
             .request(req.method, &url)
-            .header(RELAY_HEADER, me)
+            .header(kv_net::http::RELAY_HEADER, me)
             .body(body);
         for name in FORWARD {
             if let Some(v) = req.headers.get(name) {

@@ -45,10 +45,6 @@ pub use input::{DEFAULT_WAIT, ReplicationChange};
 
 use crate::Platform;
 
-/// The header naming the node that passed a control call on (kv-node's
-/// `gateway_port`).
-pub const RELAY_HEADER: &str = "x-kv-relay";
-
 /// Largest body forwarded (values are limited by the nodes).
 const MAX_BODY: usize = 8 * 1024 * 1024;
 
@@ -135,7 +131,7 @@ impl Gateway {
         // itself: if the call fails that very node, it must outlive the
         // answer ([`crate::Platform::kill`]).
         let relay = headers
-            .get(RELAY_HEADER)
+            .get(kv_net::http::RELAY_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u32>().ok());
         let control = self.control(&method, path, query, &body, relay).await;
