@@ -9,6 +9,12 @@
 # Static (CGO_ENABLED=0), -trimpath, -s -w and the tags upstream uses
 # (hack/lib/golang.sh); version ldflags as hack/lib/version.sh sets them.
 # Gentle on CPU by default: one compile job (see KV_KUBE_JOBS in lib.sh).
+# Packages are compiled without DWARF (-gcflags=all=-dwarf=false): the linker
+# strips it from the binaries anyway (-w), and without it the build cache
+# holds less on a machine where disk is scarce.
+# KV_KUBE_PRUNE_CACHES=1 (what scripts/test.sh sets under CI) deletes the
+# Go build and module caches once every binary is built: a CI clone is used
+# once, and those caches were its largest directory.
 #
 # usage: test/kube/build.sh [--force] [NAME...]   (default: all five)
 set -euo pipefail
@@ -41,6 +47,7 @@ k8s_ldflags() {
   echo "all=$f -s -w"
 }
 K8S_TAGS=selinux,notest,grpcnotrace
+GCFLAGS=all=-dwarf=false
 # etcd: its ./build sets only GitSHA; there is none here either.
 ETCD_LDFLAGS="-X go.etcd.io/etcd/api/v3/version.GitSHA=unknown-module-proxy-$ETCD_VERSION -s -w"
 
@@ -48,7 +55,7 @@ stamp_of() { # NAME -> the text that must match for NAME to be up to date
   local name=$1 dir
   case "$name" in etcd) dir=etcd ;; *) dir=k8s ;; esac
   printf '%s\n' "$name" "k8s=$K8S_VERSION" "etcd=$ETCD_VERSION" "$GO_VERSION" "cgo=0" \
-    "tags=$K8S_TAGS" "$(sha256sum < "$KUBE_TEST_DIR/$dir/go.sum")" \
+    "tags=$K8S_TAGS" "gcflags=$GCFLAGS" "$(sha256sum < "$KUBE_TEST_DIR/$dir/go.sum")" \
     "$(sha256sum < "$KUBE_TEST_DIR/$dir/go.mod")"
 }
 
@@ -60,10 +67,10 @@ build_one() {
   fi
   case "$name" in
     etcd) dir=etcd; pkg=go.etcd.io/etcd/server/v3
-          args=(-trimpath -ldflags "$ETCD_LDFLAGS") ;;
+          args=(-trimpath -gcflags "$GCFLAGS" -ldflags "$ETCD_LDFLAGS") ;;
     kube-apiserver|kube-controller-manager|kube-scheduler|kubectl)
           dir=k8s; pkg=k8s.io/kubernetes/cmd/$name
-          args=(-trimpath -tags "$K8S_TAGS" -ldflags "$(k8s_ldflags)") ;;
+          args=(-trimpath -tags "$K8S_TAGS" -gcflags "$GCFLAGS" -ldflags "$(k8s_ldflags)") ;;
     *) echo "build.sh: unknown binary $name" >&2; exit 2 ;;
   esac
   echo "build.sh: building $name ($pkg, GOFLAGS=$GOFLAGS GOMAXPROCS=$GOMAXPROCS) ..."
@@ -77,3 +84,10 @@ build_one() {
 t_all=$(date +%s)
 for n in "${names[@]}"; do build_one "$n"; done
 echo "build.sh: done in $(( $(date +%s) - t_all )) s; binaries in $KV_KUBE_BIN"
+if [ "${KV_KUBE_PRUNE_CACHES:-0}" = 1 ]; then
+  echo "build.sh: caches before pruning: $(du -sh "$GOCACHE" "$GOMODCACHE" 2>/dev/null | cut -f1 | paste -sd' ')"
+  # the module cache is read-only on purpose; `go clean -modcache` knows how
+  (cd "$KUBE_TEST_DIR/k8s" && go clean -cache -modcache)
+  rm -rf "$GOCACHE" "$GOMODCACHE"
+  echo "build.sh: Go build and module caches deleted (KV_KUBE_PRUNE_CACHES=1)"
+fi
