@@ -150,14 +150,16 @@ impl Coordinator {
             let (c, view, rec) = (self.clone(), view.clone(), record.clone());
             async move { c.create_vote(&view, o, phase, rec).await }
         });
-        if phase == CreatePhase::Accept && !down.is_empty() {
-            let hints = down.into_iter().map(|o| (o, record.clone())).collect();
-            if let Err(e) = self.node.store.add_hints(hints).await {
-                tracing::warn!(error = %e, "cannot store hints");
+        let hints = async {
+            if phase == CreatePhase::Accept && !down.is_empty() {
+                let hints = down.into_iter().map(|o| (o, record.clone())).collect();
+                if let Err(e) = self.node.store.add_hints(hints).await {
+                    tracing::warn!(error = %e, "cannot store hints");
+                }
             }
-        }
+        };
         let mut tally = WriteTally::new(&plan, view);
-        let replies = calls.until(&mut tally).await;
+        let ((), replies) = tokio::join!(hints, calls.until(&mut tally));
         if replies.met {
             return Ok(());
         }

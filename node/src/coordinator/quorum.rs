@@ -1,15 +1,21 @@
 //! One fan-out for every quorum the coordinator waits for: ask owners,
 //! count the good answers, return as soon as the quorum is met.
 //!
-//! Each owner is called in its own task, so a call still in flight when the
-//! quorum is met runs to its end (a write's hint for an owner that fails
-//! late is still stored) and its answer arrives on [`Replies::late`] (read
-//! repair). How one owner is called is a closure, so the quorum rules are
-//! tested with in-memory owners (`quorum_tests`).
+//! The calls run inside the coordinator's own task while it waits (no task
+//! spawned and no wake-up handed across tasks per owner, on every write and
+//! read). A call still in flight when the quorum is met, or when the waiting
+//! request is dropped (its client went away), is moved to a task of its own
+//! and runs to its end: a write's hint for an owner that fails late is still
+//! stored, and its answer arrives on [`Replies::late`] (read repair). How
+//! one owner is called is a closure, so the quorum rules are tested with
+//! in-memory owners (`quorum_tests`).
 
 use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 
 /// How long a read waits for an owner before also asking the next one.
@@ -87,15 +93,25 @@ pub(crate) struct Replies<T, E> {
     pub late: mpsc::UnboundedReceiver<(u32, Result<T, E>)>,
 }
 
+type Call<T, E> = Pin<Box<dyn Future<Output = (u32, Result<T, E>)> + Send>>;
+
 /// Calls under way to some of the owners, the rest waiting their turn.
-pub(crate) struct Calls<T, E, F> {
+pub(crate) struct Calls<T, E, F>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
     call: F,
     queue: std::vec::IntoIter<u32>,
+    /// Calls polled by the waiting task itself.
+    running: FuturesUnordered<Call<T, E>>,
+    /// Calls under way, here or in a task of their own.
     in_flight: usize,
     speculate_after: Option<Duration>,
     speculated: u64,
+    /// Answers of the calls moved to a task of their own ([`Calls::detach`]).
     tx: mpsc::UnboundedSender<(u32, Result<T, E>)>,
-    rx: mpsc::UnboundedReceiver<(u32, Result<T, E>)>,
+    rx: Option<mpsc::UnboundedReceiver<(u32, Result<T, E>)>>,
 }
 
 impl<T, E, F, Fut> Calls<T, E, F>
@@ -105,18 +121,19 @@ where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Result<T, E>> + Send + 'static,
 {
-    /// Starts the first calls at once (a write stores its hints for down
-    /// owners while they run).
+    /// Makes the first calls; they run when [`Calls::until`] waits, or at
+    /// once after [`Calls::detach`].
     pub fn start(owners: Vec<u32>, how: Fanout, call: F) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut calls = Calls {
             call,
             queue: owners.into_iter(),
+            running: FuturesUnordered::new(),
             in_flight: 0,
             speculate_after: how.speculate_after,
             speculated: 0,
             tx,
-            rx,
+            rx: Some(rx),
         };
         for _ in 0..how.first {
             if !calls.ask_next() {
@@ -130,10 +147,9 @@ where
         let Some(owner) = self.queue.next() else {
             return false;
         };
-        let (reply, tx) = ((self.call)(owner), self.tx.clone());
-        tokio::spawn(async move {
-            let _ = tx.send((owner, reply.await));
-        });
+        let reply = (self.call)(owner);
+        self.running
+            .push(Box::pin(async move { (owner, reply.await) }));
         self.in_flight += 1;
         true
     }
@@ -142,16 +158,18 @@ where
     /// meet it.
     pub async fn until(mut self, tally: &mut impl Tally<T>) -> Replies<T, E> {
         let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        let mut rx = self
+            .rx
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1);
         // Without speculation the timer is never polled; its length is moot.
         let patience = self.speculate_after.unwrap_or(Duration::from_secs(3600));
         let speculate = tokio::time::sleep(patience);
         tokio::pin!(speculate);
         while !tally.met() && self.in_flight > 0 {
             let (owner, reply) = tokio::select! {
-                next = self.rx.recv() => match next {
-                    Some(answer) => answer,
-                    None => break,
-                },
+                Some(answer) = self.running.next(), if !self.running.is_empty() => answer,
+                Some(answer) = rx.recv() => answer,
                 () = &mut speculate, if self.speculate_after.is_some() => {
                     if self.ask_next() {
                         self.speculated += 1;
@@ -159,6 +177,10 @@ where
                     speculate.as_mut().reset(tokio::time::Instant::now() + patience);
                     continue;
                 }
+                // Not reached while in_flight counts a call: the channel's
+                // sender is held here, and `running` or a detached task
+                // holds the call.
+                else => break,
             };
             self.in_flight -= 1;
             match reply {
@@ -172,12 +194,50 @@ where
                 }
             }
         }
+        self.detach();
         Replies {
             met: tally.met(),
             ok,
             failed,
             speculated: self.speculated,
-            late: self.rx,
+            late: rx,
         }
+    }
+}
+
+impl<T, E, F> Calls<T, E, F>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    /// Moves the calls made so far to a task of their own, where they run
+    /// to their end whatever the caller does next; their answers arrive on
+    /// the same channel.
+    pub fn detach(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let mut running = std::mem::take(&mut self.running);
+        let tx = self.tx.clone();
+        // Without a runtime (it is shutting down) nothing could run them.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                while let Some(answer) = running.next().await {
+                    let _ = tx.send(answer);
+                }
+            });
+        }
+    }
+}
+
+impl<T, E, F> Drop for Calls<T, E, F>
+where
+    T: Send + 'static,
+    E: Send + 'static,
+{
+    /// A request dropped while it waited (its client went away) still lets
+    /// its calls run to their end, as if they had had tasks of their own.
+    fn drop(&mut self) {
+        self.detach();
     }
 }

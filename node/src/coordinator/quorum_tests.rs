@@ -293,6 +293,46 @@ async fn calls_still_running_when_the_quorum_is_met_run_to_their_end() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn calls_of_a_request_dropped_while_it_waits_run_to_their_end() {
+    // The calls run inside the waiting request's task; when that request is
+    // dropped (its client went away), they are moved to a task of their own
+    // and still store their hints.
+    let hinted = Arc::new(Mutex::new(Vec::new()));
+    let v = all_up(3);
+    let plan = WritePlan::new(&v, b"k", All).expect("plan");
+    let owners = Owners::new(&[
+        Owner::Slow(500, 1),
+        Owner::FailsAfter(1_000),
+        Owner::FailsAfter(1_000),
+    ]);
+    let (calls_of, hints) = (owners.clone(), hinted.clone());
+    let mut tally = WriteTally::new(&plan, &v);
+    let waiting = Calls::start(owners.ordinals(), Fanout::all(), move |o| {
+        let (answer, hints) = (calls_of.call(o), hints.clone());
+        async move {
+            let r = answer.await;
+            if r.is_err()
+                && let Ok(mut h) = hints.lock()
+            {
+                h.push(o);
+            }
+            r.map(|_| Ack { catching_up: false })
+        }
+    })
+    .until(&mut tally);
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), waiting).await;
+    assert!(gave_up.is_err(), "no owner answers within 100 ms");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut h = hinted.lock().map(|h| h.clone()).unwrap_or_default();
+    h.sort_unstable();
+    assert_eq!(
+        h,
+        [1, 2],
+        "both failing owners got their hint after the drop"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_write_at_all_fails_when_one_owner_fails_with_the_shortfall_message() {
     let v = all_up(3);
     let plan = WritePlan::new(&v, b"k", All).expect("plan");

@@ -136,17 +136,20 @@ impl Coordinator {
             let (c, view, rec) = (self.clone(), view.clone(), record.clone());
             async move { c.write_replica(&view, o, rec).await }
         });
-        if !down.is_empty() {
-            let n = down.len();
-            let hints = down.into_iter().map(|o| (o, record.clone())).collect();
-            // Hints for owners known to be down are stored before the answer,
-            // so they outlive a crash of this node right after it.
-            if let Err(e) = self.node.store.add_hints(hints).await {
-                tracing::warn!(error = %e, count = n, "cannot store hints");
+        // Hints for owners known to be down are stored before the answer
+        // (while the calls run), so they outlive a crash of this node right
+        // after it.
+        let hints = async {
+            if !down.is_empty() {
+                let n = down.len();
+                let hints = down.into_iter().map(|o| (o, record.clone())).collect();
+                if let Err(e) = self.node.store.add_hints(hints).await {
+                    tracing::warn!(error = %e, count = n, "cannot store hints");
+                }
             }
-        }
+        };
         let mut tally = WriteTally::new(&plan, view);
-        let replies = calls.until(&mut tally).await;
+        let ((), replies) = tokio::join!(hints, calls.until(&mut tally));
         if replies.met {
             return Ok(Replicated::Done(record));
         }
