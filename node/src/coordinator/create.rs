@@ -185,8 +185,8 @@ impl Coordinator {
 
     /// One owner's vote on a create step: granted, or why not. A refusal
     /// moves this node's clock past the version the owner has seen; an
-    /// owner that fails an accept gets a hint (in the call's own task, so
-    /// also after the quorum was met).
+    /// owner that fails an accept gets a hint (in the call itself, which
+    /// runs to its end, so also after the quorum was met).
     async fn create_vote(
         &self,
         view: &View,

@@ -53,7 +53,7 @@ pub enum WriteKind {
 
 /// The data path of one node: reads, writes, creates and listings run on
 /// the keys' owners. A cheap handle (it clones the node's `Arc`), so every
-/// call to an owner runs in its own task.
+/// call to an owner owns what it needs and can outlive the request.
 #[derive(Clone)]
 pub struct Coordinator {
     node: Arc<Node>,

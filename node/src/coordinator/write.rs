@@ -180,8 +180,8 @@ impl Coordinator {
 
     /// One owner's part of a write. An owner that fails (not one that holds
     /// a newer version or topology: it has the write or a newer one) gets a
-    /// hint here, in the call's own task, so one that fails after the
-    /// quorum was met gets it too.
+    /// hint here, in the call itself, which runs to its end even after the
+    /// quorum was met (see `quorum`), so one that fails late gets it too.
     async fn write_replica(
         &self,
         view: &View,
