@@ -380,15 +380,10 @@ pub async fn up(
     let supervisor = tokio::spawn(platform.clone().supervise(stop.clone()));
     let gateway = gateway::Gateway::new(platform.clone());
     let mut servers = tokio::task::JoinSet::new();
-    match control {
-        Some(control) => {
-            servers.spawn(gateway::serve(gateway.clone(), control, stop.clone()));
-            servers.spawn(gateway::serve(gateway, listener, stop));
-        }
-        None => {
-            servers.spawn(gateway::serve(gateway, listener, stop));
-        }
+    if let Some(control) = control {
+        servers.spawn(gateway::serve(gateway.clone(), control, stop.clone()));
     }
+    servers.spawn(gateway::serve(gateway, listener, stop));
     shutdown.await;
     platform.say("stopping: nodes get SIGTERM and finish in-flight writes".into());
     let _ = stop_tx.send(true);

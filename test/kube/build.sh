@@ -86,8 +86,7 @@ for n in "${names[@]}"; do build_one "$n"; done
 echo "build.sh: done in $(( $(date +%s) - t_all )) s; binaries in $KV_KUBE_BIN"
 if [ "${KV_KUBE_PRUNE_CACHES:-0}" = 1 ]; then
   echo "build.sh: caches before pruning: $(du -sh "$GOCACHE" "$GOMODCACHE" 2>/dev/null | cut -f1 | paste -sd' ')"
-  # the module cache is read-only on purpose; `go clean -modcache` knows how
+  # (the module cache is read-only on purpose; `go clean -modcache` knows how)
   (cd "$KUBE_TEST_DIR/k8s" && go clean -cache -modcache)
-  rm -rf "$GOCACHE" "$GOMODCACHE"
   echo "build.sh: Go build and module caches deleted (KV_KUBE_PRUNE_CACHES=1)"
 fi

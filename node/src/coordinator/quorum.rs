@@ -103,15 +103,10 @@ where
 {
     call: F,
     queue: std::vec::IntoIter<u32>,
-    /// Calls polled by the waiting task itself.
+    /// Calls under way, polled by the waiting task itself.
     running: FuturesUnordered<Call<T, E>>,
-    /// Calls under way, here or in a task of their own.
-    in_flight: usize,
     speculate_after: Option<Duration>,
     speculated: u64,
-    /// Answers of the calls moved to a task of their own ([`Calls::detach`]).
-    tx: mpsc::UnboundedSender<(u32, Result<T, E>)>,
-    rx: Option<mpsc::UnboundedReceiver<(u32, Result<T, E>)>>,
 }
 
 impl<T, E, F, Fut> Calls<T, E, F>
@@ -121,19 +116,14 @@ where
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Result<T, E>> + Send + 'static,
 {
-    /// Makes the first calls; they run when [`Calls::until`] waits, or at
-    /// once after [`Calls::detach`].
+    /// Makes the first calls; they run while [`Calls::until`] waits.
     pub fn start(owners: Vec<u32>, how: Fanout, call: F) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
         let mut calls = Calls {
             call,
             queue: owners.into_iter(),
             running: FuturesUnordered::new(),
-            in_flight: 0,
             speculate_after: how.speculate_after,
             speculated: 0,
-            tx,
-            rx: Some(rx),
         };
         for _ in 0..how.first {
             if !calls.ask_next() {
@@ -150,7 +140,6 @@ where
         let reply = (self.call)(owner);
         self.running
             .push(Box::pin(async move { (owner, reply.await) }));
-        self.in_flight += 1;
         true
     }
 
@@ -158,18 +147,13 @@ where
     /// meet it.
     pub async fn until(mut self, tally: &mut impl Tally<T>) -> Replies<T, E> {
         let (mut ok, mut failed) = (Vec::new(), Vec::new());
-        let mut rx = self
-            .rx
-            .take()
-            .unwrap_or_else(|| mpsc::unbounded_channel().1);
         // Without speculation the timer is never polled; its length is moot.
         let patience = self.speculate_after.unwrap_or(Duration::from_secs(3600));
         let speculate = tokio::time::sleep(patience);
         tokio::pin!(speculate);
-        while !tally.met() && self.in_flight > 0 {
+        while !tally.met() && !self.running.is_empty() {
             let (owner, reply) = tokio::select! {
-                Some(answer) = self.running.next(), if !self.running.is_empty() => answer,
-                Some(answer) = rx.recv() => answer,
+                Some(answer) = self.running.next() => answer,
                 () = &mut speculate, if self.speculate_after.is_some() => {
                     if self.ask_next() {
                         self.speculated += 1;
@@ -177,12 +161,9 @@ where
                     speculate.as_mut().reset(tokio::time::Instant::now() + patience);
                     continue;
                 }
-                // Not reached while in_flight counts a call: the channel's
-                // sender is held here, and `running` or a detached task
-                // holds the call.
+                // not reached: `running` is not empty
                 else => break,
             };
-            self.in_flight -= 1;
             match reply {
                 Ok(r) => {
                     tally.add(owner, &r);
@@ -194,13 +175,13 @@ where
                 }
             }
         }
-        self.detach();
+        let late = self.detach();
         Replies {
             met: tally.met(),
             ok,
             failed,
             speculated: self.speculated,
-            late: rx,
+            late,
         }
     }
 }
@@ -210,23 +191,23 @@ where
     T: Send + 'static,
     E: Send + 'static,
 {
-    /// Moves the calls made so far to a task of their own, where they run
-    /// to their end whatever the caller does next; their answers arrive on
-    /// the same channel.
-    pub fn detach(&mut self) {
-        if self.running.is_empty() {
-            return;
-        }
-        let mut running = std::mem::take(&mut self.running);
-        let tx = self.tx.clone();
+    /// Moves the calls still under way to a task of their own, where they
+    /// run to their end whatever the caller does next; their answers arrive
+    /// on the channel returned.
+    fn detach(&mut self) -> mpsc::UnboundedReceiver<(u32, Result<T, E>)> {
+        let (tx, late) = mpsc::unbounded_channel();
         // Without a runtime (it is shutting down) nothing could run them.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        if !self.running.is_empty()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let mut running = std::mem::take(&mut self.running);
             rt.spawn(async move {
                 while let Some(answer) = running.next().await {
                     let _ = tx.send(answer);
                 }
             });
         }
+        late
     }
 }
 
@@ -238,6 +219,6 @@ where
     /// A request dropped while it waited (its client went away) still lets
     /// its calls run to their end, as if they had had tasks of their own.
     fn drop(&mut self) {
-        self.detach();
+        let _ = self.detach();
     }
 }

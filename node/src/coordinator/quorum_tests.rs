@@ -87,6 +87,25 @@ impl Owners {
         }
     }
 
+    /// A write's call to owner `o` that notes a hint for it in `hinted` when
+    /// it fails, inside the call, as the coordinator's `write_replica` does.
+    fn call_hinting(
+        &self,
+        o: u32,
+        hinted: &Arc<Mutex<Vec<u32>>>,
+    ) -> impl Future<Output = Result<Ack, String>> + Send + use<> {
+        let (answer, hinted) = (self.call(o), hinted.clone());
+        async move {
+            let r = answer.await;
+            if r.is_err()
+                && let Ok(mut h) = hinted.lock()
+            {
+                h.push(o);
+            }
+            r.map(|_| Ack { catching_up: false })
+        }
+    }
+
     /// A read of the key from `need` of the owners, as the coordinator runs it.
     async fn read(&self, need: usize) -> Replies<Option<Record>, String> {
         let owners = self.clone();
@@ -273,16 +292,7 @@ async fn calls_still_running_when_the_quorum_is_met_run_to_their_end() {
     ]);
     let (calls_of, hints) = (owners.clone(), hinted.clone());
     let replies = Calls::start(owners.ordinals(), Fanout::all(), move |o| {
-        let (answer, hints) = (calls_of.call(o), hints.clone());
-        async move {
-            let r = answer.await;
-            if r.is_err()
-                && let Ok(mut h) = hints.lock()
-            {
-                h.push(o);
-            }
-            r.map(|_| Ack { catching_up: false })
-        }
+        calls_of.call_hinting(o, &hints)
     })
     .until(&mut WriteTally::new(&plan, &v))
     .await;
@@ -308,16 +318,7 @@ async fn calls_of_a_request_dropped_while_it_waits_run_to_their_end() {
     let (calls_of, hints) = (owners.clone(), hinted.clone());
     let mut tally = WriteTally::new(&plan, &v);
     let waiting = Calls::start(owners.ordinals(), Fanout::all(), move |o| {
-        let (answer, hints) = (calls_of.call(o), hints.clone());
-        async move {
-            let r = answer.await;
-            if r.is_err()
-                && let Ok(mut h) = hints.lock()
-            {
-                h.push(o);
-            }
-            r.map(|_| Ack { catching_up: false })
-        }
+        calls_of.call_hinting(o, &hints)
     })
     .until(&mut tally);
     let gave_up = tokio::time::timeout(Duration::from_millis(100), waiting).await;
