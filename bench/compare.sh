@@ -166,7 +166,9 @@ start_kv_node() { # ordinal datadir [topology-file] ; name kv<ordinal>
     mkdir -p "$dir"
     local args=(--listen "127.0.0.1:$port" --peer-listen "127.0.0.1:$peer" --data-dir "$dir"
         --node-id "$i" --token "$TOKEN" --cluster-token "$CLUSTER_TOKEN")
-    if [[ -n "$topo" ]]; then args+=(--topology-file "$topo"); fi
+    # three nodes share this machine's cores: each gets its share, as `kvctl up`
+    # gives it (a single node, no topology file, takes them all)
+    if [[ -n "$topo" ]]; then args+=(--topology-file "$topo" --worker-threads "$(( $(nproc) / 3 > 1 ? $(nproc) / 3 : 1 ))"); fi
     if ((${#KV_TLS[@]})); then args+=(--tls-cert "${KV_TLS[0]}" --tls-key "${KV_TLS[1]}" --tls-cluster-ca "${KV_TLS[2]}"); fi
     RUST_LOG="${BENCH_RUST_LOG:-warn}" "$KV_NODE" "${args[@]}" >>"$WORK/kv$i.log" 2>&1 &
     PIDS[kv$i]=$!

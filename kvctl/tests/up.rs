@@ -55,6 +55,7 @@ impl Up {
             .env_remove("KV_DATA_DIR")
             .env_remove("KV_LISTEN")
             .env_remove("KV_NODE_BIN")
+            .env_remove("KV_WORKER_THREADS")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -298,11 +299,21 @@ fn pgrep(pattern: &str) -> Vec<u32> {
 
 /// The command line of node `o` of the cluster in `dir`.
 fn node_argv(dir: &Path, o: u32) -> Vec<String> {
+    node_proc_file(dir, o, "cmdline")
+}
+
+/// The environment node `o` of the cluster in `dir` was started with.
+fn node_environ(dir: &Path, o: u32) -> Vec<String> {
+    node_proc_file(dir, o, "environ")
+}
+
+/// A NUL-separated `/proc/<pid>/` file of node `o`'s process.
+fn node_proc_file(dir: &Path, o: u32, file: &str) -> Vec<String> {
     let pids = pgrep(&format!("{}/node-{o} ", dir.display()));
     let [pid] = pids[..] else {
         panic!("expected one process of node {o}, found {pids:?}");
     };
-    std::fs::read(format!("/proc/{pid}/cmdline"))
+    std::fs::read(format!("/proc/{pid}/{file}"))
         .unwrap_or_default()
         .split(|b| *b == 0)
         .filter(|a| !a.is_empty())
@@ -712,6 +723,11 @@ fn restart_keeps_data_and_held_down_nodes() {
             Some(&[kvctl_bin().display().to_string(), "node".to_string()][..]),
             "node 0 is not a `kvctl node` subprocess: {argv:?}"
         );
+        // three nodes on this machine: each runtime gets a third of its CPUs
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let want = format!("KV_WORKER_THREADS={}", (cpus / 3).max(1));
+        let env = node_environ(dir.path(), 0);
+        assert!(env.contains(&want), "node 0 was not given {want}: {env:?}");
         put_all(&up, &data);
         ok(&up.kvctl(&["fail", "2"]), "kvctl fail 2");
         up.wait_state(2, "Failed");

@@ -46,6 +46,11 @@ fn reserved() -> std::sync::MutexGuard<'static, BTreeMap<u16, kv_net::port::Rese
 }
 
 /// A client and a peer port for a new ordinal, held until its node starts.
+/// Async worker threads for each of `nodes` node processes on `cpus` CPUs.
+pub(super) fn worker_threads_per_node(cpus: usize, nodes: usize) -> usize {
+    (cpus / nodes.max(1)).max(1)
+}
+
 pub(super) fn new_ports() -> Result<(u16, u16), LocalError> {
     let port = || -> Result<u16, LocalError> {
         let r = kv_net::port::reserve().map_err(LocalError::Port)?;
@@ -101,7 +106,20 @@ impl Platform {
             Some(Ok(files)) => Some(files),
             None => None,
         };
+        let nodes = inner
+            .topology
+            .as_ref()
+            .map_or(inner.saved.ports.len(), |t| t.nodes.len());
         let mut cmd = Command::new(&self.opts.node_binary);
+        // The nodes share this machine's CPUs: each one's async runtime gets
+        // its share, not all of them (a caller's KV_WORKER_THREADS wins).
+        if std::env::var_os("KV_WORKER_THREADS").is_none() {
+            let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+            cmd.env(
+                "KV_WORKER_THREADS",
+                worker_threads_per_node(cpus, nodes).to_string(),
+            );
+        }
         cmd.args(&self.node_args)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
@@ -284,5 +302,18 @@ async fn terminate(mut child: Child) {
     {
         let _ = child.start_kill();
         let _ = child.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads_per_node;
+
+    #[test]
+    fn nodes_share_the_cpus() {
+        assert_eq!(worker_threads_per_node(2, 1), 2);
+        assert_eq!(worker_threads_per_node(2, 3), 1);
+        assert_eq!(worker_threads_per_node(8, 3), 2);
+        assert_eq!(worker_threads_per_node(1, 0), 1);
     }
 }

@@ -73,9 +73,10 @@ pub struct Args {
     /// Seconds a tombstone is kept before it may be purged (once every owner has it).
     #[arg(long, env = "KV_TOMBSTONE_GRACE_SECS", default_value_t = 86_400)]
     pub tombstone_grace_secs: u64,
-    /// Async worker threads (HTTP, coordination, replication). Default: one
-    /// less than the CPUs the process may use (its cgroup quota included), at
-    /// least 1, leaving a core to the storage writer and log-sync threads.
+    /// Async worker threads (HTTP, coordination, replication, reads).
+    /// Default: the CPUs the process may use (its cgroup quota included), at
+    /// least 1. Nodes that share a machine should share its CPUs (`kvctl up`
+    /// gives each node its share).
     #[arg(long, env = "KV_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// Largest difference, in ms, between this node's clock and the median
@@ -273,12 +274,12 @@ impl std::fmt::Debug for RestoreFrom {
     }
 }
 
-/// Async worker threads for `cpus` available CPUs: the storage writer and the
-/// log syncer are threads of their own, busy on every write, so the async
-/// runtime leaves them a core: fewer threads contend for the cores, with
-/// fewer wake-ups across them (measured in bench/profile.md).
+/// Async worker threads for `cpus` available CPUs: one per CPU. Reads are
+/// served on these threads, writes mostly on the storage writer and log
+/// syncer; leaving a core to those two cost a single node on 2 CPUs a fifth
+/// of its reads and gained its writes nothing (bench/profile.md, 2026-12-05).
 pub fn default_worker_threads(cpus: usize) -> usize {
-    cpus.saturating_sub(1).max(1)
+    cpus.max(1)
 }
 
 /// A token from its flag (one, fixed) or its file (read again every second:
@@ -395,11 +396,11 @@ mod tests {
     }
 
     #[test]
-    fn worker_threads_leave_a_core_to_storage_unless_set() {
+    fn worker_threads_are_one_per_cpu_unless_set() {
         assert_eq!(default_worker_threads(0), 1);
         assert_eq!(default_worker_threads(1), 1);
-        assert_eq!(default_worker_threads(2), 1);
-        assert_eq!(default_worker_threads(8), 7);
+        assert_eq!(default_worker_threads(2), 2);
+        assert_eq!(default_worker_threads(8), 8);
         let base = [
             "kv-node",
             "--node-id",
