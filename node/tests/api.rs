@@ -455,6 +455,9 @@ fn sigterm_shuts_down_cleanly_and_data_survives_a_restart() {
     assert!(status.success(), "exit status {status}");
     n.start();
     assert_eq!(live_keys(&n.client()).len(), 50);
+    // a running node holds its database: the check runs once it stopped again
+    let status = n.terminate().expect("node was running");
+    assert!(status.success(), "exit status {status}");
     let store = kv_node::Store::open(&n.data_dir, kv_node::StoreOptions::default()).unwrap();
     store.integrity_check().unwrap();
 }

@@ -301,17 +301,9 @@ fn a_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_when_it_grows() 
         assert_eq!(&g.body, v, "fill-{k} changed");
     }
     assert_eq!(c.call(Method::GET, "/v1/cluster").status, 200);
-    {
-        let db = rusqlite::Connection::open_with_flags(
-            data.join(kv_node::storage::DB_FILE),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )
-        .unwrap();
-        let verdict: String = db
-            .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(verdict, "ok", "integrity check on a full disk");
-    }
+    // The database cannot be opened by another process while the node runs
+    // (it holds it exclusively): its integrity is checked after the clean
+    // stop at the end, which covers what was written on the full disk.
 
     // A crash on a full disk: the node comes back (WAL recovery with no
     // room to spare), serves every acknowledged write, and still refuses

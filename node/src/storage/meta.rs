@@ -77,7 +77,7 @@ impl Store {
     }
 
     fn meta_conn(&self) -> Result<Connection, StorageError> {
-        let conn = Connection::open(&self.shared.path)?;
+        let conn = super::open::open_conn(&self.shared.path, rusqlite::OpenFlags::default())?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(conn)
     }

@@ -17,6 +17,10 @@
 //! the store refuses every later write until the node is restarted.
 //!
 //! Readers use their own connections and, under WAL, never wait for the writer.
+//! Every connection uses SQLite's `unix-excl` VFS: the process holds the
+//! database exclusively and keeps the WAL index in its own memory, so no
+//! other process can open the database while the node runs and no
+//! transaction takes a file lock of its own.
 //!
 //! Each bucket's digest (the sum of its entries' (key, version) digests) is
 //! kept in memory: the writer, the only thread that changes records, updates
