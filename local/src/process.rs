@@ -45,12 +45,12 @@ fn reserved() -> std::sync::MutexGuard<'static, BTreeMap<u16, kv_net::port::Rese
     RESERVED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A client and a peer port for a new ordinal, held until its node starts.
 /// Async worker threads for each of `nodes` node processes on `cpus` CPUs.
 pub(super) fn worker_threads_per_node(cpus: usize, nodes: usize) -> usize {
     (cpus / nodes.max(1)).max(1)
 }
 
+/// A client and a peer port for a new ordinal, held until its node starts.
 pub(super) fn new_ports() -> Result<(u16, u16), LocalError> {
     let port = || -> Result<u16, LocalError> {
         let r = kv_net::port::reserve().map_err(LocalError::Port)?;
