@@ -435,6 +435,82 @@ async fn op_mix_against_a_real_kv_node() {
     check_op_mix(DriverKind::Kvstore, node.endpoint()).await;
 }
 
+/// A server whose first connection takes a request and never answers it,
+/// while every later connection answers each request with 200. It stands in
+/// for a node that hangs; it speaks only as much HTTP/1.1 as the bench sends
+/// (headers, then a body of `content-length` bytes).
+async fn hang_on_first_connection() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    // one whole request: headers, then the body they announce
+                    let request_end = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        i + 4 + len
+                    });
+                    match request_end {
+                        Some(end) if buf.len() >= end => {
+                            buf.drain(..end);
+                            if n == 0 {
+                                tokio::time::sleep(Duration::from_secs(20)).await;
+                                return;
+                            }
+                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                            if s.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        },
+                    }
+                }
+            });
+        }
+    });
+    (port, accepted)
+}
+
+#[tokio::test]
+async fn an_operation_abandoned_at_its_timeout_does_not_hold_up_the_next() {
+    let (port, accepted) = hang_on_first_connection().await;
+    let mut c = cfg(
+        DriverKind::Kvstore,
+        format!("http://127.0.0.1:{port}"),
+        4,
+        0.0,
+        false,
+    );
+    c.driver.connections = 1;
+    c.driver.timeout = Duration::from_millis(300);
+    c.warmup = Duration::ZERO;
+    let r = tokio::time::timeout(Duration::from_secs(15), bench::run(c))
+        .await
+        .expect("the run did not end")
+        .unwrap();
+    // the first write times out on the hanging connection; the others go
+    // over a new one instead of queueing behind the answer that never comes
+    assert_eq!(r.errors_by_kind.get("timeout"), Some(&1), "{r:?}");
+    assert_eq!((r.ops, r.errors), (3, 1), "{r:?}");
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn unreachable_servers_fail_to_connect_or_count_errors() {
     let port = common::free_port();

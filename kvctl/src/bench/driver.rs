@@ -2,6 +2,9 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+
 use kv_core::Consistency;
 
 use super::stats::Outcome;
@@ -115,12 +118,25 @@ impl Connector {
                     .http
                     .clone()
                     .ok_or_else(|| OpError::new("config", "no HTTP client"))?;
+                let auth = match &self.cfg.token {
+                    Some(t) => Some(
+                        http::HeaderValue::from_str(&format!("Bearer {t}"))
+                            .map_err(|e| OpError::new("config", format!("the token: {e}")))?,
+                    ),
+                    None => None,
+                };
                 Ok(Conn::Kvstore(KvstoreConn {
                     http,
-                    bases: self.cfg.endpoints.clone(),
+                    endpoints: self
+                        .cfg
+                        .endpoints
+                        .iter()
+                        .map(|b| Endpoint::new(b))
+                        .collect(),
                     next: worker % n,
-                    token: self.cfg.token.clone(),
+                    auth,
                     consistency: self.cfg.consistency.map(consistency_header),
+                    connect_timeout: self.cfg.timeout.min(Duration::from_secs(5)),
                 }))
             }
             DriverKind::Redis => {
@@ -158,28 +174,165 @@ impl Connector {
     }
 }
 
+/// A kvstore connection: a worker's requests go to the endpoints in turn.
+/// A plain-http endpoint gets one HTTP/1.1 connection of the worker's own,
+/// opened on first use and again after an error; an https one goes through
+/// the shared reqwest client (its TLS settings).
 pub struct KvstoreConn {
     http: reqwest::Client,
-    bases: Vec<String>,
+    endpoints: Vec<Endpoint>,
     next: usize,
-    token: Option<String>,
+    auth: Option<http::HeaderValue>,
     consistency: Option<&'static str>,
+    connect_timeout: Duration,
+}
+
+struct Endpoint {
+    /// `scheme://host:port` as given.
+    base: String,
+    /// `host:port` of a plain-http endpoint; `None` for https.
+    authority: Option<String>,
+    link: Option<Link>,
+}
+
+/// One open HTTP/1.1 connection.
+struct Link {
+    send: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    /// A request is out and its answer not read to the end: set while an
+    /// operation runs, so one abandoned at its timeout leaves it set and the
+    /// connection, which may still deliver that answer, is not used again.
+    busy: bool,
+}
+
+/// What a node answered.
+struct Answer {
+    status: http::StatusCode,
+    body: Bytes,
+}
+
+impl Endpoint {
+    fn new(base: &str) -> Endpoint {
+        let authority = base
+            .strip_prefix("http://")
+            .map(|rest| rest.trim_end_matches('/'))
+            .filter(|a| !a.is_empty() && !a.contains('/'))
+            .map(str::to_string);
+        Endpoint {
+            base: base.trim_end_matches('/').to_string(),
+            authority,
+            link: None,
+        }
+    }
+}
+
+async fn open_link(authority: &str, timeout: Duration) -> Result<Link, OpError> {
+    let stream =
+        match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(authority)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(OpError::new("connect", format!("{authority}: {e}"))),
+            Err(_) => {
+                return Err(OpError::new(
+                    "connect",
+                    format!("{authority}: no connection within {timeout:?}"),
+                ));
+            }
+        };
+    stream
+        .set_nodelay(true)
+        .map_err(|e| OpError::new("connect", format!("{authority}: {e}")))?;
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|e| OpError::new("connect", format!("{authority}: {e}")))?;
+    // drives the connection; ends when `send` is dropped or the peer closes it
+    tokio::spawn(conn);
+    Ok(Link { send, busy: false })
 }
 
 impl KvstoreConn {
-    fn request(&mut self, method: reqwest::Method, key: &[u8]) -> reqwest::RequestBuilder {
-        let base = &self.bases[self.next % self.bases.len()];
+    /// Sends one request for `key` to the next endpoint and reads the whole answer.
+    async fn call(
+        &mut self,
+        method: http::Method,
+        key: &[u8],
+        body: Bytes,
+    ) -> Result<Answer, OpError> {
+        let i = self.next % self.endpoints.len();
         self.next = self.next.wrapping_add(1);
-        let mut rb = self
-            .http
-            .request(method, format!("{base}/v1/kv/{}", encode_key(key)));
-        if let Some(t) = &self.token {
-            rb = rb.bearer_auth(t);
+        let path = format!("/v1/kv/{}", encode_key(key));
+        let ep = &mut self.endpoints[i];
+        let Some(authority) = ep.authority.as_deref() else {
+            let mut rb = self
+                .http
+                .request(method, format!("{}{path}", ep.base))
+                .body(body);
+            if let Some(a) = &self.auth {
+                rb = rb.header(http::header::AUTHORIZATION, a.clone());
+            }
+            if let Some(c) = self.consistency {
+                rb = rb.header("X-Consistency", c);
+            }
+            let resp = rb.send().await.map_err(|e| http_error(&e))?;
+            let status = resp.status();
+            let body = resp.bytes().await.map_err(|e| http_error(&e))?;
+            return Ok(Answer { status, body });
+        };
+        if ep
+            .link
+            .as_ref()
+            .is_some_and(|l| l.busy || l.send.is_closed())
+        {
+            ep.link = None;
+        }
+        let link = match &mut ep.link {
+            Some(l) => l,
+            None => ep
+                .link
+                .insert(open_link(authority, self.connect_timeout).await?),
+        };
+        let mut rb = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, authority);
+        if let Some(a) = &self.auth {
+            rb = rb.header(http::header::AUTHORIZATION, a.clone());
         }
         if let Some(c) = self.consistency {
-            rb = rb.header("X-Consistency", c);
+            rb = rb.header("x-consistency", c);
         }
-        rb
+        let req = rb
+            .body(Full::new(body))
+            .map_err(|e| OpError::new("config", e.to_string()))?;
+        link.busy = true;
+        let answer = async {
+            link.send
+                .ready()
+                .await
+                .map_err(|e| OpError::new("http_transport", error_chain(&e)))?;
+            let resp = link
+                .send
+                .send_request(req)
+                .await
+                .map_err(|e| OpError::new("http_transport", error_chain(&e)))?;
+            let status = resp.status();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| OpError::new("http_body", error_chain(&e)))?
+                .to_bytes();
+            Ok::<_, OpError>(Answer { status, body })
+        }
+        .await;
+        match answer {
+            Ok(a) => {
+                link.busy = false;
+                Ok(a)
+            }
+            Err(e) => {
+                ep.link = None;
+                Err(e)
+            }
+        }
     }
 }
 
@@ -210,10 +363,10 @@ fn http_error(e: &reqwest::Error) -> OpError {
     OpError::new(kind, error_chain(e))
 }
 
-async fn http_status_error(resp: reqwest::Response) -> OpError {
-    let status = resp.status();
-    let body = resp.bytes().await.unwrap_or_default();
-    let code = serde_json::from_slice::<serde_json::Value>(&body)
+fn http_status_error(answer: &Answer) -> OpError {
+    let status = answer.status;
+    let body = &answer.body;
+    let code = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string));
     let kind = match code {
@@ -222,7 +375,7 @@ async fn http_status_error(resp: reqwest::Response) -> OpError {
     };
     OpError::new(
         kind,
-        String::from_utf8_lossy(&body)
+        String::from_utf8_lossy(body)
             .chars()
             .take(200)
             .collect::<String>(),
@@ -262,17 +415,12 @@ impl Conn {
     pub async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<Outcome, OpError> {
         match self {
             Conn::Kvstore(c) => {
-                let resp = c
-                    .request(reqwest::Method::PUT, key)
-                    .body(value.to_vec())
-                    .send()
-                    .await
-                    .map_err(|e| http_error(&e))?;
-                if !resp.status().is_success() {
-                    return Err(http_status_error(resp).await);
+                let answer = c
+                    .call(http::Method::PUT, key, Bytes::copy_from_slice(value))
+                    .await?;
+                if !answer.status.is_success() {
+                    return Err(http_status_error(&answer));
                 }
-                // Drain the body so that the connection goes back to the pool.
-                resp.bytes().await.map_err(|e| http_error(&e))?;
                 Ok(Outcome::Ok)
             }
             Conn::Redis(c) => {
@@ -299,21 +447,11 @@ impl Conn {
     pub async fn get(&mut self, key: &[u8]) -> Result<Outcome, OpError> {
         match self {
             Conn::Kvstore(c) => {
-                let resp = c
-                    .request(reqwest::Method::GET, key)
-                    .send()
-                    .await
-                    .map_err(|e| http_error(&e))?;
-                match resp.status() {
-                    s if s.is_success() => {
-                        resp.bytes().await.map_err(|e| http_error(&e))?;
-                        Ok(Outcome::Ok)
-                    }
-                    reqwest::StatusCode::NOT_FOUND => {
-                        resp.bytes().await.map_err(|e| http_error(&e))?;
-                        Ok(Outcome::Miss)
-                    }
-                    _ => Err(http_status_error(resp).await),
+                let answer = c.call(http::Method::GET, key, Bytes::new()).await?;
+                match answer.status {
+                    s if s.is_success() => Ok(Outcome::Ok),
+                    http::StatusCode::NOT_FOUND => Ok(Outcome::Miss),
+                    _ => Err(http_status_error(&answer)),
                 }
             }
             Conn::Redis(c) => {
