@@ -216,7 +216,15 @@ impl Endpoint {
             .strip_prefix("http://")
             .map(|rest| rest.trim_end_matches('/'))
             .filter(|a| !a.is_empty() && !a.contains('/'))
-            .map(str::to_string);
+            .map(|a| {
+                // no port given: HTTP's own, as reqwest would use
+                let host_end = a.rfind(']').map_or(0, |i| i + 1);
+                if a[host_end..].contains(':') {
+                    a.to_string()
+                } else {
+                    format!("{a}:80")
+                }
+            });
         Endpoint {
             base: base.trim_end_matches('/').to_string(),
             authority,
@@ -480,6 +488,31 @@ impl Conn {
                     Outcome::Ok
                 })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Endpoint;
+
+    #[test]
+    fn plain_http_endpoints_get_a_connection_of_their_own_and_others_go_through_reqwest() {
+        let cases = [
+            ("http://127.0.0.1:5000", Some("127.0.0.1:5000")),
+            ("http://127.0.0.1:5000/", Some("127.0.0.1:5000")),
+            ("http://kv.example", Some("kv.example:80")),
+            ("http://[::1]:5000", Some("[::1]:5000")),
+            ("http://[::1]", Some("[::1]:80")),
+            ("https://127.0.0.1:5000", None),
+            ("http://127.0.0.1:5000/prefix", None),
+        ];
+        for (base, authority) in cases {
+            assert_eq!(
+                Endpoint::new(base).authority.as_deref(),
+                authority,
+                "{base}"
+            );
         }
     }
 }
