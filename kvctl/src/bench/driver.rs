@@ -212,18 +212,15 @@ struct Answer {
 
 impl Endpoint {
     fn new(base: &str) -> Endpoint {
+        // a plain-http endpoint with no path: `host:port`, HTTP's port when
+        // none is given, as reqwest would use
         let authority = base
-            .strip_prefix("http://")
-            .map(|rest| rest.trim_end_matches('/'))
-            .filter(|a| !a.is_empty() && !a.contains('/'))
-            .map(|a| {
-                // no port given: HTTP's own, as reqwest would use
-                let host_end = a.rfind(']').map_or(0, |i| i + 1);
-                if a[host_end..].contains(':') {
-                    a.to_string()
-                } else {
-                    format!("{a}:80")
-                }
+            .parse::<http::Uri>()
+            .ok()
+            .filter(|u| u.scheme() == Some(&http::uri::Scheme::HTTP) && u.path() == "/")
+            .and_then(|u| {
+                let host = u.host()?;
+                Some(format!("{host}:{}", u.port_u16().unwrap_or(80)))
             });
         Endpoint {
             base: base.trim_end_matches('/').to_string(),
