@@ -4,10 +4,12 @@
 //! strict percent-decoding, which paths are the original store's), and
 //! loopback ports for processes started next to us ([`free_port`]), and TLS
 //! from certificate files that may be replaced while we run ([`tls`]), and
-//! bearer tokens from files that may be rotated while we run ([`token`]).
+//! bearer tokens from files that may be rotated while we run ([`token`]), and
+//! pooled HTTP/1.1 client connections to a plain-http server ([`h1`]).
 //!
 //! Nothing here knows about keys, nodes or the planner.
 
+pub mod h1;
 pub mod http;
 pub mod pki;
 pub mod port;
