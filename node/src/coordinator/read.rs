@@ -64,8 +64,13 @@ impl Coordinator {
         let answers: BTreeMap<u32, Option<Record>> = replies.ok.into_iter().collect();
         let newest = newest(answers.values());
         if let Some(newest) = newest.clone() {
-            let c = self.clone();
-            tokio::spawn(async move { c.repair(view, newest, answers, replies.late).await });
+            // Every owner asked has answered with the newest version (the
+            // common case): nothing to repair, and no task to spawn per read.
+            let all_in = replies.late.is_closed() && replies.late.is_empty();
+            if !all_in || !stale_owners(&newest, &answers).is_empty() {
+                let c = self.clone();
+                tokio::spawn(async move { c.repair(view, newest, answers, replies.late).await });
+            }
         }
         Ok(newest)
     }
