@@ -12,6 +12,10 @@ use std::process::ExitCode;
 use clap::Parser;
 use kvctl::cli::Cli;
 
+/// The node's allocator (kv-node's main.rs says why): `kvctl node` is a node.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // `kvctl node ...` is a node process (what `kvctl up` starts for each
     // node): the kv-node binary's flags, runtime and logging, not kvctl's.
