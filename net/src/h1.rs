@@ -1,4 +1,4 @@
-//! Pooled HTTP/1.1 client connections to one plain-http server.
+//! Pooled HTTP/1.1 client connections to one server, plaintext or TLS.
 //!
 //! A node calls its peers many thousand times a second; reqwest's client
 //! (URL parsing, its pool's bookkeeping, a request built through a builder)
@@ -14,7 +14,7 @@
 //! connection while it sat idle) is sent again once on a new connection:
 //! nothing of it reached the server.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -60,6 +60,9 @@ impl Drop for Conn {
 pub struct H1Pool {
     authority: String,
     connect_timeout: Duration,
+    /// TLS on every connection (its handshake within `connect_timeout`),
+    /// the server named by the authority's host.
+    tls: Option<tokio_rustls::TlsConnector>,
     idle: Mutex<Vec<Conn>>,
 }
 
@@ -70,7 +73,21 @@ impl H1Pool {
         H1Pool {
             authority: authority.to_string(),
             connect_timeout,
+            tls: None,
             idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// [`H1Pool::new`] over TLS with `config` (its ALPN should offer
+    /// `http/1.1` only: this pool speaks nothing else).
+    pub fn with_tls(
+        authority: &str,
+        connect_timeout: Duration,
+        config: Arc<rustls::ClientConfig>,
+    ) -> H1Pool {
+        H1Pool {
+            tls: Some(tokio_rustls::TlsConnector::from(config)),
+            ..H1Pool::new(authority, connect_timeout)
         }
     }
 
@@ -153,23 +170,48 @@ impl H1Pool {
     }
 
     async fn connect(&self) -> Result<Conn, H1Error> {
+        tokio::time::timeout(self.connect_timeout, self.connect_now())
+            .await
+            .map_err(|_| {
+                H1Error::Connect(
+                    self.authority.clone(),
+                    format!("no connection within {:?}", self.connect_timeout),
+                )
+            })?
+    }
+
+    async fn connect_now(&self) -> Result<Conn, H1Error> {
         let fail = |e: String| H1Error::Connect(self.authority.clone(), e);
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(&self.authority),
-        )
-        .await
-        .map_err(|_| fail(format!("no connection within {:?}", self.connect_timeout)))?
-        .map_err(|e| fail(e.to_string()))?;
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
         stream.set_nodelay(true).map_err(|e| fail(e.to_string()))?;
-        let (send, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .map_err(|e| fail(crate::error_chain(&e)))?;
+        match &self.tls {
+            None => self.handshake(stream).await,
+            Some(tls) => {
+                let host = host_of(&self.authority);
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| fail(format!("{host:?} cannot be a TLS server name: {e}")))?;
+                let stream = tls
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| fail(format!("TLS: {}", crate::error_chain(&e))))?;
+                self.handshake(stream).await
+            }
+        }
+    }
+
+    async fn handshake<I>(&self, io: I) -> Result<Conn, H1Error>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(|e| H1Error::Connect(self.authority.clone(), crate::error_chain(&e)))?;
         // ends when the server closes the connection or `Conn` is dropped
         let task = tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "peer connection ended");
+                tracing::debug!(error = %e, "client connection ended");
             }
         })
         .abort_handle();
@@ -177,10 +219,19 @@ impl H1Pool {
     }
 }
 
+/// The host of `host:port` (`[v6]:port` gives `v6`).
+fn host_of(authority: &str) -> &str {
+    let host = authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host);
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -330,5 +381,68 @@ mod tests {
             .await
             .expect_err("refused");
         assert!(matches!(e, H1Error::Connect(..)), "{e}");
+    }
+
+    /// A TLS server (certificate for 127.0.0.1 from a new CA) that answers
+    /// 200 `tls`; its address and the CA's certificate.
+    async fn tls_server(dir: &std::path::Path) -> (String, String) {
+        let ca = crate::pki::Ca::generate("h1 test CA").expect("a CA");
+        let (cert, key) = ca.issue("server", &["127.0.0.1"]).expect("a certificate");
+        let files = crate::tls::ServerFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+            client_ca: None,
+        };
+        std::fs::write(&files.cert, cert).expect("write");
+        std::fs::write(&files.key, key).expect("write");
+        let tls = crate::tls::ServerTls::load(&files).expect("the files load");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let routes = crate::http::request_filter(
+            |_: &crate::http::Incoming| 0,
+            |_, _| async { crate::http::Response::new("tls".into()) },
+        );
+        tokio::spawn(async move {
+            let _stop = stop;
+            crate::serve_tls("test", routes, listener, Some(tls), stopped).await
+        });
+        (addr, ca.cert_pem().to_string())
+    }
+
+    #[tokio::test]
+    async fn a_tls_pool_verifies_the_server_and_reuses_its_connection() {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        let (addr, ca) = tls_server(dir.path()).await;
+        let trusting = crate::tls::client_config_pem(ca.as_bytes(), None).expect("a config");
+        let pool = H1Pool::with_tls(&addr, Duration::from_secs(5), Arc::new(trusting));
+        for _ in 0..3 {
+            let a = pool
+                .send(get(), Duration::from_secs(5))
+                .await
+                .expect("answer");
+            assert_eq!((a.status, &a.body[..]), (StatusCode::OK, &b"tls"[..]));
+        }
+        assert_eq!(pool.idle(), 1);
+
+        let other = crate::pki::Ca::generate("another CA").expect("a CA");
+        let stranger =
+            crate::tls::client_config_pem(other.cert_pem().as_bytes(), None).expect("a config");
+        let pool = H1Pool::with_tls(&addr, Duration::from_secs(5), Arc::new(stranger));
+        let e = pool
+            .send(get(), Duration::from_secs(5))
+            .await
+            .expect_err("a server this client does not trust");
+        assert!(matches!(e, H1Error::Connect(..)), "{e}");
+    }
+
+    #[test]
+    fn the_tls_server_name_is_the_authoritys_host() {
+        assert_eq!(host_of("127.0.0.1:7001"), "127.0.0.1");
+        assert_eq!(host_of("kv-0.kv.default.svc:7001"), "kv-0.kv.default.svc");
+        assert_eq!(host_of("[::1]:7001"), "::1");
+        assert_eq!(host_of("node"), "node");
     }
 }

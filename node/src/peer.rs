@@ -1,7 +1,7 @@
 //! The client side of node-to-node traffic.
 //!
-//! Keep-alive HTTP connections serve every peer: our own HTTP/1.1 pool per
-//! peer ([`kv_net::h1`]) for plaintext peers, reqwest for TLS. Replica writes and
+//! A pool of keep-alive HTTP/1.1 connections per peer ([`kv_net::h1`],
+//! plaintext or TLS) carries every call. Replica writes and
 //! replica reads go through a per-peer *batcher*: a task that takes the first
 //! queued item, drains whatever else is queued behind it and sends it all in
 //! one request, with a few batches in flight per peer. Under load, concurrent
@@ -170,15 +170,6 @@ struct Link {
     read: Batcher<Vec<u8>, Option<Record>>,
 }
 
-/// How requests reach the peers.
-enum Transport {
-    /// Plaintext: one pool of HTTP/1.1 connections per peer address, which
-    /// costs a request less CPU than reqwest (bench/profile.md).
-    Plain(Mutex<HashMap<String, Arc<kv_net::h1::H1Pool>>>),
-    /// TLS: reqwest, with the cluster's client configuration.
-    Tls(reqwest::Client),
-}
-
 /// Node-to-node client.
 pub struct Peers {
     inner: Arc<Inner>,
@@ -189,14 +180,15 @@ struct Inner {
     me: u32,
     /// The cluster tokens; peers are sent the first (rotation: kv_net::token).
     token: kv_net::token::Tokens,
-    /// `http` or `https` (when the peers serve TLS).
-    scheme: &'static str,
     epoch: std::sync::atomic::AtomicU64,
     seen: mpsc::UnboundedSender<EpochSeen>,
     timeout: Duration,
     skew: Arc<SkewTracker>,
     wall_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
-    transport: Transport,
+    /// Trusting the cluster CA, presenting this node's certificate.
+    tls: Option<Arc<rustls::ClientConfig>>,
+    /// One pool of connections per peer address.
+    pools: Mutex<HashMap<String, Arc<kv_net::h1::H1Pool>>>,
 }
 
 impl Peers {
@@ -213,38 +205,17 @@ impl Peers {
         skew: Arc<SkewTracker>,
         wall_ms: Arc<dyn Fn() -> u64 + Send + Sync>,
     ) -> Peers {
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let transport = match tls {
-            None => Transport::Plain(Mutex::new(HashMap::new())),
-            Some(tls) => Transport::Tls(
-                reqwest::Client::builder()
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .pool_max_idle_per_host(64)
-                    .tcp_nodelay(true)
-                    .connect_timeout(timeout)
-                    .timeout(timeout)
-                    .tls_backend_preconfigured(tls)
-                    .build()
-                    .unwrap_or_else(|e| {
-                        // Only a TLS setup reqwest cannot use gets here; a
-                        // client without it fails every peer call as
-                        // unreachable.
-                        tracing::error!(error = %e, "cannot build the peer client");
-                        reqwest::Client::default()
-                    }),
-            ),
-        };
         Peers {
             inner: Arc::new(Inner {
                 me,
                 token,
-                scheme,
                 epoch: std::sync::atomic::AtomicU64::new(0),
                 seen,
                 timeout,
                 skew,
                 wall_ms,
-                transport,
+                tls: tls.map(Arc::new),
+                pools: Mutex::new(HashMap::new()),
             }),
             links: Mutex::new(HashMap::new()),
         }
@@ -489,41 +460,32 @@ async fn send(
         let value = value.map_err(|e| unreachable(format!("bad {name} header: {e}")))?;
         headers.insert(name, value);
     }
-    let (status, answer_headers, body) = match &inner.transport {
-        Transport::Plain(pools) => {
-            let pool = {
-                let mut pools = pools.lock().unwrap_or_else(|p| p.into_inner());
-                pools
-                    .entry(address.to_string())
-                    .or_insert_with(|| Arc::new(kv_net::h1::H1Pool::new(address, inner.timeout)))
-                    .clone()
-            };
-            let mut req = Request::new(Full::new(bytes::Bytes::from(body)));
-            *req.method_mut() = method;
-            *req.uri_mut() = format!("/internal/v1/{path}")
-                .parse()
-                .map_err(|e| unreachable(format!("bad path {path:?}: {e}")))?;
-            *req.headers_mut() = headers;
-            let a = pool
-                .send(req, inner.timeout)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            (a.status, a.headers, a.body)
-        }
-        Transport::Tls(http) => {
-            let url = format!("{}://{address}/internal/v1/{path}", inner.scheme);
-            let resp = http
-                .request(method, url)
-                .headers(headers)
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let (status, answer_headers) = (resp.status(), resp.headers().clone());
-            let body = resp.bytes().await.map_err(|e| unreachable(e.to_string()))?;
-            (status, answer_headers, body)
-        }
+    let pool = {
+        let mut pools = inner.pools.lock().unwrap_or_else(|p| p.into_inner());
+        pools
+            .entry(address.to_string())
+            .or_insert_with(|| {
+                Arc::new(match &inner.tls {
+                    None => kv_net::h1::H1Pool::new(address, inner.timeout),
+                    Some(tls) => kv_net::h1::H1Pool::with_tls(address, inner.timeout, tls.clone()),
+                })
+            })
+            .clone()
     };
+    let mut req = Request::new(Full::new(bytes::Bytes::from(body)));
+    *req.method_mut() = method;
+    *req.uri_mut() = format!("/internal/v1/{path}")
+        .parse()
+        .map_err(|e| unreachable(format!("bad path {path:?}: {e}")))?;
+    *req.headers_mut() = headers;
+    let kv_net::h1::Answer {
+        status,
+        headers: answer_headers,
+        body,
+    } = pool
+        .send(req, inner.timeout)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     if let Some(theirs) = answer_headers
         .get(CLOCK_HEADER)
         .and_then(|v| v.to_str().ok())
