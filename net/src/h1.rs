@@ -59,6 +59,8 @@ impl Drop for Conn {
 /// Keep-alive HTTP/1.1 connections to one server.
 pub struct H1Pool {
     authority: String,
+    /// The `Host` header of every request: the authority.
+    host: Option<warp::http::HeaderValue>,
     connect_timeout: Duration,
     /// TLS on every connection (its handshake within `connect_timeout`),
     /// the server named by the authority's host.
@@ -72,6 +74,7 @@ impl H1Pool {
     pub fn new(authority: &str, connect_timeout: Duration) -> H1Pool {
         H1Pool {
             authority: authority.to_string(),
+            host: warp::http::HeaderValue::from_str(authority).ok(),
             connect_timeout,
             tls: None,
             idle: Mutex::new(Vec::new()),
@@ -89,10 +92,6 @@ impl H1Pool {
             tls: Some(tokio_rustls::TlsConnector::from(config)),
             ..H1Pool::new(authority, connect_timeout)
         }
-    }
-
-    pub fn authority(&self) -> &str {
-        &self.authority
     }
 
     /// Idle connections now in the pool.
@@ -113,8 +112,9 @@ impl H1Pool {
     }
 
     async fn send_now(&self, mut req: Request<Full<Bytes>>) -> Result<Answer, H1Error> {
-        if let Ok(host) = warp::http::HeaderValue::from_str(&self.authority) {
-            req.headers_mut().insert(warp::http::header::HOST, host);
+        if let Some(host) = &self.host {
+            req.headers_mut()
+                .insert(warp::http::header::HOST, host.clone());
         }
         let (mut conn, pooled) = match self.take_idle() {
             Some(c) => (c, true),
@@ -235,14 +235,20 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A server that answers each request on a connection with `200` and
-    /// the connection's number, closing every connection after `per_conn`
-    /// answers (0: never), and counts connections.
-    async fn server(per_conn: usize) -> (String, Arc<AtomicUsize>) {
+    /// A listener on a free loopback port, and its address.
+    async fn listen() -> (tokio::net::TcpListener, String) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr").to_string();
+        (listener, addr)
+    }
+
+    /// A server that answers each request on a connection with `200` and
+    /// the connection's number, closing every connection after `per_conn`
+    /// answers (0: never), and counts connections.
+    async fn server(per_conn: usize) -> (String, Arc<AtomicUsize>) {
+        let (listener, addr) = listen().await;
         let conns = Arc::new(AtomicUsize::new(0));
         let counted = conns.clone();
         tokio::spawn(async move {
@@ -344,10 +350,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_without_an_answer_times_out_and_its_connection_is_not_reused() {
         // accepts and reads, never answers
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
+        let (listener, addr) = listen().await;
         let accepted = Arc::new(AtomicUsize::new(0));
         let counted = accepted.clone();
         tokio::spawn(async move {
@@ -396,10 +399,7 @@ mod tests {
         std::fs::write(&files.cert, cert).expect("write");
         std::fs::write(&files.key, key).expect("write");
         let tls = crate::tls::ServerTls::load(&files).expect("the files load");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr").to_string();
+        let (listener, addr) = listen().await;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let routes = crate::http::request_filter(
             |_: &crate::http::Incoming| 0,

@@ -5,8 +5,8 @@ use clap::Parser;
 use kv_node::config::Args;
 
 /// mimalloc rather than glibc's malloc: a request allocates and frees many
-/// small buffers across worker threads, and glibc's allocator was ~11 % of a
-/// node's CPU under quorum reads (bench/profile.md).
+/// small buffers across worker threads, where glibc's allocator was a
+/// large share of a node's CPU (bench/profile.md, fifth step).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

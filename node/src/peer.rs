@@ -460,18 +460,7 @@ async fn send(
         let value = value.map_err(|e| unreachable(format!("bad {name} header: {e}")))?;
         headers.insert(name, value);
     }
-    let pool = {
-        let mut pools = inner.pools.lock().unwrap_or_else(|p| p.into_inner());
-        pools
-            .entry(address.to_string())
-            .or_insert_with(|| {
-                Arc::new(match &inner.tls {
-                    None => kv_net::h1::H1Pool::new(address, inner.timeout),
-                    Some(tls) => kv_net::h1::H1Pool::with_tls(address, inner.timeout, tls.clone()),
-                })
-            })
-            .clone()
-    };
+    let pool = inner.pool(address);
     let mut req = Request::new(Full::new(bytes::Bytes::from(body)));
     *req.method_mut() = method;
     *req.uri_mut() = format!("/internal/v1/{path}")
@@ -510,6 +499,22 @@ async fn send(
         return Err(PeerError::Status(ordinal, status.as_u16(), msg));
     }
     Ok(body)
+}
+
+impl Inner {
+    /// The pool of connections to `address`, made on first use.
+    fn pool(&self, address: &str) -> Arc<kv_net::h1::H1Pool> {
+        let mut pools = self.pools.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pool) = pools.get(address) {
+            return pool.clone();
+        }
+        let pool = Arc::new(match &self.tls {
+            None => kv_net::h1::H1Pool::new(address, self.timeout),
+            Some(tls) => kv_net::h1::H1Pool::with_tls(address, self.timeout, tls.clone()),
+        });
+        pools.insert(address.to_string(), pool.clone());
+        pool
+    }
 }
 
 async fn get(
