@@ -16,7 +16,7 @@
 //! status is one the contract names (never 500); every error from the node
 //! is `{"error": <the code of its status>, "message": ..}` as JSON (on the
 //! peer port a 409 may also say `stale_epoch` or `behind`: which epoch rule
-//! refused; hyper's
+//! refused, and a 503 `catching_up`; hyper's
 //! own bare refusals of what it cannot parse, with no content type, are
 //! hyper's), a 405 names the allowed methods, a classic route's error also
 //! carries `"status": "error"`; a `PUT /v1/kv/{key}` answered 200 reads back
@@ -364,10 +364,13 @@ pub fn violation(req: &Request, a: &Answer) -> Option<String> {
     let got = v.get("error").and_then(|e| e.as_str());
     // The peer port's 409s say which epoch rule refused (the coordinator
     // acts on which): a writer on an older topology, or this node behind.
-    let peer_409 = a.status == 409
-        && path_of(&req.target).starts_with("/internal/")
-        && matches!(got, Some(peer_api::STALE_EPOCH | peer_api::BEHIND));
-    if got != Some(code) && !peer_409 {
+    // Its 503s say `catching_up` when this node's store may not answer
+    // replica reads yet (the coordinator then asks another owner).
+    let peer = path_of(&req.target).starts_with("/internal/");
+    let peer_409 =
+        peer && a.status == 409 && matches!(got, Some(peer_api::STALE_EPOCH | peer_api::BEHIND));
+    let peer_503 = peer && a.status == 503 && got == Some("catching_up");
+    if got != Some(code) && !peer_409 && !peer_503 {
         return Some(format!("error code is not {code:?}: {what}"));
     }
     if v.get("message")
