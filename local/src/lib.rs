@@ -328,9 +328,9 @@ pub async fn up(
     };
     let listener = match shared {
         // A plain bind first: a port someone else holds, another `kvctl up`
-        // included (its sockets would let ours join them), is refused.
-        true => std::net::TcpListener::bind(listen)
-            .and_then(|probe| probe.local_addr())
+        // included (its sockets would let ours join them), is refused. Not
+        // listening: a client's connection queued on it would be reset.
+        true => kv_net::port::probe(listen)
             .and_then(gateway::listen_shared)
             .map_err(listen_error)?,
         false => tokio::net::TcpListener::bind(listen)

@@ -124,6 +124,19 @@ impl SavedState {
             d.failed_nodes = f.clone();
         }
         saved.set_desired(&d);
+        // Ports saved by an earlier run: their blocks held again, so that no
+        // other process started meanwhile hands them out (see free_port).
+        for (o, (client, peer)) in &saved.ports {
+            for port in [client, peer] {
+                if !kv_net::port::hold_block_of(*port) {
+                    tracing::warn!(
+                        node = o,
+                        port,
+                        "another process holds this port's block: it may take the port"
+                    );
+                }
+            }
+        }
         for o in 0..saved.replicas {
             if let std::collections::btree_map::Entry::Vacant(e) = saved.ports.entry(o) {
                 e.insert(new_ports()?);

@@ -3,41 +3,129 @@
 use std::net::TcpListener;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// A loopback port that was free a moment ago, for a process started next to
-/// listen on. Taken below Linux's default ephemeral range (32768 and up), from
-/// which outgoing connections draw their source ports: a port handed out by
-/// the kernel (`bind :0`) can be taken by a connection before the node binds it
+/// Where [`free_port`] hands out ports: below Linux's default ephemeral range
+/// (32768 and up), from which outgoing connections draw their source ports,
+/// so that no connection takes a port handed out before its process binds it
 /// (seen as "Address already in use" at start under test load).
-pub fn free_port() -> std::io::Result<u16> {
-    use std::sync::OnceLock;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    // One start per process, different between processes picking at the same
-    // time. Fixed within a process so that the walk below (a stride coprime
-    // with SPAN) never hands out the same port twice: a port handed out but
-    // not bound yet passes the bind check, and a start drawn anew per call let
-    // two threads of one test binary get the same port (a node then failed to
-    // start with exit status 1).
-    static SEED: OnceLock<u32> = OnceLock::new();
-    let seed = *SEED.get_or_init(|| {
-        std::process::id().wrapping_mul(2_654_435_761)
-            ^ SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-    });
-    for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = LOW + (seed % SPAN + (n % SPAN) * 7_919) % SPAN;
-        if let Ok(l) = TcpListener::bind(("127.0.0.1", port as u16)) {
-            drop(l);
-            return Ok(port as u16);
+const LOW: u16 = 20_000;
+const SPAN: u16 = 12_000;
+/// Ports per block (see [`free_port`]); the first one is the block's lock.
+const BLOCK: u16 = 40;
+const BLOCKS: u16 = SPAN / BLOCK;
+
+/// This process's blocks: their locks, held until it exits, and the block it
+/// hands out from now.
+struct Blocks {
+    locks: Vec<(u16, socket2::Socket)>,
+    current: Option<u16>,
+    /// Next offset within `current` (0 is the lock).
+    next: u16,
+    /// Blocks tried so far, for the walk over them.
+    tried: u32,
+    seed: u32,
+}
+
+impl Blocks {
+    fn new() -> Blocks {
+        Blocks {
+            locks: Vec::new(),
+            current: None,
+            next: 1,
+            tried: 0,
+            // Processes starting together begin their walks at different blocks.
+            seed: std::process::id().wrapping_mul(2_654_435_761)
+                ^ SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos()),
         }
     }
+}
+
+static BLOCKS_HELD: std::sync::Mutex<Option<Blocks>> = std::sync::Mutex::new(None);
+
+fn lock_port(block: u16) -> u16 {
+    LOW + block * BLOCK
+}
+
+/// Binds `port` on 127.0.0.1 without `SO_REUSEADDR` and without listening:
+/// every other bind of it fails, and a connection to it is refused.
+fn hold(port: u16) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// A loopback port that was free a moment ago, for a process started next to
+/// listen on.
+///
+/// The range is cut into blocks of [`BLOCK`] ports. A process first takes a
+/// block of its own by binding the block's first port (held, not listening,
+/// until the process exits), then hands out the block's other ports one by
+/// one, never the same twice. Another process, finding that port bound,
+/// takes another block: so two live processes never hand out the same port,
+/// even though a port handed out but not yet bound passes the bind check
+/// (seen: a `kvctl up` whose gateway port a node of another cluster took
+/// while the first issued its certificates; a node restarted on its saved
+/// port that another process had just handed out).
+pub fn free_port() -> std::io::Result<u16> {
+    let mut guard = BLOCKS_HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let blocks = guard.get_or_insert_with(Blocks::new);
+    loop {
+        if let Some(b) = blocks.current {
+            while blocks.next < BLOCK {
+                let port = lock_port(b) + blocks.next;
+                blocks.next += 1;
+                // Bound as a reservation would be: a port with connections of
+                // an earlier server still in TIME_WAIT is skipped, as
+                // [`reserve`] could not hold it.
+                if hold(port).is_ok() {
+                    return Ok(port);
+                }
+            }
+            blocks.current = None;
+        }
+        // A walk with a stride coprime with BLOCKS visits every block once;
+        // blocks this process holds already fail their bind like any other.
+        if blocks.tried >= u32::from(BLOCKS) {
+            break;
+        }
+        let b = ((blocks.seed % u32::from(BLOCKS) + blocks.tried * 7) % u32::from(BLOCKS)) as u16;
+        blocks.tried += 1;
+        if let Ok(lock) = hold(lock_port(b)) {
+            blocks.locks.push((b, lock));
+            blocks.current = Some(b);
+            blocks.next = 1;
+        }
+    }
+    // Every block taken: any port the kernel gives.
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
+}
+
+/// Takes the block of `port`, a port handed out by another process before
+/// (a `kvctl up` started again finds its nodes' ports in its state file), so
+/// that no live process hands it out. `false` if another process holds that
+/// block: `port` may then be handed out to it (or it is outside the range).
+pub fn hold_block_of(port: u16) -> bool {
+    if !(LOW..LOW + SPAN).contains(&port) {
+        return false;
+    }
+    let b = (port - LOW) / BLOCK;
+    let mut guard = BLOCKS_HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let blocks = guard.get_or_insert_with(Blocks::new);
+    if blocks.locks.iter().any(|(held, _)| *held == b) {
+        return true;
+    }
+    match hold(lock_port(b)) {
+        Ok(lock) => {
+            blocks.locks.push((b, lock));
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 /// A port held for a process started later: bound on 127.0.0.1 without
@@ -62,14 +150,11 @@ impl Reservation {
 /// its certificates, and a node that then never started) shrinks from
 /// "until the node starts" to the moment between the drop and its bind.
 pub fn reserve() -> std::io::Result<Reservation> {
-    use socket2::{Domain, Socket, Type};
     let mut last = None;
     for _ in 0..16 {
         let port = free_port()?;
-        let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        match socket.bind(&addr.into()) {
-            Ok(()) => {
+        match hold(port) {
+            Ok(socket) => {
                 return Ok(Reservation {
                     port,
                     _socket: socket,
@@ -79,6 +164,23 @@ pub fn reserve() -> std::io::Result<Reservation> {
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no free loopback port")))
+}
+
+/// The address `addr` names (a port 0 made concrete), if no socket listens
+/// there: bound for a moment without listening, so that a client probing the
+/// port meanwhile is refused rather than queued on a socket about to close
+/// (and then reset).
+pub fn probe(addr: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    // As a listener would bind: connections of an earlier server there
+    // waiting out TIME_WAIT do not count.
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("not an IP address"))
 }
 
 /// A listener on `addr` that other processes of this user may bind too
@@ -152,6 +254,48 @@ mod tests {
     }
 
     #[test]
+    fn no_port_is_handed_out_from_a_block_another_process_holds() {
+        use super::{BLOCK, BLOCKS, LOW, hold, lock_port};
+        // What another process holding blocks looks like from here: their
+        // first ports bound. Blocks this process holds already fail to bind.
+        let others: Vec<(u16, socket2::Socket)> = (0..BLOCKS)
+            .filter(|b| b % 3 == 0)
+            .filter_map(|b| hold(lock_port(b)).ok().map(|s| (b, s)))
+            .collect();
+        assert!(others.len() > 40, "{} blocks held", others.len());
+        for _ in 0..400 {
+            let p = super::free_port().unwrap();
+            let b = (p - LOW) / BLOCK;
+            assert!(
+                !others.iter().any(|(o, _)| *o == b),
+                "port {p} handed out from block {b}, held by another process"
+            );
+            assert!(!super::hold_block_of(lock_port(others[0].0) + 1));
+        }
+        // This process now holds the block of every port it handed out.
+        let p = super::free_port().unwrap();
+        assert!(super::hold_block_of(p));
+        assert!(hold(lock_port((p - LOW) / BLOCK)).is_err());
+    }
+
+    #[test]
+    fn a_probed_port_is_refused_to_clients_and_a_listener_makes_the_probe_fail() {
+        let addr = super::probe("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_ne!(addr.port(), 0);
+        assert!(std::net::TcpStream::connect(addr).is_err());
+        let l = std::net::TcpListener::bind(addr).unwrap();
+        assert!(super::probe(addr).is_err());
+        drop(l);
+        #[cfg(target_os = "linux")]
+        {
+            // nor does a port shared by the processes of another cluster
+            let shared = super::bind_shared(addr).unwrap();
+            assert!(super::probe(addr).is_err());
+            drop(shared);
+        }
+    }
+
+    #[test]
     fn a_free_port_can_be_bound_and_is_below_the_ephemeral_range() {
         let p = super::free_port().unwrap();
         assert!((20_000..32_000).contains(&p), "{p}");
@@ -162,7 +306,7 @@ mod tests {
     fn ports_handed_out_but_not_yet_bound_are_never_handed_out_again() {
         // Callers bind later: the bind check cannot see these, only the walk.
         let mut seen = std::collections::HashSet::new();
-        for _ in 0..3_000 {
+        for _ in 0..1_000 {
             let p = super::free_port().unwrap();
             assert!(seen.insert(p), "port {p} handed out twice");
         }
