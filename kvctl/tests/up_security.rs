@@ -20,6 +20,7 @@ struct Up {
     child: Child,
     port: u16,
     dir: std::path::PathBuf,
+    said: tempfile::NamedTempFile,
 }
 
 impl Up {
@@ -30,6 +31,11 @@ impl Up {
     /// `token`: `kvctl up --token`; `None` keeps the data directory's.
     fn start_with_token(dir: &Path, extra: &[&str], token: Option<&str>) -> Up {
         let port = free_port();
+        // What kvctl up says (node transitions, starts and exits), for a
+        // failing test to show; outside the data directory, as it names the
+        // token.
+        let said = tempfile::NamedTempFile::new().expect("kvctl up's output file");
+        let out = said.reopen().expect("kvctl up's output file");
         let child = Command::new(kvctl_bin())
             .arg("up")
             .arg("--data-dir")
@@ -47,7 +53,7 @@ impl Up {
             .env_remove("KV_LISTEN")
             .env_remove("KV_NODE_BIN")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(out)
             .stderr(Stdio::inherit())
             .spawn()
             .expect("cannot run kvctl up");
@@ -55,12 +61,36 @@ impl Up {
             child,
             port,
             dir: dir.to_path_buf(),
+            said,
         };
         assert!(
             wait_port(port, Duration::from_secs(30)),
-            "the gateway never listened on {port}"
+            "the gateway never listened on {port}\n{}",
+            up.diagnostics()
         );
         up
+    }
+
+    /// What this `kvctl up` said and the nodes' logs, for a failure message.
+    fn diagnostics(&self) -> String {
+        let mut files = vec![("kvctl up".to_string(), self.said.path().to_path_buf())];
+        let mut logs: Vec<_> = std::fs::read_dir(&self.dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        logs.sort();
+        files.extend(logs.into_iter().map(|p| (p.display().to_string(), p)));
+        let mut text = String::new();
+        for (name, path) in files {
+            let body = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = body.lines().rev().take(40).collect();
+            text.push_str(&format!("--- {name} (last 40 lines)\n"));
+            for line in tail.into_iter().rev() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text
     }
 
     fn address(&self) -> String {
@@ -74,7 +104,11 @@ impl Up {
             "PUT /v1/kv/ready HTTP/1.1\r\nHost: kv\r\nAuthorization: Bearer {TOKEN}\r\nX-Consistency: all\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"
         );
         while raw_exchange(&self.address(), raw.as_bytes()).0 != 200 {
-            assert!(Instant::now() < deadline, "the nodes never were all Up");
+            assert!(
+                Instant::now() < deadline,
+                "the nodes never were all Up\n{}",
+                self.diagnostics()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -89,8 +123,7 @@ impl Up {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        let log = std::fs::read_to_string(self.dir.join("node-0.log")).unwrap_or_default();
-        panic!("kvctl up never became ready; node 0's log:\n{log}");
+        panic!("kvctl up never became ready\n{}", self.diagnostics());
     }
 }
 
@@ -254,7 +287,8 @@ fn with_tls_the_gateway_serves_https_and_kvctl_needs_the_ca() {
         while https.get(&ready).send().map_or(true, |r| r.status() != 200) {
             assert!(
                 Instant::now() < deadline,
-                "the TLS gateway never became ready"
+                "the TLS gateway never became ready\n{}",
+                up.diagnostics()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -371,8 +405,9 @@ fn with_tls_the_gateway_serves_https_and_kvctl_needs_the_ca() {
         }
         assert!(
             Instant::now() < deadline,
-            "after a restart: {}",
-            stderr(&get)
+            "after a restart: {}\n{}",
+            stderr(&get),
+            up.diagnostics()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
