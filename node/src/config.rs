@@ -64,6 +64,10 @@ pub struct Args {
     /// Largest value accepted, in bytes.
     #[arg(long, env = "KV_MAX_VALUE_BYTES", default_value_t = kv_core::record::DEFAULT_MAX_VALUE_BYTES)]
     pub max_value_bytes: usize,
+    /// Memory for records read lately, in MiB: a point read of one of them
+    /// skips SQLite (0 = off).
+    #[arg(long, env = "KV_READ_CACHE_MB", default_value_t = 16)]
+    pub read_cache_mb: usize,
     /// Timeout of one node-to-node request, in milliseconds.
     #[arg(long, env = "KV_PEER_TIMEOUT_MS", default_value_t = 2000)]
     pub peer_timeout_ms: u64,
@@ -228,6 +232,8 @@ pub struct Config {
     /// The control plane's held-down list ([`crate::held`]).
     pub held_file: Option<PathBuf>,
     pub max_value_bytes: usize,
+    /// Bytes of records read lately kept in memory.
+    pub read_cache_bytes: usize,
     pub peer_timeout: Duration,
     pub anti_entropy_every: Option<Duration>,
     pub tombstone_grace: Duration,
@@ -341,6 +347,7 @@ impl Args {
             topology_file: self.topology_file.clone(),
             held_file: self.held_file.clone(),
             max_value_bytes: self.max_value_bytes,
+            read_cache_bytes: self.read_cache_mb.saturating_mul(1 << 20),
             peer_timeout: Duration::from_millis(self.peer_timeout_ms.max(1)),
             anti_entropy_every: (self.anti_entropy_secs > 0)
                 .then(|| Duration::from_secs(self.anti_entropy_secs)),

@@ -114,6 +114,7 @@ impl Node {
                     batch.observe(n as f64);
                     fsync.observe(took.as_secs_f64());
                 }))),
+                cache_bytes: config.read_cache_bytes,
                 ..StoreOptions::default()
             },
         )?;

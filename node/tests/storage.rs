@@ -400,6 +400,119 @@ fn purging_removes_only_tombstones_older_than_the_horizon() {
     );
 }
 
+/// Point reads are served from memory once read; every way a record changes
+/// (a newer write, a create's accept, a purge, a dropped bucket) shows in
+/// the very next read, and an older write leaves the newer record.
+#[test]
+fn a_read_from_memory_never_lags_what_the_store_holds() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let hits = || store.stats().expect("stats").cache_hits;
+    let value = |k: &[u8]| {
+        store
+            .get(k)
+            .expect("get")
+            .map(|r| r.value.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    };
+    rt().block_on(async {
+        store
+            .apply(vec![rec("k", Some("v1"), 10, 1), rec("t", None, 10, 1)])
+            .await
+            .expect("apply");
+        assert_eq!(value(b"k"), Some(Some("v1".into())));
+        let before = hits();
+        assert_eq!(value(b"k"), Some(Some("v1".into())));
+        assert_eq!(hits(), before + 1, "the second read came from memory");
+
+        store
+            .apply(vec![rec("k", Some("v2"), 20, 1)])
+            .await
+            .expect("apply");
+        assert_eq!(value(b"k"), Some(Some("v2".into())));
+        store
+            .apply(vec![rec("k", Some("older"), 15, 1)])
+            .await
+            .expect("apply");
+        assert_eq!(value(b"k"), Some(Some("v2".into())));
+        assert_eq!(value(b"k"), Some(Some("v2".into())));
+
+        // a create over a cached tombstone
+        assert_eq!(value(b"t"), Some(None));
+        assert_eq!(value(b"t"), Some(None));
+        let ballot = Version::new(30, 2);
+        assert_eq!(
+            store.promise(b"t".to_vec(), ballot).await.expect("promise"),
+            CreateVote::Granted
+        );
+        assert_eq!(
+            store
+                .accept(rec("t", Some("created"), 30, 2))
+                .await
+                .expect("accept"),
+            CreateVote::Granted
+        );
+        assert_eq!(value(b"t"), Some(Some("created".into())));
+
+        // a purged tombstone, read (and kept in memory) just before
+        let gone = rec("gone", None, 40, 1);
+        store.apply(vec![gone.clone()]).await.expect("apply");
+        assert_eq!(value(b"gone"), Some(None));
+        assert_eq!(value(b"gone"), Some(None));
+        store
+            .purge_tombstones(gone.bucket(), Version::new(50, 0))
+            .await
+            .expect("purge");
+        assert_eq!(value(b"gone"), None);
+
+        // a dropped bucket
+        assert_eq!(value(b"k"), Some(Some("v2".into())));
+        store
+            .drop_buckets(vec![bucket_of(b"k")])
+            .await
+            .expect("drop");
+        assert_eq!(value(b"k"), None);
+    });
+}
+
+/// Readers racing a writer of one key: each reader sees versions only go
+/// up, and once the writer is done every reader sees its last version (a
+/// record read before a commit and kept after it would stay stale).
+#[test]
+fn readers_racing_a_writer_never_go_back_and_end_on_the_last_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    const WRITES: u64 = 400;
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                let mut last = 0;
+                let mut reads = 0u64;
+                while !done.load(std::sync::atomic::Ordering::Acquire) || reads == 0 {
+                    if let Some(r) = store.get(b"hot").expect("get") {
+                        assert!(r.version.ts >= last, "{} after {last}", r.version.ts);
+                        last = r.version.ts;
+                    }
+                    reads += 1;
+                }
+                let end = store.get(b"hot").expect("get").expect("written");
+                assert_eq!(end.version.ts, WRITES);
+            });
+        }
+        let rt = rt();
+        rt.block_on(async {
+            for ts in 1..=WRITES {
+                store
+                    .apply(vec![rec("hot", Some("v"), ts, 1)])
+                    .await
+                    .expect("apply");
+            }
+        });
+        done.store(true, std::sync::atomic::Ordering::Release);
+    });
+    assert!(store.stats().expect("stats").cache_hits > 0);
+}
+
 /// The replica's half of a linearizable create (kv_core::CreateVote): two
 /// leaders that both found the key absent race for it, as at a placement
 /// commit when two nodes name different create leaders. Without these rules

@@ -34,6 +34,7 @@
 //! [`Store::apply`] is last-writer-wins apply-if-newer: the primitive that the
 //! coordinator, hinted handoff, read repair and anti-entropy all call.
 
+mod cache;
 mod meta;
 mod open;
 mod read;
@@ -88,6 +89,8 @@ pub struct StoreOptions {
     pub readers: usize,
     /// Told about every committed transaction (for metrics).
     pub observer: Option<CommitObserver>,
+    /// Bytes of records read lately kept in memory for point reads.
+    pub cache_bytes: usize,
 }
 
 impl Default for StoreOptions {
@@ -96,6 +99,7 @@ impl Default for StoreOptions {
             max_batch: 512,
             readers: 4,
             observer: None,
+            cache_bytes: 16 << 20,
         }
     }
 }
@@ -122,6 +126,8 @@ pub struct StoreStats {
     pub commits: u64,
     /// Write requests those transactions carried.
     pub write_requests: u64,
+    /// Point reads answered from the record cache since open.
+    pub cache_hits: u64,
     /// fsyncs of the write-ahead log since open (each one acknowledges every
     /// transaction committed before it began).
     pub syncs: u64,
@@ -153,6 +159,8 @@ struct Shared {
     /// The highest record or hint version on disk when the store opened: the
     /// clock starts above it.
     max_version: Version,
+    /// Records read lately; the writer drops what it writes.
+    cache: cache::RecordCache,
 }
 
 /// A handle on one node's database. Cheap to clone.

@@ -65,6 +65,7 @@ impl Store {
             poisoned: AtomicBool::new(false),
             catching_up: AtomicBool::new(catching_up),
             max_version,
+            cache: super::cache::RecordCache::new(opts.cache_bytes),
         });
         let wal = WalFile::open(&shared.path)?;
         let (tx, rx) = mpsc::unbounded_channel();

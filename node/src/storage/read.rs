@@ -38,13 +38,22 @@ impl Store {
 
     /// The stored record of `key`, tombstones included.
     pub fn get(&self, key: &[u8]) -> Result<Option<Record>, StorageError> {
-        self.read(|c| {
+        let cache = &self.shared.cache;
+        if let Some(r) = cache.get(key) {
+            return Ok(Some(r));
+        }
+        let ticket = cache.ticket();
+        let found = self.read(|c| {
             Ok(
                 c.prepare_cached("SELECT key, value, ts, node FROM records WHERE key = ?1")?
                     .query_row([key], row_to_record)
                     .optional()?,
             )
-        })
+        })?;
+        if let Some(r) = &found {
+            cache.offer(ticket, r);
+        }
+        Ok(found)
     }
 
     /// Live keys (no tombstones) starting with `prefix`, after `after`, ascending, at most `limit`.
@@ -177,6 +186,7 @@ impl Store {
             commits: self.shared.commits.load(Ordering::Relaxed),
             syncs: self.shared.syncs.load(Ordering::Relaxed),
             write_requests: self.shared.write_requests.load(Ordering::Relaxed),
+            cache_hits: self.shared.cache.hits.load(Ordering::Relaxed),
         })
     }
 

@@ -136,10 +136,14 @@ pub(super) fn writer_loop(
         }
         let ops: Vec<&WriteOp> = batch.iter().map(|r| &r.op).collect();
         let changes_before = conn.total_changes();
+        shared.cache.begin();
         let committed = {
             let _write = shared.write_lock.lock().unwrap_or_else(|p| p.into_inner());
             commit_batch(&mut conn, &shared.digests, &ops)
         };
+        // Before any caller hears back, committed or not (a failed commit
+        // wrote nothing, but dropping is always safe).
+        forget_written(&shared.cache, &ops);
         match committed {
             Ok((results, changed)) => {
                 if !changed.is_empty() {
@@ -178,4 +182,26 @@ pub(super) fn writer_loop(
             }
         }
     }
+}
+
+/// Drops from the record cache what `ops` may have changed.
+fn forget_written(cache: &super::cache::RecordCache, ops: &[&WriteOp]) {
+    let any = ops.iter().any(|op| {
+        matches!(
+            op,
+            WriteOp::DropBuckets(_) | WriteOp::PurgeTombstones { .. }
+        )
+    });
+    if any {
+        return cache.clear();
+    }
+    let keys = ops.iter().flat_map(|op| {
+        let (many, one): (&[Record], Option<&Record>) = match op {
+            WriteOp::Apply(records) => (records, None),
+            WriteOp::Accept(record) => (&[], Some(record)),
+            _ => (&[], None),
+        };
+        many.iter().chain(one).map(|r| r.key.as_slice())
+    });
+    cache.written(keys);
 }
