@@ -66,7 +66,7 @@ pub struct Args {
     pub max_value_bytes: usize,
     /// Memory for records read lately, in MiB: a point read of one of them
     /// skips SQLite (0 = off).
-    #[arg(long, env = "KV_READ_CACHE_MB", default_value_t = 16)]
+    #[arg(long, env = "KV_READ_CACHE_MB", default_value_t = 32)]
     pub read_cache_mb: usize,
     /// Timeout of one node-to-node request, in milliseconds.
     #[arg(long, env = "KV_PEER_TIMEOUT_MS", default_value_t = 2000)]

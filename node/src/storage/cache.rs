@@ -16,11 +16,12 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kv_core::{Record, bucket_of};
+use kv_core::{Record, Version, bucket_of};
 
 const SHARDS: usize = 16;
-/// Bytes a cached record costs beyond its key and value (map slot, record).
-const OVERHEAD: usize = 64;
+/// Bytes a cached record costs beyond its key and value (the map's slot, the
+/// allocations' headers and rounding).
+const OVERHEAD: usize = 96;
 
 pub(super) struct RecordCache {
     shards: Vec<Mutex<Shard>>,
@@ -34,12 +35,13 @@ pub(super) struct RecordCache {
 
 #[derive(Default)]
 struct Shard {
-    records: HashMap<Vec<u8>, Record>,
+    /// Key to value (`None`: a tombstone) and version.
+    records: HashMap<Vec<u8>, (Option<Vec<u8>>, Version)>,
     bytes: usize,
 }
 
-fn cost(r: &Record) -> usize {
-    r.key.len() + r.value.as_ref().map_or(0, Vec::len) + OVERHEAD
+fn cost(key: &[u8], value: &Option<Vec<u8>>) -> usize {
+    key.len() + value.as_ref().map_or(0, Vec::len) + OVERHEAD
 }
 
 impl RecordCache {
@@ -60,11 +62,13 @@ impl RecordCache {
     }
 
     pub(super) fn get(&self, key: &[u8]) -> Option<Record> {
-        let found = self.shard(key).records.get(key).cloned();
-        if found.is_some() {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-        }
-        found
+        let (value, version) = self.shard(key).records.get(key).cloned()?;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(Record {
+            key: key.to_vec(),
+            value,
+            version,
+        })
     }
 
     /// Taken before reading SQLite; handed to [`RecordCache::offer`].
@@ -75,7 +79,7 @@ impl RecordCache {
     /// Keeps `record`, read from SQLite after `ticket` was taken, if no
     /// transaction was under way or began since.
     pub(super) fn offer(&self, ticket: u64, record: &Record) {
-        let c = cost(record);
+        let c = cost(&record.key, &record.value);
         if ticket % 2 == 1 || c > self.shard_budget {
             return;
         }
@@ -87,8 +91,9 @@ impl RecordCache {
             shard.records.clear();
             shard.bytes = 0;
         }
-        if let Some(old) = shard.records.insert(record.key.clone(), record.clone()) {
-            shard.bytes -= cost(&old);
+        let entry = (record.value.clone(), record.version);
+        if let Some((old, _)) = shard.records.insert(record.key.clone(), entry) {
+            shard.bytes -= cost(&record.key, &old);
         }
         shard.bytes += c;
     }
@@ -102,8 +107,8 @@ impl RecordCache {
     pub(super) fn written<'a>(&self, keys: impl Iterator<Item = &'a [u8]>) {
         for key in keys {
             let mut shard = self.shard(key);
-            if let Some(old) = shard.records.remove(key) {
-                shard.bytes -= cost(&old);
+            if let Some((old, _)) = shard.records.remove(key) {
+                shard.bytes -= cost(key, &old);
             }
         }
         self.writes.fetch_add(1, Ordering::SeqCst);

@@ -99,7 +99,7 @@ impl Default for StoreOptions {
             max_batch: 512,
             readers: 4,
             observer: None,
-            cache_bytes: 16 << 20,
+            cache_bytes: 32 << 20,
         }
     }
 }
