@@ -340,6 +340,12 @@ fn docker_available() -> bool {
     info.is_ok()
 }
 
+#[derive(Clone, Default)]
+struct KeyHistory {
+    acked: Option<String>,
+    unknown: Vec<String>,
+}
+
 fn put(http: &reqwest::blocking::Client, ip: &str, key: &str, value: &str) -> bool {
     http.put(format!("http://{ip}:7400/v1/kv/{key}"))
         .bearer_auth(TOKEN)
@@ -408,7 +414,11 @@ fn three_containers_survive_kill_restart_partition_and_recreate() {
     h.until_all_up("start");
 
     // Load through nodes 0 and 1 while node 1 is killed and node 2 is cut off.
-    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    // Per key: the last acknowledged value, and the values whose write failed
+    // after it. A failed write (timeout, 5xx) has an unknown outcome: it may
+    // have reached a replica and spread later, as in Dynamo or Cassandra, so
+    // the key may end on one of those values instead.
+    let acked: Arc<Mutex<BTreeMap<String, KeyHistory>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let ips: Vec<String> = (0..3).map(|o| h.ip(o).unwrap()).collect();
     let mut writers = Vec::new();
@@ -424,8 +434,14 @@ fn three_containers_survive_kill_restart_partition_and_recreate() {
                     break;
                 }
                 let (k, v) = (format!("t{t}-{}", i % 500), format!("{i}"));
-                if put(&http, &ips[(i % 2) as usize], &k, &v) {
-                    acked.lock().unwrap().insert(k, v);
+                let ok = put(&http, &ips[(i % 2) as usize], &k, &v);
+                let mut acked = acked.lock().unwrap();
+                let history = acked.entry(k).or_default();
+                if ok {
+                    history.acked = Some(v);
+                    history.unknown.clear();
+                } else {
+                    history.unknown.push(v);
                 }
             }
         }));
@@ -443,20 +459,28 @@ fn three_containers_survive_kill_restart_partition_and_recreate() {
     for w in writers {
         w.join().unwrap();
     }
-    let acked = acked.lock().unwrap().clone();
+    let histories = acked.lock().unwrap().clone();
+    let ips: Vec<String> = (0..3).map(|o| h.ip(o).unwrap()).collect();
+    // What each acknowledged key holds now; checked again on the recreated node.
+    let mut acked: BTreeMap<String, String> = BTreeMap::new();
+    let mut on_unknown = 0;
+    for (k, history) in &histories {
+        let Some(last) = &history.acked else { continue };
+        let got = get(&h.http, &ips[0], k, "quorum");
+        let got = got.unwrap_or_else(|| panic!("{k}: acknowledged {last}, read nothing"));
+        assert!(
+            &got == last || history.unknown.contains(&got),
+            "{k}: acknowledged {last} (later failed writes: {:?}), read {got}",
+            history.unknown
+        );
+        on_unknown += usize::from(&got != last);
+        acked.insert(k.clone(), got);
+    }
     assert!(
         acked.len() > 100,
-        "only {} writes acknowledged",
+        "only {} keys had an acknowledged write",
         acked.len()
     );
-    let ips: Vec<String> = (0..3).map(|o| h.ip(o).unwrap()).collect();
-    for (k, v) in &acked {
-        assert_eq!(
-            get(&h.http, &ips[0], k, "quorum").as_deref(),
-            Some(v.as_str()),
-            "{k}"
-        );
-    }
     // Every node owns every bucket (factor 3 of 3): digests converge.
     let digests = |h: &Harness, o: u32| -> serde_json::Value {
         h.http
@@ -503,7 +527,7 @@ fn three_containers_survive_kill_restart_partition_and_recreate() {
         );
     }
     eprintln!(
-        "docker test: {} acknowledged writes checked; transitions:\n{}",
+        "docker test: {} acknowledged keys checked ({on_unknown} hold a later write that had failed); transitions:\n{}",
         acked.len(),
         h.log.join("\n")
     );
