@@ -88,6 +88,7 @@ fn fixture() -> &'static Fixture {
                 held_file: None,
                 max_value_bytes: MAX_VALUE_BYTES,
                 read_cache_bytes: 1 << 20,
+                checkpoint_pages: 32_000,
                 peer_timeout: Duration::from_millis(100),
                 anti_entropy_every: None,
                 tombstone_grace: Duration::from_secs(86_400),

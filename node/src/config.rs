@@ -68,6 +68,12 @@ pub struct Args {
     /// skips SQLite (0 = off).
     #[arg(long, env = "KV_READ_CACHE_MB", default_value_t = 32)]
     pub read_cache_mb: usize,
+    /// Pages (2 KiB each) the write-ahead log holds before a background
+    /// thread copies it back into the database; the log file grows to about
+    /// this size. Fewer: a smaller log and more copying.
+    #[arg(long, env = "KV_CHECKPOINT_PAGES", default_value_t = 32_000,
+          value_parser = clap::value_parser!(u32).range(100..))]
+    pub checkpoint_pages: u32,
     /// Timeout of one node-to-node request, in milliseconds.
     #[arg(long, env = "KV_PEER_TIMEOUT_MS", default_value_t = 2000)]
     pub peer_timeout_ms: u64,
@@ -234,6 +240,8 @@ pub struct Config {
     pub max_value_bytes: usize,
     /// Bytes of records read lately kept in memory.
     pub read_cache_bytes: usize,
+    /// Log pages at which the log is copied back into the database.
+    pub checkpoint_pages: u32,
     pub peer_timeout: Duration,
     pub anti_entropy_every: Option<Duration>,
     pub tombstone_grace: Duration,
@@ -348,6 +356,7 @@ impl Args {
             held_file: self.held_file.clone(),
             max_value_bytes: self.max_value_bytes,
             read_cache_bytes: self.read_cache_mb.saturating_mul(1 << 20),
+            checkpoint_pages: self.checkpoint_pages,
             peer_timeout: Duration::from_millis(self.peer_timeout_ms.max(1)),
             anti_entropy_every: (self.anti_entropy_secs > 0)
                 .then(|| Duration::from_secs(self.anti_entropy_secs)),

@@ -115,6 +115,7 @@ impl Node {
                     fsync.observe(took.as_secs_f64());
                 }))),
                 cache_bytes: config.read_cache_bytes,
+                checkpoint_frames: config.checkpoint_pages,
                 ..StoreOptions::default()
             },
         )?;

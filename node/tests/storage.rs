@@ -212,6 +212,81 @@ fn concurrent_writes_share_transactions() {
     assert_eq!(stats.keys, requests);
 }
 
+/// The write-ahead log is copied back by a thread of its own; if that thread
+/// did nothing (it once did, silently), the log would grow without bound and
+/// the database file would stay empty.
+#[test]
+fn the_log_is_copied_back_and_starts_over_under_steady_writes() {
+    log_stays_bounded(true);
+}
+
+/// Without that thread (or with it behind), the writer checkpoints the log
+/// itself once it reaches four times its size: back-pressure, not growth.
+#[test]
+fn the_writer_copies_the_log_back_itself_when_nothing_else_does() {
+    log_stays_bounded(false);
+}
+
+fn log_stays_bounded(background: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let frames = 400u32;
+    let store = Store::open(
+        dir.path(),
+        StoreOptions {
+            checkpoint_frames: frames,
+            background_checkpoints: background,
+            ..StoreOptions::default()
+        },
+    )
+    .expect("open store");
+    let wal = dir.path().join("kv.sqlite3-wal");
+    let db = dir.path().join("kv.sqlite3");
+    let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    // 1 KiB values over 3 000 keys: with no checkpoint at all the log of
+    // these rounds reached about 42 times `frames` pages (measured); with the
+    // checkpointer about 3 times, with only the writer's about 5.
+    let value = "x".repeat(1024);
+    let mut largest_log = 0;
+    rt().block_on(async {
+        for round in 0..60u64 {
+            let writes = (0..200u64).map(|i| {
+                let store = store.clone();
+                let key = format!("k{}", (round * 200 + i) * 7919 % 3000);
+                let value = value.clone();
+                async move {
+                    store
+                        .apply(vec![rec(&key, Some(&value), round + 1, 1)])
+                        .await
+                }
+            });
+            for r in futures_join_all(writes).await {
+                r.expect("apply");
+            }
+            largest_log = largest_log.max(size(&wal));
+        }
+    });
+    // SQLite reuses the log file from its start, so its size is the most it
+    // ever held (a frame is a 2 KiB page and a 24-byte header). The writer's
+    // own checkpoint starts at 4 times `frames`; the margin is for what the
+    // writes commit while a checkpoint runs.
+    let bound = 12 * u64::from(frames) * 2072;
+    assert!(
+        largest_log <= bound,
+        "the log reached {largest_log} bytes (bound {bound}): it is not copied back or never starts over"
+    );
+    assert!(
+        size(&db) > 2 * 1024 * 1024,
+        "the database file holds {} bytes after 3 MiB of records: nothing was copied back",
+        size(&db)
+    );
+    assert_eq!(store.stats().expect("stats").keys, 3000);
+    drop(store);
+    let store = open(&dir);
+    let got = store.get(b"k0").expect("get").expect("k0 is stored");
+    assert_eq!(got.value.as_deref(), Some(value.as_bytes()));
+    assert_eq!(store.stats().expect("stats").keys, 3000);
+}
+
 #[test]
 fn every_acknowledged_write_was_covered_by_a_log_sync() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -79,6 +79,8 @@ impl Store {
     fn meta_conn(&self) -> Result<Connection, StorageError> {
         let conn = super::open::open_conn(&self.shared.path, rusqlite::OpenFlags::default())?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // the checkpointer thread copies the log back, not a metadata write
+        conn.execute_batch("PRAGMA wal_autocheckpoint = 0;")?;
         Ok(conn)
     }
 

@@ -22,7 +22,7 @@ impl Store {
             source,
         })?;
         let path = dir.join(DB_FILE);
-        let writer_conn = open_conn(&path, OpenFlags::default())?;
+        let mut writer_conn = open_conn(&path, OpenFlags::default())?;
         writer_conn.busy_timeout(std::time::Duration::from_secs(5))?;
         // the first statement takes the process's lock on the database
         writer_conn
@@ -68,6 +68,18 @@ impl Store {
             cache: super::cache::RecordCache::new(opts.cache_bytes),
         });
         let wal = WalFile::open(&shared.path)?;
+        // Replaces SQLite's automatic checkpoint on the writer's connection:
+        // the checkpointer thread copies the log back instead.
+        let (log_size, backlog) = super::checkpoint::start(
+            shared.path.clone(),
+            shared.clone(),
+            opts.checkpoint_frames,
+            opts.background_checkpoints,
+        )?;
+        writer_conn.wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, frames: i32| {
+            log_size.committed(u32::try_from(frames).unwrap_or(0));
+            Ok(())
+        }))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (sync_tx, sync_rx) = std::sync::mpsc::channel();
         let writer_shared = shared.clone();
@@ -80,7 +92,16 @@ impl Store {
             .map_err(|e| StorageError::Sqlite(format!("cannot start the sync thread: {e}")))?;
         std::thread::Builder::new()
             .name("kv-storage-writer".into())
-            .spawn(move || writer_loop(writer_conn, rx, sync_tx, max_batch, &writer_shared))
+            .spawn(move || {
+                writer_loop(
+                    writer_conn,
+                    rx,
+                    sync_tx,
+                    max_batch,
+                    &writer_shared,
+                    &backlog,
+                )
+            })
             .map_err(|e| StorageError::Sqlite(format!("cannot start the writer thread: {e}")))?;
         Ok(Store { writer: tx, shared })
     }
@@ -94,16 +115,13 @@ impl Store {
 /// Page size 2 KiB (set when a database is created; an existing one keeps
 /// its own): a 100-byte record dirties one page in each of two B-trees per
 /// write, and the log holds whole pages, so smaller pages halve the bytes
-/// logged per record. The log is checkpointed every 32 000 pages (64 MiB)
-/// rather than SQLite's 1 000: a page written many times between checkpoints
-/// is copied back once, and the writer, which runs the checkpoint inside a
-/// commit every waiting caller waits for, runs it a quarter as often as at
-/// 8 000 (bench/profile.md, seventh step).
+/// logged per record. No connection checkpoints on its own: the
+/// checkpointer thread copies the log back (checkpoint.rs).
 const SCHEMA: &str = "
 PRAGMA page_size = 2048;
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
-PRAGMA wal_autocheckpoint = 32000;
+PRAGMA wal_autocheckpoint = 0;
 PRAGMA cache_size = -32768;
 CREATE TABLE IF NOT EXISTS records (
     key    BLOB PRIMARY KEY,

@@ -119,6 +119,7 @@ pub(super) fn writer_loop(
     syncer: std::sync::mpsc::Sender<Committed>,
     max_batch: usize,
     shared: &Shared,
+    backlog: &super::checkpoint::Backlog,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -134,6 +135,7 @@ pub(super) fn writer_loop(
             }
             continue;
         }
+        backlog.relieve(&conn, shared);
         let ops: Vec<&WriteOp> = batch.iter().map(|r| &r.op).collect();
         let changes_before = conn.total_changes();
         shared.cache.begin();
