@@ -117,6 +117,17 @@ pub async fn run(
     {
         tracing::warn!("in-flight requests did not finish in 20 s; stopping anyway");
     }
-    tracing::info!("database closed; bye");
+    // Up to --checkpoint-pages of log would otherwise be read again at the
+    // next start (the process exits before SQLite's last close would do it).
+    let store = node.store.clone();
+    match tokio::task::spawn_blocking(move || store.empty_log()).await {
+        Ok(Ok(())) => tracing::info!("database closed, its log copied back; bye"),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the log was not copied back at shutdown; the next start reads it")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the log was not copied back at shutdown; the next start reads it")
+        }
+    }
     Ok(())
 }

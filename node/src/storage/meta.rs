@@ -99,6 +99,40 @@ impl Store {
         f(&mut conn)
     }
 
+    /// Copies the whole write-ahead log back into the database and empties
+    /// the log file, so that the next start has no log to read (called at a
+    /// clean shutdown; waits up to 5 s for readers to finish). Writes after
+    /// it start a new log; nothing is lost either way.
+    pub fn empty_log(&self) -> Result<(), StorageError> {
+        self.meta_write(|conn| {
+            // a connection that has read nothing has not opened the log, and
+            // its checkpoint would report -1 pages and do nothing
+            let _: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            // the checkpointer thread may be in a pass: SQLite then answers
+            // "busy" at once, without waiting
+            let mut tries = 0;
+            let (log, copied) = loop {
+                match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::TRUNCATE)
+                {
+                    Err(e)
+                        if tries < 100
+                            && e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) =>
+                    {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    other => break other?,
+                }
+            };
+            if log < 0 || log != copied {
+                return Err(StorageError::Sqlite(format!(
+                    "the log was not emptied: {copied} of {log} pages copied back"
+                )));
+            }
+            Ok(())
+        })
+    }
+
     /// Records which cluster and ordinal this data directory belongs to, or
     /// refuses when it already belongs to another ordinal: a node keeps its
     /// identity on its volume and never takes over another node's data.
