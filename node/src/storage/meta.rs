@@ -101,24 +101,25 @@ impl Store {
 
     /// Copies the whole write-ahead log back into the database and empties
     /// the log file, so that the next start has no log to read (called at a
-    /// clean shutdown; waits up to 5 s for readers to finish). Writes after
-    /// it start a new log; nothing is lost either way.
+    /// clean shutdown; waits about 5 s at most for readers to finish).
+    /// Writes after it start a new log; nothing is lost either way.
     pub fn empty_log(&self) -> Result<(), StorageError> {
         self.meta_write(|conn| {
             // a connection that has read nothing has not opened the log, and
             // its checkpoint would report -1 pages and do nothing
             let _: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
             // the checkpointer thread may be in a pass: SQLite then answers
-            // "busy" at once, without waiting
-            let mut tries = 0;
+            // "busy" at once, without waiting; a reader is waited for by the
+            // busy handler. Either way, not for more than 5 s in all.
+            conn.busy_timeout(std::time::Duration::from_secs(1))?;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             let (log, copied) = loop {
                 match conn.wal_checkpoint_v2(None::<&str>, rusqlite::wal::CheckpointMode::TRUNCATE)
                 {
                     Err(e)
-                        if tries < 100
+                        if std::time::Instant::now() < deadline
                             && e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) =>
                     {
-                        tries += 1;
                         std::thread::sleep(std::time::Duration::from_millis(20));
                     }
                     other => break other?,
