@@ -110,14 +110,7 @@ pub(super) fn start(
     }
     let conn = super::open::open_conn(&path, OpenFlags::default())?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    // A connection that has read nothing has not opened the log yet, and its
-    // checkpoints would do nothing.
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StorageError::Sqlite(format!(
-            "the database is in journal mode {mode}, not wal"
-        )));
-    }
+    super::open::open_log(&conn)?;
     let (wake, rx) = std::sync::mpsc::sync_channel(1);
     let seen = frames.clone();
     std::thread::Builder::new()
@@ -150,12 +143,6 @@ fn checkpointer_loop(
         for _ in 0..UNLOCKED_PASSES {
             match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
                 Ok((log, copied)) if log - copied > TAIL_FRAMES => {}
-                Ok((-1, _)) => {
-                    tracing::warn!(
-                        "checkpoint of the log did not run (the connection is not in wal mode)"
-                    );
-                    break;
-                }
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "checkpoint of the log failed; it is retried after a later commit");

@@ -105,9 +105,7 @@ impl Store {
     /// Writes after it start a new log; nothing is lost either way.
     pub fn empty_log(&self) -> Result<(), StorageError> {
         self.meta_write(|conn| {
-            // a connection that has read nothing has not opened the log, and
-            // its checkpoint would report -1 pages and do nothing
-            let _: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+            super::open::open_log(conn)?;
             // the checkpointer thread may be in a pass: SQLite then answers
             // "busy" at once, without waiting; a reader is waited for by the
             // busy handler. Either way, not for more than 5 s in all.

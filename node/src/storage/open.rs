@@ -191,6 +191,19 @@ pub(super) fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection, rus
     Connection::open_with_flags_and_vfs(path, flags, "unix-excl")
 }
 
+/// Has `conn` open the write-ahead log. A connection that has read nothing
+/// has not opened it, and its checkpoints report -1 pages and do nothing,
+/// without an error.
+pub(super) fn open_log(conn: &Connection) -> Result<(), StorageError> {
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StorageError::Sqlite(format!(
+            "the database is in journal mode {mode}, not wal"
+        )));
+    }
+    Ok(())
+}
+
 /// The error opening the database gives when another process holds it.
 fn locked_by_another(e: rusqlite::Error, path: &Path) -> StorageError {
     match e.sqlite_error_code() {
