@@ -8,6 +8,7 @@
 #   bash bench/ab.sh OLD_KV_NODE NEW_KV_NODE      # e.g. a build of an older commit vs target/release/kv-node
 #   AB_ROUNDS=3 AB_DURATION=10s AB_CONNECTIONS=32 AB_KEYS=20000  # the defaults
 #   AB_NODES=1                                    # a single node (factor 1) instead of 3
+#   AB_READS=0                                    # writes only (for a node that stores nothing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 A=$(realpath "$1") B=$(realpath "$2")
 [[ -x "$A" && -x "$B" ]] || { echo "both binaries must be executable" >&2; exit 2; }
 ROUNDS="${AB_ROUNDS:-3}" DURATION="${AB_DURATION:-10s}" CONNS="${AB_CONNECTIONS:-32}"
-KEYS="${AB_KEYS:-20000}" NODES="${AB_NODES:-3}"
+KEYS="${AB_KEYS:-20000}" NODES="${AB_NODES:-3}" READS="${AB_READS:-1}"
 FACTOR=$((NODES < 3 ? NODES : 3))
 KVCTL="${CARGO_TARGET_DIR:-target}/release/kvctl"
 [[ -x "$KVCTL" ]] || cargo build --release -p kvctl >&2
@@ -88,7 +89,8 @@ for r in $(seq "$ROUNDS"); do
         [[ $side == B ]] && bin=$B
         start "$bin"
         wout=$(run "$EPS" 0.0)
-        rout=$(run "$EPS" 1.0)
+        rout="- -"
+        [[ $READS == 0 ]] || rout=$(run "$EPS" 1.0)
         read -r w wp <<<"$wout"
         read -r rd rp <<<"$rout"
         stop
@@ -101,7 +103,9 @@ for r in $(seq "$ROUNDS"); do
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-for kind in w r; do
+kinds="w r"
+[[ $READS == 0 ]] && kinds=w
+for kind in $kinds; do
     ma=$(median <<<"${RES[A-$kind]}") mb=$(median <<<"${RES[B-$kind]}")
     pa=$(median <<<"${RES[A-${kind}p]}") pb=$(median <<<"${RES[B-${kind}p]}")
     name=writes
