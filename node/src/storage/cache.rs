@@ -2,15 +2,17 @@
 //! skips SQLite (its B-tree descent and page cache were a sixth of a
 //! single node's CPU per read).
 //!
-//! What the cache holds is what SQLite holds, except while the writer
-//! thread is between the start of a transaction and the moment, before any
-//! of its callers hears back, when it has dropped the keys it wrote (every
-//! key, after a transaction that dropped buckets or purged tombstones). A
-//! counter, odd during that span, orders the two: a reader notes it before
+//! What the cache holds is what SQLite holds. A counter, odd while the
+//! writer thread has a transaction under way, orders the two. When a
+//! transaction begins, the writer makes the counter odd and only then drops
+//! the keys the transaction will write (every key, for a transaction that
+//! drops buckets or purges tombstones), so they are gone before its commit
+//! can show a newer record to any reader. A reader notes the counter before
 //! it reads SQLite and keeps what it read only if, under the key's shard
-//! lock, the counter is still that same even value. A record read while a
-//! transaction was under way is never kept, so no reader that saw a write's
-//! record from SQLite can see the record before it from the cache.
+//! lock, the counter is still that same even value: nothing read while a
+//! transaction was under way is kept, and a record kept just before one began
+//! is dropped by it. So no reader that saw a write's record from SQLite can
+//! then see the record before it from the cache.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -98,29 +100,77 @@ impl RecordCache {
         shard.bytes += c;
     }
 
-    /// Before a transaction that may write records begins.
-    pub(super) fn begin(&self) {
+    /// Before a transaction that will write `keys` begins: from here on no
+    /// reader keeps what it reads, and what the cache held of those keys
+    /// (including a record a reader kept just before) is dropped.
+    pub(super) fn begin<'a>(&self, keys: impl Iterator<Item = &'a [u8]>) {
         self.writes.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// After that transaction, which wrote `keys` (committed or not).
-    pub(super) fn written<'a>(&self, keys: impl Iterator<Item = &'a [u8]>) {
         for key in keys {
             let mut shard = self.shard(key);
             if let Some((old, _)) = shard.records.remove(key) {
                 shard.bytes -= cost(key, &old);
             }
         }
-        self.writes.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// After that transaction, which may have removed any record.
-    pub(super) fn clear(&self) {
+    /// Before a transaction that may remove any record begins.
+    pub(super) fn begin_clearing(&self) {
+        self.writes.fetch_add(1, Ordering::SeqCst);
         for shard in &self.shards {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             shard.records.clear();
             shard.bytes = 0;
         }
+    }
+
+    /// After that transaction (committed or not), before any of its callers
+    /// hears back: readers may keep what they read again.
+    pub(super) fn end(&self) {
         self.writes.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(ts: u64) -> Record {
+        Record {
+            key: b"k".to_vec(),
+            value: Some(format!("v{ts}").into_bytes()),
+            version: Version::new(ts, 1),
+        }
+    }
+
+    /// A record kept just before a transaction that writes its key began is
+    /// gone as soon as the transaction begins: its commit may show the newer
+    /// record to a reader before the writer is done, and that reader must not
+    /// then find the older one here.
+    #[test]
+    fn a_transaction_drops_its_keys_before_it_can_commit() {
+        let cache = RecordCache::new(1 << 20);
+        let ticket = cache.ticket();
+        cache.offer(ticket, &rec(1));
+        assert_eq!(cache.get(b"k").map(|r| r.version.ts), Some(1));
+
+        cache.begin([b"k".as_slice()].into_iter());
+        assert!(
+            cache.get(b"k").is_none(),
+            "served the old record mid-transaction"
+        );
+        // nothing read while the transaction is under way is kept
+        let during = cache.ticket();
+        cache.offer(during, &rec(2));
+        assert!(cache.get(b"k").is_none());
+        cache.end();
+        cache.offer(during, &rec(2));
+        assert!(cache.get(b"k").is_none(), "a ticket from mid-transaction");
+
+        let after = cache.ticket();
+        cache.offer(after, &rec(2));
+        assert_eq!(cache.get(b"k").map(|r| r.version.ts), Some(2));
+        cache.begin_clearing();
+        assert!(cache.get(b"k").is_none());
+        cache.end();
     }
 }

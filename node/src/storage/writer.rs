@@ -138,14 +138,13 @@ pub(super) fn writer_loop(
         backlog.relieve(&conn, shared);
         let ops: Vec<&WriteOp> = batch.iter().map(|r| &r.op).collect();
         let changes_before = conn.total_changes();
-        shared.cache.begin();
+        forget_written(&shared.cache, &ops);
         let committed = {
             let _write = shared.write_lock.lock().unwrap_or_else(|p| p.into_inner());
             commit_batch(&mut conn, &shared.digests, &ops)
         };
-        // Before any caller hears back, committed or not (a failed commit
-        // wrote nothing, but dropping is always safe).
-        forget_written(&shared.cache, &ops);
+        // Before any caller hears back, committed or not.
+        shared.cache.end();
         match committed {
             Ok((results, changed)) => {
                 if !changed.is_empty() {
@@ -186,7 +185,8 @@ pub(super) fn writer_loop(
     }
 }
 
-/// Drops from the record cache what `ops` may have changed.
+/// Starts a transaction of `ops` in the record cache: drops what they may
+/// change, before the transaction can commit.
 fn forget_written(cache: &super::cache::RecordCache, ops: &[&WriteOp]) {
     let any = ops.iter().any(|op| {
         matches!(
@@ -195,7 +195,7 @@ fn forget_written(cache: &super::cache::RecordCache, ops: &[&WriteOp]) {
         )
     });
     if any {
-        return cache.clear();
+        return cache.begin_clearing();
     }
     let keys = ops.iter().flat_map(|op| {
         let (many, one): (&[Record], Option<&Record>) = match op {
@@ -205,5 +205,5 @@ fn forget_written(cache: &super::cache::RecordCache, ops: &[&WriteOp]) {
         };
         many.iter().chain(one).map(|r| r.key.as_slice())
     });
-    cache.written(keys);
+    cache.begin(keys);
 }
