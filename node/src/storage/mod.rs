@@ -38,6 +38,7 @@ mod cache;
 mod checkpoint;
 mod meta;
 mod open;
+mod pcache;
 mod read;
 mod syncer;
 mod transaction;

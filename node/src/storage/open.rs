@@ -188,6 +188,8 @@ pub(super) fn digests_from_records(
 /// bench/profile.md). The writer's connection is opened first and read-write,
 /// so it holds the process lock the read-only ones rely on.
 pub(super) fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection, rusqlite::Error> {
+    // before SQLite initialises, which the first open does
+    super::pcache::install();
     Connection::open_with_flags_and_vfs(path, flags, "unix-excl")
 }
 
