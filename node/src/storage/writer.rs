@@ -138,7 +138,7 @@ pub(super) fn writer_loop(
         backlog.relieve(&conn, shared);
         let ops: Vec<&WriteOp> = batch.iter().map(|r| &r.op).collect();
         let changes_before = conn.total_changes();
-        forget_written(&shared.cache, &ops);
+        begin_in_cache(&shared.cache, &ops);
         let committed = {
             let _write = shared.write_lock.lock().unwrap_or_else(|p| p.into_inner());
             commit_batch(&mut conn, &shared.digests, &ops)
@@ -187,7 +187,7 @@ pub(super) fn writer_loop(
 
 /// Starts a transaction of `ops` in the record cache: drops what they may
 /// change, before the transaction can commit.
-fn forget_written(cache: &super::cache::RecordCache, ops: &[&WriteOp]) {
+fn begin_in_cache(cache: &super::cache::RecordCache, ops: &[&WriteOp]) {
     let any = ops.iter().any(|op| {
         matches!(
             op,
