@@ -325,6 +325,28 @@ fn a_failed_log_sync_refuses_every_later_write() {
     });
 }
 
+#[test]
+fn a_log_replaced_underneath_the_node_refuses_every_later_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    rt().block_on(async {
+        store
+            .apply(vec![rec("before", Some("v"), 1, 1)])
+            .await
+            .expect("apply before");
+        // Another file now answers to the log's name (a restore copied over a
+        // running node's volume, say): syncing our open file says nothing of it.
+        let wal = dir.path().join("kv.sqlite3-wal");
+        std::fs::rename(&wal, dir.path().join("moved-aside")).expect("move the log aside");
+        std::fs::write(&wal, b"not our log").expect("put another file in its place");
+        let err = store
+            .apply(vec![rec("after", Some("v"), 2, 1)])
+            .await
+            .expect_err("a write after the log was replaced must not be acknowledged");
+        assert!(err.to_string().contains("restart the node"), "{err}");
+    });
+}
+
 /// Polls every future on one task so that all requests are queued before the
 /// writer can drain them.
 async fn futures_join_all<F: std::future::Future>(
