@@ -303,8 +303,10 @@ fn every_acknowledged_write_was_covered_by_a_log_sync() {
     });
 }
 
-#[test]
-fn a_failed_log_sync_refuses_every_later_write() {
+/// Writes once, lets `damage` act on the store's directory, then expects
+/// every later write to be refused: the syncer can no longer vouch for what
+/// it syncs.
+fn later_writes_are_refused_after(damage: impl FnOnce(&std::path::Path)) {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(&dir);
     rt().block_on(async {
@@ -312,38 +314,33 @@ fn a_failed_log_sync_refuses_every_later_write() {
             .apply(vec![rec("before", Some("v"), 1, 1)])
             .await
             .expect("apply before");
-        // The log vanishes underneath the node: the syncer can no longer
-        // vouch for anything written to it.
-        std::fs::remove_file(dir.path().join("kv.sqlite3-wal")).expect("remove the log");
+        damage(dir.path());
         for key in ["after", "again"] {
             let err = store
                 .apply(vec![rec(key, Some("v"), 2, 1)])
                 .await
-                .expect_err("a write after a failed sync must not be acknowledged");
+                .expect_err("a write after the log was lost must not be acknowledged");
             assert!(err.to_string().contains("restart the node"), "{err}");
         }
     });
 }
 
 #[test]
+fn a_failed_log_sync_refuses_every_later_write() {
+    // The log vanishes underneath the node.
+    later_writes_are_refused_after(|dir| {
+        std::fs::remove_file(dir.join("kv.sqlite3-wal")).expect("remove the log");
+    });
+}
+
+#[test]
 fn a_log_replaced_underneath_the_node_refuses_every_later_write() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = open(&dir);
-    rt().block_on(async {
-        store
-            .apply(vec![rec("before", Some("v"), 1, 1)])
-            .await
-            .expect("apply before");
-        // Another file now answers to the log's name (a restore copied over a
-        // running node's volume, say): syncing our open file says nothing of it.
-        let wal = dir.path().join("kv.sqlite3-wal");
-        std::fs::rename(&wal, dir.path().join("moved-aside")).expect("move the log aside");
+    // Another file now answers to the log's name (a restore copied over a
+    // running node's volume, say): syncing our open file says nothing of it.
+    later_writes_are_refused_after(|dir| {
+        let wal = dir.join("kv.sqlite3-wal");
+        std::fs::rename(&wal, dir.join("moved-aside")).expect("move the log aside");
         std::fs::write(&wal, b"not our log").expect("put another file in its place");
-        let err = store
-            .apply(vec![rec("after", Some("v"), 2, 1)])
-            .await
-            .expect_err("a write after the log was replaced must not be acknowledged");
-        assert!(err.to_string().contains("restart the node"), "{err}");
     });
 }
 
