@@ -121,9 +121,14 @@ impl WalFile {
         use rustix::io::Errno;
         use std::os::unix::fs::MetadataExt;
         let ino = match statx(CWD, &self.path, AtFlags::empty(), StatxFlags::INO) {
-            Ok(m) => Ok(m.stx_ino),
-            // a kernel or seccomp profile without statx
-            Err(Errno::NOSYS | Errno::PERM) => std::fs::metadata(&self.path).map(|m| m.ino()),
+            Ok(m) if StatxFlags::from_bits_retain(m.stx_mask).contains(StatxFlags::INO) => {
+                Ok(m.stx_ino)
+            }
+            // a kernel or seccomp profile without statx, or a filesystem
+            // that did not say which inode
+            Ok(_) | Err(Errno::NOSYS | Errno::PERM) => {
+                std::fs::metadata(&self.path).map(|m| m.ino())
+            }
             Err(e) => Err(e.into()),
         };
         let found = match ino {
