@@ -996,14 +996,11 @@ fn original_client_sequence_sees_each_effect_in_the_next_answer() {
     // 1 itself: that node answers first and stops right after (the platform
     // kills it if it has not within 2 s), so its process may outlive the
     // answer by a moment. What the client sees next is checked at once below.
-    let deadline = Instant::now() + Duration::from_secs(4);
-    while !pgrep(&format!("{}/node-1 ", dir.path().display())).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "node 1's process still runs 4 s after POST /fail/1 answered: {v}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    kv_testkit::eventually(
+        &format!("node 1's process to stop after POST /fail/1 answered {v}"),
+        Duration::from_secs(4),
+        || pgrep(&format!("{}/node-1 ", dir.path().display())).is_empty(),
+    );
     let nodes = classic_nodes(&up);
     let dead: Vec<u64> = nodes
         .iter()

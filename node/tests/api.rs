@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{Client, NodeProc, TOKEN, enc};
+use common::{Client, NodeProc, TOKEN, enc, read_answer};
 use reqwest::Method;
 use serde_json::json;
 
@@ -586,39 +586,6 @@ fn the_cluster_report_reads_back_as_the_node_wrote_it() {
     );
 }
 
-/// Reads one HTTP/1.1 response (status and body; the body framed by
-/// `Content-Length`) from `r`.
-fn read_response(r: &mut impl std::io::BufRead) -> (u16, Vec<u8>) {
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status: u16 = line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not a status line: {line:?}"));
-    let mut length = None;
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).unwrap();
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = h.split_once(':') {
-            assert!(
-                !name.eq_ignore_ascii_case("transfer-encoding"),
-                "this reader expects Content-Length framing: {h}"
-            );
-            if name.eq_ignore_ascii_case("content-length") {
-                length = Some(value.trim().parse::<usize>().unwrap());
-            }
-        }
-    }
-    let mut body = vec![0; length.unwrap_or(0)];
-    r.read_exact(&mut body).unwrap();
-    (status, body)
-}
-
 // A client may send its requests back to back on one connection without
 // waiting for each answer (HTTP/1.1 pipelining): each is served after the
 // one before it, and the answers come back in the order asked.
@@ -627,8 +594,6 @@ fn pipelined_requests_on_one_connection_are_served_in_order() {
     use std::io::{BufReader, Write};
     let (_d, n) = node(&[]);
     let mut s = std::net::TcpStream::connect(n.address()).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
     let auth = format!("Authorization: Bearer {TOKEN}");
     let put = |v: &str| {
         format!(
@@ -642,7 +607,12 @@ fn pipelined_requests_on_one_connection_are_served_in_order() {
     // One write: the node has every request before it answers the first.
     s.write_all(all.as_bytes()).unwrap();
     let mut r = BufReader::new(s);
-    let answers: Vec<(u16, Vec<u8>)> = (0..5).map(|_| read_response(&mut r)).collect();
+    let answers: Vec<(u16, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let a = read_answer(&mut r, false).unwrap_or_else(|e| panic!("answer {i}: {e}"));
+            (a.status, a.body)
+        })
+        .collect();
     let statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
     assert_eq!(statuses, [200, 200, 200, 200, 404], "{answers:?}");
     assert_eq!(

@@ -19,11 +19,11 @@ mod common;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{CLUSTER_TOKEN, NodeProc, TOKEN, enc, topology, write_topology};
+use common::{CLUSTER_TOKEN, NodeProc, TOKEN, enc, read_answer, topology, write_topology};
 use kv_core::{Consistency, NodeState, Record, Strategy as Placing, Topology, Version, wire};
 use kv_node::api::{Route, parse_query, percent_decode};
 use proptest::prelude::*;
@@ -500,75 +500,6 @@ fn request(path: BoxedStrategy<String>, token: &'static str) -> impl Strategy<Va
     )
 }
 
-/// A parsed HTTP/1.1 response from a raw socket.
-#[derive(Debug)]
-struct RawAnswer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-/// Reads one response (headers and a Content-Length body) from `s`.
-fn read_response(s: &mut TcpStream, head_request: bool) -> Result<RawAnswer, String> {
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = s.read(&mut chunk).map_err(|e| {
-            format!(
-                "read error after {} bytes: {e}: {:?}",
-                buf.len(),
-                String::from_utf8_lossy(&buf)
-            )
-        })?;
-        if n == 0 {
-            return Err(format!(
-                "connection closed after {} bytes without a complete response: {:?}",
-                buf.len(),
-                String::from_utf8_lossy(&buf)
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|r| r.get(..3))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("not an HTTP/1.1 status line: {status_line:?}"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let len: usize = headers
-        .iter()
-        .find(|(k, _)| k == "content-length")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(0);
-    let len = if head_request { 0 } else { len };
-    let mut body = buf[head_end..].to_vec();
-    while body.len() < len {
-        let n = s.read(&mut chunk).map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("connection closed in the middle of a body".into());
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(len);
-    Ok(RawAnswer {
-        status,
-        headers,
-        body,
-    })
-}
-
 /// The contract every answer keeps, whatever was asked.
 fn check_answer(
     what: &str,
@@ -856,12 +787,13 @@ fn a_real_node_survives_fuzzed_http_on_both_ports() {
                     // A body shorter than declared, then end of input.
                     let _ = s.shutdown(Shutdown::Write);
                 }
-                let a = read_response(&mut s, method == Method::HEAD).map_err(|e| {
-                    TestCaseError::fail(format!(
-                        "{method} {path:?} (declared {declared} of {}): {e}",
-                        r.body.len()
-                    ))
-                })?;
+                let a =
+                    read_answer(&mut BufReader::new(s), method == Method::HEAD).map_err(|e| {
+                        TestCaseError::fail(format!(
+                            "{method} {path:?} (declared {declared} of {}): {e}",
+                            r.body.len()
+                        ))
+                    })?;
                 // hyper answers requests it cannot parse itself (400, no body);
                 // everything else must carry the JSON error.
                 let from_hyper = a.status == 400 && a.body.is_empty();
@@ -950,7 +882,8 @@ fn requests_hyper_cannot_parse_get_a_bare_4xx_and_the_node_lives_on() {
     for (i, (req, want)) in cases.into_iter().enumerate() {
         let mut s = TcpStream::connect(f.node.address()).unwrap();
         let _ = s.write_all(&req);
-        let a = read_response(&mut s, false).unwrap_or_else(|e| panic!("case {i}: {e}"));
+        let a =
+            read_answer(&mut BufReader::new(s), false).unwrap_or_else(|e| panic!("case {i}: {e}"));
         assert_eq!(a.status, want, "case {i}: {a:?}");
     }
     let c = f.node.client();

@@ -413,6 +413,71 @@ pub fn raw_exchange(address: &str, raw: &[u8]) -> (u16, Vec<u8>) {
     (status, body)
 }
 
+/// A parsed HTTP/1.1 response read from a raw socket.
+#[derive(Debug)]
+pub struct RawAnswer {
+    pub status: u16,
+    /// Names in lower case, values trimmed.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// Reads one response (its head and a `Content-Length` body; no body for an
+/// answer to HEAD) from `s`, consuming nothing past it, so that responses
+/// pipelined on one connection can be read one after another.
+pub fn read_answer(
+    s: &mut std::io::BufReader<std::net::TcpStream>,
+    head_request: bool,
+) -> Result<RawAnswer, String> {
+    use std::io::{BufRead, Read};
+    s.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read_until(b'\n', &mut head).map_err(|e| {
+            format!(
+                "read error after {} bytes: {e}: {:?}",
+                head.len(),
+                String::from_utf8_lossy(&head)
+            )
+        })?;
+        if n == 0 {
+            return Err(format!(
+                "connection closed after {} bytes without a complete response: {:?}",
+                head.len(),
+                String::from_utf8_lossy(&head)
+            ));
+        }
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|r| r.get(..3))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP/1.1 status line: {status_line:?}"))?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; if head_request { 0 } else { len }];
+    s.read_exact(&mut body)
+        .map_err(|e| format!("connection closed in the middle of a body: {e}"))?;
+    Ok(RawAnswer {
+        status,
+        headers,
+        body,
+    })
+}
+
 /// The `error` code of a JSON error body.
 pub fn error_code(body: &[u8]) -> String {
     let v: Value = serde_json::from_slice(body)
