@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Profiles kvstore's write path: one node, then 3 nodes (RF 3, quorum), each
 # under `kvctl bench` write-only load. For each: CPU seconds per process
-# (/proc/PID/stat), commit metrics (kv_commit_batch_size,
-# kv_fsync_duration_seconds, deltas over the window), `perf record` of the
+# (/proc/PID/stat), commit and batch metrics (kv_commit_batch_size,
+# kv_fsync_duration_seconds, kv_peer_batch_size of replica writes, deltas over
+# the window), `perf record` of the
 # coordinating node (if perf works) and `strace -c` of it (separate run, as
 # strace slows the node). Output: bench/raw/profile/*.txt; findings are written
 # by hand into bench/profile.md (appended to results.md by render.py).
@@ -67,8 +68,8 @@ metrics() { # port file
     curl -s --max-time 2 "http://127.0.0.1:$1/metrics" >"$2" || true
 }
 # hist_delta before after name: commits, mean batch, mean duration, buckets
-hist_delta() {
-    python3 - "$1" "$2" "$3" <<'EOF'
+hist_delta() { # before after name [label, e.g. op="apply"]
+    python3 - "$1" "$2" "$3" "${4:-}" <<'EOF'
 import sys, re
 def load(p, name):
     d = {}
@@ -77,13 +78,14 @@ def load(p, name):
             k, v = line.rsplit(" ", 1)
             d[k] = float(v)
     return d
-a, b, name = load(sys.argv[1], sys.argv[3]), load(sys.argv[2], sys.argv[3]), sys.argv[3]
-cnt = b.get(name + "_count", 0) - a.get(name + "_count", 0)
-s = b.get(name + "_sum", 0) - a.get(name + "_sum", 0)
-print(f"{name}: {cnt:.0f} observations, mean {s / cnt if cnt else 0:.6g}, sum {s:.4g}")
+a, b, name, label = load(sys.argv[1], sys.argv[3]), load(sys.argv[2], sys.argv[3]), sys.argv[3], sys.argv[4]
+sel = "{" + label + "}" if label else ""
+cnt = b.get(name + "_count" + sel, 0) - a.get(name + "_count" + sel, 0)
+s = b.get(name + "_sum" + sel, 0) - a.get(name + "_sum" + sel, 0)
+print(f"{name}{sel}: {cnt:.0f} observations, mean {s / cnt if cnt else 0:.6g}, sum {s:.4g}")
 prev = 0
 for k in b:
-    if "_bucket" in k:
+    if "_bucket" in k and label in k:
         v = b[k] - a.get(k, 0)
         le = re.search(r'le="([^"]+)"', k).group(1)
         print(f"  le {le:>8}: {v - prev:8.0f}")
@@ -125,6 +127,7 @@ profile_case() { # tag node-pid-name endpoints...
             echo "## node $n commit metrics over the window"
             hist_delta "$WORK/$tag-m0-$n" "$WORK/$tag-m1-$n" kv_commit_batch_size
             hist_delta "$WORK/$tag-m0-$n" "$WORK/$tag-m1-$n" kv_fsync_duration_seconds
+            hist_delta "$WORK/$tag-m0-$n" "$WORK/$tag-m1-$n" kv_peer_batch_size 'op="apply"'
             grep -E '^kv_replication_total|^kv_requests_total\{route="kv_put"' "$WORK/$tag-m1-$n" || true
         done
     } >"$f"

@@ -16,6 +16,7 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub commit_batch: Histogram,
     pub fsync_duration: Histogram,
+    pub peer_batch: HistogramVec,
     pub keys: IntGauge,
     pub tombstones: IntGauge,
     pub db_bytes: IntGauge,
@@ -90,6 +91,17 @@ impl Metrics {
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
             ]),
         ));
+        // Items in each batched request to a peer: round-robin load makes
+        // smaller batches than load through one node, and each batch costs
+        // wake-ups at both ends (bench/profile.md, twelfth step).
+        let peer_batch = must(HistogramVec::new(
+            HistogramOpts::new(
+                "kv_peer_batch_size",
+                "Items (replica writes or reads) in one batched request this node sent to a peer",
+            )
+            .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]),
+            &["op"],
+        ));
         let gauge = |name: &str, help: &str| must(IntGauge::new(name, help));
         let counter = |name: &str, help: &str| must(IntCounter::new(name, help));
         let m = Metrics {
@@ -97,6 +109,7 @@ impl Metrics {
             request_duration,
             commit_batch,
             fsync_duration,
+            peer_batch,
             keys: gauge("kv_keys", "Live keys stored on this node"),
             tombstones: gauge("kv_tombstones", "Tombstones stored on this node"),
             db_bytes: gauge("kv_db_bytes", "Size of the SQLite database in bytes"),
@@ -187,6 +200,7 @@ impl Metrics {
         reg(Box::new(m.request_duration.clone()));
         reg(Box::new(m.commit_batch.clone()));
         reg(Box::new(m.fsync_duration.clone()));
+        reg(Box::new(m.peer_batch.clone()));
         reg(Box::new(m.keys.clone()));
         reg(Box::new(m.tombstones.clone()));
         reg(Box::new(m.db_bytes.clone()));

@@ -145,7 +145,8 @@ impl Node {
             seen_tx,
             skew.clone(),
             Arc::new(move || wall.wall_ms()),
-        );
+        )
+        .with_batch_sizes(metrics.peer_batch.clone());
         peers.set_epoch(view.topology.epoch);
         metrics.topology_epoch.set(view.topology.epoch as i64);
         metrics.set_state(view.state_of(config.node_id));

@@ -91,7 +91,7 @@ struct Batcher<Q, A> {
 }
 
 impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
-    fn spawn<F, Fut>(send: F) -> Self
+    fn spawn<F, Fut>(send: F, sizes: Option<prometheus::Histogram>) -> Self
     where
         F: Fn(Vec<Q>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<A>, PeerError>> + Send + 'static,
@@ -116,6 +116,9 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
                         Ok(item) => batch.push(item),
                         Err(_) => break,
                     }
+                }
+                if let Some(sizes) = &sizes {
+                    sizes.observe(batch.len() as f64);
                 }
                 let send = send.clone();
                 tokio::spawn(async move {
@@ -174,6 +177,9 @@ struct Link {
 pub struct Peers {
     inner: Arc<Inner>,
     links: Mutex<HashMap<u32, Arc<Link>>>,
+    /// `kv_peer_batch_size`, by op (`apply`, `read`), once the node has
+    /// handed it over ([`Peers::with_batch_sizes`]).
+    batch_sizes: Option<prometheus::HistogramVec>,
 }
 
 struct Inner {
@@ -218,7 +224,15 @@ impl Peers {
                 pools: Mutex::new(HashMap::new()),
             }),
             links: Mutex::new(HashMap::new()),
+            batch_sizes: None,
         }
+    }
+
+    /// Records the size of every batch sent to a peer in `sizes`
+    /// (`kv_peer_batch_size{op}`).
+    pub fn with_batch_sizes(mut self, sizes: prometheus::HistogramVec) -> Peers {
+        self.batch_sizes = Some(sizes);
+        self
     }
 
     /// The epoch sent on every request.
@@ -239,30 +253,41 @@ impl Peers {
         }
         let (i1, a1) = (self.inner.clone(), address.to_string());
         let (i2, a2) = (self.inner.clone(), address.to_string());
+        let sizes = |op: &str| {
+            self.batch_sizes
+                .as_ref()
+                .map(|v| v.with_label_values(&[op]))
+        };
         let link = Arc::new(Link {
             address: address.to_string(),
-            apply: Batcher::spawn(move |records: Vec<Record>| {
-                let (i, a) = (i1.clone(), a1.clone());
-                async move {
-                    let answer = apply_batch(&i, ordinal, &a, &records).await?;
-                    let catching_up = answer.catching_up;
-                    Ok(answer
-                        .outcomes
-                        .into_iter()
-                        .map(|outcome| ApplyReply {
-                            outcome,
-                            catching_up,
-                        })
-                        .collect())
-                }
-            }),
-            read: Batcher::spawn(move |keys: Vec<Vec<u8>>| {
-                let (i, a) = (i2.clone(), a2.clone());
-                async move {
-                    let found = read_batch(&i, ordinal, &a, &keys).await?;
-                    Ok(answers_in_order(&keys, found))
-                }
-            }),
+            apply: Batcher::spawn(
+                move |records: Vec<Record>| {
+                    let (i, a) = (i1.clone(), a1.clone());
+                    async move {
+                        let answer = apply_batch(&i, ordinal, &a, &records).await?;
+                        let catching_up = answer.catching_up;
+                        Ok(answer
+                            .outcomes
+                            .into_iter()
+                            .map(|outcome| ApplyReply {
+                                outcome,
+                                catching_up,
+                            })
+                            .collect())
+                    }
+                },
+                sizes("apply"),
+            ),
+            read: Batcher::spawn(
+                move |keys: Vec<Vec<u8>>| {
+                    let (i, a) = (i2.clone(), a2.clone());
+                    async move {
+                        let found = read_batch(&i, ordinal, &a, &keys).await?;
+                        Ok(answers_in_order(&keys, found))
+                    }
+                },
+                sizes("read"),
+            ),
         });
         links.insert(ordinal, link.clone());
         link
@@ -628,18 +653,21 @@ mod tests {
     async fn concurrent_reads_of_one_key_in_one_batch_each_get_it() {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let seen = batches.clone();
-        let read: Batcher<Vec<u8>, Option<Record>> = Batcher::spawn(move |keys: Vec<Vec<u8>>| {
-            seen.lock().unwrap().push(keys.len());
-            async move {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let found: Vec<Record> = keys
-                    .iter()
-                    .filter(|k| k.as_slice() == b"hot")
-                    .map(|k| rec(k, b"value"))
-                    .collect();
-                Ok(answers_in_order(&keys, found))
-            }
-        });
+        let read: Batcher<Vec<u8>, Option<Record>> = Batcher::spawn(
+            move |keys: Vec<Vec<u8>>| {
+                seen.lock().unwrap().push(keys.len());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    let found: Vec<Record> = keys
+                        .iter()
+                        .filter(|k| k.as_slice() == b"hot")
+                        .map(|k| rec(k, b"value"))
+                        .collect();
+                    Ok(answers_in_order(&keys, found))
+                }
+            },
+            None,
+        );
         let calls = (0..8).map(|_| read.call(b"hot".to_vec(), 1));
         let answers = futures::future::join_all(calls).await;
         assert!(

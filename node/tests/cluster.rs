@@ -319,6 +319,64 @@ fn quorum_with_factor_three_survives_one_owner_down_and_refuses_honestly_at_two(
     );
 }
 
+/// `kv_peer_batch_size{op}` on a node: (batches sent, items in them).
+fn peer_batches(c: &Client, op: &str) -> (f64, f64) {
+    let text = c.call(Method::GET, "/metrics").text();
+    let value = |series: &str| -> f64 {
+        let prefix = format!("kv_peer_batch_size_{series}{{op=\"{op}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    (value("count"), value("sum"))
+}
+
+#[test]
+fn peer_batch_sizes_count_every_replica_write_and_read_a_coordinator_sends() {
+    let c = Cluster::start(3, Strategy::ConsistentHashing, 3, Consistency::Quorum);
+    let c0 = c.client(0);
+    let (writers, per_writer) = (8, 16);
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            let c0 = &c0;
+            s.spawn(move || {
+                for i in 0..per_writer {
+                    assert_eq!(put(c0, &format!("w{w}-{i}"), "v", "quorum"), 200);
+                }
+            });
+        }
+    });
+    // Factor 3 on 3 nodes: each write through node 0 is one item in a batch
+    // to each of its two peers, the one that made the quorum and the one
+    // that answered late (whose batch may still be leaving).
+    let sent = f64::from(2 * writers * per_writer);
+    eventually(
+        "node 0's apply batches hold every replica write",
+        Duration::from_secs(10),
+        || peer_batches(&c0, "apply").1 >= sent,
+    );
+    let (batches, items) = peer_batches(&c0, "apply");
+    assert_eq!(items, sent, "items in node 0's apply batches");
+    assert!(
+        (1.0..=items).contains(&batches),
+        "{batches} apply batches for {items} items"
+    );
+    // The peers coordinated nothing, so they sent no batch.
+    for n in 1..3 {
+        assert_eq!(peer_batches(&c.client(n), "apply"), (0.0, 0.0), "node {n}");
+    }
+    // A quorum read asks at least one peer besides node 0 itself.
+    for i in 0..per_writer {
+        assert_eq!(get(&c0, &format!("w0-{i}"), "quorum"), (200, b"v".to_vec()));
+    }
+    let (batches, items) = peer_batches(&c0, "read");
+    assert!(
+        items >= f64::from(per_writer) && (1.0..=items).contains(&batches),
+        "{batches} read batches for {items} items after {per_writer} quorum reads"
+    );
+}
+
 #[test]
 fn acknowledged_writes_survive_kill_9_of_an_owner_under_load() {
     let mut c = Cluster::start(3, Strategy::ConsistentHashing, 3, Consistency::Quorum);
