@@ -3,10 +3,10 @@
 # under `kvctl bench` write-only load. For each: CPU seconds per process
 # (/proc/PID/stat), commit and batch metrics (kv_commit_batch_size,
 # kv_fsync_duration_seconds, kv_peer_batch_size of replica writes, deltas over
-# the window), `perf record` of the
-# coordinating node (if perf works) and `strace -c` of it (separate run, as
-# strace slows the node). Output: bench/raw/profile/*.txt; findings are written
-# by hand into bench/profile.md (appended to results.md by render.py).
+# the window), `perf record` of the coordinating node (if perf works) and
+# `strace -c` of it (separate run, as strace slows the node). Output:
+# bench/raw/profile/*.txt; findings are written by hand into bench/profile.md
+# (appended to results.md by render.py).
 # Usage: CARGO_TARGET_DIR=... bash bench/profile.sh   (binaries must be built)
 set -euo pipefail
 
@@ -67,8 +67,9 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 metrics() { # port file
     curl -s --max-time 2 "http://127.0.0.1:$1/metrics" >"$2" || true
 }
-# hist_delta before after name: commits, mean batch, mean duration, buckets
-hist_delta() { # before after name [label, e.g. op="apply"]
+# hist_delta before after name [label, e.g. op="apply"]: observations, mean,
+# buckets
+hist_delta() {
     python3 - "$1" "$2" "$3" "${4:-}" <<'EOF'
 import sys, re
 def load(p, name):
