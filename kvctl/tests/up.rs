@@ -297,6 +297,16 @@ fn pgrep(pattern: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Waits (at most 4 s) for node `o`'s process to be gone: a node failed
+/// through a call it relayed itself stops only after passing on the answer.
+fn wait_process_gone(dir: &Path, o: u32, when: &str) {
+    kv_testkit::eventually(
+        &format!("node {o}'s process to stop {when}"),
+        Duration::from_secs(4),
+        || pgrep(&format!("{}/node-{o} ", dir.display())).is_empty(),
+    );
+}
+
 /// The command line of node `o` of the cluster in `dir`.
 fn node_argv(dir: &Path, o: u32) -> Vec<String> {
     node_proc_file(dir, o, "cmdline")
@@ -538,11 +548,7 @@ fn full_fail_recover_then_only_recovered_node_serves() {
     // list, before the process has gone; and when kvctl's call reached node
     // 1 itself through the shared gateway port, node 1 stops only once it
     // has passed on the answer (killed within 2 s otherwise).
-    kv_testkit::eventually(
-        "node 1's process to stop after kvctl fail 1",
-        Duration::from_secs(4),
-        || pgrep(&format!("{}/node-1 ", dir.path().display())).is_empty(),
-    );
+    wait_process_gone(dir.path(), 1, "after kvctl fail 1");
     check_all(&up, &first, None);
     let more = kvs("b", 0..200);
     put_all(&up, &more);
@@ -1001,11 +1007,7 @@ fn original_client_sequence_sees_each_effect_in_the_next_answer() {
     // 1 itself: that node answers first and stops right after (the platform
     // kills it if it has not within 2 s), so its process may outlive the
     // answer by a moment. What the client sees next is checked at once below.
-    kv_testkit::eventually(
-        &format!("node 1's process to stop after POST /fail/1 answered {v}"),
-        Duration::from_secs(4),
-        || pgrep(&format!("{}/node-1 ", dir.path().display())).is_empty(),
-    );
+    wait_process_gone(dir.path(), 1, &format!("after POST /fail/1 answered {v}"));
     let nodes = classic_nodes(&up);
     let dead: Vec<u64> = nodes
         .iter()

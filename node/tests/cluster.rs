@@ -321,12 +321,8 @@ fn quorum_with_factor_three_survives_one_owner_down_and_refuses_honestly_at_two(
 
 /// `kv_peer_batch_size{op}` on a node: (batches sent, items in them).
 fn peer_batches(c: &Client, op: &str) -> (f64, f64) {
-    let text = c.call(Method::GET, "/metrics").text();
-    let value = |series: &str| -> f64 {
-        let prefix = format!("kv_peer_batch_size_{series}{{op=\"{op}\"}} ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix.as_str()))
-            .and_then(|v| v.trim().parse().ok())
+    let value = |series: &str| {
+        c.metric(&format!("kv_peer_batch_size_{series}{{op=\"{op}\"}}"))
             .unwrap_or(0.0)
     };
     (value("count"), value("sum"))

@@ -733,12 +733,7 @@ fn a_hung_peer_slows_no_quorum_write_and_collects_hints() {
         worst < Duration::from_millis(900),
         "a quorum read took {worst:?} with one owner hung: it waited for the peer timeout"
     );
-    let metrics = c0.call(Method::GET, "/metrics").text();
-    let speculative: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("kv_speculative_reads_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0);
+    let speculative = c0.metric("kv_speculative_reads_total").unwrap_or(0.0);
     assert!(
         speculative > 0.0,
         "no read asked a further owner although node 2 hung"

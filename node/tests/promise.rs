@@ -86,14 +86,7 @@ fn get_all(c: &Client, key: &str) -> (u16, String) {
 }
 
 fn metric(c: &Client, name: &str) -> f64 {
-    let text = c.call(Method::GET, "/metrics").text();
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name)
-                .and_then(|rest| rest.strip_prefix(' '))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no metric {name}"))
+    c.metric(name).unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 /// Issue item 1: a coordinator that does not own the key never saw its

@@ -292,6 +292,19 @@ impl Client {
     pub fn cluster(&self) -> Value {
         self.call(reqwest::Method::GET, "/v1/cluster").json()
     }
+
+    /// The value of one series of `GET /metrics`, named as exposed, labels
+    /// included (`kv_peer_batch_size_sum{op="apply"}`); `None` when absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.call(reqwest::Method::GET, "/metrics").text();
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
 }
 
 /// Percent-encodes every byte outside the unreserved set.
