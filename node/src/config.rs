@@ -86,7 +86,8 @@ pub struct Args {
     /// Async worker threads (HTTP, coordination, replication, reads).
     /// Default: the CPUs the process may use (its cgroup quota included), at
     /// least 1. Nodes that share a machine should share its CPUs (`kvctl up`
-    /// gives each node its share).
+    /// gives each node its share). With 1, the node runs on a current-thread
+    /// runtime.
     #[arg(long, env = "KV_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
     /// Largest difference, in ms, between this node's clock and the median

@@ -24,13 +24,24 @@ pub enum ProcessError {
 pub fn run_process(args: Args) -> Result<(), ProcessError> {
     init_logging(&args.log_format);
     let config = args.resolve()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.worker_threads)
-        .enable_all()
-        .build()
-        .map_err(ProcessError::Runtime)?;
+    let runtime = build_runtime(config.worker_threads).map_err(ProcessError::Runtime)?;
     runtime.block_on(crate::run(config, shutdown_signal()))?;
     Ok(())
+}
+
+/// With one worker, a current-thread runtime: the multi-thread scheduler
+/// would add a thread beside the one that waits in `block_on` and hand every
+/// wake-up across them. Three co-located nodes with one worker each wrote
+/// 2–3 % more this way (bench/profile.md, thirteenth step).
+fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    builder.enable_all().build()
 }
 
 fn init_logging(format: &str) {
@@ -68,5 +79,28 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::build_runtime;
+    use tokio::runtime::RuntimeFlavor;
+
+    #[test]
+    fn one_worker_runs_on_the_current_thread_more_on_a_pool() {
+        let one = build_runtime(1).unwrap();
+        assert_eq!(one.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        // what a node needs from it: timers, sockets and blocking work
+        let ok = one.block_on(async {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let spawned = tokio::spawn(async move { l.local_addr().unwrap().port() });
+            let port = spawned.await.unwrap();
+            tokio::task::spawn_blocking(move || port > 0).await.unwrap()
+        });
+        assert!(ok);
+        let two = build_runtime(2).unwrap();
+        assert_eq!(two.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
     }
 }
